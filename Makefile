@@ -1,0 +1,37 @@
+# The two commands of the README. Each sets up .venv on first use.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU wheel of torch is pinned here so a fresh machine never pulls a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+
+.PHONY: demo test lint typecheck pytest bench clean
+
+$(BIN)/raylens: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(BIN)/raylens
+
+demo: $(BIN)/raylens
+	$(BIN)/raylens run examples/digits.yaml
+
+lint: $(BIN)/raylens
+	$(BIN)/ruff check raylens tests bench
+	$(BIN)/ruff format --check raylens tests bench
+
+typecheck: $(BIN)/raylens
+	$(BIN)/mypy
+
+pytest: $(BIN)/raylens
+	$(BIN)/pytest
+
+test: lint typecheck pytest
+
+bench: $(BIN)/raylens
+	$(BIN)/python -m bench trainer --json
+	$(BIN)/python -m bench startup --json
+
+clean:
+	rm -rf raylens-runs .pytest_cache .mypy_cache .ruff_cache

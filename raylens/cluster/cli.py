@@ -1,0 +1,188 @@
+"""The ``raylens`` command line.
+
+    raylens run examples/digits.yaml        # prepare → features → tune → train → evaluate → register
+    raylens train examples/digits.yaml      # train the spec as written (no sweep)
+    raylens tune examples/digits.yaml       # the sweep alone
+    raylens features build|list|show SPEC   # the feature pipeline and the offline store
+    raylens ui                              # the MLflow UI on the run store, on 127.0.0.1
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from raylens.errors import UserError
+
+app = typer.Typer(
+    help="Train, tune and register PyTorch models on Ray from one experiment spec, tracked in MLflow.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+features_app = typer.Typer(help="Build and inspect versioned feature sets in the offline store.", no_args_is_help=True)
+app.add_typer(features_app, name="features")
+
+console = Console()
+errors = Console(stderr=True)
+
+SpecArg = Annotated[Path, typer.Argument(help="Experiment spec (YAML).", show_default=False)]
+RunsDir = Annotated[
+    Path | None,
+    typer.Option("--runs-dir", help="Run folder: feature store, checkpoints, MLflow db.  [default: ./raylens-runs]"),
+]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show Ray's and MLflow's own logs.")]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue this spec's latest run from its checkpoints.")]
+Address = Annotated[
+    str | None,
+    typer.Option("--address", help="Ray cluster to connect to (ray://host:10001 or 'auto'); default: embedded."),
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def user_errors(command: F) -> F:
+    """Mistakes the user can fix print one clear message and exit 2, without a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except UserError as exc:
+            errors.print(f"[bold red]error:[/] {exc}", highlight=False)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            errors.print("[yellow]interrupted[/]: resume with --resume")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _run(spec: Path, runs_dir: Path | None, verbose: bool, **kwargs: Any) -> None:
+    from raylens.cluster.console import RichProgress, summary_table
+    from raylens.cluster.experiment import Experiment
+
+    experiment = Experiment.from_yaml(spec, runs_dir)
+    metric = experiment.spec.tune.metric if experiment.spec.tune else "valid_loss"
+    summary = experiment.run(progress=RichProgress(console, metric), verbose=verbose, **kwargs)
+    console.print(summary_table(summary))
+    ui = "raylens ui" + (f" --runs-dir {runs_dir}" if runs_dir else "")
+    if summary.tracking_uri.startswith("sqlite:"):
+        console.print(f"Open the runs with [bold]{ui}[/] (MLflow UI on http://127.0.0.1:5000)")
+
+
+@app.command()
+@user_errors
+def run(spec: SpecArg, resume: Resume = False, runs_dir: RunsDir = None, verbose: Verbose = False,
+        address: Address = None) -> None:
+    """The whole phase: prepare data, build features, tune (if the spec has a tune section),
+    train the best configuration, evaluate on the test split and register the model."""
+    _run(spec, runs_dir, verbose, resume=resume, address=address)
+
+
+@app.command()
+@user_errors
+def train(spec: SpecArg, resume: Resume = False, runs_dir: RunsDir = None, verbose: Verbose = False,
+          address: Address = None) -> None:
+    """Train the spec as written (its tune section is ignored), evaluate and register."""
+    _run(spec, runs_dir, verbose, resume=resume, address=address, tune=False)
+
+
+@app.command()
+@user_errors
+def tune(spec: SpecArg, resume: Resume = False, runs_dir: RunsDir = None, verbose: Verbose = False,
+         address: Address = None) -> None:
+    """Run the spec's hyperparameter sweep alone and report the best configuration."""
+    _run(spec, runs_dir, verbose, resume=resume, address=address, train=False)
+
+
+@features_app.command("build")
+@user_errors
+def features_build(spec: SpecArg, runs_dir: RunsDir = None) -> None:
+    """Run the data prepare and feature pipelines and store the feature set (reused if unchanged)."""
+    from raylens.cluster.console import RichProgress
+    from raylens.cluster.experiment import Experiment
+
+    feature_set = Experiment.from_yaml(spec, runs_dir).build_features()
+    RichProgress(console).feature_set(feature_set)
+    console.print(f"  stored at {feature_set.path}")
+
+
+@features_app.command("list")
+@user_errors
+def features_list(name: Annotated[str | None, typer.Argument(help="Feature set name.")] = None,
+                  runs_dir: RunsDir = None) -> None:
+    """List the stored feature-set versions."""
+    from rich.table import Table
+
+    from raylens.cluster.workspace import Workspace
+    from raylens.features import list_feature_sets
+
+    found = list_feature_sets(Workspace.at(runs_dir).feature_store, name)
+    if not found:
+        console.print("no feature sets stored yet: run `raylens features build SPEC`")
+        return
+    table = Table("name", "version", "created", "task", "features", "train", "valid", "test", "source")
+    for fs in found:
+        rows = fs.manifest["rows"]
+        table.add_row(fs.name, fs.version, fs.manifest.get("created_at", ""), fs.task,
+                      str(len(fs.feature_columns)), str(rows["train"]), str(rows["valid"]), str(rows["test"]),
+                      fs.manifest["source"]["uri"])
+    console.print(table)
+
+
+@features_app.command("show")
+@user_errors
+def features_show(name: Annotated[str, typer.Argument(help="Feature set name.")],
+                  version: Annotated[str | None, typer.Argument(help="Version (default: the newest).")] = None,
+                  runs_dir: RunsDir = None) -> None:
+    """Print a feature set's manifest: schema, rows, statistics, source, transforms."""
+    from raylens.cluster.workspace import Workspace
+    from raylens.features import list_feature_sets, open_feature_set
+
+    root = Workspace.at(runs_dir).feature_store
+    if version is None:
+        versions = list_feature_sets(root, name)
+        if not versions:
+            raise UserError(f"no feature set named '{name}'; see `raylens features list`")
+        feature_set = versions[-1]
+    else:
+        feature_set = open_feature_set(root, name, version)
+    console.print_json(json.dumps(feature_set.manifest))
+
+
+@app.command()
+@user_errors
+def ui(runs_dir: RunsDir = None, port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
+       uri: Annotated[str | None, typer.Option(help="Tracking URI; default: the run folder's SQLite db.")] = None) -> None:
+    """Start the MLflow UI on 127.0.0.1 for the run store."""
+    from raylens.cluster.workspace import Workspace
+
+    workspace = Workspace.at(runs_dir)
+    backend = uri or workspace.default_tracking_uri
+    if uri is None and not (workspace.root / "mlflow.db").exists():
+        raise UserError(f"no runs in {workspace.root} yet: run `raylens run SPEC` first, or pass --runs-dir")
+    mlflow_cli = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
+    command = [mlflow_cli, "ui", "--backend-store-uri", backend, "--host", "127.0.0.1", "--port", str(port)]
+    console.print(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C stops it)")
+    try:
+        subprocess.run(command, check=False)
+    except KeyboardInterrupt:
+        pass
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

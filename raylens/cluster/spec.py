@@ -1,0 +1,110 @@
+"""The experiment spec: YAML in, typed and validated models out, once, at the edge.
+
+Every error names the key's path and what would be valid, e.g.
+``train.scaling.strategy: 'dpp' is not one of ddp, fsdp, pipeline, auto``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from raylens.errors import UserError, did_you_mean
+from raylens.features import DataConfig, FeaturesConfig
+from raylens.trainer import ModelConfig, TrainConfig, check_params
+from raylens.tuning import TuneConfig, check_space, parse_space
+
+
+class TrackingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    uri: str = "default"
+    """An MLflow tracking URI (sqlite:///abs/path.db, http://host:5000, ...); "default" is a SQLite
+    database in the run folder."""
+    experiment: str | None = None
+    """MLflow experiment name; defaults to the spec's name."""
+    register_as: str | None = None
+    """Registered model name for the final model; unset: the model is logged, not registered."""
+
+
+class ExperimentSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    """Names the feature set, the MLflow experiment and the run folders."""
+    data: DataConfig
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tune: TuneConfig | None = None
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+
+def load_spec(path: Path) -> ExperimentSpec:
+    """Read and validate a spec file; ``UserError`` lists every problem with its key path."""
+    if not path.is_file():
+        raise UserError(f"spec file '{path}' does not exist; pass the path of an experiment YAML file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: an experiment spec is a mapping with keys name, data, model, train, ...")
+    return parse_spec(raw, source=str(path))
+
+
+def parse_spec(raw: dict[str, Any], source: str = "spec") -> ExperimentSpec:
+    try:
+        spec = ExperimentSpec.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_describe(error, raw) for error in exc.errors()]
+        raise UserError(f"{source} is not a valid experiment spec:\n  " + "\n  ".join(lines)) from None
+    check_params(spec.model)
+    if spec.tune is not None:
+        space = parse_space(spec.tune.space)
+        if not space:
+            raise UserError("tune.space: a sweep needs at least one path to tune, e.g. train.optimizer.lr")
+        check_space(space, spec.model, spec.train, spec.tune.seed)
+    return spec
+
+
+def _describe(error: Any, raw: dict[str, Any]) -> str:
+    loc = [str(p) for p in error["loc"]]
+    # Pydantic names the union member or list index in the path; keep only the user's keys.
+    loc = [p for p in loc if not p.endswith("Step") and p not in ("TuneConfig",)]
+    where = ".".join(loc) or "spec"
+    kind, value = error["type"], error.get("input")
+    if kind == "extra_forbidden":
+        valid = _valid_keys(loc[:-1])
+        hint = did_you_mean(loc[-1], valid)
+        return f"{where}: unknown key '{loc[-1]}'{hint}; valid keys here: {', '.join(valid)}"
+    if kind == "missing":
+        return f"{where}: required key is missing"
+    if kind in ("literal_error", "enum"):
+        options = re.findall(r"'([^']*)'", error.get("ctx", {}).get("expected", ""))
+        return f"{where}: {value!r} is not one of {', '.join(options)}{did_you_mean(str(value), options)}"
+    message = error["msg"]
+    if message.startswith("Value error, "):
+        message = message[len("Value error, ") :]
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    return f"{where}: {message}{shown}"
+
+
+def _valid_keys(loc: list[str]) -> list[str]:
+    model: Any = ExperimentSpec
+    for key in loc:
+        if key.isdigit():  # an item of a list: its type was taken at the list's key
+            continue
+        field = model.model_fields.get(key) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return []
+        annotation = field.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            return []
+    return list(model.model_fields) if model is not None else []

@@ -1,0 +1,64 @@
+"""Typed configuration of the data and feature sections of an experiment spec."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SplitConfig(_Strict):
+    """Fractions of all rows held out for validation and test; the rest trains."""
+
+    valid: float = Field(0.15, ge=0.0, lt=1.0)
+    """Fraction of rows in the validation split (used every epoch and by tuning)."""
+    test: float = Field(0.15, ge=0.0, lt=1.0)
+    """Fraction of rows in the test split (used once, for the final evaluation)."""
+    seed: int = 0
+    """Seed of the shuffle: the same seed and data give the same split."""
+
+    @model_validator(mode="after")
+    def _leaves_training_rows(self) -> SplitConfig:
+        if self.valid + self.test >= 0.9:
+            raise ValueError(
+                f"valid + test = {self.valid + self.test:g} leaves too little to train on; keep it below 0.9"
+            )
+        return self
+
+
+class DataConfig(_Strict):
+    """Where rows come from and which column is predicted."""
+
+    source: str
+    """sklearn:<name>, synthetic:<kind>[?rows=..], or a .parquet/.csv file or folder."""
+    target: str
+    """Name of the column to predict."""
+    task: Literal["auto", "classification", "regression"] = "auto"
+    """auto: an integer, boolean or string target is classification, a float target regression."""
+    features: list[str] | None = None
+    """Columns to use as features; default: every column but the target and ``drop``."""
+    drop: list[str] = Field(default_factory=list)
+    """Columns to leave out (ids, timestamps, free text)."""
+    split: SplitConfig = Field(default_factory=SplitConfig)
+
+
+class StandardizeStep(_Strict):
+    """Subtract the training mean and divide by the training standard deviation."""
+
+    standardize: Literal["*"] | list[str]
+    """``"*"`` for every feature column, or a list of columns."""
+
+
+class FeaturesConfig(_Strict):
+    """The feature pipeline: transforms fitted on the training split only."""
+
+    transforms: list[StandardizeStep] = Field(default_factory=list)
+
+    @field_validator("transforms", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value: object) -> object:
+        return [] if value is None else value

@@ -1,0 +1,106 @@
+"""Data prepare: check the raw rows, pick the feature columns and encode the target.
+
+Every check raises ``UserError`` naming the column and the fix, before anything is written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from raylens.errors import UserError, did_you_mean
+from raylens.features.config import DataConfig
+
+Task = Literal["classification", "regression"]
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """Validated rows: a float32 feature matrix and an encoded target.
+
+    For classification ``y`` holds class indices into ``classes``; for regression, the raw values.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    feature_columns: list[str]
+    task: Task
+    classes: list[str | int | float | bool] | None
+
+
+def prepare(table: pa.Table, data: DataConfig) -> PreparedData:
+    """Validate ``table`` against the data config and return arrays ready to split."""
+    columns = table.column_names
+    if table.num_rows == 0:
+        raise UserError(f"data.source: '{data.source}' has no rows; point it at a non-empty data set")
+    if data.target not in columns:
+        raise UserError(
+            f"data.target: column '{data.target}' is not in the data{did_you_mean(data.target, columns)}; "
+            f"columns are: {_listing(columns)}"
+        )
+    for name in [*data.drop, *(data.features or [])]:
+        if name not in columns:
+            raise UserError(
+                f"data: column '{name}' is not in the data{did_you_mean(name, columns)}; "
+                f"columns are: {_listing(columns)}"
+            )
+    if data.features is not None:
+        if data.target in data.features:
+            raise UserError(f"data.features: the target '{data.target}' cannot also be a feature")
+        feature_columns = list(data.features)
+    else:
+        feature_columns = [c for c in columns if c != data.target and c not in data.drop]
+    if not feature_columns:
+        raise UserError("data: no feature columns are left; list them in data.features")
+
+    x = np.empty((table.num_rows, len(feature_columns)), dtype=np.float32)
+    for i, name in enumerate(feature_columns):
+        column = table.column(name)
+        if not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)
+                or pa.types.is_boolean(column.type)):
+            raise UserError(
+                f"data: feature column '{name}' has type {column.type}, and features must be numeric; "
+                f"encode it as numbers or leave it out with data.drop: [{name}]"
+            )
+        missing = column.null_count + (int(pc.sum(pc.is_nan(column)).as_py() or 0)
+                                       if pa.types.is_floating(column.type) else 0)
+        if missing:
+            raise UserError(
+                f"data: feature column '{name}' has {missing} missing values; "
+                f"fill them before training or leave the column out with data.drop: [{name}]"
+            )
+        x[:, i] = column.to_numpy(zero_copy_only=False)
+
+    target = table.column(data.target)
+    if target.null_count:
+        raise UserError(
+            f"data.target: column '{data.target}' has {target.null_count} missing values; drop those rows"
+        )
+    task = _infer_task(target.type, data)
+    if task == "classification":
+        classes, codes = np.unique(target.to_numpy(zero_copy_only=False), return_inverse=True)
+        if len(classes) < 2:
+            raise UserError(
+                f"data.target: column '{data.target}' has a single class; classification needs two or more"
+            )
+        return PreparedData(x, codes.astype(np.int64), feature_columns, task, [c.item() for c in classes])
+    if not (pa.types.is_integer(target.type) or pa.types.is_floating(target.type)):
+        raise UserError(
+            f"data.task: regression needs a numeric target, and '{data.target}' has type {target.type}"
+        )
+    return PreparedData(x, target.to_numpy(zero_copy_only=False).astype(np.float32), feature_columns, task, None)
+
+
+def _infer_task(target_type: pa.DataType, data: DataConfig) -> Task:
+    if data.task != "auto":
+        return data.task
+    return "regression" if pa.types.is_floating(target_type) else "classification"
+
+
+def _listing(columns: list[str], limit: int = 12) -> str:
+    shown = ", ".join(columns[:limit])
+    return shown + (f", ... ({len(columns)} in all)" if len(columns) > limit else "")

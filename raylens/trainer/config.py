@@ -1,0 +1,80 @@
+"""Typed configuration of the model and train sections of an experiment spec."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+BUILTIN_MODELS = ("mlp", "cnn1d")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    """Which network to train."""
+
+    family: Literal["torch"] = "torch"
+    """Model family; PyTorch modules today."""
+    name: str = "mlp"
+    """A built-in model (mlp, cnn1d) or a user factory as "package.module:function"."""
+    params: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments of the model's constructor (e.g. hidden: [128, 64])."""
+
+    @model_validator(mode="after")
+    def _known_model(self) -> ModelConfig:
+        if self.name not in BUILTIN_MODELS and ":" not in self.name:
+            raise ValueError(
+                f"'{self.name}' is neither a built-in model ({', '.join(BUILTIN_MODELS)}) "
+                "nor a factory written as 'package.module:function'"
+            )
+        return self
+
+
+class OptimizerConfig(_Strict):
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    """Learning rate."""
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    """Used by sgd only."""
+
+
+class ScalingConfig(_Strict):
+    """How many Ray Train workers train the final model, and how the model is distributed."""
+
+    workers: int = Field(1, ge=1)
+    """Number of training workers (processes); 1 trains in the driver's Ray worker without DDP."""
+    strategy: Literal["ddp", "fsdp", "pipeline", "auto"] = "auto"
+    """ddp: replicate the model, average gradients; fsdp: shard parameters across workers;
+    auto: ddp (the models raylens ships fit on one worker)."""
+    cpus_per_worker: float = Field(1.0, gt=0)
+    """Logical CPUs Ray reserves for each worker; also its PyTorch thread count (rounded, >= 1)."""
+    use_gpu: bool = False
+    """One GPU per worker, NCCL between them."""
+
+    @model_validator(mode="after")
+    def _strategy_fits(self) -> ScalingConfig:
+        if self.strategy == "fsdp" and self.workers < 2:
+            raise ValueError("fsdp shards the model across workers and needs workers >= 2: set train.scaling.workers")
+        if self.strategy == "pipeline":
+            raise ValueError(
+                "pipeline parallelism is not available in this version of raylens; use ddp or fsdp"
+            )
+        return self
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=1)
+    """Per worker: with N workers, one optimizer step sees N x batch_size rows."""
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    seed: int = 0
+    """Seeds model initialisation and shuffling; the same seed gives the same model."""
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    checkpoints_to_keep: int = Field(2, ge=1)
+    """Per-epoch checkpoints kept on storage (the latest ones)."""
+    max_failures: int = Field(2, ge=0)
+    """Worker-group failures survived by restarting from the latest checkpoint."""

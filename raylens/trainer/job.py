@@ -1,0 +1,82 @@
+"""One training job, the same wherever it runs: a Tune trial's process or a Ray Train worker.
+
+Terms: a *worker* is one training process (a rank); a *job* is what every worker of one run
+trains (model, hyperparameters, task). ``run_worker`` builds the model, applies the parallel
+strategy, restores a checkpoint if there is one, and hands the worker's rows to the plain loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from raylens.features import FeatureSet, SplitArrays
+from raylens.trainer.config import ModelConfig, TrainConfig
+from raylens.trainer.loop import Batches, Reporter, TaskSpec, fit, make_optimizer
+from raylens.trainer.models import build_model
+from raylens.trainer.parallel import parallelize, resolve_strategy, restore
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    model: ModelConfig
+    train: TrainConfig
+    task: TaskSpec
+    in_features: int
+
+    @classmethod
+    def for_feature_set(cls, model: ModelConfig, train: TrainConfig, feature_set: FeatureSet) -> TrainJob:
+        return cls(model, train, task_spec(feature_set), len(feature_set.feature_columns))
+
+
+def task_spec(feature_set: FeatureSet) -> TaskSpec:
+    if feature_set.task == "classification":
+        return TaskSpec("classification", num_classes=feature_set.num_outputs)
+    stats = feature_set.manifest.get("target_statistics", {})
+    return TaskSpec("regression", target_mean=stats.get("mean", 0.0), target_std=stats.get("std", 1.0) or 1.0)
+
+
+def shard_rows(num_rows: int, rank: int, world_size: int, seed: int) -> np.ndarray:
+    """This rank's rows: a seeded permutation dealt round-robin, trimmed so every rank gets the
+    same count (DDP ranks must take the same number of steps or the all-reduce hangs)."""
+    if world_size == 1:
+        return np.arange(num_rows)
+    order = np.random.default_rng(seed).permutation(num_rows)
+    per_rank = num_rows // world_size
+    return np.sort(order[rank::world_size][:per_rank])
+
+
+def run_worker(
+    job: TrainJob,
+    train: SplitArrays,
+    valid: SplitArrays,
+    reporter: Reporter,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | None = None,
+    resume_from: dict[str, Any] | None = None,
+) -> None:
+    """Train ``job`` on this worker's share of ``train``; every rank of a run calls it."""
+    device = device or torch.device("cpu")
+    torch.manual_seed(job.train.seed)  # every rank starts from the same weights
+    model = build_model(job.model, job.in_features, job.task.out_features)
+    model = parallelize(model, resolve_strategy(job.train.scaling.strategy, world_size), device)
+    optimizer = make_optimizer(model, job.train.optimizer)
+    start_epoch = restore(model, optimizer, resume_from) if resume_from else 0
+    rows = shard_rows(len(train), rank, world_size, job.train.seed)
+    fit(
+        model,
+        optimizer,
+        Batches.from_numpy(train.x[rows], train.y[rows]).to(device),
+        Batches.from_numpy(valid.x, valid.y).to(device),
+        job.task,
+        epochs=job.train.epochs,
+        batch_size=job.train.batch_size,
+        seed=job.train.seed + rank,
+        reporter=reporter,
+        start_epoch=start_epoch,
+    )

@@ -1,0 +1,163 @@
+"""The training loop: plain PyTorch, no Ray, no MLflow.
+
+It takes a model (already wrapped by a parallel strategy, or not), tensors of the worker's rows,
+an optimizer and a ``Reporter``. Everything distributed or tracked happens behind the reporter
+and the strategy, so this loop runs the same in a unit test, a Tune trial and a DDP worker.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raylens.trainer.config import OptimizerConfig
+from raylens.trainer.metrics import classification_metrics, regression_metrics
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What the model's output means.
+
+    Regression targets are trained standardized (``(y - target_mean) / target_std``) so one learning
+    rate suits any target scale; predictions are turned back into the target's units.
+    """
+
+    kind: Literal["classification", "regression"]
+    num_classes: int = 0
+    target_mean: float = 0.0
+    target_std: float = 1.0
+
+    @property
+    def out_features(self) -> int:
+        return self.num_classes if self.kind == "classification" else 1
+
+
+@dataclass(frozen=True)
+class Batches:
+    """Rows held as two tensors; batches are gathered by index, never collated row by row."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    @classmethod
+    def from_numpy(cls, x: np.ndarray, y: np.ndarray) -> Batches:
+        return cls(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y)))
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def to(self, device: torch.device) -> Batches:
+        return Batches(self.x.to(device), self.y.to(device))
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint holds: the model and optimizer after ``epoch`` completed epochs."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    epoch: int
+
+
+class Reporter(Protocol):
+    """Receives each epoch's metrics and state; it decides what to persist and where."""
+
+    def report(self, metrics: dict[str, float], state: TrainState) -> None: ...
+
+
+def make_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.Optimizer:
+    params = model.parameters()
+    if config.name == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    if config.name == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def loss_fn(output: torch.Tensor, y: torch.Tensor, task: TaskSpec) -> torch.Tensor:
+    if task.kind == "classification":
+        return F.cross_entropy(output, y)
+    return F.mse_loss(output.squeeze(-1), (y - task.target_mean) / task.target_std)
+
+
+def fit(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train: Batches,
+    valid: Batches,
+    task: TaskSpec,
+    *,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    reporter: Reporter,
+    start_epoch: int = 0,
+) -> None:
+    """Train from ``start_epoch`` to ``epochs``, reporting after every epoch.
+
+    Every caller that trains in lockstep (DDP ranks) must pass the same number of rows, so each
+    runs the same number of steps.
+    """
+    for epoch in range(start_epoch, epochs):
+        model.train()
+        # Seeded per epoch, so a run resumed at epoch k shuffles exactly as the uninterrupted one.
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        started = time.perf_counter()
+        loss_sum, rows = 0.0, 0
+        for begin in range(0, len(order), batch_size):
+            index = order[begin : begin + batch_size]
+            x, y = train.x[index], train.y[index]
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x), y, task)
+            loss.backward()
+            optimizer.step()
+            loss_sum += float(loss.detach()) * len(index)
+            rows += len(index)
+        elapsed = time.perf_counter() - started
+        metrics = {
+            "epoch": float(epoch + 1),
+            "train_loss": loss_sum / max(rows, 1),
+            "train_samples_per_s": rows / elapsed if elapsed > 0 else 0.0,
+        }
+        metrics.update({f"valid_{k}": v for k, v in evaluate(model, valid, task).items()})
+        reporter.report(metrics, TrainState(model, optimizer, epoch + 1))
+
+
+@torch.no_grad()
+def _outputs(model: nn.Module, x: torch.Tensor, task: TaskSpec, batch_size: int) -> torch.Tensor:
+    model.eval()
+    chunks = [model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+    return torch.cat(chunks) if chunks else torch.empty(0, task.out_features)
+
+
+def _decode(outputs: torch.Tensor, task: TaskSpec) -> np.ndarray:
+    """Class indices for classification, values in the target's units for regression."""
+    if task.kind == "classification":
+        return outputs.argmax(dim=-1).cpu().numpy()
+    return (outputs.squeeze(-1) * task.target_std + task.target_mean).cpu().numpy()
+
+
+def predict(model: nn.Module, x: torch.Tensor, task: TaskSpec, batch_size: int = 4096) -> np.ndarray:
+    """Class indices for classification, values in the target's units for regression."""
+    return _decode(_outputs(model, x, task, batch_size), task)
+
+
+def evaluate(model: nn.Module, data: Batches, task: TaskSpec, batch_size: int = 4096) -> dict[str, float]:
+    """Loss and the task's metrics on ``data`` (empty when ``data`` has no rows)."""
+    if len(data) == 0:
+        return {}
+    outputs = _outputs(model, data.x, task, batch_size)
+    with torch.no_grad():
+        metrics = {"loss": float(loss_fn(outputs, data.y, task))}
+    y_true, y_pred = data.y.cpu().numpy(), _decode(outputs, task)
+    if task.kind == "classification":
+        metrics.update(classification_metrics(y_true, y_pred, task.num_classes))
+    else:
+        metrics.update(regression_metrics(y_true, y_pred))
+    return metrics

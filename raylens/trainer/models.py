@@ -1,0 +1,127 @@
+"""The model zoo and user models.
+
+A model is built by ``build_model(config, in_features, out_features)``. Built-in models take
+their keyword arguments from ``model.params``; a user factory ``"package.module:function"`` is
+called as ``function(in_features=..., out_features=..., **params)`` and returns an ``nn.Module``.
+Models hold no distributed code: strategies wrap them from outside.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from raylens.errors import UserError, did_you_mean
+from raylens.trainer.config import ModelConfig
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
+
+
+class MLP(nn.Module):
+    """A feed-forward network: Linear → activation (→ dropout) per hidden layer, then a Linear head."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        hidden: Sequence[int] = (128, 64),
+        activation: str = "relu",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        act = _activation(activation)
+        layers: list[nn.Module] = []
+        width = in_features
+        for size in hidden:
+            layers += [nn.Linear(width, int(size)), act()]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            width = int(size)
+        layers.append(nn.Linear(width, out_features))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class CNN1d(nn.Module):
+    """A small 1-D CNN for sequence-shaped features (each row is one channel of length in_features)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        channels: Sequence[int] = (16, 32),
+        kernel_size: int = 3,
+        activation: str = "relu",
+    ) -> None:
+        super().__init__()
+        act = _activation(activation)
+        layers: list[nn.Module] = []
+        width = 1
+        for size in channels:
+            layers += [nn.Conv1d(width, int(size), kernel_size, padding=kernel_size // 2), act()]
+            width = int(size)
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool1d(4), nn.Flatten())
+        self.head = nn.Linear(width * 4, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x.unsqueeze(1)))
+
+
+BUILTIN: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "cnn1d": CNN1d}
+
+
+def resolve_factory(name: str) -> Callable[..., nn.Module]:
+    """The constructor behind a model name; ``UserError`` when it cannot be found."""
+    if name in BUILTIN:
+        return BUILTIN[name]
+    module_name, _, attr = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UserError(
+            f"model.name: cannot import '{module_name}' ({exc}); make it importable "
+            "(install it, or run from the folder that holds it)"
+        ) from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise UserError(f"model.name: '{module_name}' has no callable '{attr}'")
+    return factory  # type: ignore[no-any-return]
+
+
+def check_params(config: ModelConfig) -> None:
+    """Fail early, naming the parameter, when ``model.params`` does not fit the constructor."""
+    factory = resolve_factory(config.name)
+    signature = inspect.signature(factory)
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
+    known = [n for n in signature.parameters if n not in ("in_features", "out_features", "self")]
+    for key in config.params:
+        if not accepts_any and key not in known:
+            raise UserError(
+                f"model.params.{key}: '{config.name}' takes no parameter '{key}'{did_you_mean(key, known)}; "
+                f"it takes: {', '.join(known) or 'none'}"
+            )
+
+
+def build_model(config: ModelConfig, in_features: int, out_features: int) -> nn.Module:
+    factory = resolve_factory(config.name)
+    try:
+        model = factory(in_features=in_features, out_features=out_features, **config.params)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"model: cannot build '{config.name}' with params {config.params}: {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise UserError(f"model.name: '{config.name}' returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _activation(name: str) -> type[nn.Module]:
+    if name not in ACTIVATIONS:
+        raise UserError(
+            f"model.params.activation: '{name}' is not one of {', '.join(ACTIVATIONS)}{did_you_mean(name, ACTIVATIONS)}"
+        )
+    return ACTIVATIONS[name]

@@ -1,0 +1,97 @@
+"""Parallel strategies, applied to a model from outside: one function per strategy.
+
+``parallelize(model, strategy, ...)`` returns the module the loop trains. The model's own code
+never changes. Inside a Ray Train worker the process group already exists (gloo on CPU, NCCL on
+GPU); these functions only use it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+Strategy = Literal["none", "ddp", "fsdp"]
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def resolve_strategy(requested: str, world_size: int) -> Strategy:
+    """The strategy actually applied: one worker needs none; ``auto`` means DDP."""
+    if world_size == 1:
+        return "none"
+    if requested == "fsdp":
+        return "fsdp"
+    return "ddp"
+
+
+def parallelize_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """Replicate the model on every rank and average gradients after each backward."""
+    model.to(device)
+    device_ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def parallelize_fsdp(model: nn.Module, device: torch.device) -> nn.Module:
+    """Shard parameters, gradients and optimizer state across ranks (FSDP2 ``fully_shard``).
+
+    Each child module with parameters becomes its own shard group, then the root, so only one
+    layer's full parameters exist at a time during forward and backward.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model.to(device)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for module in list(model.modules())[1:]:
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def parallelize(model: nn.Module, strategy: Strategy, device: torch.device) -> nn.Module:
+    if strategy == "ddp":
+        return parallelize_ddp(model, device)
+    if strategy == "fsdp":
+        return parallelize_fsdp(model, device)
+    return model.to(device)
+
+
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def gather_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int) -> dict[str, Any]:
+    """Full (unsharded, unwrapped) model and optimizer state. A collective under DDP/FSDP: every
+    rank calls it; rank 0 gets the whole state."""
+    model_state, optim_state = get_state_dict(model, optimizer, options=_FULL)
+    return {"model": model_state, "optimizer": optim_state, "epoch": epoch}
+
+
+def save_checkpoint(state: dict[str, Any], folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / CHECKPOINT_FILE
+    torch.save(state, path)
+    return path
+
+
+def load_checkpoint(folder: Path) -> dict[str, Any]:
+    # weights_only: a checkpoint is data, never code to run.
+    state: dict[str, Any] = torch.load(folder / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    return state
+
+
+def restore(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> int:
+    """Load a full checkpoint into a (possibly parallelized) model; return the epochs it completed."""
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optimizer"],
+        options=StateDictOptions(full_state_dict=True),
+    )
+    return int(state["epoch"])

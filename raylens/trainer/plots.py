@@ -1,0 +1,43 @@
+"""Plots people would rather look at than read: the confusion matrix, the learning curves."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: training runs on machines without a display
+
+import numpy as np  # noqa: E402
+from matplotlib import pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+
+def confusion_matrix_figure(matrix: np.ndarray, labels: Sequence[Any], title: str) -> Figure:
+    size = max(4.0, 0.5 * len(labels) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(labels)), [str(v) for v in labels], rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), [str(v) for v in labels])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    threshold = matrix.max() / 2 if matrix.size else 0
+    for (i, j), count in np.ndenumerate(matrix):
+        ax.text(j, i, str(count), ha="center", va="center", color="white" if count > threshold else "black")
+    fig.tight_layout()
+    return fig
+
+
+def learning_curves_figure(history: Sequence[dict[str, float]]) -> Figure:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    epochs = [m["epoch"] for m in history]
+    for key in ("train_loss", "valid_loss"):
+        if all(key in m for m in history):
+            ax.plot(epochs, [m[key] for m in history], marker="o", label=key)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,47 @@
+"""How many trials can run at once on this cluster: a decision returned as a value."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from raylens.errors import UserError
+
+
+@dataclass(frozen=True)
+class ConcurrencyPlan:
+    concurrency: int
+    cpus_per_trial: float
+    reason: str
+
+
+def plan_concurrency(
+    requested: int,
+    trials: int,
+    cluster_cpus: float,
+    cpus_per_worker: float,
+    workers_per_trial: int,
+    reserved_cpus: float = 1.0,
+) -> ConcurrencyPlan:
+    """Cap concurrency so every running trial's workers fit beside ``reserved_cpus`` of headroom.
+
+    The headroom keeps Ray Data and the drivers of multi-worker trials schedulable: a sweep whose
+    trials take every CPU can hang with the machine idle.
+    """
+    per_trial = cpus_per_worker * workers_per_trial
+    usable = max(cluster_cpus - reserved_cpus, 0.0)
+    fits = math.floor(usable / per_trial + 1e-9)
+    if fits < 1:
+        raise UserError(
+            f"tune: one trial needs {per_trial:g} CPUs ({workers_per_trial} workers x {cpus_per_worker:g}), "
+            f"but the cluster has {cluster_cpus:g} with {reserved_cpus:g} kept free; "
+            "lower tune.workers_per_trial or tune.cpus_per_trial, or add nodes"
+        )
+    concurrency = min(requested, trials, fits)
+    if concurrency < requested:
+        reason = f"lowered from {requested}: {fits} trials of {per_trial:g} CPUs fit in {cluster_cpus:g} CPUs"
+        if trials < requested and trials <= fits:
+            reason = f"lowered from {requested} to the number of trials"
+    else:
+        reason = "as requested"
+    return ConcurrencyPlan(concurrency, per_trial, reason)

@@ -1,0 +1,199 @@
+"""A sweep: Ray Tune trials that each call the same training function.
+
+Terms: a *sweep* is one search over a space; a *trial* is one sampled configuration trained and
+reported epoch by epoch. A trial with one worker trains in its own process on the shared arrays
+(placed in the object store once, read zero-copy by every trial); a trial with several workers
+launches a Ray Train run of that size, through the same bridge the final training uses.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search import BasicVariantGenerator
+
+from raylens.errors import UserError
+from raylens.features import FeatureSet, SplitArrays
+from raylens.trainer import ModelConfig, TrainConfig, TrainJob, TrainState, run_worker
+from raylens.trainer.parallel import gather_checkpoint, load_checkpoint, save_checkpoint
+from raylens.trainer.ray_train import train_distributed
+from raylens.trainer.tracking import Tracker
+from raylens.tuning.config import TuneConfig
+from raylens.tuning.plan import ConcurrencyPlan, plan_concurrency
+from raylens.tuning.space import parse_space, with_overrides
+from raylens.tuning.tracking import SweepTracking, TrialEvent, TrialRecorder, release, trial_metrics
+
+
+@dataclass(frozen=True)
+class TrialSummary:
+    trial_id: str
+    config: dict[str, Any]
+    metrics: dict[str, float]
+    status: str
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    best_config: dict[str, Any]
+    best_metrics: dict[str, float]
+    trials: list[TrialSummary]
+    plan: ConcurrencyPlan
+
+
+class TuneReporter:
+    """Reports a trial's epoch to Tune with a checkpoint, so a resumed sweep continues trials."""
+
+    def report(self, metrics: dict[str, float], state: TrainState) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            save_checkpoint(gather_checkpoint(state.model, state.optimizer, state.epoch), Path(tmp))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+def _trial(
+    config: dict[str, Any],
+    *,
+    job: TrainJob,
+    train: SplitArrays,
+    valid: SplitArrays,
+    threads: int,
+) -> None:
+    torch.set_num_threads(threads)
+    model, train_config = with_overrides(job.model, job.train, config)
+    trial_job = replace(job, model=model, train=train_config)
+    resume_from = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            resume_from = load_checkpoint(Path(folder))
+    run_worker(trial_job, train, valid, TuneReporter(), resume_from=resume_from)
+
+
+def _distributed_trial(config: dict[str, Any], *, job: TrainJob, feature_set: FeatureSet, storage: str) -> None:
+    model, train_config = with_overrides(job.model, job.train, config)
+    trial_job = replace(job, model=model, train=train_config)
+    context = tune.get_context()
+    train_distributed(
+        trial_job,
+        feature_set,
+        run_name=f"{context.get_experiment_name()}-{context.get_trial_id()}",
+        storage_path=Path(storage),
+        on_epoch=lambda metrics: tune.report(metrics),
+    )
+
+
+def run_sweep(
+    config: TuneConfig,
+    model: ModelConfig,
+    train: TrainConfig,
+    feature_set: FeatureSet,
+    job: TrainJob,
+    *,
+    tracker: Tracker,
+    parent_run_id: str,
+    storage_path: Path,
+    run_name: str,
+    resume: bool = False,
+    on_event: Callable[[TrialEvent], None] = lambda event: None,
+) -> SweepResult:
+    """Run the sweep on the connected Ray cluster and return the best configuration found."""
+    space = {path: dist.to_tune() for path, dist in parse_space(config.space).items()}
+    workers = config.workers_per_trial
+    plan = plan_concurrency(
+        config.concurrency,
+        config.trials,
+        cluster_cpus=float(ray.cluster_resources().get("CPU", 0)),
+        cpus_per_worker=config.cpus_per_trial if workers == 1 else train.scaling.cpus_per_worker,
+        workers_per_trial=workers,
+    )
+    epochs = config.epochs or train.epochs
+    trial_train = train.model_copy(
+        update={"epochs": epochs, "scaling": train.scaling.model_copy(update={"workers": workers})}
+    )
+    trial_job = replace(job, model=model, train=trial_train)
+    trainable: Any
+    if workers == 1:
+        trainable = tune.with_resources(
+            tune.with_parameters(
+                _trial,
+                job=trial_job,
+                train=feature_set.read("train"),
+                valid=feature_set.read("valid"),
+                threads=max(1, round(config.cpus_per_trial)),
+            ),
+            {"cpu": config.cpus_per_trial},
+        )
+    else:
+        # The trial only drives its Ray Train run; the run's workers hold the CPUs (counted by the plan).
+        trainable = tune.with_resources(
+            tune.with_parameters(
+                _distributed_trial, job=trial_job, feature_set=feature_set, storage=str(storage_path / "trials")
+            ),
+            {"cpu": 0.01},
+        )
+    scheduler: Any = (
+        ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=epochs,
+            grace_period=min(config.grace_period, epochs),
+            reduction_factor=config.reduction_factor,
+        )
+        if config.scheduler == "asha"
+        else FIFOScheduler()
+    )
+    experiment_path = storage_path / run_name
+    recorder = TrialRecorder(tracker, parent_run_id, epochs, on_event)
+    run_config = tune.RunConfig(
+        name=run_name,
+        storage_path=str(storage_path),
+        verbose=0,
+        callbacks=[SweepTracking(str(experiment_path), recorder)],
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+    )
+    try:
+        if resume and tune.Tuner.can_restore(str(experiment_path)):
+            tuner = tune.Tuner.restore(
+                str(experiment_path), trainable=trainable, resume_errored=True, param_space=space
+            )
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space=space,
+                tune_config=tune.TuneConfig(
+                    metric=config.metric,
+                    mode=config.mode,
+                    num_samples=config.trials,
+                    max_concurrent_trials=plan.concurrency,
+                    scheduler=scheduler,
+                    search_alg=BasicVariantGenerator(random_state=config.seed),
+                ),
+                run_config=run_config,
+            )
+        results = tuner.fit()
+    finally:
+        recorder.close_open_runs()
+        release(str(experiment_path))
+    trials = [
+        TrialSummary(
+            r.path.rsplit("/", 1)[-1] if r.path else "",
+            dict(r.config or {}),
+            trial_metrics(r.metrics or {}),
+            "failed" if r.error else "completed",
+        )
+        for r in results
+    ]
+    finished = [t for t in trials if t.status == "completed" and config.metric in t.metrics]
+    if not finished:
+        errors = "; ".join(str(r.error).splitlines()[0] for r in results if r.error)[:2000]
+        known = sorted({k for t in trials for k in t.metrics})
+        hint = "" if not known or config.metric in known else f"; tune.metric must be one of {', '.join(known)}"
+        raise UserError(f"tune: no trial reported '{config.metric}'{hint}{'; errors: ' + errors if errors else ''}")
+    best = results.get_best_result(metric=config.metric, mode=config.mode)
+    return SweepResult(dict(best.config or {}), trial_metrics(best.metrics or {}), trials, plan)

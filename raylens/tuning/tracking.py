@@ -1,0 +1,139 @@
+"""Sweep tracking: every trial is an MLflow run nested under the sweep's run, written live by the
+driver (the one writer), and closed with the status the trial ended in."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray.tune import Callback
+
+from raylens.trainer.tracking import Tracker
+
+METRIC_PREFIXES = ("train_", "valid_")
+
+
+@dataclass(frozen=True)
+class TrialEvent:
+    """What happened to a trial: ``started``, ``result`` (an epoch), ``completed`` or ``failed``."""
+
+    kind: str
+    trial_id: str
+    config: dict[str, Any]
+    metrics: dict[str, float] = field(default_factory=dict)
+    stopped_early: bool = False
+
+
+def trial_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """The metrics the training loop reported, without Tune's bookkeeping fields."""
+    return {
+        k: float(v)
+        for k, v in result.items()
+        if (k == "epoch" or k.startswith(METRIC_PREFIXES)) and isinstance(v, int | float)
+    }
+
+
+class TrialRecorder:
+    """Mirrors trials into nested MLflow runs and tells the front end; lives in the driver only."""
+
+    def __init__(
+        self,
+        tracker: Tracker,
+        parent_run_id: str,
+        max_epochs: int,
+        on_event: Callable[[TrialEvent], None] = lambda event: None,
+    ) -> None:
+        self.tracker = tracker
+        self.parent_run_id = parent_run_id
+        self.max_epochs = max_epochs
+        self.on_event = on_event
+        self.run_ids: dict[str, str] = {}
+        self.last_epoch: dict[str, int] = {}
+
+    def started(self, trial: Any) -> None:
+        run_id = self.tracker.start_run(
+            f"trial-{trial.trial_id}",
+            parent_run_id=self.parent_run_id,
+            tags={"raylens.role": "trial", "raylens.trial_id": trial.trial_id},
+        )
+        self.run_ids[trial.trial_id] = run_id
+        self.tracker.log_params(run_id, trial.config)
+        self.on_event(TrialEvent("started", trial.trial_id, dict(trial.config)))
+
+    def result(self, trial: Any, result: dict[str, Any]) -> None:
+        metrics = trial_metrics(result)
+        epoch = int(metrics.get("epoch", result.get("training_iteration", 0)))
+        self.last_epoch[trial.trial_id] = epoch
+        run_id = self.run_ids.get(trial.trial_id)
+        if run_id:
+            self.tracker.log_metrics(run_id, metrics, step=epoch)
+        self.on_event(TrialEvent("result", trial.trial_id, dict(trial.config), metrics))
+
+    def completed(self, trial: Any) -> None:
+        stopped_early = self.last_epoch.get(trial.trial_id, 0) < self.max_epochs
+        self._close(trial, "FINISHED", {"raylens.stopped_early": str(stopped_early).lower()})
+        metrics = trial_metrics(trial.last_result or {})
+        self.on_event(TrialEvent("completed", trial.trial_id, dict(trial.config), metrics, stopped_early))
+
+    def failed(self, trial: Any) -> None:
+        self._close(trial, "FAILED", {"raylens.error_file": str(getattr(trial, "error_file", "") or "")})
+        self.on_event(TrialEvent("failed", trial.trial_id, dict(trial.config)))
+
+    def _close(self, trial: Any, status: str, tags: dict[str, str]) -> None:
+        run_id = self.run_ids.pop(trial.trial_id, None)
+        if run_id:
+            self.tracker.set_tags(run_id, tags)
+            self.tracker.end_run(run_id, status)
+
+    def close_open_runs(self, status: str = "KILLED") -> None:
+        """Trials still open when the sweep stops: never leave a run RUNNING forever."""
+        for run_id in self.run_ids.values():
+            self.tracker.end_run(run_id, status)
+        self.run_ids.clear()
+
+
+_RECORDERS: dict[str, TrialRecorder] = {}
+"""Live recorders of this driver by sweep path. Tune pickles its callbacks with the sweep's state
+and unpickles them on ``Tuner.restore``; the pickled callback keeps only the sweep path and
+finds the resuming driver's recorder here."""
+
+
+class SweepTracking(Callback):
+    """The Tune callback (it runs in the driver) that forwards trial events to the recorder."""
+
+    def __init__(self, sweep_path: str, recorder: TrialRecorder) -> None:
+        self.sweep_path = sweep_path
+        _RECORDERS[sweep_path] = recorder
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"sweep_path": self.sweep_path}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.sweep_path = state["sweep_path"]
+
+    @property
+    def recorder(self) -> TrialRecorder | None:
+        return _RECORDERS.get(self.sweep_path)
+
+    def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        if self.recorder:
+            self.recorder.started(trial)
+
+    def on_trial_result(
+        self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any
+    ) -> None:
+        if self.recorder:
+            self.recorder.result(trial, result)
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        if self.recorder:
+            self.recorder.completed(trial)
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        if self.recorder:
+            self.recorder.failed(trial)
+
+
+def release(sweep_path: str) -> None:
+    _RECORDERS.pop(sweep_path, None)
