@@ -10,6 +10,17 @@ Packages, imports pointing down only::
 This module stays import-light: ``import raylens`` must not start Ray or load MLflow.
 """
 
+from typing import Any
+
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = ["Experiment", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    # ``raylens.Experiment`` without importing Ray and MLflow on ``import raylens``.
+    if name == "Experiment":
+        from raylens.cluster.experiment import Experiment
+
+        return Experiment
+    raise AttributeError(name)

@@ -68,6 +68,9 @@ def user_errors(command: F) -> F:
 
 
 def _run(spec: Path, runs_dir: Path | None, verbose: bool, **kwargs: Any) -> None:
+    from raylens.cluster.runtime import quiet_logs
+
+    quiet_logs(verbose)  # before MLflow and Ray are imported: they read their log levels then
     from raylens.cluster.console import RichProgress, summary_table
     from raylens.cluster.experiment import Experiment
 
@@ -131,12 +134,18 @@ def features_list(name: Annotated[str | None, typer.Argument(help="Feature set n
     if not found:
         console.print("no feature sets stored yet: run `raylens features build SPEC`")
         return
-    table = Table("name", "version", "created", "task", "features", "train", "valid", "test", "source")
+    table = Table()
+    table.add_column("name")
+    table.add_column("version", no_wrap=True, min_width=16)  # ids are copied from here: never cut
+    table.add_column("created")
+    table.add_column("task")
+    table.add_column("train/valid/test")
+    table.add_column("source", overflow="fold")
     for fs in found:
         rows = fs.manifest["rows"]
-        table.add_row(fs.name, fs.version, fs.manifest.get("created_at", ""), fs.task,
-                      str(len(fs.feature_columns)), str(rows["train"]), str(rows["valid"]), str(rows["test"]),
-                      fs.manifest["source"]["uri"])
+        created = str(fs.manifest.get("created_at", ""))[:16].replace("T", " ")
+        table.add_row(fs.name, fs.version, created, fs.task,
+                      f"{rows['train']}/{rows['valid']}/{rows['test']}", fs.manifest["source"]["uri"])
     console.print(table)
 
 

@@ -64,7 +64,7 @@ class RichProgress:
             f"{self.metric} {_format(score)}" + (" (stopped early)" if event.stopped_early else "")
         )
         self.console.print(f"  trial {event.trial_id}: {config} → {outcome}")
-        self._advance(f"last: {outcome}")
+        self._advance("failed" if event.kind == "failed" else f"{self.metric} {_format(score)}")
 
     def sweep_finished(self) -> None:
         self._stop()
@@ -74,7 +74,7 @@ class RichProgress:
         self._start("epochs", epochs)
 
     def epoch(self, metrics: dict[str, float]) -> None:
-        shown = {k: v for k, v in metrics.items() if k.startswith("valid_")}
+        shown = {k: v for k, v in metrics.items() if k in ("valid_loss", "valid_accuracy", "valid_rmse")}
         self._advance("  ".join(f"{k} {_format(v)}" for k, v in shown.items()), completed=int(metrics["epoch"]))
 
     def training_finished(self) -> None:

@@ -89,7 +89,6 @@ class Experiment:
 
     def build_features(self) -> FeatureSet:
         """Run the data prepare and feature pipelines; the version is reused when unchanged."""
-        self.workspace.ensure()
         return build_feature_set(
             self.spec.name, self.spec.data, self.spec.features, self.workspace.feature_store, self.base_dir
         )
@@ -110,10 +109,11 @@ class Experiment:
         spec = self.spec
         if not train and spec.tune is None:
             raise UserError("this spec has no tune section to run; add one (see examples/digits.yaml)")
-        run_name = self._run_name(resume)
         progress.stage("Building features")
         feature_set = self.build_features()
         progress.feature_set(feature_set)
+        run_name = self._run_name(resume)
+        self.workspace.ensure()
         progress.stage("Starting Ray")
         runtime = start_ray(address=address, verbose=verbose, code_dirs=[self.base_dir, Path.cwd()])
         try:

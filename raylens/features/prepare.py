@@ -87,7 +87,7 @@ def prepare(table: pa.Table, data: DataConfig) -> PreparedData:
             raise UserError(
                 f"data.target: column '{data.target}' has a single class; classification needs two or more"
             )
-        return PreparedData(x, codes.astype(np.int64), feature_columns, task, [c.item() for c in classes])
+        return PreparedData(x, codes.astype(np.int64), feature_columns, task, [c.item() if hasattr(c, "item") else c for c in classes])
     if not (pa.types.is_integer(target.type) or pa.types.is_floating(target.type)):
         raise UserError(
             f"data.task: regression needs a numeric target, and '{data.target}' has type {target.type}"

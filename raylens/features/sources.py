@@ -12,6 +12,7 @@ A source URI is one of
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
@@ -86,26 +87,32 @@ def _load_synthetic(spec: str, uri: str) -> RawData:
     if rows < 1 or n_features < 1:
         raise UserError(f"data.source: '{uri}' needs rows >= 1 and features >= 1")
     seed = int(params.get("seed", 0))
-    informative = min(n_features, int(params.get("informative", max(2, n_features // 2))))
+    classes = int(params.get("classes", 2))
+    # make_classification needs 2**informative >= 2 clusters per class.
+    needed = math.ceil(math.log2(2 * classes)) if kind == "classification" else 1
+    informative = min(n_features, int(params.get("informative", max(needed, n_features // 2))))
     from sklearn import datasets
 
-    if kind == "classification":
-        x, y = datasets.make_classification(
-            n_samples=rows,
-            n_features=n_features,
-            n_informative=informative,
-            n_redundant=0,
-            n_classes=int(params.get("classes", 2)),
-            random_state=seed,
-        )
-    else:
-        x, y = datasets.make_regression(
-            n_samples=rows,
-            n_features=n_features,
-            n_informative=informative,
-            noise=params.get("noise", 0.1),
-            random_state=seed,
-        )
+    try:
+        if kind == "classification":
+            x, y = datasets.make_classification(
+                n_samples=rows,
+                n_features=n_features,
+                n_informative=informative,
+                n_redundant=0,
+                n_classes=classes,
+                random_state=seed,
+            )
+        else:
+            x, y = datasets.make_regression(
+                n_samples=rows,
+                n_features=n_features,
+                n_informative=informative,
+                noise=params.get("noise", 0.1),
+                random_state=seed,
+            )
+    except ValueError as exc:
+        raise UserError(f"data.source: '{uri}' cannot be generated: {exc}") from None
     columns = {f"x{i}": pa.array(x[:, i].astype("float32")) for i in range(n_features)}
     columns["target"] = pa.array(y)
     return RawData(pa.table(columns), uri, uri)

@@ -8,6 +8,7 @@ and the strategy, so this loop runs the same in a unit test, a Tune trial and a 
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -47,7 +48,11 @@ class Batches:
 
     @classmethod
     def from_numpy(cls, x: np.ndarray, y: np.ndarray) -> Batches:
-        return cls(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y)))
+        """Zero-copy views. Shared arrays (Arrow, the object store) are read-only; the loop only
+        reads its inputs, so PyTorch's warning about non-writable arrays does not apply."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return cls(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y)))
 
     def __len__(self) -> int:
         return len(self.y)

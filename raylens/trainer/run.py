@@ -6,6 +6,9 @@ evaluation runs here, on the final checkpoint, whatever strategy trained it.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -121,7 +124,9 @@ def _log_model(
         loaded = TabularTorchModel()
         loaded.load_context(_Context(artifacts))  # type: ignore[arg-type]
         signature = infer_signature(example, loaded.predict(None, example))  # type: ignore[arg-type]
-        with tracker.active(run_id):
+        # MLflow prints registry chatter straight to stderr; keep it for --verbose logs only.
+        chatter = io.StringIO()
+        with tracker.active(run_id), contextlib.redirect_stderr(chatter):
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=TabularTorchModel(),
@@ -143,6 +148,8 @@ def _log_model(
                     "task": job.task.kind,
                 },
             )
+    if chatter.getvalue().strip():
+        logging.getLogger(__name__).info(chatter.getvalue().strip())
     version = str(info.registered_model_version) if register_as and info.registered_model_version else None
     return info.model_uri, version
 

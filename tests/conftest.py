@@ -1,0 +1,48 @@
+"""Shared fixtures. Tests run real Ray (a local cluster with a few logical CPUs) and real MLflow
+(SQLite in a temporary folder); nothing is mocked."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from raylens.features import DataConfig, FeatureSet, FeaturesConfig, build_feature_set
+
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[None]:
+    """A local Ray with 4 logical CPUs for one test module, shut down after it, so modules that
+    start their own Ray (the CLI tests) never find a leftover cluster."""
+    import ray
+
+    assert not ray.is_initialized(), "a previous test leaked a Ray session"
+    ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_process_group() -> Iterator[None]:
+    yield
+    import torch.distributed as dist
+
+    leaked = dist.is_available() and dist.is_initialized()
+    if leaked:
+        dist.destroy_process_group()
+    assert not leaked, "test left a torch.distributed process group initialised"
+
+
+@pytest.fixture
+def iris(tmp_path: Path) -> FeatureSet:
+    return build_feature_set(
+        "iris",
+        DataConfig(source="sklearn:iris", target="target", split={"valid": 0.2, "test": 0.2, "seed": 0}),
+        FeaturesConfig(transforms=[{"standardize": "*"}]),
+        tmp_path / "store",
+    )

@@ -1,0 +1,66 @@
+import subprocess
+import sys
+
+import torch
+
+from raylens.features import FeatureSet
+from raylens.trainer import ModelConfig, TrainConfig, TrainJob, TrainState, run_worker
+from raylens.trainer.parallel import gather_checkpoint
+
+
+class Collect:
+    """A reporter that keeps what it is given, as a test double of the real (Ray) reporter."""
+
+    def __init__(self) -> None:
+        self.metrics: list[dict[str, float]] = []
+        self.states: list[dict] = []
+
+    def report(self, metrics: dict[str, float], state: TrainState) -> None:
+        self.metrics.append(metrics)
+        self.states.append(gather_checkpoint(state.model, state.optimizer, state.epoch))
+
+
+def job(fs: FeatureSet, epochs: int) -> TrainJob:
+    return TrainJob.for_feature_set(
+        ModelConfig(params={"hidden": [16]}),
+        TrainConfig(epochs=epochs, batch_size=16, optimizer={"lr": 0.01}),
+        fs,
+    )
+
+
+def test_loop_learns_and_reports_every_epoch(iris: FeatureSet) -> None:
+    reporter = Collect()
+    run_worker(job(iris, 15), iris.read("train"), iris.read("valid"), reporter)
+    assert [m["epoch"] for m in reporter.metrics] == list(range(1, 16))
+    assert reporter.metrics[-1]["train_loss"] < reporter.metrics[0]["train_loss"] / 2
+    assert reporter.metrics[-1]["valid_accuracy"] > 0.85
+    assert {"valid_loss", "valid_f1_macro", "train_samples_per_s"} <= set(reporter.metrics[-1])
+
+
+def test_resumed_run_equals_uninterrupted_run(iris: FeatureSet) -> None:
+    straight = Collect()
+    run_worker(job(iris, 4), iris.read("train"), iris.read("valid"), straight)
+    first_half = Collect()
+    run_worker(job(iris, 2), iris.read("train"), iris.read("valid"), first_half)
+    resumed = Collect()
+    run_worker(job(iris, 4), iris.read("train"), iris.read("valid"), resumed, resume_from=first_half.states[-1])
+
+    assert [m["epoch"] for m in resumed.metrics] == [3.0, 4.0]
+    for name, tensor in straight.states[-1]["model"].items():
+        assert torch.equal(tensor, resumed.states[-1]["model"][name]), name
+    assert resumed.metrics[-1]["valid_loss"] == straight.metrics[-1]["valid_loss"]
+
+
+def test_same_seed_same_model(iris: FeatureSet) -> None:
+    a, b = Collect(), Collect()
+    run_worker(job(iris, 2), iris.read("train"), iris.read("valid"), a)
+    run_worker(job(iris, 2), iris.read("train"), iris.read("valid"), b)
+    assert a.metrics[-1]["valid_loss"] == b.metrics[-1]["valid_loss"]
+
+
+def test_the_loop_never_imports_ray() -> None:
+    code = (
+        "import sys; import raylens.trainer, raylens.trainer.loop, raylens.trainer.artifacts; "
+        "assert 'ray' not in sys.modules, 'ray was imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

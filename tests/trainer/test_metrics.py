@@ -1,0 +1,33 @@
+import numpy as np
+import pytest
+from sklearn import metrics as sk
+
+from raylens.trainer.metrics import classification_metrics, confusion_matrix, regression_metrics
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_classification_metrics_match_scikit_learn(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    y_true = rng.integers(0, 5, 200)
+    y_pred = np.where(rng.random(200) < 0.7, y_true, rng.integers(0, 4, 200))  # class 4 never predicted
+    ours = classification_metrics(y_true, y_pred, num_classes=6)  # class 5 never occurs
+    assert ours["accuracy"] == pytest.approx(sk.accuracy_score(y_true, y_pred))
+    assert ours["f1_macro"] == pytest.approx(sk.f1_score(y_true, y_pred, average="macro", zero_division=0))
+    assert np.array_equal(confusion_matrix(y_true, y_pred, 6), sk.confusion_matrix(y_true, y_pred, labels=range(6)))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_regression_metrics_match_scikit_learn(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    y_true = rng.normal(10, 3, 300)
+    y_pred = y_true + rng.normal(0, 1, 300)
+    ours = regression_metrics(y_true, y_pred)
+    assert ours["rmse"] == pytest.approx(np.sqrt(sk.mean_squared_error(y_true, y_pred)))
+    assert ours["mae"] == pytest.approx(sk.mean_absolute_error(y_true, y_pred))
+    assert ours["r2"] == pytest.approx(sk.r2_score(y_true, y_pred))
+
+
+def test_constant_target_r2_follows_scikit_learn() -> None:
+    y = np.ones(5)
+    assert regression_metrics(y, y)["r2"] == sk.r2_score(y, y)
+    assert regression_metrics(y, y + 1)["r2"] == sk.r2_score(y, y + 1)
