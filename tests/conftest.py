@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from raylens.features import DataConfig, FeatureSet, FeaturesConfig, build_feature_set
+from raylens.features import DataConfig, FeaturesConfig, FeatureSet, build_feature_set
 
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 

@@ -1,14 +1,15 @@
 """The ``raylens`` command line.
 
-    raylens run examples/digits.yaml        # prepare → features → tune → train → evaluate → register
-    raylens train examples/digits.yaml      # train the spec as written (no sweep)
-    raylens tune examples/digits.yaml       # the sweep alone
-    raylens features build|list|show SPEC   # the feature pipeline and the offline store
-    raylens ui                              # the MLflow UI on the run store, on 127.0.0.1
+raylens run examples/digits.yaml        # prepare → features → tune → train → evaluate → register
+raylens train examples/digits.yaml      # train the spec as written (no sweep)
+raylens tune examples/digits.yaml       # the sweep alone
+raylens features build|list|show SPEC   # the feature pipeline and the offline store
+raylens ui                              # the MLflow UI on the run store, on 127.0.0.1
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import shutil
@@ -29,7 +30,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-features_app = typer.Typer(help="Build and inspect versioned feature sets in the offline store.", no_args_is_help=True)
+features_app = typer.Typer(
+    help="Build and inspect versioned feature sets in the offline store.", no_args_is_help=True
+)
 app.add_typer(features_app, name="features")
 
 console = Console()
@@ -38,13 +41,19 @@ errors = Console(stderr=True)
 SpecArg = Annotated[Path, typer.Argument(help="Experiment spec (YAML).", show_default=False)]
 RunsDir = Annotated[
     Path | None,
-    typer.Option("--runs-dir", help="Run folder: feature store, checkpoints, MLflow db.  [default: ./raylens-runs]"),
+    typer.Option(
+        "--runs-dir", help="Run folder: feature store, checkpoints, MLflow db.  [default: ./raylens-runs]"
+    ),
 ]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show Ray's and MLflow's own logs.")]
-Resume = Annotated[bool, typer.Option("--resume", help="Continue this spec's latest run from its checkpoints.")]
+Resume = Annotated[
+    bool, typer.Option("--resume", help="Continue this spec's latest run from its checkpoints.")
+]
 Address = Annotated[
     str | None,
-    typer.Option("--address", help="Ray cluster to connect to (ray://host:10001 or 'auto'); default: embedded."),
+    typer.Option(
+        "--address", help="Ray cluster to connect to (ray://host:10001 or 'auto'); default: embedded."
+    ),
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -85,8 +94,13 @@ def _run(spec: Path, runs_dir: Path | None, verbose: bool, **kwargs: Any) -> Non
 
 @app.command()
 @user_errors
-def run(spec: SpecArg, resume: Resume = False, runs_dir: RunsDir = None, verbose: Verbose = False,
-        address: Address = None) -> None:
+def run(
+    spec: SpecArg,
+    resume: Resume = False,
+    runs_dir: RunsDir = None,
+    verbose: Verbose = False,
+    address: Address = None,
+) -> None:
     """The whole phase: prepare data, build features, tune (if the spec has a tune section),
     train the best configuration, evaluate on the test split and register the model."""
     _run(spec, runs_dir, verbose, resume=resume, address=address)
@@ -94,16 +108,26 @@ def run(spec: SpecArg, resume: Resume = False, runs_dir: RunsDir = None, verbose
 
 @app.command()
 @user_errors
-def train(spec: SpecArg, resume: Resume = False, runs_dir: RunsDir = None, verbose: Verbose = False,
-          address: Address = None) -> None:
+def train(
+    spec: SpecArg,
+    resume: Resume = False,
+    runs_dir: RunsDir = None,
+    verbose: Verbose = False,
+    address: Address = None,
+) -> None:
     """Train the spec as written (its tune section is ignored), evaluate and register."""
     _run(spec, runs_dir, verbose, resume=resume, address=address, tune=False)
 
 
 @app.command()
 @user_errors
-def tune(spec: SpecArg, resume: Resume = False, runs_dir: RunsDir = None, verbose: Verbose = False,
-         address: Address = None) -> None:
+def tune(
+    spec: SpecArg,
+    resume: Resume = False,
+    runs_dir: RunsDir = None,
+    verbose: Verbose = False,
+    address: Address = None,
+) -> None:
     """Run the spec's hyperparameter sweep alone and report the best configuration."""
     _run(spec, runs_dir, verbose, resume=resume, address=address, train=False)
 
@@ -122,8 +146,9 @@ def features_build(spec: SpecArg, runs_dir: RunsDir = None) -> None:
 
 @features_app.command("list")
 @user_errors
-def features_list(name: Annotated[str | None, typer.Argument(help="Feature set name.")] = None,
-                  runs_dir: RunsDir = None) -> None:
+def features_list(
+    name: Annotated[str | None, typer.Argument(help="Feature set name.")] = None, runs_dir: RunsDir = None
+) -> None:
     """List the stored feature-set versions."""
     from rich.table import Table
 
@@ -144,16 +169,24 @@ def features_list(name: Annotated[str | None, typer.Argument(help="Feature set n
     for fs in found:
         rows = fs.manifest["rows"]
         created = str(fs.manifest.get("created_at", ""))[:16].replace("T", " ")
-        table.add_row(fs.name, fs.version, created, fs.task,
-                      f"{rows['train']}/{rows['valid']}/{rows['test']}", fs.manifest["source"]["uri"])
+        table.add_row(
+            fs.name,
+            fs.version,
+            created,
+            fs.task,
+            f"{rows['train']}/{rows['valid']}/{rows['test']}",
+            fs.manifest["source"]["uri"],
+        )
     console.print(table)
 
 
 @features_app.command("show")
 @user_errors
-def features_show(name: Annotated[str, typer.Argument(help="Feature set name.")],
-                  version: Annotated[str | None, typer.Argument(help="Version (default: the newest).")] = None,
-                  runs_dir: RunsDir = None) -> None:
+def features_show(
+    name: Annotated[str, typer.Argument(help="Feature set name.")],
+    version: Annotated[str | None, typer.Argument(help="Version (default: the newest).")] = None,
+    runs_dir: RunsDir = None,
+) -> None:
     """Print a feature set's manifest: schema, rows, statistics, source, transforms."""
     from raylens.cluster.workspace import Workspace
     from raylens.features import list_feature_sets, open_feature_set
@@ -171,8 +204,13 @@ def features_show(name: Annotated[str, typer.Argument(help="Feature set name.")]
 
 @app.command()
 @user_errors
-def ui(runs_dir: RunsDir = None, port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
-       uri: Annotated[str | None, typer.Option(help="Tracking URI; default: the run folder's SQLite db.")] = None) -> None:
+def ui(
+    runs_dir: RunsDir = None,
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
+    uri: Annotated[
+        str | None, typer.Option(help="Tracking URI; default: the run folder's SQLite db.")
+    ] = None,
+) -> None:
     """Start the MLflow UI on 127.0.0.1 for the run store."""
     from raylens.cluster.workspace import Workspace
 
@@ -183,10 +221,8 @@ def ui(runs_dir: RunsDir = None, port: Annotated[int, typer.Option(help="Port on
     mlflow_cli = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
     command = [mlflow_cli, "ui", "--backend-store-uri", backend, "--host", "127.0.0.1", "--port", str(port)]
     console.print(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C stops it)")
-    try:
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how the UI is meant to stop
         subprocess.run(command, check=False)
-    except KeyboardInterrupt:
-        pass
 
 
 def main() -> None:

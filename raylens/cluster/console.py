@@ -60,8 +60,10 @@ class RichProgress:
         self.done += 1
         score = event.metrics.get(self.metric)
         config = ", ".join(f"{k.rsplit('.', 1)[-1]}={_format(v)}" for k, v in event.config.items())
-        outcome = "[red]failed[/]" if event.kind == "failed" else (
-            f"{self.metric} {_format(score)}" + (" (stopped early)" if event.stopped_early else "")
+        outcome = (
+            "[red]failed[/]"
+            if event.kind == "failed"
+            else (f"{self.metric} {_format(score)}" + (" (stopped early)" if event.stopped_early else ""))
         )
         self.console.print(f"  trial {event.trial_id}: {config} → {outcome}")
         self._advance("failed" if event.kind == "failed" else f"{self.metric} {_format(score)}")
@@ -75,7 +77,9 @@ class RichProgress:
 
     def epoch(self, metrics: dict[str, float]) -> None:
         shown = {k: v for k, v in metrics.items() if k in ("valid_loss", "valid_accuracy", "valid_rmse")}
-        self._advance("  ".join(f"{k} {_format(v)}" for k, v in shown.items()), completed=int(metrics["epoch"]))
+        self._advance(
+            "  ".join(f"{k} {_format(v)}" for k, v in shown.items()), completed=int(metrics["epoch"])
+        )
 
     def training_finished(self) -> None:
         self._stop()
@@ -102,8 +106,11 @@ def summary_table(summary: RunSummary) -> Table:
     table.add_column()
     table.add_row("feature set", f"{summary.feature_set.name}@{summary.feature_set.version}")
     if summary.trials:
-        table.add_row("sweep", f"{summary.trials} trials" + (
-            f", {summary.concurrency.concurrency} at a time" if summary.concurrency else ""))
+        table.add_row(
+            "sweep",
+            f"{summary.trials} trials"
+            + (f", {summary.concurrency.concurrency} at a time" if summary.concurrency else ""),
+        )
         table.add_row("best config", ", ".join(f"{k}={_format(v)}" for k, v in summary.best_config.items()))
     final = summary.final
     if final is not None:

@@ -142,8 +142,11 @@ class Experiment:
                     sweep = stage.sweep(root_run)
                     model_config, train_config = with_overrides(model_config, train_config, sweep.best_config)
                     summary = replace(
-                        summary, best_config=sweep.best_config, best_metrics=sweep.best_metrics,
-                        trials=len(sweep.trials), concurrency=sweep.plan,
+                        summary,
+                        best_config=sweep.best_config,
+                        best_metrics=sweep.best_metrics,
+                        trials=len(sweep.trials),
+                        concurrency=sweep.plan,
                     )
                 if train:
                     summary = replace(summary, final=stage.train(root_run, model_config, train_config))
@@ -160,13 +163,14 @@ class Experiment:
         marker = self.workspace.ray_storage / self.spec.name / LATEST
         if resume:
             if not marker.exists():
-                raise UserError(f"nothing to resume: '{self.spec.name}' has no earlier run in {self.workspace.root}")
+                raise UserError(
+                    f"nothing to resume: '{self.spec.name}' has no earlier run in {self.workspace.root}"
+                )
             return marker.read_text().strip()
         run_name = f"{self.spec.name}/{datetime.now().strftime('%Y%m%d-%H%M%S-%f')}"
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(run_name)
         return run_name
-
 
 
 @dataclass(frozen=True)
@@ -192,9 +196,17 @@ class _Stages:
         self.progress.sweep_started(spec.tune.trials)
         job = TrainJob.for_feature_set(spec.model, spec.train, self.feature_set)
         sweep = run_sweep(
-            spec.tune, spec.model, spec.train, self.feature_set, job,
-            tracker=self.tracker, parent_run_id=root_run, storage_path=self.storage, run_name="sweep",
-            resume=self.resume, on_event=self.progress.trial,
+            spec.tune,
+            spec.model,
+            spec.train,
+            self.feature_set,
+            job,
+            tracker=self.tracker,
+            parent_run_id=root_run,
+            storage_path=self.storage,
+            run_name="sweep",
+            resume=self.resume,
+            on_event=self.progress.trial,
         )
         self.progress.sweep_finished()
         self.tracker.log_params(root_run, {f"best.{k}": v for k, v in sweep.best_config.items()})
@@ -212,10 +224,16 @@ class _Stages:
             "train": train.model_dump(),
         }
         final = train_and_record(
-            TrainJob.for_feature_set(model, train, self.feature_set), self.feature_set,
-            tracker=self.tracker, run_name="final", storage_path=self.storage, params=params,
-            tags={**self.tags, "raylens.role": "final"}, register_as=spec.tracking.register_as,
-            parent_run_id=root_run, on_epoch=self.progress.epoch,
+            TrainJob.for_feature_set(model, train, self.feature_set),
+            self.feature_set,
+            tracker=self.tracker,
+            run_name="final",
+            storage_path=self.storage,
+            params=params,
+            tags={**self.tags, "raylens.role": "final"},
+            register_as=spec.tracking.register_as,
+            parent_run_id=root_run,
+            on_epoch=self.progress.epoch,
         )
         self.progress.training_finished()
         self.tracker.log_metrics(root_run, final.test_metrics)

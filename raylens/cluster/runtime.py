@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +48,11 @@ def embedded_cpus() -> int:
 
 
 def start_ray(
-    *, address: str | None = None, num_cpus: int | None = None, verbose: bool = False, code_dirs: list[Path] = ()
+    *,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    verbose: bool = False,
+    code_dirs: Sequence[Path] = (),
 ) -> RayRuntime:
     """Connect to ``address`` or start an embedded cluster; reuse one already connected."""
     import ray

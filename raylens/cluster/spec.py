@@ -99,7 +99,9 @@ def _valid_keys(loc: list[str]) -> list[str]:
     for key in loc:
         if key.isdigit():  # an item of a list: its type was taken at the list's key
             continue
-        field = model.model_fields.get(key) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        field = (
+            model.model_fields.get(key) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        )
         if field is None:
             return []
         annotation = field.annotation

@@ -1,10 +1,10 @@
 """The run folder: where embedded defaults keep the feature store, Ray storage and MLflow.
 
-    raylens-runs/
-        features/      the offline store (versioned Parquet feature sets)
-        ray/           Ray Train and Tune storage: checkpoints, trial state
-        mlflow.db      the MLflow tracking store (SQLite) ...
-        mlartifacts/   ... and its artifacts
+raylens-runs/
+    features/      the offline store (versioned Parquet feature sets)
+    ray/           Ray Train and Tune storage: checkpoints, trial state
+    mlflow.db      the MLflow tracking store (SQLite) ...
+    mlartifacts/   ... and its artifacts
 """
 
 from __future__ import annotations

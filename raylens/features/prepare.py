@@ -60,14 +60,18 @@ def prepare(table: pa.Table, data: DataConfig) -> PreparedData:
     x = np.empty((table.num_rows, len(feature_columns)), dtype=np.float32)
     for i, name in enumerate(feature_columns):
         column = table.column(name)
-        if not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)
-                or pa.types.is_boolean(column.type)):
+        if not (
+            pa.types.is_integer(column.type)
+            or pa.types.is_floating(column.type)
+            or pa.types.is_boolean(column.type)
+        ):
             raise UserError(
                 f"data: feature column '{name}' has type {column.type}, and features must be numeric; "
                 f"encode it as numbers or leave it out with data.drop: [{name}]"
             )
-        missing = column.null_count + (int(pc.sum(pc.is_nan(column)).as_py() or 0)
-                                       if pa.types.is_floating(column.type) else 0)
+        missing = column.null_count + (
+            int(pc.sum(pc.is_nan(column)).as_py() or 0) if pa.types.is_floating(column.type) else 0
+        )
         if missing:
             raise UserError(
                 f"data: feature column '{name}' has {missing} missing values; "
@@ -87,12 +91,20 @@ def prepare(table: pa.Table, data: DataConfig) -> PreparedData:
             raise UserError(
                 f"data.target: column '{data.target}' has a single class; classification needs two or more"
             )
-        return PreparedData(x, codes.astype(np.int64), feature_columns, task, [c.item() if hasattr(c, "item") else c for c in classes])
+        return PreparedData(
+            x,
+            codes.astype(np.int64),
+            feature_columns,
+            task,
+            [c.item() if hasattr(c, "item") else c for c in classes],
+        )
     if not (pa.types.is_integer(target.type) or pa.types.is_floating(target.type)):
         raise UserError(
             f"data.task: regression needs a numeric target, and '{data.target}' has type {target.type}"
         )
-    return PreparedData(x, target.to_numpy(zero_copy_only=False).astype(np.float32), feature_columns, task, None)
+    return PreparedData(
+        x, target.to_numpy(zero_copy_only=False).astype(np.float32), feature_columns, task, None
+    )
 
 
 def _infer_task(target_type: pa.DataType, data: DataConfig) -> Task:

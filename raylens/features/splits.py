@@ -26,8 +26,10 @@ def split_rows(y: np.ndarray, config: SplitConfig, stratify: bool) -> SplitIndic
     rows = np.arange(n)
     held_out = config.valid + config.test
     n_held = round(n * held_out)
-    if n - n_held < 1 or (config.valid > 0 and round(n * config.valid) < 1) or (
-        config.test > 0 and round(n * config.test) < 1
+    if (
+        n - n_held < 1
+        or (config.valid > 0 and round(n * config.valid) < 1)
+        or (config.test > 0 and round(n * config.test) < 1)
     ):
         raise UserError(
             f"data.split: {n} rows cannot be split into train/valid/test = "

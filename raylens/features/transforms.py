@@ -27,7 +27,9 @@ class FittedStandardize:
     def apply(self, x: np.ndarray, feature_columns: list[str]) -> np.ndarray:
         index = [feature_columns.index(c) for c in self.columns]
         out = x.astype(np.float32, copy=True)
-        out[:, index] = (out[:, index] - np.asarray(self.mean, np.float32)) / np.asarray(self.scale, np.float32)
+        out[:, index] = (out[:, index] - np.asarray(self.mean, np.float32)) / np.asarray(
+            self.scale, np.float32
+        )
         return out
 
     def invert(self, x: np.ndarray, feature_columns: list[str]) -> np.ndarray:
@@ -40,7 +42,9 @@ class FittedStandardize:
         return asdict(self)
 
 
-def fit_standardize(step: StandardizeStep, x_train: np.ndarray, feature_columns: list[str]) -> FittedStandardize:
+def fit_standardize(
+    step: StandardizeStep, x_train: np.ndarray, feature_columns: list[str]
+) -> FittedStandardize:
     columns = feature_columns if step.standardize == "*" else list(step.standardize)
     unknown = [c for c in columns if c not in feature_columns]
     if unknown:

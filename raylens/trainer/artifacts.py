@@ -27,7 +27,10 @@ SPEC = "spec"
 
 
 def write_model_files(
-    folder: Path, model_state: dict[str, torch.Tensor], model_config: ModelConfig, task: TaskSpec,
+    folder: Path,
+    model_state: dict[str, torch.Tensor],
+    model_config: ModelConfig,
+    task: TaskSpec,
     feature_set: FeatureSet,
 ) -> dict[str, str]:
     """Write the weights and everything needed to rebuild the model; return pyfunc artifacts."""
@@ -58,7 +61,9 @@ class TabularTorchModel(PythonModel):
         model.load_state_dict(torch.load(context.artifacts[WEIGHTS], map_location="cpu", weights_only=True))
         self.model = model.eval()
 
-    def predict(self, context: PythonModelContext, model_input: pd.DataFrame, params: dict[str, Any] | None = None):  # type: ignore[no-untyped-def]
+    def predict(
+        self, context: PythonModelContext, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> np.ndarray:
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         missing = [c for c in self.feature_columns if c not in frame.columns]
         if missing:

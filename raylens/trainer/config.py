@@ -58,7 +58,9 @@ class ScalingConfig(_Strict):
     @model_validator(mode="after")
     def _strategy_fits(self) -> ScalingConfig:
         if self.strategy == "fsdp" and self.workers < 2:
-            raise ValueError("fsdp shards the model across workers and needs workers >= 2: set train.scaling.workers")
+            raise ValueError(
+                "fsdp shards the model across workers and needs workers >= 2: set train.scaling.workers"
+            )
         if self.strategy == "pipeline":
             raise ValueError(
                 "pipeline parallelism is not available in this version of raylens; use ddp or fsdp"

@@ -8,16 +8,17 @@ strategy, restores a checkpoint if there is one, and hands the worker's rows to 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
+from torch import nn
 
 from raylens.features import FeatureSet, SplitArrays
 from raylens.trainer.config import ModelConfig, TrainConfig
-from raylens.trainer.loop import Batches, Reporter, TaskSpec, fit, make_optimizer
+from raylens.trainer.loop import Batches, Reporter, TaskSpec, evaluate, fit, local, make_optimizer
 from raylens.trainer.models import build_model
-from raylens.trainer.parallel import parallelize, resolve_strategy, restore
+from raylens.trainer.parallel import all_reduce_sum, parallelize, resolve_strategy, restore
 
 
 @dataclass(frozen=True)
@@ -64,19 +65,31 @@ def run_worker(
     device = device or torch.device("cpu")
     torch.manual_seed(job.train.seed)  # every rank starts from the same weights
     model = build_model(job.model, job.in_features, job.task.out_features)
-    model = parallelize(model, resolve_strategy(job.train.scaling.strategy, world_size), device)
+    strategy = resolve_strategy(job.train.scaling.strategy, world_size)
+    model = parallelize(model, strategy, device)
     optimizer = make_optimizer(model, job.train.optimizer)
     start_epoch = restore(model, optimizer, resume_from) if resume_from else 0
     rows = shard_rows(len(train), rank, world_size, job.train.seed)
+    combine = all_reduce_sum if world_size > 1 else local
+    eval_model: nn.Module = model
+    valid_rows, valid_combine = np.arange(len(valid)), local
+    if strategy == "ddp":
+        # Replicas are identical: each rank scores its share of the validation rows with the bare
+        # module (no collectives in its forward) and the metric sums are all-reduced. (FSDP's
+        # forward is itself collective, so there every rank scores every row, in step.)
+        eval_model = cast(nn.Module, model.module)
+        valid_rows, valid_combine = np.array_split(valid_rows, world_size)[rank], combine
+    valid_batches = Batches.from_numpy(valid.x[valid_rows], valid.y[valid_rows]).to(device)
     fit(
         model,
         optimizer,
         Batches.from_numpy(train.x[rows], train.y[rows]).to(device),
-        Batches.from_numpy(valid.x, valid.y).to(device),
         job.task,
         epochs=job.train.epochs,
         batch_size=job.train.batch_size,
         seed=job.train.seed + rank,
         reporter=reporter,
+        validate=lambda: evaluate(eval_model, valid_batches, job.task, combine=valid_combine),
+        combine=combine,
         start_epoch=start_epoch,
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raylens.trainer.config import OptimizerConfig
-from raylens.trainer.metrics import classification_metrics, regression_metrics
+from raylens.trainer.metrics import metrics_from_summary, summarize
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,9 @@ class Reporter(Protocol):
 def make_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.Optimizer:
     params = model.parameters()
     if config.name == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        return torch.optim.SGD(
+            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
     if config.name == "adam":
         return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -91,30 +94,40 @@ def loss_fn(output: torch.Tensor, y: torch.Tensor, task: TaskSpec) -> torch.Tens
     return F.mse_loss(output.squeeze(-1), (y - task.target_mean) / task.target_std)
 
 
+Combine = Callable[[np.ndarray], np.ndarray]
+"""Sums a vector across the workers of a run (an all-reduce); the identity on one worker."""
+
+
+def local(values: np.ndarray) -> np.ndarray:
+    return values
+
+
 def fit(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     train: Batches,
-    valid: Batches,
     task: TaskSpec,
     *,
     epochs: int,
     batch_size: int,
     seed: int,
     reporter: Reporter,
+    validate: Callable[[], dict[str, float]] = dict,
+    combine: Combine = local,
     start_epoch: int = 0,
 ) -> None:
-    """Train from ``start_epoch`` to ``epochs``, reporting after every epoch.
+    """Train from ``start_epoch`` to ``epochs``; after every epoch, validate and report.
 
     Every caller that trains in lockstep (DDP ranks) must pass the same number of rows, so each
-    runs the same number of steps.
+    runs the same number of steps. ``combine`` makes the reported train loss the loss over all
+    workers' rows.
     """
     for epoch in range(start_epoch, epochs):
         model.train()
         # Seeded per epoch, so a run resumed at epoch k shuffles exactly as the uninterrupted one.
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
         started = time.perf_counter()
-        loss_sum, rows = 0.0, 0
+        loss_sum = torch.zeros((), dtype=torch.float64)
         for begin in range(0, len(order), batch_size):
             index = order[begin : begin + batch_size]
             x, y = train.x[index], train.y[index]
@@ -122,15 +135,15 @@ def fit(
             loss = loss_fn(model(x), y, task)
             loss.backward()
             optimizer.step()
-            loss_sum += float(loss.detach()) * len(index)
-            rows += len(index)
+            loss_sum += loss.detach().cpu() * len(index)  # no host sync per step
         elapsed = time.perf_counter() - started
+        total_loss, rows = combine(np.array([float(loss_sum), float(len(order))]))
         metrics = {
             "epoch": float(epoch + 1),
-            "train_loss": loss_sum / max(rows, 1),
-            "train_samples_per_s": rows / elapsed if elapsed > 0 else 0.0,
+            "train_loss": float(total_loss / max(rows, 1)),
+            "train_samples_per_s": float(rows / elapsed) if elapsed > 0 else 0.0,
         }
-        metrics.update({f"valid_{k}": v for k, v in evaluate(model, valid, task).items()})
+        metrics.update({f"valid_{k}": v for k, v in validate().items()})
         reporter.report(metrics, TrainState(model, optimizer, epoch + 1))
 
 
@@ -153,16 +166,13 @@ def predict(model: nn.Module, x: torch.Tensor, task: TaskSpec, batch_size: int =
     return _decode(_outputs(model, x, task, batch_size), task)
 
 
-def evaluate(model: nn.Module, data: Batches, task: TaskSpec, batch_size: int = 4096) -> dict[str, float]:
-    """Loss and the task's metrics on ``data`` (empty when ``data`` has no rows)."""
-    if len(data) == 0:
-        return {}
+def evaluate(
+    model: nn.Module, data: Batches, task: TaskSpec, *, combine: Combine = local, batch_size: int = 4096
+) -> dict[str, float]:
+    """Loss and the task's metrics on ``data``; with ``combine``, on the rows of all workers
+    (each passing its share). Empty when there are no rows."""
     outputs = _outputs(model, data.x, task, batch_size)
     with torch.no_grad():
-        metrics = {"loss": float(loss_fn(outputs, data.y, task))}
-    y_true, y_pred = data.y.cpu().numpy(), _decode(outputs, task)
-    if task.kind == "classification":
-        metrics.update(classification_metrics(y_true, y_pred, task.num_classes))
-    else:
-        metrics.update(regression_metrics(y_true, y_pred))
-    return metrics
+        loss_sum = float(loss_fn(outputs, data.y, task)) * len(data) if len(data) else 0.0
+    summary = summarize(data.y.cpu().numpy(), _decode(outputs, task), loss_sum, task.kind, task.num_classes)
+    return metrics_from_summary(combine(summary), task.kind, task.num_classes)

@@ -29,27 +29,52 @@ def f1_macro(matrix: np.ndarray) -> float:
     return float(f1[present].mean()) if present.any() else 0.0
 
 
+def summarize(
+    y_true: np.ndarray, y_pred: np.ndarray, loss_sum: float, kind: str, num_classes: int
+) -> np.ndarray:
+    """Additive statistics of a set of predictions: summaries of shards add up to the summary of
+    the whole, so ranks can score their share of rows and all-reduce one vector."""
+    head = [loss_sum, float(len(y_true))]
+    if kind == "classification":
+        return np.concatenate([head, confusion_matrix(y_true, y_pred, num_classes).ravel()]).astype(
+            np.float64
+        )
+    y, error = y_true.astype(np.float64), y_pred.astype(np.float64) - y_true.astype(np.float64)
+    return np.array(
+        [*head, np.sum(error**2), np.sum(np.abs(error)), np.sum(y), np.sum(y**2)], dtype=np.float64
+    )
+
+
+def metrics_from_summary(summary: np.ndarray, kind: str, num_classes: int) -> dict[str, float]:
+    loss_sum, n = float(summary[0]), float(summary[1])
+    if n == 0:
+        return {}
+    metrics = {"loss": loss_sum / n}
+    if kind == "classification":
+        matrix = summary[2:].reshape(num_classes, num_classes)
+        metrics["accuracy"] = float(np.trace(matrix) / n)
+        metrics["f1_macro"] = f1_macro(matrix)
+        return metrics
+    sq_error, abs_error, sum_y, sum_y2 = (float(v) for v in summary[2:6])
+    ss_tot = sum_y2 - sum_y**2 / n
+    if ss_tot > 1e-12 * max(sum_y2, 1.0):
+        r2 = 1.0 - sq_error / ss_tot
+    else:  # scikit-learn's force_finite convention for a constant target
+        r2 = 1.0 if sq_error == 0 else 0.0
+    metrics.update({"rmse": float(np.sqrt(sq_error / n)), "mae": abs_error / n, "r2": r2})
+    return metrics
+
+
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> dict[str, float]:
-    matrix = confusion_matrix(y_true, y_pred, num_classes)
-    total = matrix.sum()
-    return {
-        "accuracy": float(np.trace(matrix) / total) if total else 0.0,
-        "f1_macro": f1_macro(matrix),
-    }
+    """Accuracy and macro F1 of class indices."""
+    summary = summarize(y_true, y_pred, 0.0, "classification", num_classes)
+    metrics = metrics_from_summary(summary, "classification", num_classes)
+    metrics.pop("loss", None)
+    return metrics
 
 
 def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
-    y_true = y_true.astype(np.float64)
-    y_pred = y_pred.astype(np.float64)
-    error = y_pred - y_true
-    ss_res = float(np.sum(error**2))
-    ss_tot = float(np.sum((y_true - y_true.mean()) ** 2))
-    if ss_tot > 0:
-        r2 = 1.0 - ss_res / ss_tot
-    else:  # scikit-learn's force_finite convention for a constant target
-        r2 = 1.0 if ss_res == 0 else 0.0
-    return {
-        "rmse": float(np.sqrt(np.mean(error**2))),
-        "mae": float(np.mean(np.abs(error))),
-        "r2": r2,
-    }
+    """RMSE, MAE and R² of values in the target's units."""
+    metrics = metrics_from_summary(summarize(y_true, y_pred, 0.0, "regression", 0), "regression", 0)
+    metrics.pop("loss", None)
+    return metrics

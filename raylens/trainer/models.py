@@ -18,7 +18,12 @@ from torch import nn
 from raylens.errors import UserError, did_you_mean
 from raylens.trainer.config import ModelConfig
 
-ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+}
 
 
 class MLP(nn.Module):
@@ -91,7 +96,7 @@ def resolve_factory(name: str) -> Callable[..., nn.Module]:
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise UserError(f"model.name: '{module_name}' has no callable '{attr}'")
-    return factory  # type: ignore[no-any-return]
+    return factory
 
 
 def check_params(config: ModelConfig) -> None:
@@ -122,6 +127,7 @@ def build_model(config: ModelConfig, in_features: int, out_features: int) -> nn.
 def _activation(name: str) -> type[nn.Module]:
     if name not in ACTIVATIONS:
         raise UserError(
-            f"model.params.activation: '{name}' is not one of {', '.join(ACTIVATIONS)}{did_you_mean(name, ACTIVATIONS)}"
+            f"model.params.activation: '{name}' is not one of "
+            f"{', '.join(ACTIVATIONS)}{did_you_mean(name, ACTIVATIONS)}"
         )
     return ACTIVATIONS[name]

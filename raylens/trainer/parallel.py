@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -60,6 +61,13 @@ def parallelize(model: nn.Module, strategy: Strategy, device: torch.device) -> n
     if strategy == "fsdp":
         return parallelize_fsdp(model, device)
     return model.to(device)
+
+
+def all_reduce_sum(values: np.ndarray) -> np.ndarray:
+    """Sum a float64 vector over every rank of the process group."""
+    tensor = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64)).clone()
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.numpy()
 
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)

@@ -9,9 +9,9 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: training runs on machines without a display
 
-import numpy as np  # noqa: E402
-from matplotlib import pyplot as plt  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import numpy as np
+from matplotlib import pyplot as plt
+from matplotlib.figure import Figure
 
 
 def confusion_matrix_figure(matrix: np.ndarray, labels: Sequence[Any], title: str) -> Figure:

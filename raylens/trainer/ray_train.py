@@ -18,6 +18,7 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
+from ray.train import CheckpointUploadMode
 from ray.util.queue import Empty, Queue
 
 from raylens.features import FeatureSet
@@ -44,14 +45,16 @@ class RayTrainReporter:
 
     def report(self, metrics: dict[str, float], state: TrainState) -> None:
         full_state = gather_checkpoint(state.model, state.optimizer, state.epoch)  # collective
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            if self.rank == 0:
-                save_checkpoint(full_state, Path(tmp))
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=checkpoint)
+        checkpoint = None
+        if self.rank == 0:
+            # Ray uploads it in the background and deletes the folder after: training goes on
+            # while the controller collects the report.
+            folder = Path(tempfile.mkdtemp(prefix="raylens-checkpoint-"))
+            save_checkpoint(full_state, folder)
+            checkpoint = ray.train.Checkpoint.from_directory(str(folder))
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
         if self.rank == 0 and self.queue is not None:
-            self.queue.put(metrics)
+            self.queue.put_nowait(metrics)
 
 
 def _train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -134,7 +137,7 @@ def train_distributed(
     while thread.is_alive():
         drain(block=True)
     drain(block=False)
-    ray.kill(queue.actor)
+    queue.shutdown()
     if "error" in outcome:
         raise outcome["error"]
     result = outcome["result"]

@@ -84,7 +84,9 @@ def train_and_record(
         if job.task.kind == "classification" and len(test):
             matrix = confusion_matrix(test.y, predict(model, test_batches.x, job.task), job.task.num_classes)
             confusion = matrix.tolist()
-            tracker.log_dict(run_id, {"labels": feature_set.classes, "matrix": confusion}, "test_confusion_matrix.json")
+            tracker.log_dict(
+                run_id, {"labels": feature_set.classes, "matrix": confusion}, "test_confusion_matrix.json"
+            )
             tracker.log_figure(
                 run_id,
                 confusion_matrix_figure(matrix, feature_set.classes or [], "test confusion matrix"),
@@ -98,8 +100,14 @@ def train_and_record(
         tracker.end_run(run_id, "FAILED")
         raise
     return TrainRunResult(
-        run_id, test_metrics, outcome.history, outcome.checkpoint_dir, model_uri,
-        register_as if version else None, version, confusion,
+        run_id,
+        test_metrics,
+        outcome.history,
+        outcome.checkpoint_dir,
+        model_uri,
+        register_as if version else None,
+        version,
+        confusion,
     )
 
 

@@ -117,13 +117,18 @@ def with_overrides(
         root = "train" if exc.title == TrainConfig.__name__ else "model"
         where = ".".join([root, *(str(p) for p in error["loc"])])
         raise UserError(
-            f"tune.space: a value sampled for {where} does not fit: {error['msg']} (got {error.get('input')!r})"
+            f"tune.space: a value sampled for {where} does not fit: "
+            f"{error['msg']} (got {error.get('input')!r})"
         ) from None
 
 
-def check_space(space: dict[str, Distribution], model: ModelConfig, train: TrainConfig, seed: int = 0) -> None:
+def check_space(
+    space: dict[str, Distribution], model: ModelConfig, train: TrainConfig, seed: int = 0
+) -> None:
     """Draw from every distribution a few times and validate the configs they make."""
     rng = random.Random(seed)
     for _ in range(3):
-        sampled_model, _ = with_overrides(model, train, {path: dist.sample(rng) for path, dist in space.items()})
+        sampled_model, _ = with_overrides(
+            model, train, {path: dist.sample(rng) for path, dist in space.items()}
+        )
         check_params(sampled_model)

@@ -76,7 +76,9 @@ def _trial(
     run_worker(trial_job, train, valid, TuneReporter(), resume_from=resume_from)
 
 
-def _distributed_trial(config: dict[str, Any], *, job: TrainJob, feature_set: FeatureSet, storage: str) -> None:
+def _distributed_trial(
+    config: dict[str, Any], *, job: TrainJob, feature_set: FeatureSet, storage: str
+) -> None:
     model, train_config = with_overrides(job.model, job.train, config)
     trial_job = replace(job, model=model, train=train_config)
     context = tune.get_context()
@@ -134,7 +136,10 @@ def run_sweep(
         # The trial only drives its Ray Train run; the run's workers hold the CPUs (counted by the plan).
         trainable = tune.with_resources(
             tune.with_parameters(
-                _distributed_trial, job=trial_job, feature_set=feature_set, storage=str(storage_path / "trials")
+                _distributed_trial,
+                job=trial_job,
+                feature_set=feature_set,
+                storage=str(storage_path / "trials"),
             ),
             {"cpu": 0.01},
         )
@@ -176,10 +181,11 @@ def run_sweep(
                 ),
                 run_config=run_config,
             )
-        results = tuner.fit()
+        grid = tuner.fit()
     finally:
         recorder.close_open_runs()
         release(str(experiment_path))
+    results = [grid[i] for i in range(len(grid))]
     trials = [
         TrialSummary(
             r.path.rsplit("/", 1)[-1] if r.path else "",
@@ -193,7 +199,11 @@ def run_sweep(
     if not finished:
         errors = "; ".join(str(r.error).splitlines()[0] for r in results if r.error)[:2000]
         known = sorted({k for t in trials for k in t.metrics})
-        hint = "" if not known or config.metric in known else f"; tune.metric must be one of {', '.join(known)}"
-        raise UserError(f"tune: no trial reported '{config.metric}'{hint}{'; errors: ' + errors if errors else ''}")
-    best = results.get_best_result(metric=config.metric, mode=config.mode)
+        hint = (
+            "" if not known or config.metric in known else f"; tune.metric must be one of {', '.join(known)}"
+        )
+        raise UserError(
+            f"tune: no trial reported '{config.metric}'{hint}{'; errors: ' + errors if errors else ''}"
+        )
+    best = grid.get_best_result(metric=config.metric, mode=config.mode)
     return SweepResult(dict(best.config or {}), trial_metrics(best.metrics or {}), trials, plan)

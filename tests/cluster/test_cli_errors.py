@@ -16,7 +16,9 @@ train: {{epochs: 1}}
 """
 
 
-def write_spec(folder: Path, source: str = "sklearn:iris", target: str = "target", text: str | None = None) -> Path:
+def write_spec(
+    folder: Path, source: str = "sklearn:iris", target: str = "target", text: str | None = None
+) -> Path:
     path = folder / "spec.yaml"
     path.write_text(text if text is not None else SPEC.format(source=source, target=target))
     return path
@@ -37,16 +39,22 @@ def invoke(*args: str) -> tuple[int, str]:
         (lambda d: write_spec(d, source="text.parquet"), "feature column 'word' has type string"),
         (lambda d: write_spec(d, source="empty.parquet"), "has no rows"),
         (
-            lambda d: write_spec(d, text=SPEC.format(source="sklearn:iris", target="target")
-                                 + "  # strategy below is a typo\n" + "model: {name: mlp}\n".replace("mlp", "mpl")),
+            lambda d: write_spec(
+                d,
+                text=SPEC.format(source="sklearn:iris", target="target")
+                + "  # strategy below is a typo\n"
+                + "model: {name: mlp}\n".replace("mlp", "mpl"),
+            ),
             "'mpl' is neither a built-in model",
         ),
     ],
 )
 def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path: Path, make_spec, message: str) -> None:  # type: ignore[no-untyped-def]
     pq.write_table(pa.table({"word": ["a", "b"], "target": [0, 1]}), tmp_path / "text.parquet")
-    pq.write_table(pa.table({"x": pa.array([], pa.float64()), "target": pa.array([], pa.int64())}),
-                   tmp_path / "empty.parquet")
+    pq.write_table(
+        pa.table({"x": pa.array([], pa.float64()), "target": pa.array([], pa.int64())}),
+        tmp_path / "empty.parquet",
+    )
     runs = tmp_path / "runs"
     code, output = invoke("train", str(make_spec(tmp_path)), "--runs-dir", str(runs))
     assert code == 2, output

@@ -56,7 +56,14 @@ def client(project: Path) -> MlflowClient:
 
 def test_run_prints_a_summary_and_stays_quiet(first_run: subprocess.CompletedProcess[str]) -> None:
     out = first_run.stdout
-    for expected in ("Building features", "Tuning", "Training", "test_accuracy", "models:/iris-e2e/1", "raylens ui"):
+    for expected in (
+        "Building features",
+        "Tuning",
+        "Training",
+        "test_accuracy",
+        "models:/iris-e2e/1",
+        "raylens ui",
+    ):
         assert expected in out
     assert "INFO" not in out + first_run.stderr
     assert "Traceback" not in first_run.stderr
@@ -95,7 +102,7 @@ import json, mlflow, numpy as np
 from raylens.features import DataConfig
 from raylens.features.sources import load_source
 from raylens.features.splits import split_rows
-mlflow.set_tracking_uri("sqlite:///{project / 'raylens-runs' / 'mlflow.db'}")
+mlflow.set_tracking_uri("sqlite:///{project / "raylens-runs" / "mlflow.db"}")
 model = mlflow.pyfunc.load_model("models:/iris-e2e/1")
 frame = load_source("sklearn:iris").table.to_pandas()
 data = DataConfig(source="sklearn:iris", target="target", split={{"valid": 0.2, "test": 0.2, "seed": 3}})
@@ -104,11 +111,13 @@ raw = frame.iloc[test_rows]
 predicted = model.predict(raw.drop(columns=["target"]))
 print(json.dumps({{"accuracy": float((predicted == raw["target"].to_numpy()).mean())}}))
 """
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=300
+    )
     accuracy = json.loads(out.stdout.strip().splitlines()[-1])["accuracy"]
     mlflow = client(project)
-    final = [r for r in mlflow.search_runs([mlflow.get_experiment_by_name("iris-e2e").experiment_id])
-             if r.data.tags.get("raylens.role") == "final"][0]
+    runs = mlflow.search_runs([mlflow.get_experiment_by_name("iris-e2e").experiment_id])
+    final = next(r for r in runs if r.data.tags.get("raylens.role") == "final")
     assert accuracy == pytest.approx(final.data.metrics["test_accuracy"])
 
 

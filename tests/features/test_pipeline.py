@@ -18,7 +18,9 @@ def test_bad_input_writes_nothing(tmp_path: Path) -> None:
 
 
 def test_regression_keeps_target_statistics(tmp_path: Path) -> None:
-    fs = build_feature_set("diabetes", DataConfig(source="sklearn:diabetes", target="target"), FeaturesConfig(), tmp_path)
+    fs = build_feature_set(
+        "diabetes", DataConfig(source="sklearn:diabetes", target="target"), FeaturesConfig(), tmp_path
+    )
     assert fs.task == "regression" and fs.classes is None and fs.num_outputs == 1
     stats = fs.manifest["target_statistics"]
     assert 100 < stats["mean"] < 200 and stats["std"] > 10

@@ -30,7 +30,10 @@ def test_float_target_is_regression_unless_told() -> None:
 
 def test_missing_target_names_the_columns() -> None:
     table = pa.table({"a": [1.0], "label": [1]})
-    with pytest.raises(UserError, match=r"column 'labels' is not in the data \(did you mean 'label'\?\); columns are: a, label"):
+    with pytest.raises(
+        UserError,
+        match=r"column 'labels' is not in the data \(did you mean 'label'\?\); columns are: a, label",
+    ):
         prepare(table, config(target="labels"))
 
 

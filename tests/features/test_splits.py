@@ -11,7 +11,9 @@ def test_same_seed_same_split_other_seed_other_split() -> None:
     first = split_rows(y, SplitConfig(valid=0.2, test=0.1, seed=7), stratify=True)
     again = split_rows(y, SplitConfig(valid=0.2, test=0.1, seed=7), stratify=True)
     other = split_rows(y, SplitConfig(valid=0.2, test=0.1, seed=8), stratify=True)
-    for a, b in zip((first.train, first.valid, first.test), (again.train, again.valid, again.test), strict=True):
+    for a, b in zip(
+        (first.train, first.valid, first.test), (again.train, again.valid, again.test), strict=True
+    ):
         assert np.array_equal(a, b)
     assert not np.array_equal(first.test, other.test)
 

@@ -29,7 +29,10 @@ def test_same_input_same_version_and_files_are_reused(tmp_path: Path) -> None:
 def test_other_split_or_transform_gives_other_version(tmp_path: Path) -> None:
     base = build_feature_set("wine", DATA, FEATURES, tmp_path)
     reseeded = build_feature_set(
-        "wine", DATA.model_copy(update={"split": DATA.split.model_copy(update={"seed": 1})}), FEATURES, tmp_path
+        "wine",
+        DATA.model_copy(update={"split": DATA.split.model_copy(update={"seed": 1})}),
+        FEATURES,
+        tmp_path,
     )
     raw = build_feature_set("wine", DATA, FeaturesConfig(), tmp_path)
     assert len({base.version, reseeded.version, raw.version}) == 3
@@ -78,7 +81,8 @@ def dying(table, path, *a, **k):
     real(table, path, *a, **k)
     os._exit(9)
 store.pq.write_table = dying
-build_feature_set("wine", DataConfig(source="sklearn:wine", target="target"), FeaturesConfig(), Path({str(tmp_path)!r}))
+data = DataConfig(source="sklearn:wine", target="target")
+build_feature_set("wine", data, FeaturesConfig(), Path({str(tmp_path)!r}))
 """
     crashed = subprocess.run([sys.executable, "-c", script], capture_output=True)
     assert crashed.returncode == 9

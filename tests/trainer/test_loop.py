@@ -43,7 +43,9 @@ def test_resumed_run_equals_uninterrupted_run(iris: FeatureSet) -> None:
     first_half = Collect()
     run_worker(job(iris, 2), iris.read("train"), iris.read("valid"), first_half)
     resumed = Collect()
-    run_worker(job(iris, 4), iris.read("train"), iris.read("valid"), resumed, resume_from=first_half.states[-1])
+    run_worker(
+        job(iris, 4), iris.read("train"), iris.read("valid"), resumed, resume_from=first_half.states[-1]
+    )
 
     assert [m["epoch"] for m in resumed.metrics] == [3.0, 4.0]
     for name, tensor in straight.states[-1]["model"].items():

@@ -13,7 +13,9 @@ def test_classification_metrics_match_scikit_learn(seed: int) -> None:
     ours = classification_metrics(y_true, y_pred, num_classes=6)  # class 5 never occurs
     assert ours["accuracy"] == pytest.approx(sk.accuracy_score(y_true, y_pred))
     assert ours["f1_macro"] == pytest.approx(sk.f1_score(y_true, y_pred, average="macro", zero_division=0))
-    assert np.array_equal(confusion_matrix(y_true, y_pred, 6), sk.confusion_matrix(y_true, y_pred, labels=range(6)))
+    assert np.array_equal(
+        confusion_matrix(y_true, y_pred, 6), sk.confusion_matrix(y_true, y_pred, labels=range(6))
+    )
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -21,7 +21,7 @@ def test_user_factory_is_imported_and_called() -> None:
 def test_unknown_params_and_factories_are_named() -> None:
     with pytest.raises(UserError, match=r"takes no parameter 'hiden' \(did you mean 'hidden'\?\)"):
         check_params(ModelConfig(name="mlp", params={"hiden": [3]}))
-    with pytest.raises(UserError, match="cannot import 'no_such_pkg.models'"):
+    with pytest.raises(UserError, match=r"cannot import 'no_such_pkg\.models'"):
         check_params(ModelConfig(name="no_such_pkg.models:build"))
     with pytest.raises(UserError, match="has no callable 'nope'"):
         check_params(ModelConfig(name="tests.trainer.user_models:nope"))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from raylens.features import FeatureSet
-from raylens.trainer import ModelConfig, TrainConfig, TrainJob
+from raylens.trainer import Batches, ModelConfig, TrainConfig, TrainJob, build_model, evaluate
 from raylens.trainer.parallel import load_checkpoint
 from raylens.trainer.ray_train import train_distributed
 
@@ -14,10 +14,14 @@ pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_workers_train_and_checkpoint_every_epoch(iris: FeatureSet, tmp_path: Path, strategy: str) -> None:
+def test_two_workers_train_and_checkpoint_every_epoch(
+    iris: FeatureSet, tmp_path: Path, strategy: str
+) -> None:
     job = TrainJob.for_feature_set(
         ModelConfig(params={"hidden": [16]}),
-        TrainConfig(epochs=3, batch_size=8, optimizer={"lr": 0.02}, scaling={"workers": 2, "strategy": strategy}),
+        TrainConfig(
+            epochs=3, batch_size=8, optimizer={"lr": 0.02}, scaling={"workers": 2, "strategy": strategy}
+        ),
         iris,
     )
     seen: list[float] = []
@@ -32,5 +36,13 @@ def test_two_workers_train_and_checkpoint_every_epoch(iris: FeatureSet, tmp_path
     # The checkpoint holds the full, unwrapped model whatever the strategy sharded or wrapped.
     assert state["model"]["net.0.weight"].shape == torch.Size([16, 4])
     assert not any(key.startswith("module.") for key in state["model"])
+    # Validation metrics reported by the workers (sharded under DDP, then all-reduced) are those
+    # of the whole validation split.
+    model = build_model(job.model, job.in_features, job.task.out_features)
+    model.load_state_dict(state["model"])
+    valid = iris.read("valid")
+    whole = evaluate(model, Batches.from_numpy(valid.x, valid.y), job.task)
+    assert outcome.history[-1]["valid_loss"] == pytest.approx(whole["loss"], rel=1e-5)
+    assert outcome.history[-1]["valid_accuracy"] == pytest.approx(whole["accuracy"])
     kept = sorted(p.name for p in (tmp_path / f"t-{strategy}").glob("checkpoint_20*"))
     assert len(kept) == 2  # checkpoints_to_keep

@@ -15,7 +15,10 @@ def test_requested_concurrency_is_kept_when_it_fits() -> None:
 
 
 def test_never_more_than_the_trials() -> None:
-    assert plan_concurrency(4, trials=2, cluster_cpus=16, cpus_per_worker=1, workers_per_trial=1).concurrency == 2
+    assert (
+        plan_concurrency(4, trials=2, cluster_cpus=16, cpus_per_worker=1, workers_per_trial=1).concurrency
+        == 2
+    )
 
 
 def test_multi_worker_trials_count_all_their_workers() -> None:

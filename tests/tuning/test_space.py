@@ -37,7 +37,7 @@ def test_bad_distributions_say_what_is_wrong(text: str, message: str) -> None:
 
 
 def test_only_model_and_train_paths_are_tunable() -> None:
-    with pytest.raises(UserError, match="only paths under model. and train."):
+    with pytest.raises(UserError, match=r"only paths under model\. and train\."):
         parse_space({"data.split.seed": "randint(0, 3)"})
 
 

@@ -21,8 +21,15 @@ def sweep(iris: FeatureSet, tmp_path: Path, tune: TuneConfig, train: TrainConfig
     events: list[TrialEvent] = []
     model = ModelConfig(params={"hidden": [8]})
     result = run_sweep(
-        tune, model, train, iris, TrainJob.for_feature_set(model, train, iris),
-        tracker=tracker, parent_run_id=parent, storage_path=tmp_path / "ray", run_name="sweep",
+        tune,
+        model,
+        train,
+        iris,
+        TrainJob.for_feature_set(model, train, iris),
+        tracker=tracker,
+        parent_run_id=parent,
+        storage_path=tmp_path / "ray",
+        run_name="sweep",
         on_event=events.append,
     )
     tracker.end_run(parent)
@@ -31,7 +38,12 @@ def sweep(iris: FeatureSet, tmp_path: Path, tune: TuneConfig, train: TrainConfig
 
 def test_sweep_tracks_every_trial_as_a_nested_run(iris: FeatureSet, tmp_path: Path) -> None:
     tune = TuneConfig(
-        trials=4, concurrency=2, scheduler="asha", grace_period=1, metric="valid_accuracy", mode="max",
+        trials=4,
+        concurrency=2,
+        scheduler="asha",
+        grace_period=1,
+        metric="valid_accuracy",
+        mode="max",
         space={"train.optimizer.lr": "loguniform(1e-3, 1e-1)", "model.params.hidden": "choice([[4], [16]])"},
     )
     result, events, tracker, parent = sweep(iris, tmp_path, tune, TrainConfig(epochs=3, batch_size=16))
@@ -56,7 +68,9 @@ def test_sweep_tracks_every_trial_as_a_nested_run(iris: FeatureSet, tmp_path: Pa
 
 
 def test_same_seed_samples_the_same_configurations(iris: FeatureSet, tmp_path: Path) -> None:
-    tune = TuneConfig(trials=2, concurrency=2, scheduler="fifo", seed=3, space={"train.optimizer.lr": "uniform(0.01, 0.1)"})
+    tune = TuneConfig(
+        trials=2, concurrency=2, scheduler="fifo", seed=3, space={"train.optimizer.lr": "uniform(0.01, 0.1)"}
+    )
     first, *_ = sweep(iris, tmp_path / "a", tune, TrainConfig(epochs=1))
     again, *_ = sweep(iris, tmp_path / "b", tune, TrainConfig(epochs=1))
     assert sorted(t.config["train.optimizer.lr"] for t in first.trials) == sorted(
@@ -65,8 +79,13 @@ def test_same_seed_samples_the_same_configurations(iris: FeatureSet, tmp_path: P
 
 
 def test_a_trial_with_several_workers_runs_ray_train(iris: FeatureSet, tmp_path: Path) -> None:
-    tune = TuneConfig(trials=1, concurrency=1, workers_per_trial=2, scheduler="fifo",
-                      space={"train.optimizer.lr": "choice([0.02])"})
+    tune = TuneConfig(
+        trials=1,
+        concurrency=1,
+        workers_per_trial=2,
+        scheduler="fifo",
+        space={"train.optimizer.lr": "choice([0.02])"},
+    )
     result, events, *_ = sweep(iris, tmp_path, tune, TrainConfig(epochs=2, batch_size=8))
     assert result.trials[0].status == "completed"
     assert [e.metrics["epoch"] for e in events if e.kind == "result"] == [1.0, 2.0]

@@ -1,0 +1,50 @@
+"""Benchmarks: raylens beside its baseline in the same run, the ratio printed last.
+
+    python -m bench trainer [--json]   steady-state training samples/s: raylens ÷ a bare PyTorch loop
+    python -m bench startup [--json]   seconds from `raylens train` start to the first optimizer step
+
+Figures, with the machine they came from, are kept in BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from bench import startup, trainer
+
+BENCHMARKS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
+    "trainer": trainer.run,
+    "startup": startup.run,
+}
+
+
+def machine() -> str:
+    import os
+
+    return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("name", choices=sorted(BENCHMARKS))
+    parser.add_argument("--json", action="store_true", help="print one JSON object (ratio is its last key)")
+    parser.add_argument("--quick", action="store_true", help="a smaller workload, to check the harness runs")
+    args = parser.parse_args(argv)
+    result = {"benchmark": args.name, "machine": machine(), **BENCHMARKS[args.name](args)}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
