@@ -10,6 +10,7 @@ run nested under it.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -115,13 +116,17 @@ class Experiment:
         run_name = self._run_name(resume)
         self.workspace.ensure()
         progress.stage("Starting Ray")
-        runtime = start_ray(address=address, verbose=verbose, code_dirs=[self.base_dir, Path.cwd()])
-        try:
-            tracker = MlflowTracker(
+        # Opening (on first use, creating) the tracking store takes seconds; so does starting Ray.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            opening = pool.submit(
+                MlflowTracker,
                 self.tracking_uri,
                 spec.tracking.experiment or spec.name,
                 self.workspace.artifact_root if self.tracking_uri.startswith("sqlite:") else None,
             )
+            runtime = start_ray(address=address, verbose=verbose, code_dirs=[self.base_dir, Path.cwd()])
+        try:
+            tracker = opening.result()
             tags = {
                 "raylens.version": raylens.__version__,
                 "raylens.feature_set": feature_set.name,
@@ -132,6 +137,9 @@ class Experiment:
             if commit:
                 tags["mlflow.source.git.commit"] = commit
             stage = _Stages(self, feature_set, tracker, tags, run_name, resume, progress)
+            if resume:
+                # The interrupted attempt's driver died before it could close its runs.
+                tracker.close_runs_tagged("raylens.run", run_name, status="KILLED")
             root_run = tracker.start_run(run_name, tags={**tags, "raylens.role": "experiment"})
             try:
                 tracker.log_params(root_run, spec.model_dump(exclude={"tune"}))
@@ -151,8 +159,8 @@ class Experiment:
                 if train:
                     summary = replace(summary, final=stage.train(root_run, model_config, train_config))
                 tracker.end_run(root_run, "FINISHED")
-            except BaseException:
-                tracker.end_run(root_run, "FAILED")
+            except BaseException as exc:
+                tracker.end_run(root_run, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
                 raise
         finally:
             stop_ray(runtime)

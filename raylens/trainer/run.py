@@ -96,8 +96,8 @@ def train_and_record(
         if isinstance(tracker, MlflowTracker):
             model_uri, version = _log_model(tracker, run_id, model, job, feature_set, test.x, register_as)
         tracker.end_run(run_id, "FINISHED")
-    except BaseException:
-        tracker.end_run(run_id, "FAILED")
+    except BaseException as exc:
+        tracker.end_run(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     return TrainRunResult(
         run_id,

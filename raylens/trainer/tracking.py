@@ -115,6 +115,21 @@ class MlflowTracker:
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status)
 
+    def close_runs_tagged(self, key: str, value: str, status: str = "KILLED") -> int:
+        """End the runs still RUNNING that carry tag ``key=value``, and their nested runs; return
+        how many were ended."""
+        closed = 0
+        pending = [f"tags.`{key}` = '{value}'"]
+        while pending:
+            query = pending.pop()
+            for run in self.client.search_runs(
+                [self.experiment_id], filter_string=f"{query} and attributes.status = 'RUNNING'"
+            ):
+                self.client.set_terminated(run.info.run_id, status)
+                pending.append(f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+                closed += 1
+        return closed
+
     @contextmanager
     def active(self, run_id: str) -> Iterator[None]:
         """Make ``run_id`` the fluent API's active run (``log_model`` takes no run id)."""
