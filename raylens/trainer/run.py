@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
 
 import raylens
@@ -94,7 +95,12 @@ def train_and_record(
             )
         model_uri = version = None
         if isinstance(tracker, MlflowTracker):
-            model_uri, version = _log_model(tracker, run_id, model, job, feature_set, test.x, register_as)
+            lineage = (
+                {"git_commit": tags["mlflow.source.git.commit"]} if "mlflow.source.git.commit" in tags else {}
+            )
+            model_uri, version = _log_model(
+                tracker, run_id, model, job, feature_set, test.x, register_as, lineage
+            )
         tracker.end_run(run_id, "FINISHED")
     except BaseException as exc:
         tracker.end_run(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
@@ -119,6 +125,7 @@ def _log_model(
     feature_set: FeatureSet,
     x_test: np.ndarray,
     register_as: str | None,
+    lineage: Mapping[str, str],
 ) -> tuple[str, str | None]:
     import mlflow
     from mlflow.models import infer_signature
@@ -126,7 +133,12 @@ def _log_model(
     columns = feature_set.feature_columns
     transforms = transforms_from_dicts(feature_set.manifest["transforms"])
     sample = x_test[:5] if len(x_test) else feature_set.read("train").x[:5]
+    # The signature takes the columns with the types the user's raw data has (from the manifest).
+    raw_types = {c: pa.type_for_alias(feature_set.manifest["schema"][c]).to_pandas_dtype() for c in columns}
     example = pd.DataFrame(invert_all(transforms, sample, columns), columns=columns)
+    whole = [c for c, t in raw_types.items() if not np.issubdtype(t, np.floating)]
+    example[whole] = example[whole].round()  # undo float error before casting back to int/bool
+    example = example.astype(raw_types)
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = write_model_files(Path(tmp), model.state_dict(), job.model, job.task, feature_set)
         loaded = TabularTorchModel()
@@ -154,6 +166,7 @@ def _log_model(
                     "feature_set": feature_set.name,
                     "feature_set_version": feature_set.version,
                     "task": job.task.kind,
+                    **lineage,
                 },
             )
     if chatter.getvalue().strip():
