@@ -63,7 +63,7 @@ def test_sweep_tracks_every_trial_as_a_nested_run(iris: FeatureSet, tmp_path: Pa
         assert "train.optimizer.lr" in run.data.params
         history = client.get_metric_history(run.info.run_id, "valid_loss")
         stopped_early = run.data.tags["raylens.stopped_early"] == "true"
-        assert len(history) == (len(history) if stopped_early else 3)
+        assert 1 <= len(history) < 3 if stopped_early else len(history) == 3
         assert [m.step for m in history] == list(range(1, len(history) + 1))
 
 
