@@ -28,6 +28,16 @@ def ray_cluster() -> Iterator[None]:
 
 
 @pytest.fixture(autouse=True)
+def restore_mlflow_environment() -> Iterator[None]:
+    """``mlflow.set_tracking_uri`` also sets MLFLOW_TRACKING_URI for child processes: undo it."""
+    saved = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+    yield
+    for key in [k for k in os.environ if k.startswith("MLFLOW_")]:
+        del os.environ[key]
+    os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
 def no_leaked_process_group() -> Iterator[None]:
     yield
     import torch.distributed as dist

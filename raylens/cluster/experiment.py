@@ -202,13 +202,11 @@ class _Stages:
         assert spec.tune is not None
         self.progress.stage("Tuning")
         self.progress.sweep_started(spec.tune.trials)
-        job = TrainJob.for_feature_set(spec.model, spec.train, self.feature_set)
         sweep = run_sweep(
             spec.tune,
             spec.model,
             spec.train,
             self.feature_set,
-            job,
             tracker=self.tracker,
             parent_run_id=root_run,
             storage_path=self.storage,

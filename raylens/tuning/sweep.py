@@ -96,7 +96,6 @@ def run_sweep(
     model: ModelConfig,
     train: TrainConfig,
     feature_set: FeatureSet,
-    job: TrainJob,
     *,
     tracker: Tracker,
     parent_run_id: str,
@@ -119,7 +118,7 @@ def run_sweep(
     trial_train = train.model_copy(
         update={"epochs": epochs, "scaling": train.scaling.model_copy(update={"workers": workers})}
     )
-    trial_job = replace(job, model=model, train=trial_train)
+    trial_job = TrainJob.for_feature_set(model, trial_train, feature_set)
     trainable: Any
     if workers == 1:
         trainable = tune.with_resources(

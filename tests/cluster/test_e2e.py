@@ -31,7 +31,8 @@ RAYLENS = str(Path(sys.executable).parent / "raylens")
 
 
 def raylens(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    # A fresh user shell: no Ray address and no MLflow settings left by other tests.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "MLFLOW_"))}
     env["COLUMNS"] = "200"
     done = subprocess.run([RAYLENS, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -6,7 +6,7 @@ import pytest
 from mlflow import MlflowClient
 
 from raylens.features import FeatureSet
-from raylens.trainer import ModelConfig, TrainConfig, TrainJob
+from raylens.trainer import ModelConfig, TrainConfig
 from raylens.trainer.tracking import MlflowTracker
 from raylens.tuning import TuneConfig
 from raylens.tuning.sweep import run_sweep
@@ -25,7 +25,6 @@ def sweep(iris: FeatureSet, tmp_path: Path, tune: TuneConfig, train: TrainConfig
         model,
         train,
         iris,
-        TrainJob.for_feature_set(model, train, iris),
         tracker=tracker,
         parent_run_id=parent,
         storage_path=tmp_path / "ray",
