@@ -2,6 +2,7 @@
 
     python -m bench trainer [--json]   steady-state training samples/s: raylens ÷ a bare PyTorch loop
     python -m bench startup [--json]   seconds from `raylens train` start to the first optimizer step
+    python -m bench thread [--json]    the raylens loop on a secondary thread ÷ on the main thread
 
 Figures, with the machine they came from, are kept in BENCHMARKS.md.
 """
@@ -15,11 +16,12 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from bench import startup, trainer
+from bench import startup, thread, trainer
 
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "trainer": trainer.run,
     "startup": startup.run,
+    "thread": thread.run,
 }
 
 

@@ -103,9 +103,6 @@ class MlflowTracker:
     def log_dict(self, run_id: str, data: Any, path: str) -> None:
         self.client.log_dict(run_id, data, path)
 
-    def log_text(self, run_id: str, text: str, path: str) -> None:
-        self.client.log_text(run_id, text, path)
-
     def log_figure(self, run_id: str, figure: Figure, path: str) -> None:
         from matplotlib import pyplot as plt
 
