@@ -5,7 +5,12 @@ result, named by the content hash of its rows and fitted transforms.
 """
 
 from raylens.features.config import DataConfig, FeaturesConfig, SplitConfig, StandardizeStep
-from raylens.features.pipeline import build_feature_set
+from raylens.features.pipeline import (
+    PlannedFeatureSet,
+    build_feature_set,
+    plan_feature_set,
+    publish_feature_set,
+)
 from raylens.features.store import FeatureSet, SplitArrays, list_feature_sets, open_feature_set
 from raylens.features.transforms import FittedStandardize, apply_all, invert_all, transforms_from_dicts
 
@@ -14,6 +19,7 @@ __all__ = [
     "FeatureSet",
     "FeaturesConfig",
     "FittedStandardize",
+    "PlannedFeatureSet",
     "SplitArrays",
     "SplitConfig",
     "StandardizeStep",
@@ -22,5 +28,7 @@ __all__ = [
     "invert_all",
     "list_feature_sets",
     "open_feature_set",
+    "plan_feature_set",
+    "publish_feature_set",
     "transforms_from_dicts",
 ]

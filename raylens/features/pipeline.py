@@ -1,32 +1,104 @@
-"""The feature pipeline: source → prepare → split → fit transforms → versioned feature set."""
+"""The feature pipeline: source → prepare → split → fit transforms → versioned feature set.
+
+Two steps, so a caller can check everything before anything is written: ``plan_feature_set`` does
+all the work and every check and writes nothing; ``publish_feature_set`` writes the plan to the
+offline store. ``build_feature_set`` is both in one call.
+"""
 
 from __future__ import annotations
 
+import copy
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 
+from raylens.errors import UserError
 from raylens.features.config import DataConfig, FeaturesConfig
 from raylens.features.prepare import prepare
 from raylens.features.sources import load_source
 from raylens.features.splits import split_rows
-from raylens.features.store import FeatureSet, SplitArrays, write_feature_set
+from raylens.features.store import FeatureSet, SplitArrays, versioned_manifest, write_feature_set
 from raylens.features.transforms import apply_all, fit_standardize
 
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+"""A feature-set name becomes a folder of the store: the spec's rule for names."""
 
-def build_feature_set(
+
+@dataclass(frozen=True, eq=False)
+class PlannedFeatureSet:
+    """A feature set computed in memory and checked, not yet written.
+
+    ``version`` and ``manifest`` are what ``publish_feature_set`` stores (the manifest's
+    ``created_at`` is the planning time). The arrays are read-only, and ``manifest`` returns a copy,
+    so what is published is what was planned.
+    """
+
+    _manifest: dict[str, Any]
+    splits: Mapping[str, SplitArrays]
+    """Transformed features and encoded targets of each split, as they will be stored."""
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return copy.deepcopy(self._manifest)
+
+    @property
+    def name(self) -> str:
+        return str(self._manifest["name"])
+
+    @property
+    def version(self) -> str:
+        return str(self._manifest["version"])
+
+    @property
+    def task(self) -> str:
+        return str(self._manifest["task"])
+
+    @property
+    def feature_columns(self) -> list[str]:
+        return list(self._manifest["feature_columns"])
+
+    @property
+    def classes(self) -> list[Any] | None:
+        classes = self._manifest.get("classes")
+        return list(classes) if classes is not None else None
+
+    @property
+    def num_outputs(self) -> int:
+        classes = self.classes
+        return len(classes) if classes is not None else 1
+
+    @property
+    def source_fingerprint(self) -> str:
+        return str(self._manifest["source"]["fingerprint"])
+
+    def sample(self, n: int) -> np.ndarray:
+        """The first ``n`` transformed training rows (fewer if the split is smaller), float32.
+
+        Enough to build a model and run one forward pass before anything is written.
+        """
+        if n < 0:
+            raise ValueError(f"sample needs n >= 0, got {n}")
+        return np.array(self.splits["train"].x[:n], dtype=np.float32)
+
+
+def plan_feature_set(
     name: str,
     data: DataConfig,
     features: FeaturesConfig,
-    store_root: Path,
     base_dir: Path | None = None,
-) -> FeatureSet:
-    """Run the data prepare and feature pipelines and publish the result in the offline store.
-
-    Every check runs before the first byte is written, so bad input leaves the store untouched.
-    """
+) -> PlannedFeatureSet:
+    """Run the data prepare and feature pipelines in memory; every check, no writes."""
+    if not _NAME.match(name):
+        raise UserError(
+            f"name: '{name}' cannot name a feature set; use letters, digits, '_', '.' and '-', "
+            "starting with a letter or digit"
+        )
     raw = load_source(data.source, base_dir)
     prepared = prepare(raw.table, data)
     stratify = prepared.task == "classification"
@@ -35,8 +107,15 @@ def build_feature_set(
     fitted = [fit_standardize(step, x_train, prepared.feature_columns) for step in features.transforms]
 
     def arrays(index: np.ndarray) -> SplitArrays:
-        return SplitArrays(apply_all(fitted, prepared.x[index], prepared.feature_columns), prepared.y[index])
+        x = apply_all(fitted, prepared.x[index], prepared.feature_columns)
+        y = prepared.y[index]
+        x.flags.writeable = False
+        y.flags.writeable = False
+        return SplitArrays(x, y)
 
+    splits = MappingProxyType(
+        {"train": arrays(split.train), "valid": arrays(split.valid), "test": arrays(split.test)}
+    )
     manifest: dict[str, Any] = {
         "name": name,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -53,12 +132,27 @@ def build_feature_set(
     if prepared.task == "regression":
         y_train = prepared.y[split.train].astype(np.float64)
         manifest["target_statistics"] = {"mean": float(y_train.mean()), "std": float(y_train.std() or 1.0)}
-    return write_feature_set(
-        store_root,
-        manifest,
-        prepared.feature_columns,
-        {"train": arrays(split.train), "valid": arrays(split.valid), "test": arrays(split.test)},
-    )
+    return PlannedFeatureSet(versioned_manifest(manifest, splits), splits)
+
+
+def publish_feature_set(planned: PlannedFeatureSet, store_root: Path) -> FeatureSet:
+    """Write a planned feature set to the offline store (atomically) and return its handle.
+
+    A version already stored is kept as it is (with its own ``created_at``) and returned.
+    """
+    return write_feature_set(store_root, planned.manifest, planned.feature_columns, planned.splits)
+
+
+def build_feature_set(
+    name: str,
+    data: DataConfig,
+    features: FeaturesConfig,
+    store_root: Path,
+    base_dir: Path | None = None,
+) -> FeatureSet:
+    """Plan and publish in one call. Every check runs before the first byte is written, so bad
+    input leaves the store untouched."""
+    return publish_feature_set(plan_feature_set(name, data, features, base_dir), store_root)
 
 
 def _column_statistics(x: np.ndarray, columns: list[str]) -> dict[str, dict[str, float]]:

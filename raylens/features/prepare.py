@@ -5,6 +5,7 @@ Every check raises ``UserError`` naming the column and the fix, before anything 
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Literal
 
@@ -14,6 +15,7 @@ import pyarrow.compute as pc
 
 from raylens.errors import UserError, did_you_mean
 from raylens.features.config import DataConfig
+from raylens.features.store import TARGET
 
 Task = Literal["classification", "regression"]
 
@@ -35,6 +37,12 @@ class PreparedData:
 def prepare(table: pa.Table, data: DataConfig) -> PreparedData:
     """Validate ``table`` against the data config and return arrays ready to split."""
     columns = table.column_names
+    duplicated = sorted(name for name, count in Counter(columns).items() if count > 1)
+    if duplicated:
+        raise UserError(
+            f"data.source: '{data.source}' has more than one column named "
+            f"{', '.join(repr(name) for name in duplicated)}; rename the columns so each name is unique"
+        )
     if table.num_rows == 0:
         raise UserError(f"data.source: '{data.source}' has no rows; point it at a non-empty data set")
     if data.target not in columns:
@@ -56,6 +64,12 @@ def prepare(table: pa.Table, data: DataConfig) -> PreparedData:
         feature_columns = [c for c in columns if c != data.target and c not in data.drop]
     if not feature_columns:
         raise UserError("data: no feature columns are left; list them in data.features")
+    if TARGET in feature_columns:
+        # The store keeps the encoded target under this name; a feature there would overwrite it.
+        raise UserError(
+            f"data: column '{TARGET}' is a name raylens keeps for the stored target; "
+            f"rename the column, or leave it out with data.drop: [{TARGET}]"
+        )
 
     x = np.empty((table.num_rows, len(feature_columns)), dtype=np.float32)
     for i, name in enumerate(feature_columns):
@@ -69,20 +83,30 @@ def prepare(table: pa.Table, data: DataConfig) -> PreparedData:
                 f"data: feature column '{name}' has type {column.type}, and features must be numeric; "
                 f"encode it as numbers or leave it out with data.drop: [{name}]"
             )
-        missing = column.null_count + (
-            int(pc.sum(pc.is_nan(column)).as_py() or 0) if pa.types.is_floating(column.type) else 0
-        )
+        missing, infinite = _missing_and_infinite(column)
         if missing:
             raise UserError(
                 f"data: feature column '{name}' has {missing} missing values; "
                 f"fill them before training or leave the column out with data.drop: [{name}]"
             )
+        if infinite:
+            raise UserError(
+                f"data: feature column '{name}' has {infinite} rows that are infinite (inf or -inf); "
+                f"replace them with finite numbers or leave the column out with data.drop: [{name}]"
+            )
         x[:, i] = column.to_numpy(zero_copy_only=False)
 
     target = table.column(data.target)
-    if target.null_count:
+    missing, infinite = _missing_and_infinite(target)
+    if missing:
         raise UserError(
-            f"data.target: column '{data.target}' has {target.null_count} missing values; drop those rows"
+            f"data.target: column '{data.target}' has {missing} missing values (null or NaN); drop those rows"
+        )
+    if infinite:
+        # An infinite target turns every loss and metric into inf or NaN on the first batch.
+        raise UserError(
+            f"data.target: column '{data.target}' has {infinite} rows that are infinite (inf or -inf); "
+            "drop those rows or replace them with finite numbers"
         )
     task = _infer_task(target.type, data)
     if task == "classification":
@@ -105,6 +129,15 @@ def prepare(table: pa.Table, data: DataConfig) -> PreparedData:
     return PreparedData(
         x, target.to_numpy(zero_copy_only=False).astype(np.float32), feature_columns, task, None
     )
+
+
+def _missing_and_infinite(column: pa.ChunkedArray) -> tuple[int, int]:
+    """Rows that are null or NaN, and rows that are +inf or -inf (NaN and inf exist in floats only)."""
+    if not pa.types.is_floating(column.type):
+        return column.null_count, 0
+    nan = int(pc.sum(pc.is_nan(column)).as_py() or 0)
+    inf = int(pc.sum(pc.is_inf(column)).as_py() or 0)
+    return column.null_count + nan, inf
 
 
 def _infer_task(target_type: pa.DataType, data: DataConfig) -> Task:

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
-import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
 from raylens.errors import UserError, did_you_mean
 
@@ -47,7 +48,9 @@ def load_source(uri: str, base_dir: Path | None = None) -> RawData:
     path = Path(uri).expanduser()
     if not path.is_absolute() and base_dir is not None:
         path = base_dir / path
-    return _load_files(path, uri)
+    # The manifest records the uri, and the version hashes the manifest: './d.csv', 'd.csv' and
+    # 'a/../d.csv' name the same data, so they must give the same version.
+    return _load_files(path, os.path.normpath(uri))
 
 
 def _load_bundled(name: str, uri: str) -> RawData:
@@ -131,14 +134,131 @@ def _load_files(path: Path, uri: str) -> RawData:
             f"data.source: '{uri}' is not a .parquet or .csv file or a folder of them; "
             "use one of those, or sklearn:<name> / synthetic:<kind>"
         )
+    read = _read_parquet if parquet else _read_csv
+    # One file at a time, so an error names the file (Arrow's own messages often don't). In a
+    # folder, a file is named relative to it: the messages name the folder too.
+    tables = []
+    for file in parquet or csv:
+        shown = str(file.relative_to(path)) if path.is_dir() else str(file)
+        tables.append((shown, read(file, shown)))
+    return RawData(_combine(tables, uri), uri, _fingerprint_files(parquet or csv))
+
+
+def _read_parquet(path: Path, shown: str) -> pa.Table:
     try:
-        if parquet:
-            table = pads.dataset([str(p) for p in parquet], format="parquet").to_table()
-        else:
-            table = pa.concat_tables([pacsv.read_csv(p) for p in csv], promote_options="default")
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise UserError(f"data.source: cannot read '{uri}': {exc}") from None
-    return RawData(table, uri, _fingerprint_files(parquet or csv))
+        return pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise UserError(
+            f"data.source: cannot read Parquet file '{shown}' ({exc}); "
+            "if it is truncated or corrupt, write it again from its source"
+        ) from None
+
+
+def _read_csv(path: Path, shown: str) -> pa.Table:
+    try:
+        table = pacsv.read_csv(path)
+    except (pa.ArrowException, OSError) as exc:
+        delimiter = _foreign_delimiter(path)
+        if delimiter:
+            raise _wrong_delimiter(shown, delimiter) from None
+        if "utf8" in str(exc).lower():
+            raise _not_utf8(shown, "some text") from None
+        raise UserError(f"data.source: cannot read CSV file '{shown}' ({exc}); fix the file") from None
+    try:
+        names = table.column_names
+    except UnicodeDecodeError:
+        # Arrow keeps the header's bytes as they are; turning them into names is what fails.
+        raise _not_utf8(shown, "its header row") from None
+    # Arrow reads a column whose text is not valid UTF-8 as raw bytes instead of failing.
+    binary = [
+        name
+        for name, field in zip(names, table.schema, strict=True)
+        if pa.types.is_binary(field.type) or pa.types.is_large_binary(field.type)
+    ]
+    if binary:
+        raise _not_utf8(shown, f"column '{binary[0]}'")
+    if table.num_columns == 1:
+        delimiter = _foreign_delimiter(path)
+        if delimiter:
+            raise _wrong_delimiter(shown, delimiter)
+    return table
+
+
+def _foreign_delimiter(path: Path) -> str | None:
+    """';' or a tab when the header line holds one of them and no comma, else None."""
+    try:
+        with path.open("rb") as handle:
+            header = handle.readline(1 << 16).decode("utf-8", errors="replace")
+    except OSError:
+        return None  # the caller reports why the file cannot be read
+    if "," in header:
+        return None
+    return next((d for d in (";", "\t") if d in header), None)
+
+
+def _wrong_delimiter(shown: str, delimiter: str) -> UserError:
+    name = "tab" if delimiter == "\t" else f"'{delimiter}'"
+    return UserError(
+        f"data.source: CSV file '{shown}' seems to use {name} as its delimiter (its header reads as one "
+        "column); raylens reads comma-separated CSV: save the file again with ',' between values"
+    )
+
+
+def _not_utf8(shown: str, where: str) -> UserError:
+    return UserError(
+        f"data.source: CSV file '{shown}' is not UTF-8 text ({where} holds bytes that are not valid "
+        "UTF-8); save it again with UTF-8 encoding"
+    )
+
+
+def _combine(tables: list[tuple[str, pa.Table]], uri: str) -> pa.Table:
+    """One table from the files' tables; a column's type may widen (int64 and double give double)."""
+    if len(tables) == 1:
+        return tables[0][1]
+    try:
+        return pa.concat_tables([table for _, table in tables], promote_options="permissive")
+    except pa.ArrowException as exc:
+        for shown, table in tables:
+            duplicated = sorted({c for c in table.column_names if table.column_names.count(c) > 1})
+            if duplicated:
+                raise UserError(
+                    f"data.source: file '{shown}' in '{uri}' has more than one column named "
+                    f"{', '.join(repr(c) for c in duplicated)}; rename the columns so each name is unique"
+                ) from None
+        conflict = _type_conflict(tables)
+        if conflict is None:
+            raise UserError(
+                f"data.source: cannot combine the files in '{uri}' ({exc}); make their columns agree"
+            ) from None
+        column, (first, first_type), (other, other_type) = conflict
+        raise UserError(
+            f"data.source: the files in '{uri}' disagree on the type of column '{column}': "
+            f"{first_type} in '{first}' but {other_type} in '{other}'; make the column hold the same "
+            "kind of values in every file (for numbers, leave missing cells empty instead of writing text "
+            "like 'unknown')"
+        ) from None
+
+
+def _type_conflict(
+    tables: list[tuple[str, pa.Table]],
+) -> tuple[str, tuple[str, pa.DataType], tuple[str, pa.DataType]] | None:
+    """The first column whose type in some file cannot be combined with its type in an earlier one."""
+    seen: dict[str, tuple[str, pa.DataType]] = {}
+    for shown, table in tables:
+        for field in table.schema:
+            if pa.types.is_null(field.type):
+                continue  # an all-empty column takes any other file's type
+            if field.name not in seen:
+                seen[field.name] = (shown, field.type)
+                continue
+            first_type = seen[field.name][1]
+            try:
+                pa.unify_schemas(
+                    [pa.schema([(field.name, first_type)]), pa.schema([field])], promote_options="permissive"
+                )
+            except pa.ArrowException:
+                return field.name, seen[field.name], (shown, field.type)
+    return None
 
 
 def _fingerprint_files(files: list[Path]) -> str:

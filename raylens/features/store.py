@@ -8,16 +8,21 @@ Layout::
 A version id is the content hash of the rows and the fitted transforms, so the same data and spec
 always give the same version, and a version never changes once written. Writes are atomic: the
 version is written into a hidden folder beside it and published with one ``rename``; a crash
-leaves only a hidden folder that readers never list.
+leaves only a hidden folder that readers never list and that the next writer on the same host
+removes. A version folder without a manifest is not published: readers skip it, writers replace it.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,49 +88,140 @@ class FeatureSet:
         return SplitArrays(np.ascontiguousarray(x), table.column(TARGET).to_numpy())
 
 
+def versioned_manifest(manifest: dict[str, Any], splits: Mapping[str, SplitArrays]) -> dict[str, Any]:
+    """``manifest`` with ``version`` (the content hash) and ``rows`` added: exactly what is stored.
+
+    Computed once, when a feature set is planned, so the version a caller sees before publishing is
+    the one the store uses.
+    """
+    return {
+        **manifest,
+        "version": content_version(manifest, splits),
+        "rows": {split: len(splits[split]) for split in SPLITS},
+    }
+
+
 def write_feature_set(
     root: Path,
     manifest: dict[str, Any],
     feature_columns: list[str],
-    splits: dict[str, SplitArrays],
+    splits: Mapping[str, SplitArrays],
 ) -> FeatureSet:
-    """Store ``splits`` under a content-hash version and return its handle.
+    """Store ``splits`` under ``manifest["version"]`` and return its handle.
 
-    ``manifest`` gets ``version`` and ``rows`` added. Writing a version that already exists is a
-    no-op that returns the stored one.
+    ``manifest`` comes from ``versioned_manifest`` and is written as given. Writing a version that
+    already exists is a no-op that returns the stored one.
     """
-    version = content_version(manifest, splits)
-    manifest = {**manifest, "version": version, "rows": {s: len(splits[s]) for s in SPLITS}}
-    target_dir = root / manifest["name"] / version
+    if "version" not in manifest or "rows" not in manifest:
+        raise ValueError("write_feature_set takes a manifest from versioned_manifest (with version and rows)")
+    name, version = str(manifest["name"]), str(manifest["version"])
+    target_dir = root / name / version
     if (target_dir / MANIFEST).exists():
-        return open_feature_set(root, manifest["name"], version)
+        return open_feature_set(root, name, version)
     target_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = target_dir.parent / f".staging-{version}-{uuid.uuid4().hex[:8]}"
+    _remove_dead_staging(target_dir.parent)
+    staging = target_dir.parent / _staging_name(version)
     staging.mkdir()
     try:
         for split in SPLITS:
             arrays = splits[split]
-            columns = {name: pa.array(arrays.x[:, i]) for i, name in enumerate(feature_columns)}
+            columns = {column: pa.array(arrays.x[:, i]) for i, column in enumerate(feature_columns)}
             columns[TARGET] = pa.array(arrays.y)
             path = staging / f"{split}.parquet"
             pq.write_table(pa.table(columns), path)
             _fsync(path)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         _fsync(staging / MANIFEST)
-        try:
-            os.rename(staging, target_dir)
-        except OSError:
-            # Another writer published the same content-addressed version first: theirs is ours.
-            if not (target_dir / MANIFEST).exists():
-                raise
-            shutil.rmtree(staging, ignore_errors=True)
+        _fsync_dir(staging)
+        _publish(staging, target_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return open_feature_set(root, manifest["name"], version)
+    return open_feature_set(root, name, version)
 
 
-def content_version(manifest: dict[str, Any], splits: dict[str, SplitArrays]) -> str:
+def _publish(staging: Path, target_dir: Path) -> None:
+    """Rename ``staging`` to ``target_dir`` and make the rename durable."""
+    if _exists(target_dir) and not (target_dir / MANIFEST).exists():
+        # A version folder without a manifest was never published by us (publishing is one rename
+        # of a folder that already holds its manifest): it is a crashed copy or a user's half
+        # deletion, so it holds nothing to keep.
+        _remove(target_dir)
+    try:
+        os.rename(staging, target_dir)
+    except OSError as exc:
+        # Another writer published the same content-addressed version first: theirs is ours.
+        if not (target_dir / MANIFEST).exists():
+            raise UserError(
+                f"feature store: cannot publish {target_dir} ({exc.strerror or exc}); a folder there "
+                f"without {MANIFEST} is not a published version: remove it by hand and build again"
+            ) from exc
+        shutil.rmtree(staging, ignore_errors=True)
+        return
+    # The rename lives in the parent folder's entries: without this fsync a power cut can undo it.
+    _fsync_dir(target_dir.parent)
+
+
+def _staging_name(version: str) -> str:
+    """``.staging-<host>-<pid>-<version>-<random>``: the host and pid let a later writer tell a
+    crashed writer's folder from a live one's."""
+    return f".staging-{_host()}-{os.getpid()}-{version}-{uuid.uuid4().hex[:8]}"
+
+
+def _staging_owner(folder_name: str) -> tuple[str, int] | None:
+    """The (host, pid) in a staging folder's name, or None for any other name."""
+    if not folder_name.startswith(".staging-"):
+        return None
+    # Split from the right: host names may hold '-', the pid, version and random part never do.
+    parts = folder_name.removeprefix(".staging-").rsplit("-", 3)
+    if len(parts) != 4 or not parts[0] or not parts[1].isdigit():
+        return None
+    return parts[0], int(parts[1])
+
+
+def _remove_dead_staging(folder: Path) -> None:
+    """Remove staging folders left in ``folder`` by crashed writers on this host.
+
+    Only this host's folders are judged: a pid means nothing on another host, whose writer may be
+    alive, so those are never touched.
+    """
+    host = _host()
+    for entry in folder.iterdir():
+        owner = _staging_owner(entry.name)
+        if owner is not None and owner[0] == host and not _pid_alive(owner[1]):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _host() -> str:
+    # Keep the name safe in a folder name; '-' stays, the owner is parsed from the right.
+    return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "unknown"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, owned by another user
+    return True
+
+
+def _exists(path: Path) -> bool:
+    return path.exists() or path.is_symlink()
+
+
+def _remove(path: Path) -> None:
+    # Best effort: if it stays (permissions, a concurrent remover), the rename says why.
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def content_version(manifest: dict[str, Any], splits: Mapping[str, SplitArrays]) -> str:
     """Hash of the stored rows and of every manifest field that changes what a model sees."""
     digest = hashlib.sha256()
     hashed = {k: v for k, v in manifest.items() if k not in ("created_at", "version", "rows", "name")}
@@ -138,17 +234,25 @@ def content_version(manifest: dict[str, Any], splits: dict[str, SplitArrays]) ->
 
 
 def list_feature_sets(root: Path, name: str | None = None) -> list[FeatureSet]:
-    """Every published version under ``root`` (of ``name`` if given), oldest first."""
-    names = [name] if name else sorted(p.name for p in root.iterdir() if p.is_dir()) if root.exists() else []
+    """Every published version under ``root`` (of ``name`` if given), oldest first.
+
+    Folders that are not a published version (no manifest, an unreadable one, a stray file) are
+    skipped, never raised on: listing must work on a store a crash or a user left untidy.
+    """
+    if not root.is_dir():
+        return []
+    names = [name] if name else sorted(p.name for p in root.iterdir() if p.is_dir())
     found = []
     for set_name in names:
         folder = root / set_name
         if not folder.is_dir():
             continue
         for version_dir in folder.iterdir():
-            if version_dir.name.startswith(".") or not (version_dir / MANIFEST).exists():
+            if version_dir.name.startswith("."):
                 continue
-            found.append(FeatureSet(version_dir, json.loads((version_dir / MANIFEST).read_text())))
+            manifest = _read_manifest(version_dir)
+            if manifest is not None:
+                found.append(FeatureSet(version_dir, manifest))
     return sorted(found, key=lambda fs: (fs.name, fs.manifest.get("created_at", "")))
 
 
@@ -160,7 +264,24 @@ def open_feature_set(root: Path, name: str, version: str) -> FeatureSet:
             f"feature set '{name}' has no version '{version}'{did_you_mean(version, known)}; "
             f"stored versions: {', '.join(known) or 'none'} (see `raylens features list`)"
         )
-    return FeatureSet(folder, json.loads((folder / MANIFEST).read_text()))
+    manifest = _read_manifest(folder)
+    if manifest is None:
+        raise UserError(
+            f"feature set '{name}' version '{version}': {folder / MANIFEST} is not a readable manifest; "
+            f"remove the folder {folder} and build the feature set again"
+        )
+    return FeatureSet(folder, manifest)
+
+
+def _read_manifest(version_dir: Path) -> dict[str, Any] | None:
+    """The manifest in ``version_dir``, or None when it is missing, unreadable or not a manifest."""
+    try:
+        manifest = json.loads((version_dir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or not {"name", "version"} <= manifest.keys():
+        return None
+    return manifest
 
 
 def _fsync(path: Path) -> None:
@@ -169,3 +290,13 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    """fsync a folder's entries (a rename, new files); a filesystem that cannot fsync a folder
+    (EINVAL on some network and FUSE mounts) gives no stronger promise, so that is not an error."""
+    try:
+        _fsync(path)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise

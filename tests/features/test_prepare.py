@@ -1,10 +1,14 @@
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from raylens.errors import UserError
 from raylens.features import DataConfig
 from raylens.features.prepare import prepare
+from tests.features.conftest import Refuse
 
 
 def config(**kwargs: object) -> DataConfig:
@@ -51,3 +55,32 @@ def test_empty_data_and_missing_values_are_refused() -> None:
         prepare(pa.table({"a": [1.0, float("nan")], "y": [0, 1]}), config())
     with pytest.raises(UserError, match="single class"):
         prepare(pa.table({"a": [1.0, 2.0], "y": [1, 1]}), config())
+
+
+def test_infinite_feature_values_are_refused(tmp_path: Path, refuse: Refuse) -> None:
+    (tmp_path / "d.csv").write_text("a,b,target\n1,1,0\ninf,2,1\n-inf,3,0\n2,4,1\n")
+    refuse("d.csv", "feature column 'a' has 2 rows that are infinite (inf or -inf)", "data.drop: [a]")
+
+
+def test_nan_or_infinite_float_target_is_refused(tmp_path: Path, refuse: Refuse) -> None:
+    rows = {"a": [1.0, 2.0, 3.0, 4.0, 5.0]}
+    pq.write_table(
+        pa.table({**rows, "target": [1.0, float("nan"), 2.0, float("nan"), 3.0]}), tmp_path / "n.parquet"
+    )
+    refuse("n.parquet", "data.target: column 'target' has 2 missing values (null or NaN); drop those rows")
+    pq.write_table(pa.table({**rows, "target": [1.0, float("inf"), 2.0, 0.5, 3.0]}), tmp_path / "i.parquet")
+    refuse("i.parquet", "data.target: column 'target' has 1 rows that are infinite", "drop those rows")
+
+
+def test_duplicate_column_names_are_refused(tmp_path: Path, refuse: Refuse) -> None:
+    (tmp_path / "d.csv").write_text("x,x,y,y,target\n1,2,3,4,0\n5,6,7,8,1\n")
+    refuse("d.csv", "has more than one column named 'x', 'y'", "rename the columns so each name is unique")
+    table = pa.Table.from_arrays([pa.array([1, 2]), pa.array([3, 4]), pa.array([0, 1])], ["a", "a", "y"])
+    with pytest.raises(UserError, match="more than one column named 'a'"):
+        prepare(table, config())
+
+
+def test_a_feature_named_like_the_stored_target_is_refused() -> None:
+    table = pa.table({"__target__": [1.0, 2.0], "a": [1.0, 2.0], "y": [0, 1]})
+    with pytest.raises(UserError, match=r"'__target__' is a name raylens keeps.*data\.drop: \[__target__\]"):
+        prepare(table, config())

@@ -6,7 +6,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from raylens.errors import UserError
+from raylens.features import DataConfig, FeaturesConfig, plan_feature_set, sources
 from raylens.features.sources import BUNDLED, load_source
+from tests.features.conftest import Refuse
 
 
 @pytest.mark.parametrize("name", BUNDLED)
@@ -61,3 +63,89 @@ def test_missing_and_unreadable_paths(tmp_path: Path) -> None:
     (tmp_path / "bad.parquet").write_text("not parquet")
     with pytest.raises(UserError, match="cannot read"):
         load_source(str(tmp_path / "bad.parquet"))
+
+
+IRIS_ROWS = "5.1{d}3.5{d}0\n4.9{d}3.0{d}1\n4.7{d}3.2{d}0\n"
+
+
+def test_csv_files_that_disagree_on_a_type_name_the_column_files_and_types(
+    tmp_path: Path, refuse: Refuse
+) -> None:
+    (tmp_path / "parts").mkdir()
+    (tmp_path / "parts" / "a.csv").write_text("x,target\n1,0\n2,1\n")
+    (tmp_path / "parts" / "b.csv").write_text("x,target\nunknown,0\n3,1\n")
+    refuse(
+        "parts",
+        "disagree on the type of column 'x': int64 in 'a.csv' but string in 'b.csv'",
+        "same kind of values in every file",
+    )
+
+
+def test_integer_and_decimal_files_combine(tmp_path: Path) -> None:
+    (tmp_path / "a.csv").write_text("x,target\n1,0\n2,1\n")
+    (tmp_path / "b.csv").write_text("x,target\n1.5,0\n,1\n")
+    table = load_source(str(tmp_path)).table
+    assert table.schema.field("x").type == pa.float64() and table.num_rows == 4
+
+
+def test_truncated_or_corrupt_parquet_names_the_file(tmp_path: Path, refuse: Refuse) -> None:
+    table = pa.table({"a": [float(i) for i in range(200)], "target": [i % 2 for i in range(200)]})
+    (tmp_path / "parts").mkdir()
+    pq.write_table(table, tmp_path / "parts" / "p0.parquet")
+    data = (tmp_path / "parts" / "p0.parquet").read_bytes()
+    corrupt = bytearray(data)
+    corrupt[10:200] = b"\0" * 190  # the first data page: the footer still parses
+    (tmp_path / "parts" / "p1.parquet").write_bytes(bytes(corrupt))
+    refuse("parts", "cannot read Parquet file 'p1.parquet'", "truncated or corrupt")
+    (tmp_path / "cut.parquet").write_bytes(data[: len(data) // 2])
+    refuse("cut.parquet", f"cannot read Parquet file '{tmp_path / 'cut.parquet'}'", "write it again")
+
+
+def test_any_arrow_error_while_reading_is_a_user_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pq.write_table(pa.table({"a": [1.0], "target": [0]}), tmp_path / "d.parquet")
+
+    def not_implemented(*args: object, **kwargs: object) -> pa.Table:
+        raise pa.ArrowNotImplementedError("unsupported encoding")
+
+    monkeypatch.setattr(sources.pq, "read_table", not_implemented)
+    with pytest.raises(UserError, match=r"cannot read Parquet file .*d\.parquet.*unsupported encoding"):
+        load_source(str(tmp_path / "d.parquet"))
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "name,a,target\ncafé,1,0\nthé,2,1\n",  # in the rows: Arrow reads the column as bytes
+        "namé,a,target\nx,1,0\ny,2,1\n",  # in the header: Python fails to decode it
+    ],
+)
+def test_non_utf8_csv_says_to_save_it_as_utf8(tmp_path: Path, refuse: Refuse, content: str) -> None:
+    (tmp_path / "d.csv").write_bytes(content.encode("latin-1"))
+    refuse("d.csv", f"CSV file '{tmp_path / 'd.csv'}' is not UTF-8 text", "save it again with UTF-8 encoding")
+
+
+@pytest.mark.parametrize(
+    ("content", "named"),
+    [
+        ("a;b;target\n" + IRIS_ROWS.format(d=";"), "';'"),
+        ("a\tb\ttarget\n" + IRIS_ROWS.format(d="\t"), "tab"),
+        # Decimal commas: the rows split on ',' into more columns than the header has.
+        ("a;b;target\n" + IRIS_ROWS.format(d=";").replace(".", ","), "';'"),
+    ],
+)
+def test_other_delimiters_are_named(tmp_path: Path, refuse: Refuse, content: str, named: str) -> None:
+    (tmp_path / "d.csv").write_text(content)
+    refuse("d.csv", f"seems to use {named} as its delimiter", "raylens reads comma-separated CSV")
+
+
+def test_equivalent_paths_give_one_uri_and_one_version(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "d.csv").write_text("a,target\n" + "".join(f"{i},{i % 2}\n" for i in range(20)))
+    plans = [
+        plan_feature_set("d", DataConfig(source=source, target="target"), FeaturesConfig(), tmp_path)
+        for source in ("d.csv", "./d.csv", "a/../d.csv")
+    ]
+    assert {p.manifest["source"]["uri"] for p in plans} == {"d.csv"}
+    assert len({p.version for p in plans}) == 1

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,8 @@ from raylens.features import (
     build_feature_set,
     list_feature_sets,
     open_feature_set,
+    plan_feature_set,
+    publish_feature_set,
 )
 from raylens.features import store as store_module
 
@@ -93,9 +96,77 @@ build_feature_set("wine", data, FeaturesConfig(), Path({str(tmp_path)!r}))
     fs = build_feature_set("wine", DATA, FeaturesConfig(), tmp_path)
     assert [v.version for v in list_feature_sets(tmp_path)] == [fs.version]
     assert len(fs.read("test")) == 27
+    # The dead writer's staging folder (this host, its pid gone) was removed by the next writer.
+    assert [p.name for p in (tmp_path / "wine").iterdir()] == [fs.version]
 
 
 def test_unknown_version_lists_the_stored_ones(tmp_path: Path) -> None:
     fs = build_feature_set("wine", DATA, FEATURES, tmp_path)
     with pytest.raises(UserError, match=f"stored versions: {fs.version}"):
         open_feature_set(tmp_path, "wine", "0000")
+
+
+def test_only_this_hosts_dead_writers_staging_is_removed(tmp_path: Path) -> None:
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+    dead_pid = int(dead.stdout)
+    host = store_module._host()
+    folder = tmp_path / "wine"
+    names = {
+        "dead_here": f".staging-{host}-{dead_pid}-0123456789abcdef-00000000",
+        "alive_here": f".staging-{host}-{os.getppid()}-0123456789abcdef-00000001",
+        "other_host": f".staging-elsewhere-{dead_pid}-0123456789abcdef-00000002",
+        "old_style": ".staging-0123456789abcdef-00000003",
+    }
+    for name in names.values():
+        (folder / name).mkdir(parents=True)
+        (folder / name / "train.parquet").write_text("partial")
+    fs = build_feature_set("wine", DATA, FEATURES, tmp_path)
+    left = {p.name for p in folder.iterdir()}
+    assert left == {fs.version, names["alive_here"], names["other_host"], names["old_style"]}
+
+
+def test_a_version_folder_without_manifest_is_replaced(tmp_path: Path) -> None:
+    planned = plan_feature_set("wine", DATA, FEATURES)
+    broken = tmp_path / "wine" / planned.version
+    broken.mkdir(parents=True)
+    (broken / "train.parquet").write_text("half a copy")
+    assert list_feature_sets(tmp_path) == []
+    fs = publish_feature_set(planned, tmp_path)
+    assert fs.path == broken and fs.manifest == planned.manifest
+    assert sorted(p.name for p in broken.iterdir()) == [
+        "manifest.json",
+        "test.parquet",
+        "train.parquet",
+        "valid.parquet",
+    ]
+    assert len(fs.read("train")) == 125
+    assert [v.version for v in list_feature_sets(tmp_path)] == [fs.version]
+
+
+def test_the_publishing_rename_is_fsynced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    planned = plan_feature_set("wine", DATA, FEATURES)
+    target = tmp_path / "wine" / planned.version
+    synced: list[tuple[Path, bool]] = []
+    real_fsync = store_module._fsync
+
+    def recording_fsync(path: Path) -> None:
+        synced.append((path, target.exists()))
+        real_fsync(path)
+
+    monkeypatch.setattr(store_module, "_fsync", recording_fsync)
+    publish_feature_set(planned, tmp_path)
+    assert synced[-1] == (tmp_path / "wine", True)
+
+
+def test_listing_skips_what_is_not_a_published_version(tmp_path: Path) -> None:
+    fs = build_feature_set("wine", DATA, FEATURES, tmp_path)
+    (tmp_path / "wine" / "no-manifest").mkdir()
+    (tmp_path / "wine" / "bad-manifest").mkdir()
+    (tmp_path / "wine" / "bad-manifest" / "manifest.json").write_text("{not json")
+    (tmp_path / "wine" / "stray-file").write_text("x")
+    (tmp_path / "stray-file").write_text("x")
+    assert [v.version for v in list_feature_sets(tmp_path)] == [fs.version]
+    assert [v.version for v in list_feature_sets(tmp_path, "wine")] == [fs.version]
+    assert list_feature_sets(tmp_path / "stray-file") == []
+    with pytest.raises(UserError, match=r"bad-manifest.*is not a readable manifest; remove the folder"):
+        open_feature_set(tmp_path, "wine", "bad-manifest")
