@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from raylens.errors import UserError
 from raylens.features.config import SplitConfig
@@ -37,6 +36,9 @@ def split_rows(y: np.ndarray, config: SplitConfig, stratify: bool) -> SplitIndic
         )
     if n_held == 0:
         return SplitIndices(rows, rows[:0], rows[:0])
+    # Imported here: the served model imports raylens.features, and needs no scikit-learn.
+    from sklearn.model_selection import train_test_split
+
     try:
         train, held = train_test_split(
             rows, test_size=n_held, random_state=config.seed, stratify=y if stratify else None

@@ -7,7 +7,7 @@ The Ray Train bridge is ``raylens.trainer.ray_train``; a tracked run is ``raylen
 from raylens.trainer.config import ModelConfig, OptimizerConfig, ScalingConfig, TrainConfig
 from raylens.trainer.job import TrainJob, run_worker, shard_rows, task_spec
 from raylens.trainer.loop import Batches, Reporter, TaskSpec, TrainState, evaluate, fit, predict
-from raylens.trainer.models import build_model, check_params
+from raylens.trainer.models import build_model, check_model_runs, check_params, importable_from
 
 __all__ = [
     "Batches",
@@ -20,9 +20,11 @@ __all__ = [
     "TrainJob",
     "TrainState",
     "build_model",
+    "check_model_runs",
     "check_params",
     "evaluate",
     "fit",
+    "importable_from",
     "predict",
     "run_worker",
     "shard_rows",

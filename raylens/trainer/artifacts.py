@@ -1,29 +1,65 @@
 """The model artifact: an MLflow pyfunc model that takes the raw feature columns a user has.
 
 It holds the trained weights, the model's constructor and the fitted feature transforms, so the
-transform a served model applies is the one fitted at training time, byte for byte. Loading it
-needs torch, pandas, MLflow and raylens, nothing from the training run.
+transform a served model applies is the one fitted at training time, byte for byte. The raylens
+package travels inside the model (MLflow ``code_paths``), so loading it needs only the pinned
+distributions of ``pip_requirements()``: it installs where raylens itself does not.
+
+Loading the model imports this module (the pickled ``TabularTorchModel`` refers to it), so it and
+its imports stay free of Ray, the CLI and plotting: what the training side needs is imported
+inside ``log_model`` or only for type checking.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
+import sys
+import tempfile
+import warnings
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel, PythonModelContext
 
-from raylens.features import FeatureSet, apply_all, transforms_from_dicts
+import raylens
+from raylens.features import FeatureSet, apply_all, invert_all, transforms_from_dicts
 from raylens.trainer.config import ModelConfig
 from raylens.trainer.loop import TaskSpec, predict
 from raylens.trainer.models import build_model
 
+if TYPE_CHECKING:
+    from raylens.trainer.job import TrainJob
+    from raylens.trainer.tracking import MlflowTracker
+
 WEIGHTS = "weights"
 SPEC = "spec"
+
+LOADER_DISTRIBUTIONS = (
+    "mlflow",
+    "cloudpickle",  # unpickles the python_model; pickles are only safe across the same version
+    "torch",
+    "numpy",
+    "pandas",
+    "pyarrow",
+    "scikit-learn",
+    "pydantic",
+)
+"""What loading the model imports from an index: MLflow's loader, then the import chain of this
+module (raylens.features and raylens.trainer). raylens itself ships with the model."""
+
+SHOWN_ROWS = 5
+"""Row positions an error lists per column: enough to find the rows, short enough to read."""
 
 
 def write_model_files(
@@ -32,6 +68,8 @@ def write_model_files(
     model_config: ModelConfig,
     task: TaskSpec,
     feature_set: FeatureSet,
+    *,
+    registered_name: str | None = None,
 ) -> dict[str, str]:
     """Write the weights and everything needed to rebuild the model; return pyfunc artifacts."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -43,13 +81,18 @@ def write_model_files(
         "classes": feature_set.classes,
         "transforms": feature_set.manifest["transforms"],
         "feature_set": {"name": feature_set.name, "version": feature_set.version},
+        "registered_name": registered_name,
     }
     (folder / "model_spec.json").write_text(json.dumps(spec, indent=2))
     return {WEIGHTS: str(folder / "weights.pt"), SPEC: str(folder / "model_spec.json")}
 
 
 class TabularTorchModel(PythonModel):
-    """Raw feature columns in, predictions out (class labels, or values in the target's units)."""
+    """Raw feature columns in, predictions out (class labels, or values in the target's units).
+
+    Rows with a value that is not a finite number are refused with an error naming the columns and
+    rows, never predicted: the network would turn them into a confident wrong answer.
+    """
 
     def load_context(self, context: PythonModelContext) -> None:
         spec = json.loads(Path(context.artifacts[SPEC]).read_text())
@@ -57,6 +100,8 @@ class TabularTorchModel(PythonModel):
         self.classes: list[Any] | None = spec["classes"]
         self.task = TaskSpec(**spec["task"])
         self.transforms = transforms_from_dicts(spec["transforms"])
+        name = spec.get("registered_name")  # absent in models logged before it was recorded
+        self.label = f"models:/{name}" if name else "the model"
         model = build_model(ModelConfig(**spec["model"]), len(self.feature_columns), self.task.out_features)
         model.load_state_dict(torch.load(context.artifacts[WEIGHTS], map_location="cpu", weights_only=True))
         self.model = model.eval()
@@ -65,15 +110,160 @@ class TabularTorchModel(PythonModel):
         self, context: PythonModelContext, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> np.ndarray:
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-        missing = [c for c in self.feature_columns if c not in frame.columns]
-        if missing:
-            raise ValueError(
-                f"input is missing feature columns: {', '.join(missing)}; the model takes "
-                f"{len(self.feature_columns)} columns: {', '.join(self.feature_columns[:10])}..."
-            )
-        x = frame[self.feature_columns].to_numpy(dtype=np.float32)
+        x = feature_matrix(frame, self.feature_columns, self.label)
         x = apply_all(self.transforms, x, self.feature_columns)
         output = predict(self.model, torch.from_numpy(x), self.task)
         if self.classes is not None:
             return np.asarray(self.classes)[output]
         return output
+
+
+def feature_matrix(frame: pd.DataFrame, feature_columns: list[str], label: str) -> np.ndarray:
+    """The feature columns of ``frame`` as float32 (the training dtype), or an ``MlflowException``
+    (HTTP 400 when served) naming each missing column, or each column holding NaN, inf, -inf, a
+    value that is not a number or one beyond float32's range, with its first row positions."""
+    missing = [c for c in feature_columns if c not in frame.columns]
+    if missing:
+        raise MlflowException(
+            f"input is missing feature columns {', '.join(repr(c) for c in missing)}; {label} takes "
+            f"{len(feature_columns)} columns: {', '.join(repr(c) for c in feature_columns[:10])}"
+            f"{', ...' if len(feature_columns) > 10 else ''}",
+            error_code=INVALID_PARAMETER_VALUE,
+        )
+    block = frame[feature_columns]
+    with np.errstate(over="ignore"):  # a finite value beyond float32's range becomes inf: reported
+        try:
+            x = block.to_numpy(dtype=np.float32, na_value=np.nan)
+        except (TypeError, ValueError):
+            # Strings among object columns (what MLflow lets through for boolean and Any columns)
+            # fail the cast as a whole; converted value by value, each is reported where it is.
+            x = np.column_stack([_as_float64(block[c]) for c in feature_columns]).astype(np.float32)
+    bad = ~np.isfinite(x)
+    if bad.any():
+        problems = [
+            _describe(name, kind, np.flatnonzero(rows))
+            for i, name in enumerate(feature_columns)
+            if bad[:, i].any()
+            for kind, rows in _kinds(block[name], x[:, i]).items()
+            if rows.any()
+        ]
+        raise MlflowException(
+            f"input has values that are not finite numbers: {', '.join(problems)}; "
+            f"{label} takes finite numbers in every feature column",
+            error_code=INVALID_PARAMETER_VALUE,
+        )
+    return x
+
+
+def _as_float64(column: pd.Series) -> np.ndarray:
+    if not pd.api.types.is_numeric_dtype(column.dtype):
+        column = pd.to_numeric(column, errors="coerce")  # None and NaN stay NaN, strings become NaN
+    return column.to_numpy(dtype=np.float64, na_value=np.nan)
+
+
+def _kinds(column: pd.Series, as_float32: np.ndarray) -> dict[str, np.ndarray]:
+    """Which rows of one column are bad, by the kind of value a user would look for."""
+    absent = column.isna().to_numpy()
+    values = _as_float64(column)
+    return {
+        "NaN": absent,
+        "not a number": np.isnan(values) & ~absent,
+        "inf": values == np.inf,
+        "-inf": values == -np.inf,
+        "beyond float32 range": np.isfinite(values) & ~np.isfinite(as_float32),
+    }
+
+
+def _describe(column: str, kind: str, rows: np.ndarray) -> str:
+    shown = ", ".join(str(r) for r in rows[:SHOWN_ROWS])
+    more = f" and {len(rows) - SHOWN_ROWS} more" if len(rows) > SHOWN_ROWS else ""
+    return f"column {column!r} {'rows' if len(rows) > 1 else 'row'} [{shown}]{more} ({kind})"
+
+
+def pip_requirements() -> list[str]:
+    """``name==version`` for each of ``LOADER_DISTRIBUTIONS`` as installed now. A local build tag
+    (torch's ``+cpu``) is dropped: indexes serve builds under the public version."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    return [f"{name}=={Version(version(name)).public}" for name in LOADER_DISTRIBUTIONS]
+
+
+def log_model(
+    tracker: MlflowTracker,
+    run_id: str,
+    model: torch.nn.Module,
+    job: TrainJob,
+    feature_set: FeatureSet,
+    x_test: np.ndarray,
+    register_as: str | None,
+    lineage: Mapping[str, str],
+) -> tuple[str, str | None]:
+    """Log ``model`` as a pyfunc model of run ``run_id`` (and register it as ``register_as``);
+    return its model URI and registered version."""
+    import mlflow
+    from mlflow.models import infer_signature
+    from mlflow.types.schema import AnyType, ColSpec, Schema
+
+    columns = feature_set.feature_columns
+    transforms = transforms_from_dicts(feature_set.manifest["transforms"])
+    sample = x_test[:5] if len(x_test) else feature_set.read("train").x[:5]
+    # The signature takes the columns with the types the user's raw data has (from the manifest).
+    raw_types = {c: pa.type_for_alias(feature_set.manifest["schema"][c]).to_pandas_dtype() for c in columns}
+    example = pd.DataFrame(invert_all(transforms, sample, columns), columns=columns)
+    whole = [c for c, t in raw_types.items() if not np.issubdtype(t, np.floating)]
+    example[whole] = example[whole].round()  # undo float error before casting back to int/bool
+    example = example.astype(raw_types)
+    with tempfile.TemporaryDirectory() as tmp:
+        artifacts = write_model_files(
+            Path(tmp), model.state_dict(), job.model, job.task, feature_set, registered_name=register_as
+        )
+        loaded = TabularTorchModel()
+        context = PythonModelContext(artifacts=artifacts, model_config={})
+        loaded.load_context(context)
+        with warnings.catch_warnings():
+            # MLflow's hint that integer columns cannot hold missing values: the served model
+            # refuses such rows with the column named, which is what it should do.
+            warnings.filterwarnings("ignore", "Hint: Inferred schema contains integer", UserWarning)
+            signature = infer_signature(example, loaded.predict(context, example))
+        # MLflow's JSON parser casts a boolean column with astype(bool), turning null into False
+        # and any string into True before predict could refuse them; declared Any, the values
+        # reach feature_matrix as sent. (Float columns keep NaN and inf; integer columns holding
+        # them are refused by MLflow's own schema check, naming the column.)
+        signature.inputs = Schema(
+            [
+                ColSpec(AnyType(), c) if np.issubdtype(t, np.bool_) else spec
+                for spec, (c, t) in zip(signature.inputs.inputs, raw_types.items(), strict=True)
+            ]
+        )
+        # MLflow prints registry chatter straight to stderr; keep it for --verbose logs only.
+        chatter = io.StringIO()
+        # Checking the input example loads the model, which puts its code folder (a temporary
+        # copy) in front of sys.path for good: keep this process's import path as it was.
+        import_path = list(sys.path)
+        try:
+            with tracker.active(run_id), contextlib.redirect_stderr(chatter):
+                info = mlflow.pyfunc.log_model(
+                    name="model",
+                    python_model=TabularTorchModel(),
+                    artifacts=artifacts,
+                    signature=signature,
+                    input_example=example,
+                    registered_model_name=register_as,
+                    code_paths=[str(Path(raylens.__file__).parent)],  # MLflow leaves out __pycache__
+                    pip_requirements=pip_requirements(),
+                    metadata={
+                        "raylens_version": raylens.__version__,
+                        "feature_set": feature_set.name,
+                        "feature_set_version": feature_set.version,
+                        "task": job.task.kind,
+                        **lineage,
+                    },
+                )
+        finally:
+            sys.path[:] = import_path
+    if chatter.getvalue().strip():
+        logging.getLogger(__name__).info(chatter.getvalue().strip())
+    version = str(info.registered_model_version) if register_as and info.registered_model_version else None
+    return info.model_uri, version

@@ -68,7 +68,9 @@ def run_worker(
     strategy = resolve_strategy(job.train.scaling.strategy, world_size)
     model = parallelize(model, strategy, device)
     optimizer = make_optimizer(model, job.train.optimizer)
-    start_epoch = restore(model, optimizer, resume_from) if resume_from else 0
+    start_epoch = (
+        restore(model, optimizer, resume_from, rank=rank, world_size=world_size) if resume_from else 0
+    )
     rows = shard_rows(len(train), rank, world_size, job.train.seed)
     combine = all_reduce_sum if world_size > 1 else local
     eval_model: nn.Module = model

@@ -78,3 +78,15 @@ def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, floa
     metrics = metrics_from_summary(summarize(y_true, y_pred, 0.0, "regression", 0), "regression", 0)
     metrics.pop("loss", None)
     return metrics
+
+
+VALIDATION_METRICS = {
+    "classification": ("loss", "accuracy", "f1_macro"),
+    "regression": ("loss", "rmse", "mae", "r2"),
+}
+TRAIN_METRICS = ("epoch", "train_loss", "train_samples_per_s")
+
+
+def reported_metrics(kind: str) -> list[str]:
+    """Every metric the loop reports each epoch for a task: what a sweep can optimize."""
+    return [*TRAIN_METRICS, *(f"valid_{name}" for name in VALIDATION_METRICS[kind])]

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -122,6 +125,42 @@ def build_model(config: ModelConfig, in_features: int, out_features: int) -> nn.
     if not isinstance(model, nn.Module):
         raise UserError(f"model.name: '{config.name}' returned {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def check_model_runs(
+    config: ModelConfig, rows: torch.Tensor, out_features: int, where: str = "model"
+) -> None:
+    """Build the model and run one forward pass on a few real rows, before any worker starts:
+    a parameter the constructor takes but cannot use (``hidden: 64``) or a factory whose layers
+    do not fit the data fails here, naming the key, instead of in every worker after retries."""
+    model = build_model(config, rows.shape[1], out_features)
+    try:
+        with torch.no_grad():
+            output = model.eval()(rows)
+    except Exception as exc:  # anything the user's module raises on a batch
+        raise UserError(
+            f"{where}: '{config.name}' with params {config.params} fails on a batch of "
+            f"{rows.shape[1]} features: {type(exc).__name__}: {exc}; fix {where}.params or the model"
+        ) from None
+    if output.ndim != 2 or output.shape[1] != out_features:
+        raise UserError(
+            f"{where}: '{config.name}' returns shape {tuple(output.shape)} for a batch of {rows.shape[0]} "
+            f"rows; it must return (rows, {out_features}) for this task"
+        )
+
+
+@contextmanager
+def importable_from(folders: Sequence[Path]) -> Iterator[None]:
+    """User factories ("my_models:build") live beside the spec: the driver imports them from
+    those folders, as Ray's workers do through PYTHONPATH. ``sys.path`` is restored after."""
+    added = [str(f.resolve()) for f in folders if str(f.resolve()) not in sys.path]
+    sys.path[:0] = added
+    try:
+        yield
+    finally:
+        for entry in added:
+            if entry in sys.path:
+                sys.path.remove(entry)
 
 
 def _activation(name: str) -> type[nn.Module]:

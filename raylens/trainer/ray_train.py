@@ -3,10 +3,20 @@
 Ray Train only launches processes, sets up the process group and persists checkpoints; the
 training itself is ``run_worker``. Rank 0 also puts each epoch's metrics on a queue, so the
 driver (the one writer to the tracker) sees them live and can draw progress.
+
+Two promises hold whatever restarts happen:
+- the driver hears each epoch once: after a worker-group restart the epochs since the restored
+  checkpoint are trained and reported again, bit-identical (the checkpoint carries the random
+  state), and the replay is not passed on;
+- an interrupted driver (Ctrl-C, SIGTERM) aborts its run through the Train controller, so no
+  worker keeps training after the invocation ended; the checkpoints stay for a resume.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import posixpath
 import tempfile
 import threading
 from collections.abc import Callable
@@ -14,17 +24,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs
 import ray
 import ray.train
 import ray.train.torch
 import torch
 from ray.train import CheckpointUploadMode
+from ray.train.v2._internal.execution.callback import ControllerCallback
 from ray.util.queue import Empty, Queue
 
 from raylens.features import FeatureSet
 from raylens.trainer.job import TrainJob, run_worker
 from raylens.trainer.loop import TrainState
-from raylens.trainer.parallel import gather_checkpoint, load_checkpoint, save_checkpoint
+from raylens.trainer.parallel import CorruptCheckpoint, gather_checkpoint, load_checkpoint, save_checkpoint
+
+logger = logging.getLogger(__name__)
+EPOCH, CONTROLLER, NOTICE = "epoch", "controller", "notice"
+"""Kinds of message on the queue from the run to the driver."""
 
 
 @dataclass(frozen=True)
@@ -54,25 +70,75 @@ class RayTrainReporter:
             checkpoint = ray.train.Checkpoint.from_directory(str(folder))
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
         if self.rank == 0 and self.queue is not None:
-            self.queue.put_nowait(metrics)
+            self.queue.put_nowait((EPOCH, metrics))
+
+
+class _ControllerHandle(ControllerCallback):
+    """Runs in the Train controller and hands the driver its actor handle, so an interrupted
+    driver can abort the run (Ray registers its own abort only when ``fit`` runs on the main
+    thread, and here it runs beside the loop that drains the queue)."""
+
+    def __init__(self, queue: Queue) -> None:
+        self.queue = queue
+
+    def after_controller_start(self, train_run_context: Any) -> None:
+        # Not ``queue.put``: a blocking get inside the controller's event loop would stall it.
+        self.queue.actor.put_nowait.remote((CONTROLLER, ray.get_runtime_context().current_actor))  # type: ignore[attr-defined]
+
+
+def restore_point(checkpoint: ray.train.Checkpoint) -> tuple[dict[str, Any], str | None]:
+    """The state to resume from: ``checkpoint`` (the latest Ray persisted), or when it cannot be
+    read the newest older checkpoint of the same run that can. Returns the state and a notice
+    when it fell back. Older checkpoints are only read, never changed."""
+    fs, path = checkpoint.filesystem, checkpoint.path.rstrip("/")
+    assert fs is not None  # a persisted checkpoint always knows its filesystem
+    parent, name = posixpath.split(path)
+    siblings = fs.get_file_info(pyarrow.fs.FileSelector(parent))
+    older = sorted(
+        (i.path for i in siblings if i.type == pyarrow.fs.FileType.Directory and i.base_name < name),
+        key=posixpath.basename,
+        reverse=True,
+    )
+    problems = []
+    for candidate in [path, *(p for p in older if posixpath.basename(p).startswith("checkpoint_"))]:
+        try:
+            with ray.train.Checkpoint(candidate, filesystem=fs).as_directory() as folder:
+                state = load_checkpoint(Path(folder))
+        except CorruptCheckpoint as exc:
+            problems.append(str(exc))
+            continue
+        notice = None
+        if candidate != path:
+            notice = (
+                f"the latest checkpoint is unreadable ({problems[0]}); resuming from "
+                f"{posixpath.basename(candidate)} (epoch {state['epoch']}) instead"
+            )
+        return state, notice
+    raise CorruptCheckpoint(
+        "no checkpoint of this run can be read: "
+        + "; ".join(problems)
+        + ". Start the run anew without --resume"
+    )
 
 
 def _train_loop_per_worker(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     job: TrainJob = config["job"]
+    queue: Queue | None = config.get("queue")
     torch.set_num_threads(max(1, round(job.train.scaling.cpus_per_worker)))
     feature_set = FeatureSet(Path(config["feature_set_path"]), config["manifest"])
     resume_from = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            resume_from = load_checkpoint(Path(folder))
+        resume_from, notice = restore_point(checkpoint)
+        if notice and rank == 0 and queue is not None:
+            queue.put_nowait((NOTICE, notice))
     run_worker(
         job,
         feature_set.read("train"),
         feature_set.read("valid"),
-        RayTrainReporter(rank, config.get("queue")),
+        RayTrainReporter(rank, queue),
         rank=rank,
         world_size=world_size,
         device=ray.train.torch.get_device(),
@@ -87,9 +153,10 @@ def train_distributed(
     run_name: str,
     storage_path: Path,
     on_epoch: Callable[[dict[str, float]], None] = lambda metrics: None,
+    on_notice: Callable[[str], None] = logger.warning,
 ) -> TrainOutcome:
     """Train with ``job.train.scaling.workers`` Ray Train workers; resume if ``run_name`` has a
-    checkpoint under ``storage_path`` already."""
+    checkpoint under ``storage_path`` already. ``on_epoch`` hears each epoch once, in order."""
     scaling = job.train.scaling
     queue = Queue(actor_options={"num_cpus": 0})
     trainer = ray.train.torch.TorchTrainer(
@@ -110,6 +177,7 @@ def train_distributed(
             storage_path=str(storage_path),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.train.checkpoints_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=job.train.max_failures),
+            callbacks=[_ControllerHandle(queue)],  # type: ignore[list-item]  # Ray accepts controller callbacks
         ),
     )
     outcome: dict[str, Any] = {}
@@ -123,31 +191,45 @@ def train_distributed(
     # fit() blocks, so it runs beside the loop that drains live metrics for the caller.
     thread = threading.Thread(target=fit, name="raylens-fit", daemon=True)
     thread.start()
-    history: list[dict[str, float]] = []
+    history: dict[int, dict[str, float]] = {}
+    controller: list[Any] = []
 
     def drain(block: bool) -> None:
         while True:
             try:
-                metrics = queue.get(block=block, timeout=0.5) if block else queue.get_nowait()
+                kind, payload = queue.get(block=block, timeout=0.5) if block else queue.get_nowait()
             except Empty:
                 return
-            history.append(metrics)
-            on_epoch(metrics)
+            if kind == CONTROLLER:
+                controller.append(payload)
+            elif kind == NOTICE:
+                on_notice(payload)
+            elif int(payload["epoch"]) not in history:  # a replay after a restart: heard already
+                history[int(payload["epoch"])] = payload
+                on_epoch(payload)
 
-    while thread.is_alive():
-        drain(block=True)
-    drain(block=False)
-    queue.shutdown()
+    try:
+        while thread.is_alive():
+            drain(block=True)
+        drain(block=False)
+    except BaseException:
+        _abort(controller, thread)
+        raise
+    finally:
+        queue.shutdown()
     if "error" in outcome:
         raise outcome["error"]
     result = outcome["result"]
     if result.checkpoint is None:
         raise RuntimeError(f"training run '{run_name}' finished without a checkpoint")
-    return TrainOutcome(Path(result.checkpoint.path), _dedupe_epochs(history), str(result.path))
+    return TrainOutcome(Path(result.checkpoint.path), [history[e] for e in sorted(history)], str(result.path))
 
 
-def _dedupe_epochs(history: list[dict[str, float]]) -> list[dict[str, float]]:
-    """After a worker-group restart, epochs after the checkpoint are reported again: keep the
-    last report of each epoch."""
-    by_epoch = {int(m["epoch"]): m for m in history}
-    return [by_epoch[e] for e in sorted(by_epoch)]
+def _abort(controller: list[Any], fit_thread: threading.Thread) -> None:
+    """Stop the run's workers and wait for ``fit`` to return, so nothing trains on after the
+    driver gave up and Ray can be shut down cleanly."""
+    if controller:
+        # The controller exits as part of aborting: its death is the success.
+        with contextlib.suppress(Exception):
+            ray.get(controller[0].abort.remote(), timeout=30)
+    fit_thread.join(timeout=30)

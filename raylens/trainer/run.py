@@ -6,23 +6,14 @@ evaluation runs here, on the final checkpoint, whatever strategy trained it.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
-import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pandas as pd
-import pyarrow as pa
-import torch
-
-import raylens
-from raylens.features import FeatureSet, invert_all, transforms_from_dicts
-from raylens.trainer.artifacts import TabularTorchModel, write_model_files
+from raylens.features import FeatureSet
+from raylens.trainer.artifacts import log_model
 from raylens.trainer.job import TrainJob
 from raylens.trainer.loop import Batches, evaluate, predict
 from raylens.trainer.metrics import confusion_matrix
@@ -30,7 +21,7 @@ from raylens.trainer.models import build_model
 from raylens.trainer.parallel import load_checkpoint
 from raylens.trainer.plots import confusion_matrix_figure, learning_curves_figure
 from raylens.trainer.ray_train import train_distributed
-from raylens.trainer.tracking import MlflowTracker, Tracker
+from raylens.trainer.tracking import MlflowTracker, Tracker, ended_status
 
 EpochListener = Callable[[dict[str, float]], None]
 
@@ -58,20 +49,43 @@ def train_and_record(
     tags: Mapping[str, str],
     register_as: str | None = None,
     parent_run_id: str | None = None,
+    run_id: str | None = None,
+    on_run_started: Callable[[str], None] = lambda run_id: None,
     on_epoch: EpochListener = lambda metrics: None,
+    on_notice: Callable[[str], None] = logging.getLogger(__name__).warning,
 ) -> TrainRunResult:
-    run_id = tracker.start_run(run_name, parent_run_id=parent_run_id, tags=tags)
+    """Train, evaluate on the test split, log and register. With ``run_id`` (a resume) the run
+    goes on in that MLflow run: epochs it already holds are not logged again, and its learning
+    curves cover every epoch, before and after the interruption."""
+    if run_id is None:
+        run_id = tracker.start_run(run_name, parent_run_id=parent_run_id, tags=tags)
+        earlier: list[dict[str, float]] = []
+    else:
+        tracker.reopen_run(run_id)
+        earlier = tracker.metric_history(run_id)
+    on_run_started(run_id)
     try:
-        tracker.log_params(run_id, params)
-        tracker.log_dict(run_id, feature_set.manifest, "feature_set/manifest.json")
+        if not earlier:
+            tracker.log_params(run_id, params)
+            tracker.log_dict(run_id, feature_set.manifest, "feature_set/manifest.json")
+        history = {int(m["epoch"]): m for m in earlier if "epoch" in m}
 
         def record_epoch(metrics: dict[str, float]) -> None:
-            tracker.log_metrics(run_id, metrics, step=int(metrics["epoch"]))
+            epoch = int(metrics["epoch"])
+            if epoch not in history:  # one value per epoch, whatever was replayed or resumed
+                history[epoch] = metrics
+                tracker.log_metrics(run_id, metrics, step=epoch)
             on_epoch(metrics)
 
         outcome = train_distributed(
-            job, feature_set, run_name=run_name, storage_path=storage_path, on_epoch=record_epoch
+            job,
+            feature_set,
+            run_name=run_name,
+            storage_path=storage_path,
+            on_epoch=record_epoch,
+            on_notice=on_notice,
         )
+        outcome = replace(outcome, history=[history[e] for e in sorted(history)])
         state = load_checkpoint(outcome.checkpoint_dir)
         model = build_model(job.model, job.in_features, job.task.out_features)
         model.load_state_dict(state["model"])
@@ -98,12 +112,14 @@ def train_and_record(
             lineage = (
                 {"git_commit": tags["mlflow.source.git.commit"]} if "mlflow.source.git.commit" in tags else {}
             )
-            model_uri, version = _log_model(
+            model_uri, version = log_model(
                 tracker, run_id, model, job, feature_set, test.x, register_as, lineage
             )
         tracker.end_run(run_id, "FINISHED")
     except BaseException as exc:
-        tracker.end_run(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        tracker.end_run(run_id, ended_status(exc))
+        if not isinstance(exc, KeyboardInterrupt):
+            tracker.set_tags(run_id, {"raylens.error": str(exc)[:4000]})
         raise
     return TrainRunResult(
         run_id,
@@ -115,69 +131,3 @@ def train_and_record(
         version,
         confusion,
     )
-
-
-def _log_model(
-    tracker: MlflowTracker,
-    run_id: str,
-    model: torch.nn.Module,
-    job: TrainJob,
-    feature_set: FeatureSet,
-    x_test: np.ndarray,
-    register_as: str | None,
-    lineage: Mapping[str, str],
-) -> tuple[str, str | None]:
-    import mlflow
-    from mlflow.models import infer_signature
-
-    columns = feature_set.feature_columns
-    transforms = transforms_from_dicts(feature_set.manifest["transforms"])
-    sample = x_test[:5] if len(x_test) else feature_set.read("train").x[:5]
-    # The signature takes the columns with the types the user's raw data has (from the manifest).
-    raw_types = {c: pa.type_for_alias(feature_set.manifest["schema"][c]).to_pandas_dtype() for c in columns}
-    example = pd.DataFrame(invert_all(transforms, sample, columns), columns=columns)
-    whole = [c for c, t in raw_types.items() if not np.issubdtype(t, np.floating)]
-    example[whole] = example[whole].round()  # undo float error before casting back to int/bool
-    example = example.astype(raw_types)
-    with tempfile.TemporaryDirectory() as tmp:
-        artifacts = write_model_files(Path(tmp), model.state_dict(), job.model, job.task, feature_set)
-        loaded = TabularTorchModel()
-        loaded.load_context(_Context(artifacts))  # type: ignore[arg-type]
-        signature = infer_signature(example, loaded.predict(None, example))  # type: ignore[arg-type]
-        # MLflow prints registry chatter straight to stderr; keep it for --verbose logs only.
-        chatter = io.StringIO()
-        with tracker.active(run_id), contextlib.redirect_stderr(chatter):
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=TabularTorchModel(),
-                artifacts=artifacts,
-                signature=signature,
-                input_example=example,
-                registered_model_name=register_as,
-                pip_requirements=[
-                    f"torch=={torch.__version__.split('+')[0]}",
-                    f"mlflow=={mlflow.__version__}",
-                    f"raylens=={raylens.__version__}",
-                    "pandas",
-                    "numpy",
-                ],
-                metadata={
-                    "raylens_version": raylens.__version__,
-                    "feature_set": feature_set.name,
-                    "feature_set_version": feature_set.version,
-                    "task": job.task.kind,
-                    **lineage,
-                },
-            )
-    if chatter.getvalue().strip():
-        logging.getLogger(__name__).info(chatter.getvalue().strip())
-    version = str(info.registered_model_version) if register_as and info.registered_model_version else None
-    return info.model_uri, version
-
-
-class _Context:
-    """Enough of ``PythonModelContext`` to load the model before it is logged (for the signature)."""
-
-    def __init__(self, artifacts: dict[str, str]) -> None:
-        self.artifacts = artifacts
-        self.model_config: dict[str, Any] = {}

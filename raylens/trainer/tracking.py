@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,17 +18,23 @@ from typing import Any, Protocol
 
 from matplotlib.figure import Figure
 
+from raylens.errors import UserError
+
 MAX_PARAM_LENGTH = 6000
+_URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 
 
 class Tracker(Protocol):
     def start_run(
         self, name: str, *, parent_run_id: str | None = None, tags: Mapping[str, str] | None = None
     ) -> str: ...
+    def reopen_run(self, run_id: str) -> None: ...
+    def metric_history(self, run_id: str) -> list[dict[str, float]]: ...
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None: ...
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None: ...
     def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None: ...
     def log_dict(self, run_id: str, data: Any, path: str) -> None: ...
+    def log_text(self, run_id: str, text: str, path: str) -> None: ...
     def log_figure(self, run_id: str, figure: Figure, path: str) -> None: ...
     def end_run(self, run_id: str, status: str = "FINISHED") -> None: ...
     @contextmanager
@@ -47,18 +54,33 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 class MlflowTracker:
-    """Writes through ``MlflowClient`` with explicit run ids, so runs of a sweep can be open at once."""
+    """Writes through ``MlflowClient`` with explicit run ids, so runs of a sweep can be open at once.
+
+    It never sets MLflow's process-wide tracking URI: the one call that needs the fluent API
+    (``log_model``) runs inside ``active``, which sets the URI and puts the old one back.
+    """
 
     def __init__(self, tracking_uri: str, experiment: str, artifact_root: Path | None = None) -> None:
-        import mlflow
         from mlflow import MlflowClient
 
         self.tracking_uri = tracking_uri
-        # The fluent API (log_model, the registry) reads the global URI: set it once, here.
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)
-        self.client = MlflowClient(tracking_uri)
-        found = self.client.get_experiment_by_name(experiment)
+        shown = redact(tracking_uri)
+        check_tracking_uri(tracking_uri)
+        try:
+            self.client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+            found = self.client.get_experiment_by_name(experiment)
+        except Exception as exc:  # each store backend fails its own way: name the URI and the cause
+            raise UserError(
+                f"tracking.uri: cannot open the MLflow tracking store at '{shown}': "
+                f"{redact(_first_line(exc))}; check the URI (sqlite:///absolute/path.db, "
+                "http://host:port, ...) or leave tracking.uri unset for the run folder's SQLite store"
+            ) from None
+        if found is not None and found.lifecycle_stage == "deleted":
+            raise UserError(
+                f"tracking: the MLflow experiment '{experiment}' was deleted (id {found.experiment_id}); "
+                f"restore it with `mlflow experiments restore --experiment-id {found.experiment_id}` "
+                f"(MLFLOW_TRACKING_URI={shown}), or set tracking.experiment to a new name"
+            )
         if found is not None:
             self.experiment_id = found.experiment_id
         else:
@@ -73,6 +95,19 @@ class MlflowTracker:
             all_tags["mlflow.parentRunId"] = parent_run_id
         run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
         return str(run.info.run_id)
+
+    def reopen_run(self, run_id: str) -> None:
+        """Continue a run an interrupted invocation left (KILLED or RUNNING) instead of starting
+        a second one: the resumed run keeps its id, params and earlier epochs."""
+        self.client.update_run(run_id, status="RUNNING")
+
+    def metric_history(self, run_id: str) -> list[dict[str, float]]:
+        """Every logged step of the run as one dict per step, in step order."""
+        steps: dict[int, dict[str, float]] = {}
+        for key in self.client.get_run(run_id).data.metrics:
+            for metric in self.client.get_metric_history(run_id, key):
+                steps.setdefault(metric.step, {})[key] = metric.value
+        return [steps[step] for step in sorted(steps)]
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
@@ -98,10 +133,13 @@ class MlflowTracker:
     def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
         from mlflow.entities import RunTag
 
-        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self.client.log_batch(run_id, tags=[RunTag(k, redact(str(v))) for k, v in tags.items()])
 
     def log_dict(self, run_id: str, data: Any, path: str) -> None:
-        self.client.log_dict(run_id, data, path)
+        self.client.log_dict(run_id, redact_values(data), path)
+
+    def log_text(self, run_id: str, text: str, path: str) -> None:
+        self.client.log_text(run_id, redact(text), path)
 
     def log_figure(self, run_id: str, figure: Figure, path: str) -> None:
         from matplotlib import pyplot as plt
@@ -129,15 +167,37 @@ class MlflowTracker:
 
     @contextmanager
     def active(self, run_id: str) -> Iterator[None]:
-        """Make ``run_id`` the fluent API's active run (``log_model`` takes no run id)."""
+        """Make ``run_id`` the fluent API's active run (``log_model`` takes no run id), on this
+        tracker's store; MLflow's global URIs and their environment variables are put back after."""
         import mlflow
+        from mlflow.tracking._model_registry import utils as registry_utils
+        from mlflow.tracking._tracking_service import utils as tracking_utils
 
-        with mlflow.start_run(run_id=run_id):
-            yield
+        saved_env = {key: os.environ.get(key) for key in _URI_VARIABLES}
+        saved_tracking, saved_registry = tracking_utils._tracking_uri, registry_utils._registry_uri
+        mlflow.set_tracking_uri(self.tracking_uri)
+        mlflow.set_registry_uri(self.tracking_uri)
+        try:
+            with mlflow.start_run(run_id=run_id):
+                yield
+        finally:
+            mlflow.set_tracking_uri(saved_tracking)  # type: ignore[arg-type]  # None: back to unset
+            registry_utils._registry_uri = saved_registry
+            for key, value in saved_env.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
 
 class NullTracker:
     """A tracker that records nothing (benchmarks, dry runs)."""
+
+    def reopen_run(self, run_id: str) -> None:
+        pass
+
+    def metric_history(self, run_id: str) -> list[dict[str, float]]:
+        return []
 
     def start_run(
         self, name: str, *, parent_run_id: str | None = None, tags: Mapping[str, str] | None = None
@@ -154,6 +214,9 @@ class NullTracker:
         pass
 
     def log_dict(self, run_id: str, data: Any, path: str) -> None:
+        pass
+
+    def log_text(self, run_id: str, text: str, path: str) -> None:
         pass
 
     def log_figure(self, run_id: str, figure: Figure, path: str) -> None:
@@ -189,4 +252,69 @@ def git_commit(folder: Path) -> str | None:
 
 def _param_text(value: Any) -> str:
     text = value if isinstance(value, str) else json.dumps(value)
-    return text[:MAX_PARAM_LENGTH]
+    return redact(text)[:MAX_PARAM_LENGTH]
+
+
+def ended_status(exc: BaseException) -> str:
+    """The MLflow status of a run that ``exc`` ended: KILLED when the user stopped it (Ctrl-C,
+    SIGTERM), FAILED otherwise."""
+    return "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+
+
+_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@:\s]*):(?P<secret>[^/@\s]+)@")
+_SECRET_QUERY = re.compile(
+    r"(?P<key>[?&](?:password|passwd|pwd|token|access_token|secret|key|api_key|sig|signature)=)[^&\s]+",
+    re.IGNORECASE,
+)
+
+
+def redact(text: str) -> str:
+    """``postgresql://me:hunter2@db/x?token=abc`` → ``postgresql://me:***@db/x?token=***``.
+
+    Applied to everything the tracker records, so a credential in a URI of the spec never
+    reaches a param, a tag or a logged file."""
+    text = _CREDENTIALS.sub(r"\g<scheme>\g<user>:***@", text)
+    return _SECRET_QUERY.sub(r"\g<key>***", text)
+
+
+def redact_values(data: Any) -> Any:
+    """``redact`` applied to every string inside a JSON-like value."""
+    if isinstance(data, str):
+        return redact(data)
+    if isinstance(data, Mapping):
+        return {key: redact_values(value) for key, value in data.items()}
+    if isinstance(data, list | tuple):
+        return [redact_values(value) for value in data]
+    return data
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:500]
+
+
+def check_tracking_uri(tracking_uri: str, timeout_s: float = 3.0) -> None:
+    """The checks of a tracking URI that take a moment, not MLflow's minutes of HTTP retries:
+    a tracking server must be listening, a SQLite database's folder must exist."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if tracking_uri.startswith("sqlite:///"):
+        folder = Path(tracking_uri[len("sqlite:///") :]).parent
+        if not folder.is_dir():
+            raise UserError(
+                f"tracking.uri: the folder of the SQLite database '{redact(tracking_uri)}' does not exist "
+                f"({folder}); create it, or leave tracking.uri unset for the run folder's store"
+            )
+        return
+    parts = urlsplit(tracking_uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout_s).close()
+    except OSError as exc:
+        raise UserError(
+            f"tracking.uri: no MLflow tracking server answers at '{redact(tracking_uri)}' ({exc}); "
+            "start it (`mlflow server --host 127.0.0.1 --port PORT`) or fix the address"
+        ) from None

@@ -2,7 +2,7 @@
 
 from raylens.tuning.config import TuneConfig
 from raylens.tuning.plan import ConcurrencyPlan, plan_concurrency
-from raylens.tuning.space import Distribution, check_space, parse_space, with_overrides
+from raylens.tuning.space import Distribution, check_space, parse_space, sample_configs, with_overrides
 
 __all__ = [
     "ConcurrencyPlan",
@@ -11,5 +11,6 @@ __all__ = [
     "check_space",
     "parse_space",
     "plan_concurrency",
+    "sample_configs",
     "with_overrides",
 ]

@@ -122,13 +122,21 @@ def with_overrides(
         ) from None
 
 
+def sample_configs(
+    space: dict[str, Distribution], model: ModelConfig, train: TrainConfig, seed: int = 0, count: int = 3
+) -> list[tuple[dict[str, Any], ModelConfig, TrainConfig]]:
+    """A few configurations drawn from the space (without Ray), validated: for checks at load."""
+    rng = random.Random(seed)
+    drawn = []
+    for _ in range(count):
+        values = {path: dist.sample(rng) for path, dist in space.items()}
+        drawn.append((values, *with_overrides(model, train, values)))
+    return drawn
+
+
 def check_space(
     space: dict[str, Distribution], model: ModelConfig, train: TrainConfig, seed: int = 0
 ) -> None:
     """Draw from every distribution a few times and validate the configs they make."""
-    rng = random.Random(seed)
-    for _ in range(3):
-        sampled_model, _ = with_overrides(
-            model, train, {path: dist.sample(rng) for path, dist in space.items()}
-        )
+    for _, sampled_model, _ in sample_configs(space, model, train, seed):
         check_params(sampled_model)

@@ -8,8 +8,12 @@ launches a Ray Train run of that size, through the same bridge the final trainin
 
 from __future__ import annotations
 
+import os
+import signal
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -20,7 +24,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator
 
-from raylens.errors import UserError
+from raylens.errors import Interrupted, UserError
 from raylens.features import FeatureSet, SplitArrays
 from raylens.trainer import ModelConfig, TrainConfig, TrainJob, TrainState, run_worker
 from raylens.trainer.parallel import gather_checkpoint, load_checkpoint, save_checkpoint
@@ -103,8 +107,16 @@ def run_sweep(
     run_name: str,
     resume: bool = False,
     on_event: Callable[[TrialEvent], None] = lambda event: None,
+    known_runs: Mapping[str, str] | None = None,
+    on_run_created: Callable[[str, str], None] = lambda trial_id, run_id: None,
 ) -> SweepResult:
-    """Run the sweep on the connected Ray cluster and return the best configuration found."""
+    """Run the sweep on the connected Ray cluster and return the best completed configuration.
+
+    With ``resume`` an interrupted sweep at ``storage_path / run_name`` goes on: finished trials
+    are kept, interrupted ones continue from their last checkpoint, in the MLflow runs named by
+    ``known_runs`` (trial id → run id; ``on_run_created`` hears each new one). A SIGINT or SIGTERM
+    stops the sweep the way Tune saves it for a resume, then raises ``Interrupted``.
+    """
     space = {path: dist.to_tune() for path, dist in parse_space(config.space).items()}
     workers = config.workers_per_trial
     plan = plan_concurrency(
@@ -153,7 +165,7 @@ def run_sweep(
         else FIFOScheduler()
     )
     experiment_path = storage_path / run_name
-    recorder = TrialRecorder(tracker, parent_run_id, epochs, on_event)
+    recorder = TrialRecorder(tracker, parent_run_id, epochs, on_event, known_runs, on_run_created)
     run_config = tune.RunConfig(
         name=run_name,
         storage_path=str(storage_path),
@@ -180,7 +192,8 @@ def run_sweep(
                 ),
                 run_config=run_config,
             )
-        grid = tuner.fit()
+        with _stop_gracefully_on_signals():
+            grid = tuner.fit()
     finally:
         recorder.close_open_runs()
         release(str(experiment_path))
@@ -204,5 +217,51 @@ def run_sweep(
         raise UserError(
             f"tune: no trial reported '{config.metric}'{hint}{'; errors: ' + errors if errors else ''}"
         )
-    best = grid.get_best_result(metric=config.metric, mode=config.mode)
-    return SweepResult(dict(best.config or {}), trial_metrics(best.metrics or {}), trials, plan)
+    best = best_trial(finished, config.metric, config.mode)
+    return SweepResult(best.config, best.metrics, trials, plan)
+
+
+def best_trial(finished: list[TrialSummary], metric: str, mode: str) -> TrialSummary:
+    """The completed trial with the best last-reported ``metric`` (a failed trial's last value
+    never counts); ties go to the lowest trial id, so the choice does not depend on timing."""
+    ordered = sorted(finished, key=lambda t: t.trial_id)
+    sign = 1.0 if mode == "min" else -1.0
+    return min(ordered, key=lambda t: sign * t.metrics[metric])
+
+
+@contextmanager
+def _stop_gracefully_on_signals() -> Iterator[None]:
+    """Turn SIGINT and SIGTERM during ``Tuner.fit`` into Tune's own graceful stop, then raise.
+
+    On SIGINT Tune's handler stops the loop, saves the sweep (running trials stay resumable)
+    and ``fit`` returns as if the sweep had finished; it then puts the SIGINT handler it found
+    back, which is how the stop is recognised here. Tune leaves SIGTERM alone: it is forwarded
+    to Tune's SIGUSR1 handler, the same graceful stop. Tune's handlers are removed afterwards
+    (it leaves them installed), so a later Ctrl-C is not swallowed.
+    """
+    if threading.current_thread() is not threading.main_thread() or os.environ.get(
+        "TUNE_DISABLE_SIGINT_HANDLER", "0"
+    ) not in ("", "0"):
+        yield
+        return
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    caught: list[int] = []
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        caught.append(signum)
+        tune_stop = signal.getsignal(signal.SIGUSR1)
+        if callable(tune_stop) and tune_stop is not before[signal.SIGUSR1]:
+            tune_stop(signal.SIGUSR1, frame)
+        else:  # Tune is not running its loop yet (or any more): stop right here
+            raise Interrupted(signum)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+        if not caught and signal.getsignal(signal.SIGINT) is before[signal.SIGINT]:
+            caught.append(signal.SIGINT)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+    if caught:
+        raise Interrupted(caught[0])

@@ -3,8 +3,9 @@ driver (the one writer), and closed with the status the trial ended in."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
@@ -43,31 +44,45 @@ class TrialRecorder:
         parent_run_id: str,
         max_epochs: int,
         on_event: Callable[[TrialEvent], None] = lambda event: None,
+        known_runs: Mapping[str, str] | None = None,
+        on_run_created: Callable[[str, str], None] = lambda trial_id, run_id: None,
     ) -> None:
         self.tracker = tracker
         self.parent_run_id = parent_run_id
         self.max_epochs = max_epochs
         self.on_event = on_event
+        self.known_runs = dict(known_runs or {})
+        """trial id → MLflow run id of trials an interrupted invocation of this sweep started."""
+        self.on_run_created = on_run_created
         self.run_ids: dict[str, str] = {}
         self.last_epoch: dict[str, int] = {}
 
     def started(self, trial: Any) -> None:
-        run_id = self.tracker.start_run(
-            f"trial-{trial.trial_id}",
-            parent_run_id=self.parent_run_id,
-            tags={"raylens.role": "trial", "raylens.trial_id": trial.trial_id},
-        )
+        run_id = self.known_runs.get(trial.trial_id)
+        if run_id is not None:
+            # A trial of a resumed sweep goes on in its own run: same id, no duplicate epochs.
+            self.tracker.reopen_run(run_id)
+            logged = self.tracker.metric_history(run_id)
+            self.last_epoch[trial.trial_id] = max((int(m.get("epoch", 0)) for m in logged), default=0)
+        else:
+            run_id = self.tracker.start_run(
+                f"trial-{trial.trial_id}",
+                parent_run_id=self.parent_run_id,
+                tags={"raylens.role": "trial", "raylens.trial_id": trial.trial_id},
+            )
+            self.tracker.log_params(run_id, trial.config)
+            self.known_runs[trial.trial_id] = run_id
+            self.on_run_created(trial.trial_id, run_id)
         self.run_ids[trial.trial_id] = run_id
-        self.tracker.log_params(run_id, trial.config)
         self.on_event(TrialEvent("started", trial.trial_id, dict(trial.config)))
 
     def result(self, trial: Any, result: dict[str, Any]) -> None:
         metrics = trial_metrics(result)
         epoch = int(metrics.get("epoch", result.get("training_iteration", 0)))
-        self.last_epoch[trial.trial_id] = epoch
         run_id = self.run_ids.get(trial.trial_id)
-        if run_id:
+        if run_id and epoch > self.last_epoch.get(trial.trial_id, 0):  # one value per epoch
             self.tracker.log_metrics(run_id, metrics, step=epoch)
+        self.last_epoch[trial.trial_id] = max(epoch, self.last_epoch.get(trial.trial_id, 0))
         self.on_event(TrialEvent("result", trial.trial_id, dict(trial.config), metrics))
 
     def completed(self, trial: Any) -> None:
@@ -77,7 +92,13 @@ class TrialRecorder:
         self.on_event(TrialEvent("completed", trial.trial_id, dict(trial.config), metrics, stopped_early))
 
     def failed(self, trial: Any) -> None:
-        self._close(trial, "FAILED", {"raylens.error_file": str(getattr(trial, "error_file", "") or "")})
+        """The trial's error stays with its run: a tag with its last line, the whole text as a file."""
+        error = _error_text(trial)
+        run_id = self.run_ids.get(trial.trial_id)
+        if run_id and error:
+            self.tracker.log_text(run_id, error, "error.txt")
+        last_line = error.strip().splitlines()[-1] if error.strip() else "unknown error"
+        self._close(trial, "FAILED", {"raylens.error": last_line[:4000]})
         self.on_event(TrialEvent("failed", trial.trial_id, dict(trial.config)))
 
     def _close(self, trial: Any, status: str, tags: dict[str, str]) -> None:
@@ -91,6 +112,17 @@ class TrialRecorder:
         for run_id in self.run_ids.values():
             self.tracker.end_run(run_id, status)
         self.run_ids.clear()
+
+
+def _error_text(trial: Any) -> str:
+    """The traceback Tune kept for a failed trial (its error file), or what it holds in memory."""
+    path = getattr(trial, "error_file", None)
+    if path:
+        try:
+            return Path(path).read_text()
+        except OSError:
+            pass
+    return str(getattr(trial, "error_msg", "") or "")
 
 
 _RECORDERS: dict[str, TrialRecorder] = {}

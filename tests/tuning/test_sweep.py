@@ -16,6 +16,7 @@ pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
 def sweep(iris: FeatureSet, tmp_path: Path, tune: TuneConfig, train: TrainConfig):  # type: ignore[no-untyped-def]
+    tmp_path.mkdir(parents=True, exist_ok=True)
     tracker = MlflowTracker(f"sqlite:///{tmp_path}/mlflow.db", "sweep-test", tmp_path / "artifacts")
     parent = tracker.start_run("sweep")
     events: list[TrialEvent] = []

@@ -1,0 +1,317 @@
+"""The registered model artifact, with real MLflow (SQLite in tmp_path) and no Ray.
+
+It predicts from raw rows what the torch model predicts from stored features, refuses rows it
+cannot predict with an error naming the columns, and installs and serves from its own
+requirements in a fresh virtual environment that has no raylens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from mlflow.exceptions import MlflowException
+
+from raylens.features import (
+    DataConfig,
+    FeaturesConfig,
+    FeatureSet,
+    build_feature_set,
+    invert_all,
+    transforms_from_dicts,
+)
+from raylens.trainer import Batches, ModelConfig, TrainConfig, TrainJob, TrainState, build_model, fit
+from raylens.trainer.artifacts import log_model, pip_requirements
+from raylens.trainer.loop import make_optimizer, predict
+from raylens.trainer.tracking import MlflowTracker
+
+INSTALL_TIMEOUT_S = 900
+SERVE_TIMEOUT_S = 180
+
+
+class Discard:
+    def report(self, metrics: dict[str, float], state: TrainState) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class Logged:
+    tracking_uri: str
+    model_uri: str
+    registered_version: str | None
+    raw_test: pd.DataFrame
+    """The test split's rows as the user has them (the fitted transforms undone)."""
+    expected: np.ndarray
+    """The torch model's own predictions on the stored test features, as labels."""
+
+
+def train_and_log(fs: FeatureSet, folder: Path, *, epochs: int, register_as: str | None) -> Logged:
+    job = TrainJob.for_feature_set(
+        ModelConfig(params={"hidden": [16]}),
+        TrainConfig(epochs=epochs, batch_size=16, optimizer={"lr": 0.01}),
+        fs,
+    )
+    torch.manual_seed(0)
+    model = build_model(job.model, job.in_features, job.task.out_features)
+    train, test = fs.read("train"), fs.read("test")
+    fit(
+        model,
+        make_optimizer(model, job.train.optimizer),
+        Batches.from_numpy(train.x, train.y),
+        job.task,
+        epochs=epochs,
+        batch_size=job.train.batch_size,
+        seed=0,
+        reporter=Discard(),
+    )
+    tracking_uri = f"sqlite:///{folder}/mlflow.db"
+    tracker = MlflowTracker(tracking_uri, "artifacts-test", folder / "mlartifacts")
+    run_id = tracker.start_run("train")
+    import_path = list(sys.path)
+    model_uri, version = log_model(tracker, run_id, model, job, fs, test.x, register_as, {})
+    assert sys.path == import_path, "logging the model changed this process's import path"
+    tracker.end_run(run_id)
+    columns = fs.feature_columns
+    raw = invert_all(transforms_from_dicts(fs.manifest["transforms"]), test.x, columns)
+    labels = np.asarray(fs.classes)[predict(model, torch.from_numpy(test.x), job.task)]
+    return Logged(
+        tracking_uri,
+        f"models:/{register_as}/{version}" if register_as else model_uri,
+        version,
+        pd.DataFrame(raw, columns=columns),
+        labels,
+    )
+
+
+@pytest.fixture
+def loader(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading a model puts its code folder in front of sys.path: undo that after the test."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+
+
+def test_model_predicts_like_torch_and_refuses_rows_it_cannot_predict(
+    iris: FeatureSet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loader: None
+) -> None:
+    logged = train_and_log(iris, tmp_path, epochs=30, register_as="iris-classifier")
+    assert logged.registered_version == "1"
+    assert len(set(logged.expected)) == 3, "the torch model should tell the three classes apart"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", logged.tracking_uri)
+    model = mlflow.pyfunc.load_model(logged.model_uri)
+
+    assert model.predict(logged.raw_test).tolist() == logged.expected.tolist()
+
+    column = iris.feature_columns[2]
+    for value, kind in [(math.nan, "NaN"), (math.inf, "inf"), (-math.inf, "-inf"), (None, "NaN")]:
+        bad = logged.raw_test.astype({column: object if value is None else float})
+        bad.loc[[0, 3], column] = value
+        with pytest.raises(MlflowException) as refused:
+            model.predict(bad)
+        assert refused.value.error_code == "INVALID_PARAMETER_VALUE"
+        assert f"column '{column}' rows [0, 3] ({kind})" in refused.value.message, refused.value.message
+        assert "models:/iris-classifier takes finite numbers" in refused.value.message
+
+    with pytest.raises(MlflowException, match=re.escape(repr(column))) as refused:
+        model.predict(logged.raw_test.drop(columns=[column]))
+    assert refused.value.error_code == "INVALID_PARAMETER_VALUE"
+
+
+def test_integer_and_boolean_columns_refuse_missing_values(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loader: None
+) -> None:
+    """MLflow's schema check runs before predict and treats each column type its own way: every
+    path must end in an error that names the column, never in a prediction."""
+    rows = 40
+    table = pa.table(
+        {
+            "size": np.linspace(0.0, 1.0, rows),
+            "count": np.arange(rows, dtype=np.int64),
+            "flag": np.arange(rows) % 3 == 0,
+            "label": np.arange(rows) % 2,
+        }
+    )
+    pq.write_table(table, tmp_path / "mixed.parquet")
+    fs = build_feature_set(
+        "mixed",
+        DataConfig(source=str(tmp_path / "mixed.parquet"), target="label"),
+        FeaturesConfig(transforms=[{"standardize": "*"}]),
+        tmp_path / "store",
+    )
+    logged = train_and_log(fs, tmp_path, epochs=1, register_as=None)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", logged.tracking_uri)
+    model = mlflow.pyfunc.load_model(logged.model_uri)
+    good = pd.DataFrame({"size": [0.5, 0.25], "count": [3, 4], "flag": [True, False]})
+    assert len(model.predict(good)) == 2
+
+    def refused(frame: pd.DataFrame) -> str:
+        with pytest.raises(MlflowException) as error:
+            model.predict(frame)
+        assert error.value.error_code == "INVALID_PARAMETER_VALUE"
+        return error.value.message
+
+    # An integer column holding NaN or inf is float to pandas: MLflow's schema check refuses it.
+    for value in (math.nan, math.inf):
+        assert "column count" in refused(good.assign(count=[value, 4]))
+    # A boolean column holding None passes the schema check as objects and reaches predict.
+    assert "column 'flag' row [1] (NaN)" in refused(good.assign(flag=[True, None]))
+
+    # Over JSON, as the scoring server parses it: null in a boolean column must not become False.
+    def served(data: list[list[Any]]) -> str:
+        body = tmp_path / "request.json"
+        body.write_text(json.dumps({"dataframe_split": {"columns": list(good.columns), "data": data}}))
+        with pytest.raises(MlflowException) as error:
+            mlflow.models.predict(logged.model_uri, input_path=str(body), env_manager="local")
+        return error.value.message
+
+    assert "column 'flag' row [0] (NaN)" in served([[0.5, 3, None]])
+    assert "column 'flag' row [0] (not a number)" in served([[0.5, 3, "no"]])
+    assert "column count" in served([[0.5, None, True]])
+
+
+def test_loader_imports_neither_ray_nor_the_cli() -> None:
+    """Loading a model pulls in nothing the served environment may lack."""
+    code = (
+        "import sys, raylens.trainer.artifacts; "
+        "print(sorted({m.split('.')[0] for m in sys.modules}"
+        " & {'ray', 'typer', 'rich', 'matplotlib', 'sklearn'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_model_installs_and_serves_without_raylens(
+    iris: FeatureSet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loader: None
+) -> None:
+    started = time.perf_counter()
+    logged = train_and_log(iris, tmp_path, epochs=30, register_as="iris-classifier")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", logged.tracking_uri)
+    folder = Path(mlflow.artifacts.download_artifacts(logged.model_uri, dst_path=str(tmp_path / "model")))
+    requirements = (folder / "requirements.txt").read_text().split()
+    assert requirements == pip_requirements()
+    assert (folder / "code" / "raylens" / "trainer" / "artifacts.py").is_file()
+    assert not list(folder.rglob("__pycache__"))
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    install_started = time.perf_counter()
+    installed = subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "-r", str(folder / "requirements.txt")],
+        capture_output=True,
+        text=True,
+        timeout=INSTALL_TIMEOUT_S,
+    )
+    assert installed.returncode == 0, installed.stderr[-3000:]
+    install_s = time.perf_counter() - install_started
+    neutral = tmp_path / "neutral"
+    neutral.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    no_raylens = subprocess.run(
+        [str(python), "-c", "import raylens"], cwd=neutral, env=env, capture_output=True, text=True
+    )
+    assert no_raylens.returncode != 0 and "No module named 'raylens'" in no_raylens.stderr
+    # Loading imports raylens from the model's code folder only, and with it neither Ray nor the CLI.
+    chain = (
+        "import sys, mlflow; mlflow.pyfunc.load_model(sys.argv[1]); import raylens; "
+        "print(raylens.__file__); "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'typer', 'rich'}))"
+    )
+    loaded = subprocess.run(
+        [str(python), "-c", chain, str(folder)], cwd=neutral, env=env, capture_output=True, text=True
+    )
+    assert loaded.returncode == 0, loaded.stderr
+    code_file, unwanted = loaded.stdout.split()[-2:]
+    assert Path(code_file).is_relative_to(folder / "code") and unwanted == "[]", loaded.stdout
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = tmp_path / "serve.log"
+    serve_started = time.perf_counter()
+    server = subprocess.Popen(
+        [
+            str(venv / "bin" / "mlflow"),
+            "models",
+            "serve",
+            "-m",
+            logged.model_uri,
+            "--env-manager",
+            "local",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        cwd=neutral,
+        # As in an activated venv: the CLI starts the server as `uvicorn`, looked up on PATH.
+        env={
+            **env,
+            "PATH": f"{venv / 'bin'}{os.pathsep}{env['PATH']}",
+            "VIRTUAL_ENV": str(venv),
+            "MLFLOW_TRACKING_URI": logged.tracking_uri,
+        },
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/ping", timeout=5):
+                    break
+            except OSError:
+                assert server.poll() is None, f"the server exited: {log.read_text()[-3000:]}"
+                assert time.perf_counter() - serve_started < SERVE_TIMEOUT_S, "the server never answered"
+                time.sleep(0.5)
+        serve_s = time.perf_counter() - serve_started
+
+        status, body = post(f"{url}/invocations", logged.raw_test)
+        assert status == 200, body
+        assert json.loads(body)["predictions"] == logged.expected.tolist()
+
+        column = iris.feature_columns[1]
+        bad = logged.raw_test.head(3).copy()
+        bad.loc[1, column] = math.nan
+        status, body = post(f"{url}/invocations", bad)
+        assert status == 400, body
+        assert f"column '{column}' row [1] (NaN)" in json.loads(body)["message"], body
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    print(
+        f"venv install {install_s:.0f} s, server answered after {serve_s:.1f} s, "
+        f"whole test {time.perf_counter() - started:.0f} s"
+    )
+
+
+def post(url: str, frame: pd.DataFrame) -> tuple[int, str]:
+    """POST ``frame`` as dataframe_split; NaN and inf are sent as JSON's NaN/Infinity tokens, which
+    MLflow's parser reads (null would do for NaN)."""
+    payload = json.dumps({"dataframe_split": frame.to_dict(orient="split", index=False)}).encode()
+    request = urllib.request.Request(url, payload, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
