@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from raylens.cluster.runtime import start_ray, stop_ray
+from raylens.cluster.runtime import RuntimeSettings, start_ray, stop_ray
 from raylens.features import DataConfig, FeaturesConfig, FeatureSet, build_feature_set
 from raylens.trainer import ModelConfig, TaskSpec, TrainConfig, TrainJob, build_model
 from raylens.trainer.loop import loss_fn
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             FeaturesConfig(transforms=[{"standardize": "*"}]),
             Path(tmp) / "features",
         )
-        runtime = start_ray()
+        runtime = start_ray(RuntimeSettings.build())
         try:
             results: dict[str, Any] = {
                 "rows_train": fs.manifest["rows"]["train"],

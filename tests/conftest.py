@@ -12,7 +12,7 @@ import pytest
 
 from raylens.features import DataConfig, FeaturesConfig, FeatureSet, build_feature_set
 
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+REPO = Path(__file__).parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,15 @@ def ray_cluster() -> Iterator[None]:
     import ray
 
     assert not ray.is_initialized(), "a previous test leaked a Ray session"
-    ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    ray.init(
+        address="local",  # a cluster of its own, even beside one started with `ray start`
+        num_cpus=4,
+        include_dashboard=False,
+        logging_level=logging.ERROR,
+        log_to_driver=False,
+        # Workers import test models (tests.faults.slow_models) as the driver does.
+        runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}},
+    )
     yield
     ray.shutdown()
 

@@ -13,6 +13,7 @@ import contextlib
 import functools
 import json
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 
-from raylens.errors import UserError
+from raylens.errors import Interrupted, UserError
 
 app = typer.Typer(
     help="Train, tune and register PyTorch models on Ray from one experiment spec, tracked in MLflow.",
@@ -47,7 +48,12 @@ RunsDir = Annotated[
 ]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show Ray's and MLflow's own logs.")]
 Resume = Annotated[
-    bool, typer.Option("--resume", help="Continue this spec's latest run from its checkpoints.")
+    bool,
+    typer.Option(
+        "--resume",
+        help="Continue this spec's latest run where it stopped (same MLflow runs, from its checkpoints); "
+        "refused if the spec or data changed since, or another process is running it.",
+    ),
 ]
 Address = Annotated[
     str | None,
@@ -69,23 +75,39 @@ def user_errors(command: F) -> F:
         except UserError as exc:
             errors.print(f"[bold red]error:[/] {exc}", highlight=False)
             raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            errors.print("[yellow]interrupted[/]: resume with --resume")
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as exc:
+            signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+            errors.print(f"[yellow]interrupted[/] by {signal.Signals(signum).name}")
+            raise typer.Exit(128 + signum) from None
 
     return wrapper  # type: ignore[return-value]
 
 
-def _run(spec: Path, runs_dir: Path | None, verbose: bool, **kwargs: Any) -> None:
-    from raylens.cluster.runtime import quiet_logs
+def _run(spec: Path, runs_dir: Path | None, verbose: bool, command: str, **kwargs: Any) -> None:
+    from raylens.cluster.interrupt import stop_on_signals
+    from raylens.cluster.runtime import quiet_cli_process
 
-    quiet_logs(verbose)  # before MLflow and Ray are imported: they read their log levels then
+    quiet_cli_process(verbose)  # before MLflow and Ray are imported: they read their log levels then
     from raylens.cluster.console import RichProgress, summary_table
     from raylens.cluster.experiment import Experiment
 
-    experiment = Experiment.from_yaml(spec, runs_dir)
-    metric = experiment.spec.tune.metric if experiment.spec.tune else "valid_loss"
-    summary = experiment.run(progress=RichProgress(console, metric), verbose=verbose, **kwargs)
+    with stop_on_signals():
+        experiment = Experiment.from_yaml(spec, runs_dir)
+        metric = experiment.spec.tune.metric if experiment.spec.tune else "valid_loss"
+        try:
+            summary = experiment.run(progress=RichProgress(console, metric), verbose=verbose, **kwargs)
+        except KeyboardInterrupt as exc:
+            signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+            again = (
+                f"raylens {command} {spec}" + (f" --runs-dir {runs_dir}" if runs_dir else "") + " --resume"
+            )
+            errors.print(
+                f"[yellow]interrupted[/] by {signal.Signals(signum).name}: this run's MLflow runs are "
+                f"marked KILLED and no model was registered; its checkpoints are kept. "
+                f"Continue it with: [bold]{again}[/]",
+                highlight=False,
+            )
+            raise typer.Exit(128 + signum) from None
     console.print(summary_table(summary))
     ui = "raylens ui" + (f" --runs-dir {runs_dir}" if runs_dir else "")
     if summary.tracking_uri.startswith("sqlite:"):
@@ -103,7 +125,7 @@ def run(
 ) -> None:
     """The whole phase: prepare data, build features, tune (if the spec has a tune section),
     train the best configuration, evaluate on the test split and register the model."""
-    _run(spec, runs_dir, verbose, resume=resume, address=address)
+    _run(spec, runs_dir, verbose, "run", resume=resume, address=address)
 
 
 @app.command()
@@ -116,7 +138,7 @@ def train(
     address: Address = None,
 ) -> None:
     """Train the spec as written (its tune section is ignored), evaluate and register."""
-    _run(spec, runs_dir, verbose, resume=resume, address=address, tune=False)
+    _run(spec, runs_dir, verbose, "train", resume=resume, address=address, tune=False)
 
 
 @app.command()
@@ -129,7 +151,7 @@ def tune(
     address: Address = None,
 ) -> None:
     """Run the spec's hyperparameter sweep alone and report the best configuration."""
-    _run(spec, runs_dir, verbose, resume=resume, address=address, train=False)
+    _run(spec, runs_dir, verbose, "tune", resume=resume, address=address, train=False)
 
 
 @features_app.command("build")

@@ -43,6 +43,9 @@ class RichProgress:
     def stage(self, title: str) -> None:
         self.console.print(f"[bold]▸ {title}[/]")
 
+    def notice(self, text: str) -> None:
+        self.console.print(f"  [yellow]note:[/] {text}", highlight=False)
+
     def feature_set(self, feature_set: FeatureSet) -> None:
         rows = feature_set.manifest["rows"]
         self.console.print(

@@ -1,5 +1,11 @@
 """The Ray runtime: start an embedded local cluster, or connect to one, quietly.
 
+Everything raylens tells Ray is one value, ``RuntimeSettings``, built here and handed to
+``ray.init``: the environment of Ray's workers, log levels, the CPUs of an embedded cluster. It is
+never set on the calling process, so using raylens from a notebook leaves its environment,
+warning filters and signal handlers as they were. Only the CLI quiets its own process
+(``quiet_cli_process``): that process is raylens's own.
+
 Embedded Ray gets more logical CPUs than the machine has cores, so Ray Data tasks and the
 drivers of Ray Train runs always find a CPU beside the training workers (a 2-CPU local cluster
 running 2 training workers can hang with the machine idle).
@@ -9,16 +15,23 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import socket
+import threading
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
+
+from raylens.errors import UserError
 
 MIN_EMBEDDED_CPUS = 4
 TRAIN_POLL_INTERVAL_S = "0.2"
 """Ray Train's controller collects each worker's report on this poll; a report blocks until it
-is collected, so the default (2 s) adds up to 2 s to every epoch. Ray propagates the variable
-from the driver to the controller and workers."""
+is collected, so the default (2 s) adds up to 2 s to every epoch."""
+QUIET_LOGGERS = ("ray", "ray.train", "ray.tune", "ray.data", "mlflow", "alembic", "py.warnings", "raylens")
 
 
 @dataclass(frozen=True)
@@ -30,10 +43,48 @@ class RayRuntime:
     address: str | None
 
 
-def quiet_logs(verbose: bool) -> None:
-    """Ray, MLflow and friends print a lot at INFO; users see it only with --verbose."""
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """What raylens asks of Ray for one invocation."""
+
+    address: str | None = None
+    """A running cluster (``ray://host:10001``, ``host:6379`` or ``auto``); None starts an
+    embedded one beside any cluster already running on the machine."""
+    num_cpus: int | None = None
+    """Logical CPUs of an embedded cluster; default: twice the cores, at least 4."""
+    verbose: bool = False
+    code_dirs: tuple[Path, ...] = ()
+    """Folders Ray's workers import user code from (the spec's folder), as the driver does."""
+    worker_env: Mapping[str, str] = field(default_factory=dict)
+    """Environment of every Ray worker and actor of this job (Ray Train's controller included)."""
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        address: str | None = None,
+        num_cpus: int | None = None,
+        verbose: bool = False,
+        code_dirs: Sequence[Path] = (),
+    ) -> RuntimeSettings:
+        paths = [str(p.resolve()) for p in code_dirs]
+        if os.environ.get("PYTHONPATH"):
+            paths.append(os.environ["PYTHONPATH"])
+        env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": TRAIN_POLL_INTERVAL_S}
+        if paths:
+            env["PYTHONPATH"] = os.pathsep.join(paths)
+        return cls(address, num_cpus, verbose, tuple(code_dirs), env)
+
+    @property
+    def logging_level(self) -> int:
+        return logging.INFO if self.verbose else logging.ERROR
+
+
+def quiet_cli_process(verbose: bool) -> None:
+    """The CLI's own process: Ray, MLflow and friends print a lot at INFO; users see it only
+    with --verbose. Never called when raylens is used as a library."""
     level = logging.INFO if verbose else logging.ERROR
-    for name in ("ray", "ray.train", "ray.tune", "ray.data", "mlflow", "alembic", "py.warnings", "raylens"):
+    for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(level)
     if not verbose:
         warnings.filterwarnings("ignore")
@@ -48,37 +99,78 @@ def embedded_cpus() -> int:
     return max(MIN_EMBEDDED_CPUS, 2 * (os.cpu_count() or 1))
 
 
-def start_ray(
-    *,
-    address: str | None = None,
-    num_cpus: int | None = None,
-    verbose: bool = False,
-    code_dirs: Sequence[Path] = (),
-) -> RayRuntime:
-    """Connect to ``address`` or start an embedded cluster; reuse one already connected."""
+def check_address(address: str | None, timeout_s: float = 3.0) -> None:
+    """Fail in seconds, naming the address, when no Ray cluster listens there (``ray.init``
+    would retry for minutes)."""
+    if address is None or address == "local":
+        return
+    if address == "auto":
+        if os.environ.get("RAY_ADDRESS") or Path("/tmp/ray/ray_current_cluster").exists():
+            return
+        raise UserError(
+            "--address auto: no Ray cluster was started on this machine (`ray start --head`); "
+            "give the cluster's address, or leave --address out to run embedded"
+        )
+    parts = urlsplit(address if "://" in address else f"//{address}")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host, port = None, None
+    if not host or not port:
+        raise UserError(
+            f"--address: '{address}' is not an address; write ray://HOST:10001 (Ray Client) "
+            "or HOST:6379 (the head node's GCS), or 'auto'"
+        )
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as exc:
+        raise UserError(
+            f"--address: no Ray cluster answers at {address} ({exc}); check the head node is up "
+            "and the port is reachable, or leave --address out to run embedded"
+        ) from None
+
+
+def start_ray(settings: RuntimeSettings) -> RayRuntime:
+    """Connect to ``settings.address`` or start an embedded cluster; reuse one already connected.
+
+    An embedded cluster is always a new one (``address="local"``), even when another Ray runs on
+    the machine (``ray start --head`` leaves an address file that a plain ``ray.init`` would
+    join, and then refuses ``num_cpus``).
+    """
     import ray
 
-    quiet_logs(verbose)
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_POLL_INTERVAL_S)
     if ray.is_initialized():
-        return RayRuntime(False, float(ray.cluster_resources().get("CPU", 0)), address)
-    # Workers import user model factories from the spec's folder, as the driver does.
-    paths = [str(p.resolve()) for p in code_dirs]
-    if os.environ.get("PYTHONPATH"):
-        paths.append(os.environ["PYTHONPATH"])
-    runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}} if paths else None
-    logging_level = logging.INFO if verbose else logging.ERROR
-    if address:
-        ray.init(address=address, runtime_env=runtime_env, logging_level=logging_level, log_to_driver=verbose)
-    else:
-        ray.init(
-            num_cpus=num_cpus or embedded_cpus(),
-            include_dashboard=False,
-            runtime_env=runtime_env,
-            logging_level=logging_level,
-            log_to_driver=verbose,
-        )
-    return RayRuntime(True, float(ray.cluster_resources().get("CPU", 0)), address)
+        return RayRuntime(False, float(ray.cluster_resources().get("CPU", 0)), settings.address)
+    runtime_env = {"env_vars": dict(settings.worker_env)}
+    with _keep_sigterm_handler():
+        if settings.address:
+            ray.init(
+                address=settings.address,
+                runtime_env=runtime_env,
+                logging_level=settings.logging_level,
+                log_to_driver=settings.verbose,
+            )
+        else:
+            ray.init(
+                address="local",
+                num_cpus=settings.num_cpus or embedded_cpus(),
+                include_dashboard=False,
+                runtime_env=runtime_env,
+                logging_level=settings.logging_level,
+                log_to_driver=settings.verbose,
+            )
+    return RayRuntime(True, float(ray.cluster_resources().get("CPU", 0)), settings.address)
+
+
+@contextmanager
+def _keep_sigterm_handler() -> Iterator[None]:
+    """``ray.init`` replaces the SIGTERM handler with one that exits at once; when the caller
+    installed its own (the CLI, to end runs as KILLED), put it back."""
+    on_main = threading.current_thread() is threading.main_thread()
+    saved = signal.getsignal(signal.SIGTERM) if on_main else None
+    yield
+    if callable(saved):
+        signal.signal(signal.SIGTERM, saved)
 
 
 def stop_ray(runtime: RayRuntime) -> None:

@@ -58,7 +58,7 @@ def client(project: Path) -> MlflowClient:
 def test_run_prints_a_summary_and_stays_quiet(first_run: subprocess.CompletedProcess[str]) -> None:
     out = first_run.stdout
     for expected in (
-        "Building features",
+        "Checking the spec and data",
         "Tuning",
         "Training",
         "test_accuracy",

@@ -1,8 +1,10 @@
-"""The same run against a real `mlflow server` over HTTP, and `raylens ui` serving the run store."""
+"""The same run against a real `mlflow server` over HTTP, from the Python API (which must leave the
+caller's process as it found it), and `raylens ui` serving the run store."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -10,6 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +25,19 @@ from raylens.cluster.spec import parse_spec
 from raylens.cluster.workspace import Workspace
 
 BIN = Path(sys.executable).parent
+
+
+def process_state() -> dict[str, object]:
+    """What a library must not change in its caller's process."""
+    return {
+        "environment": dict(os.environ),
+        "warning filters": list(warnings.filters),
+        "signal handlers": [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)],
+        "sys.path": list(sys.path),
+        "MLflow tracking URI": mlflow.get_tracking_uri(),
+        "MLflow registry URI": mlflow.get_registry_uri(),
+        "log levels": {n: logging.getLogger(n).level for n in ("ray", "mlflow", "raylens", "py.warnings")},
+    }
 
 
 def free_port() -> int:
@@ -97,7 +113,9 @@ def test_a_run_tracked_on_an_mlflow_server(tracking_server: str, tmp_path: Path)
         }
     )
     experiment = Experiment(spec, "name: served\n", tmp_path, Workspace.at(tmp_path / "runs"))
+    before = process_state()
     summary = experiment.run(tune=False)
+    assert process_state() == before  # used as a library, raylens leaves the process as it found it
 
     assert summary.final is not None and summary.final.registered_version == "1"
     assert not (tmp_path / "runs" / "mlflow.db").exists()  # everything went to the server
