@@ -106,10 +106,8 @@ def test_an_unreadable_latest_checkpoint_falls_back_to_the_one_before(
     assert len(notices) == 1 and "latest checkpoint is unreadable" in notices[0], notices
     assert (earlier / "checkpoint.pt").read_bytes() == earlier_bytes
 
-
-def test_no_readable_checkpoint_is_a_clear_error(iris: FeatureSet, tmp_path: Path) -> None:
-    train_distributed(job(iris, 1), iris, run_name="r", storage_path=tmp_path)
+    # With no readable checkpoint left, the run fails saying so (not with a torch traceback).
     for checkpoint in (tmp_path / "r").glob("checkpoint_*/checkpoint.pt"):
         checkpoint.write_bytes(b"")
     with pytest.raises(Exception, match="no checkpoint of this run can be read"):
-        train_distributed(job(iris, 2, max_failures=0), iris, run_name="r", storage_path=tmp_path)
+        train_distributed(job(iris, 5, max_failures=0), iris, run_name="r", storage_path=tmp_path)
