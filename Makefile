@@ -25,7 +25,7 @@ typecheck: $(BIN)/raylens
 	$(BIN)/mypy
 
 pytest: $(BIN)/raylens
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=20
 
 test: lint typecheck pytest
 
