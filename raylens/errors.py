@@ -19,19 +19,3 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """Return `` (did you mean 'x'?)`` for the closest choice, or an empty string."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-class Interrupted(KeyboardInterrupt):
-    """The run was stopped by a signal (SIGINT from Ctrl-C, SIGTERM from a scheduler or `kill`).
-
-    A ``KeyboardInterrupt``, so every ``except KeyboardInterrupt`` that marks runs KILLED treats
-    both signals alike; ``exit_code`` is the shell's convention, 128 + the signal number.
-    """
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum

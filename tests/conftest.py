@@ -13,6 +13,9 @@ import pytest
 from raylens.features import DataConfig, FeaturesConfig, FeatureSet, build_feature_set
 
 REPO = Path(__file__).parents[1]
+# Tests send nothing beyond this machine: no usage reports from MLflow or Ray (subprocesses inherit it).
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 
 
 @pytest.fixture(scope="module")

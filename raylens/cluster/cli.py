@@ -23,7 +23,8 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 
-from raylens.errors import Interrupted, UserError
+from raylens.errors import UserError
+from raylens.interrupts import Interrupted
 
 app = typer.Typer(
     help="Train, tune and register PyTorch models on Ray from one experiment spec, tracked in MLflow.",

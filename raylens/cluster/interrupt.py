@@ -1,5 +1,6 @@
 """One interruption path for the CLI: SIGINT (Ctrl-C) and SIGTERM (a scheduler, `kill`) both
-raise ``Interrupted`` in the main thread, wherever the invocation is.
+raise ``Interrupted`` in the main thread, wherever the invocation is — except inside a write to
+the tracking store (``raylens.interrupts.deferred_interrupts``), where it waits for the write.
 
 Every stage turns that into the same ending: its open MLflow runs are marked KILLED, nothing is
 registered, the run folder keeps its checkpoints and record, and the CLI exits 130 (SIGINT) or
@@ -16,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from raylens.errors import Interrupted
+from raylens.interrupts import Interrupted, hold
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -29,7 +30,8 @@ def stop_on_signals() -> Iterator[None]:
         return
 
     def interrupt(signum: int, frame: Any) -> None:
-        raise Interrupted(signum)
+        if not hold(signum):  # inside a write to the tracking store: raised when it is done
+            raise Interrupted(signum)
 
     saved = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     for sig in STOP_SIGNALS:

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from raylens.features import FeatureSet
+from raylens.interrupts import deferred_interrupts
+from raylens.interrupts import pending as interrupt_pending
 from raylens.trainer.artifacts import log_model
 from raylens.trainer.job import TrainJob
 from raylens.trainer.loop import Batches, evaluate, predict
@@ -112,9 +114,14 @@ def train_and_record(
             lineage = (
                 {"git_commit": tags["mlflow.source.git.commit"]} if "mlflow.source.git.commit" in tags else {}
             )
-            model_uri, version = log_model(
-                tracker, run_id, model, job, feature_set, test.x, register_as, lineage
-            )
+            # Logging and registering is many writes: a stop signal waits for them, and then the
+            # version is taken back, so an interrupted run never leaves a registered model.
+            with deferred_interrupts():
+                model_uri, version = log_model(
+                    tracker, run_id, model, job, feature_set, test.x, register_as, lineage
+                )
+                if register_as and version and interrupt_pending():
+                    tracker.client.delete_model_version(register_as, version)
         tracker.end_run(run_id, "FINISHED")
     except BaseException as exc:
         tracker.end_run(run_id, ended_status(exc))

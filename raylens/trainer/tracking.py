@@ -7,18 +7,20 @@ driver writes. ``NullTracker`` has the same methods and writes nothing, so calle
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from matplotlib.figure import Figure
 
 from raylens.errors import UserError
+from raylens.interrupts import deferred_interrupts
 
 MAX_PARAM_LENGTH = 6000
 _URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
@@ -51,6 +53,21 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[path] = value
     return flat
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _uninterrupted(write: F) -> F:
+    """A write to the tracking store finishes before a stop signal is raised (see
+    ``raylens.interrupts``): an interrupted SQLite transaction would leave the store locked."""
+
+    @functools.wraps(write)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with deferred_interrupts():
+            return write(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 class MlflowTracker:
@@ -87,6 +104,7 @@ class MlflowTracker:
             location = artifact_root.resolve().as_uri() if artifact_root is not None else None
             self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
 
+    @_uninterrupted
     def start_run(
         self, name: str, *, parent_run_id: str | None = None, tags: Mapping[str, str] | None = None
     ) -> str:
@@ -96,6 +114,7 @@ class MlflowTracker:
         run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
         return str(run.info.run_id)
 
+    @_uninterrupted
     def reopen_run(self, run_id: str) -> None:
         """Continue a run an interrupted invocation left (KILLED or RUNNING) instead of starting
         a second one: the resumed run keeps its id, params and earlier epochs."""
@@ -109,6 +128,7 @@ class MlflowTracker:
                 steps.setdefault(metric.step, {})[key] = metric.value
         return [steps[step] for step in sorted(steps)]
 
+    @_uninterrupted
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
@@ -116,6 +136,7 @@ class MlflowTracker:
         for begin in range(0, len(items), 100):  # MLflow takes at most 100 params a batch
             self.client.log_batch(run_id, params=items[begin : begin + 100])
 
+    @_uninterrupted
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None:
         import time
 
@@ -130,26 +151,32 @@ class MlflowTracker:
         if items:
             self.client.log_batch(run_id, metrics=items)
 
+    @_uninterrupted
     def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
         from mlflow.entities import RunTag
 
         self.client.log_batch(run_id, tags=[RunTag(k, redact(str(v))) for k, v in tags.items()])
 
+    @_uninterrupted
     def log_dict(self, run_id: str, data: Any, path: str) -> None:
         self.client.log_dict(run_id, redact_values(data), path)
 
+    @_uninterrupted
     def log_text(self, run_id: str, text: str, path: str) -> None:
         self.client.log_text(run_id, redact(text), path)
 
+    @_uninterrupted
     def log_figure(self, run_id: str, figure: Figure, path: str) -> None:
         from matplotlib import pyplot as plt
 
         self.client.log_figure(run_id, figure, path)
         plt.close(figure)
 
+    @_uninterrupted
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status)
 
+    @_uninterrupted
     def close_runs_tagged(self, key: str, value: str, status: str = "KILLED") -> int:
         """End the runs still RUNNING that carry tag ``key=value``, and their nested runs; return
         how many were ended."""

@@ -24,8 +24,9 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator
 
-from raylens.errors import Interrupted, UserError
+from raylens.errors import UserError
 from raylens.features import FeatureSet, SplitArrays
+from raylens.interrupts import Interrupted
 from raylens.trainer import ModelConfig, TrainConfig, TrainJob, TrainState, run_worker
 from raylens.trainer.parallel import gather_checkpoint, load_checkpoint, save_checkpoint
 from raylens.trainer.ray_train import train_distributed
