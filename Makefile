@@ -24,8 +24,10 @@ lint: $(BIN)/raylens
 typecheck: $(BIN)/raylens
 	$(BIN)/mypy
 
+# In-process tests first (one shared Ray cluster); then the tests that drive the CLI in subprocesses.
 pytest: $(BIN)/raylens
-	$(BIN)/pytest --durations=20
+	$(BIN)/pytest -m "not e2e" --durations=20
+	$(BIN)/pytest -m e2e --durations=10
 
 test: lint typecheck pytest
 

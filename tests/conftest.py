@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from raylens.features import DataConfig, FeaturesConfig, FeatureSet, build_feature_set
+from tests.cli import CliRun, make_project, other_ray_cluster, raylens
 
 REPO = Path(__file__).parents[1]
 # Tests send nothing beyond this machine: no usage reports from MLflow or Ray (subprocesses inherit it).
@@ -18,10 +19,10 @@ os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[None]:
-    """A local Ray with 4 logical CPUs for one test module, shut down after it, so modules that
-    start their own Ray (the CLI tests) never find a leftover cluster."""
+    """One local Ray with 4 logical CPUs for every test that needs one (starting Ray costs
+    seconds). The CLI's embedded mode starts a cluster of its own beside it (``address="local"``)."""
     import ray
 
     assert not ray.is_initialized(), "a previous test leaked a Ray session"
@@ -67,3 +68,15 @@ def iris(tmp_path: Path) -> FeatureSet:
         FeaturesConfig(transforms=[{"standardize": "*"}]),
         tmp_path / "store",
     )
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory: pytest.TempPathFactory) -> CliRun:
+    """One uninterrupted ``raylens run`` of the reference project (``tests/cli.py``), shared by
+    the end-to-end tests and the fault tests that compare against it. It runs while another Ray
+    cluster (`ray start --head`) is up on the machine: embedded mode must start its own beside it."""
+    folder = make_project(tmp_path_factory.mktemp("reference"))
+    with other_ray_cluster():
+        done = raylens(folder, "run", "spec.yaml")
+    assert done.returncode == 0, done.stdout + done.stderr
+    return CliRun(folder, done)

@@ -13,6 +13,7 @@ inside ``log_model`` or only for type checking.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import json
 import logging
@@ -190,6 +191,19 @@ def pip_requirements() -> list[str]:
     return [f"{name}=={Version(version(name)).public}" for name in LOADER_DISTRIBUTIONS]
 
 
+def code_to_ship(config: ModelConfig) -> list[str]:
+    """The code the model needs besides its requirements: the raylens package and, for a user
+    factory ("my_models:build"), the module or package that defines it — unless it is installed
+    (in site-packages), where it belongs in the environment, not in the model."""
+    shipped = [str(Path(raylens.__file__).parent)]
+    if ":" in config.name:
+        module = importlib.import_module(config.name.partition(":")[0].split(".")[0])
+        source = Path(module.__file__ or "")
+        if module.__file__ and "site-packages" not in source.parts:
+            shipped.append(str(source.parent if source.name == "__init__.py" else source))
+    return shipped
+
+
 def log_model(
     tracker: MlflowTracker,
     run_id: str,
@@ -251,7 +265,7 @@ def log_model(
                     signature=signature,
                     input_example=example,
                     registered_model_name=register_as,
-                    code_paths=[str(Path(raylens.__file__).parent)],  # MLflow leaves out __pycache__
+                    code_paths=code_to_ship(job.model),  # MLflow leaves out __pycache__
                     pip_requirements=pip_requirements(),
                     metadata={
                         "raylens_version": raylens.__version__,

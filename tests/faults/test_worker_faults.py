@@ -52,6 +52,7 @@ def train_workers() -> list[int]:
 
 
 def tracked_run(iris: FeatureSet, folder: Path, on_epoch) -> tuple[TrainRunResult, MlflowTracker]:  # type: ignore[no-untyped-def]
+    folder.mkdir(parents=True)
     tracker = MlflowTracker(f"sqlite:///{folder}/mlflow.db", "faults", folder / "artifacts")
     result = train_and_record(
         job(iris, 6),

@@ -46,20 +46,3 @@ def test_two_workers_train_and_checkpoint_every_epoch(
     assert outcome.history[-1]["valid_accuracy"] == pytest.approx(whole["accuracy"])
     kept = sorted(p.name for p in (tmp_path / f"t-{strategy}").glob("checkpoint_20*"))
     assert len(kept) == 2  # checkpoints_to_keep
-
-
-def test_a_run_started_again_resumes_from_its_latest_checkpoint(iris: FeatureSet, tmp_path: Path) -> None:
-    """Ray Train restores the run by name: a second launch trains only the missing epochs."""
-
-    def launch(epochs: int) -> list[float]:
-        job = TrainJob.for_feature_set(
-            ModelConfig(params={"hidden": [16]}),
-            TrainConfig(epochs=epochs, batch_size=8, scaling={"workers": 2}),
-            iris,
-        )
-        outcome = train_distributed(job, iris, run_name="resumable", storage_path=tmp_path)
-        assert load_checkpoint(outcome.checkpoint_dir)["epoch"] == epochs
-        return [m["epoch"] for m in outcome.history]
-
-    assert launch(2) == [1.0, 2.0]
-    assert launch(4) == [3.0, 4.0]
