@@ -40,13 +40,20 @@ def ray_cluster() -> Iterator[None]:
 
 
 @pytest.fixture(autouse=True)
-def restore_mlflow_environment() -> Iterator[None]:
-    """``mlflow.set_tracking_uri`` also sets MLFLOW_TRACKING_URI for child processes: undo it."""
+def no_leaked_mlflow_settings() -> Iterator[None]:
+    """A test that leaves MLflow's process-wide tracking URI set changes where every later test
+    of the process loads and logs models: fail it. (Its environment variables are put back.)"""
+    from mlflow.tracking._tracking_service import utils
+
     saved = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+    uri_before = utils._tracking_uri
     yield
+    leaked = utils._tracking_uri != uri_before
+    utils._tracking_uri = uri_before
     for key in [k for k in os.environ if k.startswith("MLFLOW_")]:
         del os.environ[key]
     os.environ.update(saved)
+    assert not leaked, "the test left MLflow's global tracking URI set"
 
 
 @pytest.fixture(autouse=True)

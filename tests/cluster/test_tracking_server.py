@@ -102,7 +102,9 @@ def tracking_server(tmp_path: Path) -> Iterator[str]:
 
 
 @pytest.mark.usefixtures("ray_cluster")
-def test_a_run_tracked_on_an_mlflow_server(tracking_server: str, tmp_path: Path) -> None:
+def test_a_run_tracked_on_an_mlflow_server(
+    tracking_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     spec = parse_spec(
         {
             "name": "served",
@@ -125,12 +127,10 @@ def test_a_run_tracked_on_an_mlflow_server(tracking_server: str, tmp_path: Path)
     assert "plots/test_confusion_matrix.png" in [
         a.path for a in client.list_artifacts(run.info.run_id, "plots")
     ]
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(tracking_server)
-    try:
-        model = mlflow.pyfunc.load_model("models:/served-model/1")
-    finally:
-        mlflow.set_tracking_uri(previous)
+    # Through the environment, as a user's shell would: setting MLflow's global URI here would
+    # leak into every later test of this process.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_server)
+    model = mlflow.pyfunc.load_model("models:/served-model/1")
     raw = load_iris(as_frame=True).frame
     assert list(model.predict(raw.drop(columns=["target"]).head(3))) == list(raw["target"].head(3))
 
