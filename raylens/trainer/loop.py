@@ -174,5 +174,7 @@ def evaluate(
     outputs = _outputs(model, data.x, task, batch_size)
     with torch.no_grad():
         loss_sum = float(loss_fn(outputs, data.y, task)) * len(data) if len(data) else 0.0
-    summary = summarize(data.y.cpu().numpy(), _decode(outputs, task), loss_sum, task.kind, task.num_classes)
+    summary = summarize(
+        data.y.cpu().numpy(), _decode(outputs, task), loss_sum, task.kind, task.num_classes, task.target_mean
+    )
     return metrics_from_summary(combine(summary), task.kind, task.num_classes)

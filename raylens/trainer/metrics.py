@@ -30,16 +30,21 @@ def f1_macro(matrix: np.ndarray) -> float:
 
 
 def summarize(
-    y_true: np.ndarray, y_pred: np.ndarray, loss_sum: float, kind: str, num_classes: int
+    y_true: np.ndarray, y_pred: np.ndarray, loss_sum: float, kind: str, num_classes: int, shift: float = 0.0
 ) -> np.ndarray:
     """Additive statistics of a set of predictions: summaries of shards add up to the summary of
-    the whole, so ranks can score their share of rows and all-reduce one vector."""
+    the whole, so ranks can score their share of rows and all-reduce one vector.
+
+    Regression sums the target as ``y - shift``: R² needs the target's squared deviations, and
+    from raw sums (sum y², (sum y)²) they cancel catastrophically when the target sits far from
+    zero (y = 1e6 + noise gave R² = 0.0 for -3.58). Every shard must use the same shift; one near
+    the target's mean (the training mean) keeps the sums small and exact enough."""
     head = [loss_sum, float(len(y_true))]
     if kind == "classification":
         return np.concatenate([head, confusion_matrix(y_true, y_pred, num_classes).ravel()]).astype(
             np.float64
         )
-    y, error = y_true.astype(np.float64), y_pred.astype(np.float64) - y_true.astype(np.float64)
+    y, error = y_true.astype(np.float64) - shift, y_pred.astype(np.float64) - y_true.astype(np.float64)
     return np.array(
         [*head, np.sum(error**2), np.sum(np.abs(error)), np.sum(y), np.sum(y**2)], dtype=np.float64
     )
@@ -75,7 +80,8 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, num_classes: 
 
 def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
     """RMSE, MAE and R² of values in the target's units."""
-    metrics = metrics_from_summary(summarize(y_true, y_pred, 0.0, "regression", 0), "regression", 0)
+    shift = float(np.mean(y_true)) if len(y_true) else 0.0
+    metrics = metrics_from_summary(summarize(y_true, y_pred, 0.0, "regression", 0, shift), "regression", 0)
     metrics.pop("loss", None)
     return metrics
 

@@ -2,7 +2,13 @@ import numpy as np
 import pytest
 from sklearn import metrics as sk
 
-from raylens.trainer.metrics import classification_metrics, confusion_matrix, regression_metrics
+from raylens.trainer.metrics import (
+    classification_metrics,
+    confusion_matrix,
+    metrics_from_summary,
+    regression_metrics,
+    summarize,
+)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -33,3 +39,21 @@ def test_constant_target_r2_follows_scikit_learn() -> None:
     y = np.ones(5)
     assert regression_metrics(y, y)["r2"] == sk.r2_score(y, y)
     assert regression_metrics(y, y + 1)["r2"] == sk.r2_score(y, y + 1)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e6, -3e7])
+def test_r2_of_a_target_far_from_zero_matches_scikit_learn_in_shards(offset: float) -> None:
+    """Two shards summarized apart and added (as ranks all-reduce them), around a shift that is
+    only near the mean (the training mean), give scikit-learn's R² on the whole."""
+    rng = np.random.default_rng(0)
+    y_true = offset + rng.normal(0, 0.5, 400)
+    y_pred = y_true + rng.normal(0.3, 1.0, 400)
+    shift = offset + 0.2
+    halves = [
+        summarize(t, p, 0.0, "regression", 0, shift)
+        for t, p in zip(np.array_split(y_true, 2), np.array_split(y_pred, 2), strict=True)
+    ]
+    ours = metrics_from_summary(sum(halves), "regression", 0)
+    assert ours["r2"] == pytest.approx(sk.r2_score(y_true, y_pred), abs=1e-6)
+    assert ours["rmse"] == pytest.approx(np.sqrt(sk.mean_squared_error(y_true, y_pred)), abs=1e-6)
+    assert regression_metrics(y_true, y_pred)["r2"] == pytest.approx(sk.r2_score(y_true, y_pred), abs=1e-6)
