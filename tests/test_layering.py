@@ -11,18 +11,26 @@ PACKAGES = ["features", "trainer", "tuning", "cluster"]  # bottom to top
 ROOT = Path(__file__).parents[1] / "raylens"
 
 
-def imported_layers(path: Path) -> set[str]:
+def imported_layers(path: Path, module_parts: list[str] | None = None) -> set[str]:
+    """The raylens packages a module imports, however it is written: ``import raylens.x.y``,
+    ``from raylens.x import y``, ``from raylens import x`` and relative imports (``from .. import
+    x``, ``from ..x.y import z``), resolved against the module's own place in the package."""
+    parts_of_module = module_parts or list(path.relative_to(ROOT.parent).with_suffix("").parts)
     layers = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        names = []
+        names: list[list[str]] = []
         if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names = [node.module]
+            names = [alias.name.split(".") for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: drop the module itself, then one package per extra dot
+                base = parts_of_module[: len(parts_of_module) - node.level]
+            else:
+                base = []
+            module = base + (node.module.split(".") if node.module else [])
+            names = [[*module, alias.name] for alias in node.names]
         for name in names:
-            parts = name.split(".")
-            if parts[0] == "raylens" and len(parts) > 1 and parts[1] in PACKAGES:
-                layers.add(parts[1])
+            if name[0] == "raylens" and len(name) > 1 and name[1] in PACKAGES:
+                layers.add(name[1])
     return layers
 
 
@@ -37,10 +45,27 @@ def test_no_module_imports_a_package_above_its_own(package: str) -> None:
     assert offenders == {}, f"imports pointing up: {offenders}"
 
 
-def test_the_check_catches_an_upward_import(tmp_path: Path) -> None:
-    module = tmp_path / "bad.py"
-    module.write_text("from raylens.cluster.cli import app\nimport raylens.tuning.sweep\n")
-    assert imported_layers(module) == {"cluster", "tuning"}
+@pytest.mark.parametrize(
+    ("statement", "layer"),
+    [
+        ("from raylens.cluster.cli import app", "cluster"),
+        ("import raylens.tuning.sweep", "tuning"),
+        ("from raylens import tuning", "tuning"),
+        ("from raylens import errors, cluster as c", "cluster"),
+        ("from .. import tuning", "tuning"),
+        ("from ..cluster.spec import load_spec", "cluster"),
+        ("from . import transforms", "features"),  # its own layer: allowed by the layering test
+        ("import tuning", None),  # some other top-level package called tuning
+    ],
+)
+def test_the_check_catches_every_way_of_writing_an_upward_import(
+    statement: str, layer: str | None, tmp_path: Path
+) -> None:
+    """Scanned as if it were raylens/features/probe.py (the bottom layer)."""
+    module = tmp_path / "probe.py"
+    module.write_text(statement + "\n")
+    found = imported_layers(module, ["raylens", "features", "probe"])
+    assert found == ({layer} if layer else set())
 
 
 @pytest.mark.parametrize("package", PACKAGES)
