@@ -66,6 +66,11 @@ Address = Annotated[
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _as_interrupted(exc: KeyboardInterrupt) -> Interrupted:
+    """A plain KeyboardInterrupt (Ctrl-C before raylens's handlers are in place) is a SIGINT."""
+    return exc if isinstance(exc, Interrupted) else Interrupted(signal.SIGINT)
+
+
 def user_errors(command: F) -> F:
     """Mistakes the user can fix print one clear message and exit 2, without a traceback."""
 
@@ -77,9 +82,9 @@ def user_errors(command: F) -> F:
             errors.print(f"[bold red]error:[/] {exc}", highlight=False)
             raise typer.Exit(2) from None
         except KeyboardInterrupt as exc:
-            signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
-            errors.print(f"[yellow]interrupted[/] by {signal.Signals(signum).name}")
-            raise typer.Exit(128 + signum) from None
+            stop = _as_interrupted(exc)
+            errors.print(f"[yellow]interrupted[/] by {signal.Signals(stop.signum).name}")
+            raise typer.Exit(stop.exit_code) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -98,17 +103,17 @@ def _run(spec: Path, runs_dir: Path | None, verbose: bool, command: str, **kwarg
         try:
             summary = experiment.run(progress=RichProgress(console, metric), verbose=verbose, **kwargs)
         except KeyboardInterrupt as exc:
-            signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+            stop = _as_interrupted(exc)
             again = (
                 f"raylens {command} {spec}" + (f" --runs-dir {runs_dir}" if runs_dir else "") + " --resume"
             )
             errors.print(
-                f"[yellow]interrupted[/] by {signal.Signals(signum).name}: this run's MLflow runs are "
+                f"[yellow]interrupted[/] by {signal.Signals(stop.signum).name}: this run's MLflow runs are "
                 f"marked KILLED and no model was registered; its checkpoints are kept. "
                 f"Continue it with: [bold]{again}[/]",
                 highlight=False,
             )
-            raise typer.Exit(128 + signum) from None
+            raise typer.Exit(stop.exit_code) from None
     console.print(summary_table(summary))
     ui = "raylens ui" + (f" --runs-dir {runs_dir}" if runs_dir else "")
     if summary.tracking_uri.startswith("sqlite:"):

@@ -58,8 +58,6 @@ class RunRecord:
     final_run_id: str | None = None
     best_config: dict[str, Any] | None = None
     best_metrics: dict[str, float] | None = None
-    host: str = field(default_factory=socket.gethostname)
-    pid: int = field(default_factory=os.getpid)
 
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
