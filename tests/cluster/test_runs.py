@@ -1,0 +1,53 @@
+"""Run records and locks: what ``--resume`` and the next invocation rely on, in-process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from raylens.cluster.runs import RunLock, RunRecord, Status, abandoned_runs, spec_changes, spec_fingerprint
+from raylens.trainer.tracking import MlflowTracker
+
+
+def record(name: str, status: Status = Status.RUNNING) -> RunRecord:
+    return RunRecord(f"spec/{name}", "run", "hash", {}, "fingerprint", "v1", status=status)
+
+
+def test_a_record_round_trips_and_a_live_lock_refuses_a_second_holder(tmp_path: Path) -> None:
+    saved = record("a", Status.INTERRUPTED)
+    saved.trial_runs["t1"] = "run-1"
+    saved.save(tmp_path / "a")
+    assert RunRecord.load(tmp_path / "a") == saved
+    first = RunLock(tmp_path / "a")
+    assert first.try_acquire()
+    assert not RunLock(tmp_path / "a").try_acquire()  # flock: another open file is refused
+    first.release()
+    assert RunLock(tmp_path / "a").try_acquire()
+
+
+def test_only_running_records_without_a_live_holder_are_abandoned(tmp_path: Path) -> None:
+    for name, status in [("dead", Status.RUNNING), ("live", Status.RUNNING), ("done", Status.FINISHED)]:
+        record(name, status).save(tmp_path / name)
+    holder = RunLock(tmp_path / "live")
+    assert holder.try_acquire()
+    assert [r.run_name for _, r in abandoned_runs(tmp_path)] == ["spec/dead"]
+    holder.release()
+
+
+def test_the_runs_of_an_abandoned_run_are_closed_as_killed_with_their_children(tmp_path: Path) -> None:
+    tracker = MlflowTracker(f"sqlite:///{tmp_path}/mlflow.db", "spec", tmp_path / "artifacts")
+    root = tracker.start_run("root", tags={"raylens.run": "spec/dead"})
+    trial = tracker.start_run("trial", parent_run_id=root)
+    other = tracker.start_run("other", tags={"raylens.run": "spec/alive"})
+    assert tracker.close_runs_tagged("raylens.run", "spec/dead") == 2
+    status = {run_id: tracker.client.get_run(run_id).info.status for run_id in (root, trial, other)}
+    assert status == {root: "KILLED", trial: "KILLED", other: "RUNNING"}
+
+
+def test_spec_changes_name_each_key() -> None:
+    _, before = spec_fingerprint(
+        {"train": {"epochs": 10, "optimizer": {"lr": 0.1}}, "tracking": {"uri": "x"}}
+    )
+    _, after = spec_fingerprint({"train": {"epochs": 11, "optimizer": {"lr": 0.1}}, "tracking": {"uri": "x"}})
+    assert spec_changes(before, after) == ["train.epochs: 10 → 11"]
+    _, secret = spec_fingerprint({"tracking": {"uri": "postgresql://me:hunter2@db/x"}})
+    assert "hunter2" not in str(secret)
