@@ -36,7 +36,7 @@ train:
 tune:
   trials: 4
   concurrency: 2
-  scheduler: fifo
+  scheduler: asha
   epochs: 3
   space: {train.optimizer.lr: "loguniform(1e-3, 5e-2)"}
 tracking: {register_as: faults}

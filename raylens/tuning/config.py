@@ -19,7 +19,8 @@ class TuneConfig(BaseModel):
     search: Literal["random"] = "random"
     """Search algorithm: random sampling from the space, seeded."""
     scheduler: Literal["asha", "fifo"] = "asha"
-    """asha: stop trials that trail their peers at epoch milestones; fifo: run every trial to the end."""
+    """asha: stop trials that trail their peers at epoch milestones, judged in trial order so the
+    same seed stops the same trials (raylens/tuning/halving.py); fifo: run every trial to the end."""
     metric: str = "valid_loss"
     """Metric the sweep optimizes, as reported each epoch (valid_loss, valid_accuracy, ...)."""
     mode: Literal["min", "max"] = "min"

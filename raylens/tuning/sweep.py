@@ -21,7 +21,8 @@ from typing import Any
 import ray
 import torch
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.logger import JsonLoggerCallback
+from ray.tune.schedulers import FIFOScheduler
 from ray.tune.search import BasicVariantGenerator
 
 from raylens.errors import UserError
@@ -32,6 +33,13 @@ from raylens.trainer.parallel import gather_checkpoint, load_checkpoint, save_ch
 from raylens.trainer.ray_train import train_distributed
 from raylens.trainer.tracking import Tracker
 from raylens.tuning.config import TuneConfig
+from raylens.tuning.halving import (
+    HalvingRule,
+    OrderedHalvingScheduler,
+    reported_results,
+    score,
+    trial_number,
+)
 from raylens.tuning.plan import ConcurrencyPlan, plan_concurrency
 from raylens.tuning.space import parse_space, with_overrides
 from raylens.tuning.tracking import SweepTracking, TrialEvent, TrialRecorder, release, trial_metrics
@@ -43,6 +51,8 @@ class TrialSummary:
     config: dict[str, Any]
     metrics: dict[str, float]
     status: str
+    """completed | stopped (by the halving rule, at epoch ``stopped_at``) | failed"""
+    stopped_at: int | None = None
 
 
 @dataclass(frozen=True)
@@ -118,7 +128,7 @@ def run_sweep(
     ``known_runs`` (trial id → run id; ``on_run_created`` hears each new one). A SIGINT or SIGTERM
     stops the sweep the way Tune saves it for a resume, then raises ``Interrupted``.
     """
-    space = {path: dist.to_tune() for path, dist in parse_space(config.space).items()}
+    space = tune_space(config)
     workers = config.workers_per_trial
     plan = plan_concurrency(
         config.concurrency,
@@ -155,13 +165,13 @@ def run_sweep(
             ),
             {"cpu": 0.01},
         )
+    rule = (
+        HalvingRule.for_budget(epochs, min(config.grace_period, epochs), config.reduction_factor)
+        if config.scheduler == "asha"
+        else HalvingRule((), config.reduction_factor)
+    )
     scheduler: Any = (
-        ASHAScheduler(
-            time_attr="training_iteration",
-            max_t=epochs,
-            grace_period=min(config.grace_period, epochs),
-            reduction_factor=config.reduction_factor,
-        )
+        OrderedHalvingScheduler(rule, config.metric, config.mode)
         if config.scheduler == "asha"
         else FIFOScheduler()
     )
@@ -171,7 +181,9 @@ def run_sweep(
         name=run_name,
         storage_path=str(storage_path),
         verbose=0,
-        callbacks=[SweepTracking(str(experiment_path), recorder)],
+        # Each trial's results in its folder (result.json), whatever loggers Tune is told to add:
+        # the halving rule judges from them, on a resume too.
+        callbacks=[SweepTracking(str(experiment_path), recorder), JsonLoggerCallback()],
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
     )
     try:
@@ -189,7 +201,7 @@ def run_sweep(
                     num_samples=config.trials,
                     max_concurrent_trials=plan.concurrency,
                     scheduler=scheduler,
-                    search_alg=BasicVariantGenerator(random_state=config.seed),
+                    search_alg=searcher(config),
                 ),
                 run_config=run_config,
             )
@@ -199,15 +211,11 @@ def run_sweep(
         recorder.close_open_runs()
         release(str(experiment_path))
     results = [grid[i] for i in range(len(grid))]
-    trials = [
-        TrialSummary(
-            r.path.rsplit("/", 1)[-1] if r.path else "",
-            dict(r.config or {}),
-            trial_metrics(r.metrics or {}),
-            "failed" if r.error else "completed",
-        )
-        for r in results
-    ]
+    trials = _summaries(results, rule, config.metric, config.mode)
+    for trial in trials:  # the rule's verdict, which a live view may have seen late
+        run_id = recorder.known_runs.get(trial.trial_id)
+        if run_id and trial.status != "failed":
+            tracker.set_tags(run_id, {"raylens.stopped_early": str(trial.status == "stopped").lower()})
     finished = [t for t in trials if t.status == "completed" and config.metric in t.metrics]
     if not finished:
         errors = "; ".join(str(r.error).splitlines()[0] for r in results if r.error)[:2000]
@@ -222,12 +230,49 @@ def run_sweep(
     return SweepResult(best.config, best.metrics, trials, plan)
 
 
+def tune_space(config: TuneConfig) -> dict[str, Any]:
+    """The spec's space as Tune's sampling domains, keyed by dotted spec path."""
+    return {path: dist.to_tune() for path, dist in parse_space(config.space).items()}
+
+
+def searcher(config: TuneConfig) -> BasicVariantGenerator:
+    """The sweep's seeded random search: the same seed draws the same configurations, in order."""
+    return BasicVariantGenerator(random_state=config.seed)
+
+
+def _summaries(results: list[Any], rule: HalvingRule, metric: str, mode: str) -> list[TrialSummary]:
+    """Each trial's outcome, judged again by ``rule`` over its whole history once every trial
+    has ended: a trial the rule stops is ``stopped`` even if its stop arrived after its last
+    epoch, so the outcome never depends on the order results arrived."""
+    ids = [str((r.metrics or {}).get("trial_id", "")) for r in results]
+    scores: dict[int, dict[int, float]] = {}
+    for trial_id, result in zip(ids, results, strict=True):
+        if trial_id:
+            scores[trial_number(trial_id)] = {
+                int(reported["training_iteration"]): score(float(reported[metric]), mode)
+                for reported in reported_results(result.path, result.filesystem)
+                if isinstance(reported.get(metric), int | float) and "training_iteration" in reported
+            }
+    decisions = rule.decide(scores, {trial_number(t) for t in ids if t})
+    summaries = []
+    for trial_id, result in zip(ids, results, strict=True):
+        decision = decisions.get(trial_number(trial_id)) if trial_id else None
+        stopped_at = decision.stopped_at if decision else None
+        status = "failed" if result.error else "stopped" if stopped_at is not None else "completed"
+        summaries.append(
+            TrialSummary(
+                trial_id, dict(result.config or {}), trial_metrics(result.metrics or {}), status, stopped_at
+            )
+        )
+    return summaries
+
+
 def best_trial(finished: list[TrialSummary], metric: str, mode: str) -> TrialSummary:
-    """The completed trial with the best last-reported ``metric`` (a failed trial's last value
-    never counts); ties go to the lowest trial id, so the choice does not depend on timing."""
-    ordered = sorted(finished, key=lambda t: t.trial_id)
-    sign = 1.0 if mode == "min" else -1.0
-    return min(ordered, key=lambda t: sign * t.metrics[metric])
+    """The completed trial with the best last-reported ``metric`` (failed trials and trials
+    the halving rule stopped never count); ties go to the lowest trial id, so the choice does
+    not depend on timing."""
+    ordered = sorted(finished, key=lambda t: trial_number(t.trial_id))
+    return max(ordered, key=lambda t: score(t.metrics[metric], mode))
 
 
 @contextmanager

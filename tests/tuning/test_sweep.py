@@ -4,23 +4,30 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from ray.tune.experiment import Experiment
 
 from raylens.features import FeatureSet
 from raylens.trainer import ModelConfig, TrainConfig
 from raylens.trainer.tracking import MlflowTracker
 from raylens.tuning import TuneConfig
-from raylens.tuning.sweep import run_sweep
+from raylens.tuning.sweep import run_sweep, searcher, tune_space
 from raylens.tuning.tracking import TrialEvent
+from tests.conftest import iris_feature_set
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
-def sweep(iris: FeatureSet, tmp_path: Path, tune: TuneConfig, train: TrainConfig):  # type: ignore[no-untyped-def]
+def sweep(  # type: ignore[no-untyped-def]
+    iris: FeatureSet,
+    tmp_path: Path,
+    tune: TuneConfig,
+    train: TrainConfig,
+    model: ModelConfig = ModelConfig(params={"hidden": [8]}),
+):
     tmp_path.mkdir(parents=True, exist_ok=True)
     tracker = MlflowTracker(f"sqlite:///{tmp_path}/mlflow.db", "sweep-test", tmp_path / "artifacts")
     parent = tracker.start_run("sweep")
     events: list[TrialEvent] = []
-    model = ModelConfig(params={"hidden": [8]})
     result = run_sweep(
         tune,
         model,
@@ -36,46 +43,86 @@ def sweep(iris: FeatureSet, tmp_path: Path, tune: TuneConfig, train: TrainConfig
     return result, events, tracker, parent
 
 
-def test_sweep_tracks_every_trial_as_a_nested_run(iris: FeatureSet, tmp_path: Path) -> None:
-    tune = TuneConfig(
-        trials=4,
-        concurrency=2,
-        scheduler="asha",
-        grace_period=1,
-        metric="valid_accuracy",
-        mode="max",
-        space={"train.optimizer.lr": "loguniform(1e-3, 1e-1)", "model.params.hidden": "choice([[4], [16]])"},
-    )
-    result, events, tracker, parent = sweep(iris, tmp_path, tune, TrainConfig(epochs=3, batch_size=16))
+DIVERGING = TuneConfig(
+    trials=4,
+    concurrency=2,
+    scheduler="asha",
+    grace_period=1,
+    metric="valid_loss",
+    mode="min",
+    seed=9,
+    space={"train.optimizer.lr": "choice([0.05, 100.0])", "model.params.step_seconds": "choice([0.0, 0.1])"},
+)
+"""In trial order (lr, seconds per step): (0.05, 0.1), (100, 0), (0.05, 0.1), (100, 0.1). Trials 0 and
+1 start together and trial 1, diverging but fast, reaches every milestone first: Ray's own ASHA,
+judging by arrival, would never stop it; judged in trial order, it must be stopped."""
+SLOW_MLP = ModelConfig(name="tests.faults.slow_models:build", params={"hidden": [8], "step_seconds": 0.0})
 
-    assert len(result.trials) == 4 and result.plan.concurrency == 2
-    assert result.best_config in [t.config for t in result.trials]
-    best_score = max(t.metrics["valid_accuracy"] for t in result.trials)
-    assert result.best_metrics["valid_accuracy"] == best_score
+
+@pytest.fixture(scope="module")
+def diverging(tmp_path_factory: pytest.TempPathFactory, ray_cluster: None):  # type: ignore[no-untyped-def]
+    """One ASHA sweep in which two trials' learning rate makes training diverge."""
+    tmp_path = tmp_path_factory.mktemp("sweep")
+    iris_set = iris_feature_set(tmp_path)
+    return iris_set, sweep(iris_set, tmp_path, DIVERGING, TrainConfig(epochs=3, batch_size=16), SLOW_MLP)
+
+
+def test_asha_stops_the_trials_that_diverge_and_tracks_every_trial(diverging) -> None:  # type: ignore[no-untyped-def]
+    _, (result, events, tracker, parent) = diverging
+    lrs = [t.config["train.optimizer.lr"] for t in result.trials]
+    assert lrs == [0.05, 100.0, 0.05, 100.0] and result.plan.concurrency == 2
+    assert [t.status for t in result.trials] == ["completed", "stopped", "completed", "stopped"]
+    assert [t.stopped_at for t in result.trials] == [None, 1, None, 1]
+    assert result.best_config == {"train.optimizer.lr": 0.05, "model.params.step_seconds": 0.1}
+    assert result.best_metrics == result.trials[0].metrics  # trial 2 ties with it: the lower id wins
+    assert result.best_metrics["valid_accuracy"] > 0.8 and result.best_metrics["epoch"] == 3
     assert sum(e.kind == "completed" for e in events) == 4
 
     client: MlflowClient = tracker.client
     runs = client.search_runs([tracker.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
-    assert len(runs) == 4
-    for run in runs:
-        assert run.info.status == "FINISHED"
-        assert run.data.tags["raylens.role"] == "trial"
-        assert "train.optimizer.lr" in run.data.params
+    by_trial = {run.data.tags["raylens.trial_id"]: run for run in runs}
+    assert sorted(by_trial) == [t.trial_id for t in result.trials]
+    for trial in result.trials:
+        run = by_trial[trial.trial_id]
+        assert run.info.status == "FINISHED" and run.data.tags["raylens.role"] == "trial"
+        assert float(run.data.params["train.optimizer.lr"]) == trial.config["train.optimizer.lr"]
+        assert run.data.tags["raylens.stopped_early"] == str(trial.status == "stopped").lower()
         history = client.get_metric_history(run.info.run_id, "valid_loss")
-        stopped_early = run.data.tags["raylens.stopped_early"] == "true"
-        assert 1 <= len(history) < 3 if stopped_early else len(history) == 3
         assert [m.step for m in history] == list(range(1, len(history) + 1))
+        assert len(history) == 3 if trial.status == "completed" else len(history) >= 1
+        assert history[-1].value == trial.metrics["valid_loss"] or trial.status == "stopped"
 
 
-def test_same_seed_samples_the_same_configurations(iris: FeatureSet, tmp_path: Path) -> None:
-    tune = TuneConfig(
-        trials=2, concurrency=2, scheduler="fifo", seed=3, space={"train.optimizer.lr": "uniform(0.01, 0.1)"}
-    )
-    first, *_ = sweep(iris, tmp_path / "a", tune, TrainConfig(epochs=1))
-    again, *_ = sweep(iris, tmp_path / "b", tune, TrainConfig(epochs=1))
-    assert sorted(t.config["train.optimizer.lr"] for t in first.trials) == sorted(
-        t.config["train.optimizer.lr"] for t in again.trials
-    )
+def test_same_seed_same_trials_same_stops_same_best(diverging, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Two trials run at once, so results arrive in a different order each time; the sweep's
+    decisions do not depend on it."""
+    iris_set, (first, *_) = diverging
+    again, *_ = sweep(iris_set, tmp_path, DIVERGING, TrainConfig(epochs=3, batch_size=16), SLOW_MLP)
+    assert [(t.config, t.status, t.stopped_at) for t in again.trials] == [
+        (t.config, t.status, t.stopped_at) for t in first.trials
+    ]
+    assert again.best_config == first.best_config
+    assert without_timing(again.best_metrics) == without_timing(first.best_metrics)
+
+
+def without_timing(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if not k.endswith("_per_s")}
+
+
+def test_another_seed_samples_other_configurations() -> None:
+    def planned(seed: int) -> list[dict[str, float]]:
+        """The configurations the sweep's own searcher draws, in trial order."""
+        config = DIVERGING.model_copy(update={"seed": seed})
+        search = searcher(config)
+        search.add_configurations(
+            [Experiment("plan", lambda c: None, config=tune_space(config), num_samples=4)]
+        )
+        trials = iter(search.next_trial, None)
+        return [trial.config for trial in trials]
+
+    assert planned(9) == planned(9)
+    assert [c["train.optimizer.lr"] for c in planned(9)] == [0.05, 100.0, 0.05, 100.0]
+    assert planned(1) != planned(9) and planned(2) != planned(9)
 
 
 def test_a_trial_with_several_workers_runs_ray_train(iris: FeatureSet, tmp_path: Path) -> None:
