@@ -67,6 +67,10 @@ def run_worker(
     model = build_model(job.model, job.in_features, job.task.out_features)
     strategy = resolve_strategy(job.train.scaling.strategy, world_size)
     model = parallelize(model, strategy, device)
+    if world_size > 1:
+        # Same weights everywhere, then each rank its own stream: dropout masks differ per rank,
+        # as if the rows of one large batch were drawn independently.
+        torch.manual_seed(job.train.seed + rank)
     optimizer = make_optimizer(model, job.train.optimizer)
     start_epoch = (
         restore(model, optimizer, resume_from, rank=rank, world_size=world_size) if resume_from else 0

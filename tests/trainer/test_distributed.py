@@ -1,0 +1,124 @@
+"""DDP and FSDP numerics in 2 gloo processes (``tests/trainer/gloo.py``, no Ray): the same model
+as one process, replicas in step, and a resumed run — with dropout — bit-identical to an
+uninterrupted one."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from raylens.features import FeatureSet, SplitArrays
+from raylens.trainer import ModelConfig, TrainConfig, TrainJob, run_worker
+from raylens.trainer.job import shard_rows
+from tests.conftest import iris_feature_set
+from tests.trainer.gloo import Collect, Ranks, run_ranks
+
+
+def make_job(
+    fs: FeatureSet, strategy: str, *, epochs: int, batch_size: int, dropout: float = 0.0
+) -> TrainJob:
+    return TrainJob.for_feature_set(
+        ModelConfig(params={"hidden": [16], "dropout": dropout}),
+        TrainConfig(
+            epochs=epochs,
+            batch_size=batch_size,
+            optimizer={"lr": 0.05},
+            scaling={"workers": 2, "strategy": strategy},
+        ),
+        fs,
+    )
+
+
+def scenario(ranks: Ranks, jobs: dict[str, TrainJob]) -> dict[str, Any]:
+    """Runs in every rank: one full-batch run, then an uninterrupted dropout run, and the same run
+    stopped after 2 epochs and resumed from that checkpoint."""
+    full = ranks.train(jobs["full_batch"])
+    straight = ranks.train(jobs["dropout"])
+    half = ranks.train(jobs["dropout_half"])
+    # Rank 0 holds the whole checkpoint (FSDP gathers onto it); every rank resumes from it, as
+    # every Ray Train worker reads the checkpoint rank 0 saved.
+    shared = [half.states[-1]]
+    dist.broadcast_object_list(shared, src=0)
+    torch.manual_seed(ranks.rank + 777)  # whatever the process drew in between must not matter
+    resumed = ranks.train(jobs["dropout"], resume_from=shared[0])
+    return {"full": _last(full), "straight": _last(straight), "resumed": _last(resumed)}
+
+
+def _last(run: Collect) -> dict[str, Any]:
+    last = run.states[-1]
+    return {"metrics": run.metrics, "model": last["model"], "replica": run.replica, "rng": last["rng"]}
+
+
+@pytest.fixture(scope="module")
+def iris_module(tmp_path_factory: pytest.TempPathFactory) -> FeatureSet:
+    return iris_feature_set(tmp_path_factory.mktemp("iris"))
+
+
+@pytest.fixture(scope="module", params=["ddp", "fsdp"])
+def ranks(request: pytest.FixtureRequest, iris_module: FeatureSet, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    strategy = request.param
+    jobs = {
+        "full_batch": make_job(iris_module, strategy, epochs=3, batch_size=1000),
+        "dropout": make_job(iris_module, strategy, epochs=4, batch_size=8, dropout=0.3),
+        "dropout_half": make_job(iris_module, strategy, epochs=2, batch_size=8, dropout=0.3),
+    }
+    results = run_ranks(
+        partial(scenario, jobs=jobs),
+        iris_module.read("train"),
+        iris_module.read("valid"),
+        tmp_path_factory.mktemp(strategy),
+    )
+    return strategy, jobs, results
+
+
+def test_two_ranks_train_the_model_one_process_trains(ranks, iris_module: FeatureSet) -> None:  # type: ignore[no-untyped-def]
+    """Full-batch steps: the gradient averaged over 2 equal shards is the gradient over their
+    union, so 2 ranks must end where one process on the same rows ends."""
+    _, jobs, results = ranks
+    train = iris_module.read("train")
+    union = np.sort(np.concatenate([shard_rows(len(train), r, 2, seed=0) for r in range(2)]))
+    single = Collect()
+    run_worker(
+        jobs["full_batch"], SplitArrays(train.x[union], train.y[union]), iris_module.read("valid"), single
+    )
+
+    distributed = results[0]["full"]
+    for name, tensor in single.states[-1]["model"].items():
+        torch.testing.assert_close(distributed["model"][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    # Validation metrics (scored in shards and all-reduced under DDP) are the whole split's.
+    for key in ("valid_loss", "valid_accuracy", "train_loss"):
+        assert distributed["metrics"][-1][key] == pytest.approx(single.metrics[-1][key], rel=1e-5), key
+    assert distributed["metrics"][-1]["valid_loss"] < distributed["metrics"][0]["valid_loss"]
+
+
+def test_every_rank_reports_the_same_metrics(ranks) -> None:  # type: ignore[no-untyped-def]
+    _, _, results = ranks
+    assert results[0]["straight"]["metrics"] == results[1]["straight"]["metrics"]
+    strategy = ranks[0]
+    if strategy == "ddp":  # DDP keeps a whole replica on each rank, and they stay identical
+        replicas = [r["straight"]["replica"] for r in results]
+        assert replicas[0].keys() == replicas[1].keys() == results[0]["straight"]["model"].keys()
+        for name, tensor in replicas[0].items():
+            assert torch.equal(tensor, replicas[1][name]), name
+
+
+def test_resumed_with_dropout_equals_uninterrupted(ranks) -> None:  # type: ignore[no-untyped-def]
+    """Each rank's dropout draws from its own generators; the checkpoint carries every rank's
+    state, so the resumed run takes exactly the steps the uninterrupted one took."""
+    _, _, results = ranks
+    straight, resumed = results[0]["straight"], results[0]["resumed"]
+    # The checkpoint holds each rank's generators, and they differ: each rank draws its own masks.
+    rng = straight["rng"]
+    assert len(rng) == 2 and all(set(state) == {"torch", "numpy", "python"} for state in rng)
+    assert not torch.equal(rng[0]["torch"], rng[1]["torch"])
+    assert [m["epoch"] for m in resumed["metrics"]] == [3.0, 4.0]
+    assert straight["model"].keys() == resumed["model"].keys()
+    for name, tensor in straight["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name
+    for key in ("valid_loss", "valid_accuracy", "train_loss"):
+        assert resumed["metrics"][-1][key] == straight["metrics"][-1][key], key
