@@ -129,7 +129,8 @@ def load_checkpoint(folder: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise CorruptCheckpoint(f"{path} is missing") from None
     except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError, ... on bad bytes
-        raise CorruptCheckpoint(f"{path} cannot be read: {exc}") from None
+        reason = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise CorruptCheckpoint(f"{path} cannot be read ({type(exc).__name__}: {reason})") from None
     if not isinstance(state, dict) or not {"model", "optimizer", "epoch"} <= state.keys():
         raise CorruptCheckpoint(f"{path} is not a raylens checkpoint")
     return state

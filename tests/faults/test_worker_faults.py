@@ -1,21 +1,28 @@
 """Faults inside a Ray Train run, on a real local Ray cluster: a worker killed mid-epoch, and a
-checkpoint that cannot be read back."""
+checkpoint that cannot be read back. The uninterrupted run they are compared with runs in the
+2-process gloo harness: the Ray Train bridge must train exactly what plain ``run_worker`` trains."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import time
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
+import ray.train
+import torch
 
 from raylens.features import FeatureSet
 from raylens.trainer import ModelConfig, TrainConfig, TrainJob
-from raylens.trainer.ray_train import train_distributed
+from raylens.trainer.parallel import CorruptCheckpoint, gather_checkpoint, load_checkpoint, save_checkpoint
+from raylens.trainer.ray_train import restore_point
 from raylens.trainer.run import TrainRunResult, train_and_record
 from raylens.trainer.tracking import MlflowTracker
-
-pytestmark = pytest.mark.usefixtures("ray_cluster")
+from tests.trainer.gloo import Ranks, run_ranks
 
 SLOW_MLP = ModelConfig(
     name="tests.faults.slow_models:build", params={"hidden": [16], "dropout": 0.2, "step_seconds": 0.05}
@@ -51,11 +58,11 @@ def train_workers() -> list[int]:
     return sorted(found)
 
 
-def tracked_run(iris: FeatureSet, folder: Path, on_epoch) -> tuple[TrainRunResult, MlflowTracker]:  # type: ignore[no-untyped-def]
+def tracked_run(iris: FeatureSet, folder: Path, on_epoch, on_notice) -> tuple[TrainRunResult, MlflowTracker]:  # type: ignore[no-untyped-def]
     folder.mkdir(parents=True)
     tracker = MlflowTracker(f"sqlite:///{folder}/mlflow.db", "faults", folder / "artifacts")
     result = train_and_record(
-        job(iris, 6),
+        job(iris, 6, keep=10),
         iris,
         tracker=tracker,
         run_name="final",
@@ -63,52 +70,94 @@ def tracked_run(iris: FeatureSet, folder: Path, on_epoch) -> tuple[TrainRunResul
         params={},
         tags={},
         on_epoch=on_epoch,
+        on_notice=on_notice,
     )
     return result, tracker
 
 
-def test_a_worker_killed_mid_epoch_is_replaced_and_the_run_ends_as_if_it_never_happened(
+def registered(run: Path) -> list[Path]:
+    """The checkpoints Ray Train has registered for the run, oldest first (a checkpoint written
+    but not yet registered when a worker dies is not one a restart reads)."""
+    try:
+        snapshot = json.loads((run / "checkpoint_manager_snapshot.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+    return [run / entry["checkpoint_dir_name"] for entry in snapshot["checkpoint_results"]]
+
+
+def uninterrupted(ranks: Ranks, job: TrainJob) -> dict[str, Any]:
+    run = ranks.train(job)
+    return {"metrics": run.metrics, "model": run.states[-1]["model"]}
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_lost_worker_and_an_unreadable_latest_checkpoint_end_as_if_nothing_happened(
     iris: FeatureSet, tmp_path: Path
 ) -> None:
-    straight, _ = tracked_run(iris, tmp_path / "straight", lambda metrics: None)
-
+    """A worker is SIGKILLed mid-run and the checkpoint the run would restart from is found
+    truncated (a node lost during an upload): Ray Train restarts the group from the newest
+    readable checkpoint, says so once, logs each epoch once, and ends with the model an
+    uninterrupted run of the same job ends with (dropout, 2-rank DDP), bit for bit."""
+    reference = run_ranks(
+        partial(uninterrupted, job=job(iris, 6)), iris.read("train"), iris.read("valid"), tmp_path / "gloo"
+    )[0]
+    run = tmp_path / "killed" / "ray" / "final"
     killed: list[int] = []
-
-    def kill_a_worker(metrics: dict[str, float]) -> None:
-        # Epoch 2 has been reported: the workers are in the middle of epoch 3.
-        if metrics["epoch"] == 2 and not killed:
-            victim = train_workers()[0]
-            os.kill(victim, signal.SIGKILL)
-            killed.append(victim)
-
-    result, tracker = tracked_run(iris, tmp_path / "killed", kill_a_worker)
-
-    assert killed, "no Ray Train worker was found to kill"
-    assert result.test_metrics == straight.test_metrics  # dropout, DDP, a restart: bit-identical
-    history = tracker.client.get_metric_history(result.run_id, "valid_loss")
-    assert [m.step for m in history] == [1, 2, 3, 4, 5, 6]  # the replayed epochs are logged once
-    assert [m["valid_loss"] for m in result.history] == [m["valid_loss"] for m in straight.history]
-
-
-def test_an_unreadable_latest_checkpoint_falls_back_to_the_one_before(
-    iris: FeatureSet, tmp_path: Path
-) -> None:
-    train_distributed(job(iris, 2, keep=5), iris, run_name="r", storage_path=tmp_path)
-    earlier, latest = sorted(p for p in (tmp_path / "r").glob("checkpoint_*") if p.is_dir())
-    (latest / "checkpoint.pt").write_bytes(b"half an upload")
-    earlier_bytes = (earlier / "checkpoint.pt").read_bytes()
-
+    earlier: dict[Path, bytes] = {}
     notices: list[str] = []
-    outcome = train_distributed(
-        job(iris, 4, keep=5), iris, run_name="r", storage_path=tmp_path, on_notice=notices.append
+
+    def lose_a_worker_and_its_latest_checkpoint(metrics: dict[str, float]) -> None:
+        if killed or len(registered(run)) < 2:
+            return
+        victim = train_workers()[0]
+        os.kill(victim, signal.SIGKILL)
+        killed.append(victim)
+        # With a worker gone no new checkpoint is made; wait for Ray to register any report under
+        # way, then truncate the newest registered checkpoint: the one the restart reads.
+        found, since = registered(run), time.monotonic()
+        while time.monotonic() - since < 1.0:
+            time.sleep(0.05)
+            if (now := registered(run)) != found:
+                found, since = now, time.monotonic()
+        (found[-1] / "checkpoint.pt").write_bytes(b"half an upload")
+        earlier.update({folder: (folder / "checkpoint.pt").read_bytes() for folder in found[:-1]})
+
+    result, tracker = tracked_run(
+        iris, tmp_path / "killed", lose_a_worker_and_its_latest_checkpoint, notices.append
     )
 
-    assert [m["epoch"] for m in outcome.history] == [2.0, 3.0, 4.0]  # epoch 2 trained again from epoch 1
+    assert killed, "no Ray Train worker was found to kill"
     assert len(notices) == 1 and "latest checkpoint is unreadable" in notices[0], notices
-    assert (earlier / "checkpoint.pt").read_bytes() == earlier_bytes
+    assert earlier and all(
+        folder.joinpath("checkpoint.pt").read_bytes() == b for folder, b in earlier.items()
+    )
+    history = tracker.client.get_metric_history(result.run_id, "valid_loss")
+    assert [m.step for m in history] == [1, 2, 3, 4, 5, 6]  # the replayed epochs are logged once
+    assert [m["valid_loss"] for m in result.history] == [m["valid_loss"] for m in reference["metrics"]]
+    final = load_checkpoint(result.checkpoint_dir)["model"]
+    for name, tensor in reference["model"].items():
+        assert torch.equal(final[name], tensor), name
 
-    # With no readable checkpoint left, the run fails saying so (not with a torch traceback).
-    for checkpoint in (tmp_path / "r").glob("checkpoint_*/checkpoint.pt"):
-        checkpoint.write_bytes(b"")
-    with pytest.raises(Exception, match="no checkpoint of this run can be read"):
-        train_distributed(job(iris, 5, max_failures=0), iris, run_name="r", storage_path=tmp_path)
+
+def test_restore_point_falls_back_to_the_newest_readable_checkpoint(tmp_path: Path) -> None:
+    """What a restarted worker resumes from (no workers needed to decide it)."""
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    folders = [tmp_path / "r" / f"checkpoint_2026-11-29_00-00-0{e}.000000" for e in (1, 2, 3)]
+    for epoch, folder in enumerate(folders, 1):
+        save_checkpoint(gather_checkpoint(model, optimizer, epoch), folder)
+    (folders[2] / "checkpoint.pt").write_bytes(b"half an upload")
+    (folders[1] / "checkpoint.pt").write_bytes(b"")
+    first = (folders[0] / "checkpoint.pt").read_bytes()
+
+    state, notice = restore_point(ray.train.Checkpoint(str(folders[2])))
+    assert state["epoch"] == 1
+    assert notice is not None and "latest checkpoint is unreadable" in notice and folders[0].name in notice
+    assert (folders[0] / "checkpoint.pt").read_bytes() == first  # only read
+
+    state, notice = restore_point(ray.train.Checkpoint(str(folders[0])))
+    assert state["epoch"] == 1 and notice is None
+
+    (folders[0] / "checkpoint.pt").write_bytes(b"\x00" * 10)
+    with pytest.raises(CorruptCheckpoint, match=r"no checkpoint of this run can be read.*without --resume"):
+        restore_point(ray.train.Checkpoint(str(folders[2])))
