@@ -108,7 +108,7 @@ class MlflowTracker:
     def start_run(
         self, name: str, *, parent_run_id: str | None = None, tags: Mapping[str, str] | None = None
     ) -> str:
-        all_tags = dict(tags or {})
+        all_tags = {k: redact(str(v)) for k, v in (tags or {}).items()}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
         run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
