@@ -1,4 +1,6 @@
-"""A user model for the startup benchmark: the MLP, plus a timestamp written at its first forward."""
+"""A user model for the startup benchmark: the MLP, plus a timestamp written at its first training
+forward (raylens runs the model once in eval mode on a real batch before training, to check it:
+that forward is not the first step)."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ class FirstStepClock(nn.Module):
         self.marker = marker
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.marker and not os.path.exists(self.marker):
+        if self.training and self.marker and not os.path.exists(self.marker):
             with open(self.marker, "w") as handle:
                 handle.write(str(time.time()))
         return self.inner(x)

@@ -108,8 +108,8 @@ def _run(spec: Path, runs_dir: Path | None, verbose: bool, command: str, **kwarg
                 f"raylens {command} {spec}" + (f" --runs-dir {runs_dir}" if runs_dir else "") + " --resume"
             )
             errors.print(
-                f"[yellow]interrupted[/] by {signal.Signals(stop.signum).name}: this run's MLflow runs are "
-                f"marked KILLED and no model was registered; its checkpoints are kept. "
+                f"[yellow]interrupted[/] by {signal.Signals(stop.signum).name}: this run's open MLflow "
+                f"runs are marked KILLED and no model was registered; its checkpoints are kept. "
                 f"Continue it with: [bold]{again}[/]",
                 highlight=False,
             )

@@ -79,6 +79,11 @@ def test_help_explains_the_commands() -> None:
         assert command in output
 
 
+def test_ui_defaults_to_port_5000_on_loopback() -> None:
+    code, shown = invoke("ui", "--help")
+    assert code == 0 and "5000" in shown and "127.0.0.1" in shown
+
+
 def test_features_commands_on_an_empty_store(tmp_path: Path) -> None:
     code, output = invoke("features", "list", "--runs-dir", str(tmp_path))
     assert code == 0 and "no feature sets stored yet" in output

@@ -14,8 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from mlflow import models as mlflow_models
 
-from tests.cli import CliRun, client, runs_of
+from tests.cli import CliRun, client, raylens, runs_of, snapshot
 
 pytestmark = pytest.mark.e2e
 
@@ -35,7 +36,9 @@ def test_run_prints_a_summary_and_stays_quiet(reference_run: CliRun) -> None:
     assert "Traceback" not in reference_run.result.stderr
 
 
-def test_the_store_holds_the_sweep_tree_final_run_and_model(reference_run: CliRun) -> None:
+def test_the_store_holds_the_sweep_tree_final_run_and_model(
+    reference_run: CliRun, monkeypatch: pytest.MonkeyPatch
+) -> None:
     mlflow = client(reference_run.folder)
     runs = runs_of(reference_run.folder)
     roles = {run.info.run_id: run.data.tags.get("raylens.role") for run in runs}
@@ -53,6 +56,51 @@ def test_the_store_holds_the_sweep_tree_final_run_and_model(reference_run: CliRu
     assert {"plots/test_confusion_matrix.png", "plots/learning_curves.png"} <= set(artifacts)
     (version,) = mlflow.search_model_versions("name='faults'")
     assert str(version.version) == "1" and version.run_id == final.info.run_id
+
+    # The root run: the spec and its parameters, and the best trial's configuration.
+    (root,) = [run for run in runs if run.info.run_id == root_id]
+    assert root.data.params["train.epochs"] == "10" and root.data.params["data.source"] == "iris.csv"
+    assert "spec.yaml" in [a.path for a in mlflow.list_artifacts(root_id)]
+    finished = [
+        run
+        for run in children
+        if run.data.tags["raylens.role"] == "trial" and run.data.tags["raylens.stopped_early"] == "false"
+    ]
+    best = min(finished, key=lambda run: run.data.metrics["valid_loss"])
+    assert root.data.params["best.train.optimizer.lr"] == best.data.params["train.optimizer.lr"]
+
+    # The final run: every epoch of train and validation metrics, the confusion matrix as JSON
+    # (summing to the test rows), the feature-set manifest.
+    for key in ("train_loss", "valid_accuracy"):
+        assert [m.step for m in mlflow.get_metric_history(final.info.run_id, key)] == list(range(1, 11))
+    matrix_file = mlflow.download_artifacts(final.info.run_id, "test_confusion_matrix.json")
+    matrix = json.loads(Path(matrix_file).read_text())
+    assert matrix["labels"] == [0, 1, 2] and sum(map(sum, matrix["matrix"])) == 30
+    manifest_file = mlflow.download_artifacts(final.info.run_id, "feature_set/manifest.json")
+    assert (
+        json.loads(Path(manifest_file).read_text())["version"]
+        == final.data.tags["raylens.feature_set_version"]
+    )
+
+    # The model: signature, input example and lineage metadata.
+    monkeypatch.setenv(
+        "MLFLOW_TRACKING_URI", f"sqlite:///{reference_run.folder / 'raylens-runs' / 'mlflow.db'}"
+    )
+    info = mlflow_models.get_model_info("models:/faults/1")
+    assert info.signature is not None and [c.name for c in info.signature.inputs.inputs][:1] == [
+        "sepal length (cm)"
+    ]
+    assert info.saved_input_example_info is not None
+    assert info.metadata["feature_set_version"] == final.data.tags["raylens.feature_set_version"]
+    assert info.metadata["raylens_version"] and info.metadata["task"] == "classification"
+
+
+def test_a_finished_run_is_not_resumed(reference_run: CliRun) -> None:
+    before = snapshot(reference_run.folder)
+    refused = raylens(reference_run.folder, "run", "spec.yaml", "--resume")
+    assert refused.returncode == 2 and "finished" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert snapshot(reference_run.folder) == before
 
 
 def test_registered_model_predicts_raw_features_in_a_fresh_process(

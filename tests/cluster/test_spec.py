@@ -13,8 +13,18 @@ def spec_with(**sections: object) -> dict:
 
 
 def test_example_spec_loads() -> None:
+    """What the README says `make demo` runs."""
     spec = load_spec(Path(__file__).parents[2] / "examples" / "digits.yaml")
-    assert spec.train.scaling.workers == 2 and spec.tune is not None and spec.tune.trials >= 4
+    assert spec.data.source == "sklearn:digits"
+    assert spec.train.scaling.workers == 2 and spec.train.scaling.strategy == "ddp"
+    assert spec.tune is not None
+    assert (spec.tune.trials, spec.tune.concurrency, spec.tune.search, spec.tune.scheduler) == (
+        6,
+        2,
+        "random",
+        "asha",
+    )
+    assert spec.tracking.uri == "default" and spec.tracking.register_as == "digits-classifier"
 
 
 def test_bad_choice_names_the_path_and_the_valid_values() -> None:

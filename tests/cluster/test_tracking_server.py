@@ -4,6 +4,8 @@ caller's process as it found it), and `raylens ui` serving the run store."""
 from __future__ import annotations
 
 import contextlib
+import ipaddress
+import json
 import logging
 import os
 import signal
@@ -15,14 +17,16 @@ import urllib.request
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from unittest.mock import ANY
 
 import mlflow
 import pytest
-from sklearn.datasets import load_iris
 
 from raylens.cluster.experiment import Experiment
 from raylens.cluster.spec import parse_spec
 from raylens.cluster.workspace import Workspace
+from raylens.features.sources import load_source
+from raylens.features.splits import split_rows
 
 BIN = Path(sys.executable).parent
 
@@ -70,25 +74,20 @@ def stop(process: subprocess.Popen[bytes]) -> None:
         process.wait()
 
 
-@pytest.fixture
-def tracking_server(tmp_path: Path) -> Iterator[str]:
+@pytest.fixture(scope="module")
+def ui_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``raylens ui`` on a run store that already holds a run; it is also the tracking server the
+    run below logs to over HTTP (an MLflow UI is a tracking server)."""
+    runs_dir = tmp_path_factory.mktemp("ui-runs")
+    Workspace.at(runs_dir).ensure()
+    client = mlflow.MlflowClient(Workspace.at(runs_dir).default_tracking_uri)
+    seeded = client.create_run(client.create_experiment("seeded", str(runs_dir / "artifacts")))
+    client.log_metric(seeded.info.run_id, "valid_accuracy", 0.875, step=3)
+    client.set_terminated(seeded.info.run_id)
     port = free_port()
     process = subprocess.Popen(
-        [
-            str(BIN / "mlflow"),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'server.db'}",
-            "--artifacts-destination",
-            str(tmp_path / "server-artifacts"),
-            "--serve-artifacts",
-            "--workers",
-            "1",
-        ],
+        [str(BIN / "raylens"), "ui", "--runs-dir", str(runs_dir), "--port", str(port)],
+        cwd=runs_dir,  # where the server keeps artifacts logged to it over HTTP
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -101,10 +100,50 @@ def tracking_server(tmp_path: Path) -> Iterator[str]:
         stop(process)
 
 
+def test_ui_serves_the_run_store_on_loopback_only(ui_server: str) -> None:
+    with urllib.request.urlopen(f"{ui_server}/", timeout=10) as page:
+        assert page.status == 200 and b"MLflow" in page.read()
+    request = urllib.request.Request(
+        f"{ui_server}/ajax-api/2.0/mlflow/experiments/search",
+        json.dumps({"max_results": 100}).encode(),
+        {"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        experiments = {e["name"]: e["experiment_id"] for e in json.load(answer)["experiments"]}
+    request = urllib.request.Request(
+        f"{ui_server}/ajax-api/2.0/mlflow/runs/search",
+        json.dumps({"experiment_ids": [experiments["seeded"]]}).encode(),
+        {"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        (run,) = json.load(answer)["runs"]
+    assert run["data"]["metrics"] == [{"key": "valid_accuracy", "value": 0.875, "timestamp": ANY, "step": 3}]
+    port = int(ui_server.rsplit(":", 1)[1])
+    assert listening_addresses(port) == {"127.0.0.1"}
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses a TCP port is listening on, from the kernel's socket table."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(table) as lines:
+            for line in list(lines)[1:]:
+                local, state = line.split()[1], line.split()[3]
+                address, hex_port = local.split(":")
+                if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                    found.add(
+                        str(ipaddress.ip_address(bytes.fromhex(address)[::-1]))
+                        if len(address) == 8
+                        else address
+                    )
+    return found
+
+
 @pytest.mark.usefixtures("ray_cluster")
 def test_a_run_tracked_on_an_mlflow_server(
-    tracking_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ui_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    tracking_server = ui_server
     spec = parse_spec(
         {
             "name": "served",
@@ -131,21 +170,10 @@ def test_a_run_tracked_on_an_mlflow_server(
     # leak into every later test of this process.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_server)
     model = mlflow.pyfunc.load_model("models:/served-model/1")
-    raw = load_iris(as_frame=True).frame
-    assert list(model.predict(raw.drop(columns=["target"]).head(3))) == list(raw["target"].head(3))
-
-
-def test_ui_serves_the_run_store_on_loopback(tmp_path: Path) -> None:
-    Workspace.at(tmp_path).ensure()
-    mlflow.MlflowClient(Workspace.at(tmp_path).default_tracking_uri).search_experiments()  # creates the db
-    port = free_port()
-    process = subprocess.Popen(
-        [str(BIN / "raylens"), "ui", "--runs-dir", str(tmp_path), "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        wait_for_http(f"http://127.0.0.1:{port}/", process)
-    finally:
-        stop(process)
+    # Every test row, as the user has it (raw columns): the served model scores what the run logged.
+    frame = load_source("sklearn:iris").table.to_pandas()
+    test_rows = split_rows(frame["target"].to_numpy(), spec.data.split, stratify=True).test
+    predicted = model.predict(frame.iloc[test_rows].drop(columns=["target"]))
+    assert len(predicted) == len(test_rows) and len(set(predicted)) > 1
+    accuracy = float((predicted == frame["target"].to_numpy()[test_rows]).mean())
+    assert accuracy == pytest.approx(run.data.metrics["test_accuracy"])

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli import CliRun, Invocation, client, make_project, raylens, run_folder, runs_of, snapshot
+from tests.cli import Invocation, client, make_project, raylens, run_folder, runs_of, snapshot
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.beside_reference]
 
 
 def final_checkpoints(folder: Path) -> list[Path]:
@@ -28,28 +28,43 @@ def final_checkpoints(folder: Path) -> list[Path]:
 
 
 def assert_stopped_cleanly(folder: Path, invocation: Invocation, code: int) -> None:
-    """Exit 128 + signal, a message saying how to resume, no run left RUNNING, nothing registered."""
+    """Exit 128 + signal, the message saying what happened and how to resume, the runs the
+    invocation had open KILLED (finished trials stay FINISHED), nothing registered."""
     assert invocation.finish() == code, invocation.output
-    assert "--resume" in invocation.output and "Traceback" not in invocation.output, invocation.output
-    assert {run.info.status for run in runs_of(folder)} <= {"KILLED", "FINISHED"}
+    name = {130: "SIGINT", 143: "SIGTERM"}[code]
+    said = " ".join(invocation.output.split())  # the terminal may wrap the line
+    assert (
+        f"interrupted by {name}: this run's open MLflow runs are marked KILLED and no model was registered; "
+        "its checkpoints are kept. Continue it with: raylens run spec.yaml --resume"
+    ) in said, invocation.output
+    assert "Traceback" not in invocation.output, invocation.output
+    runs = runs_of(folder)
+    assert {run.info.status for run in runs} <= {"KILLED", "FINISHED"}
+    assert [r.info.status for r in runs if r.data.tags.get("raylens.role") in ("experiment", "final")] == [
+        "KILLED"
+    ] * len([r for r in runs if r.data.tags.get("raylens.role") in ("experiment", "final")])
     assert not client(folder).search_model_versions("name='faults'")
 
 
-def outcome(folder: Path) -> tuple[str, dict[str, str], dict[str, float]]:
-    """The feature-set version, the best configuration (root run) and the test metrics (final
-    run) a run ended with."""
+def outcome(folder: Path) -> tuple[str, list[tuple[str, str]], dict[str, str], dict[str, float]]:
+    """The feature-set version, each trial's configuration and whether ASHA stopped it, the best
+    configuration (root run) and the test metrics (final run) a run ended with."""
     runs = runs_of(folder)
     (root,) = [r for r in runs if r.data.tags.get("raylens.role") == "experiment"]
     (final,) = [r for r in runs if r.data.tags.get("raylens.role") == "final"]
+    trials = sorted(
+        (r.data.params["train.optimizer.lr"], r.data.tags["raylens.stopped_early"])
+        for r in runs
+        if r.data.tags.get("raylens.role") == "trial"
+    )
     best = {k: v for k, v in root.data.params.items() if k.startswith("best.")}
     tests = {k: v for k, v in final.data.metrics.items() if k.startswith("test_")}
-    return root.data.tags["raylens.feature_set_version"], best, tests
+    return root.data.tags["raylens.feature_set_version"], trials, best, tests
 
 
 def test_interrupted_four_times_and_resumed_ends_like_the_uninterrupted_run(
-    tmp_path: Path, reference_run: CliRun
+    tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    uninterrupted = reference_run.folder
     folder = make_project(tmp_path / "project")
 
     # 1. SIGINT during the sweep, once a trial has finished.
@@ -104,10 +119,15 @@ def test_interrupted_four_times_and_resumed_ends_like_the_uninterrupted_run(
     assert concurrent.returncode == 2 and "is in use by another raylens process" in concurrent.stderr
     assert last.finish() == 0, last.output
 
-    # Same features, best configuration and test metrics as the uninterrupted run: resumes
-    # change nothing, and (each stage having started afresh in another process) the same spec
-    # and seed give the same result.
+    # Same features, same trials stopped by ASHA, same best configuration and test metrics as
+    # the uninterrupted run: resumes change nothing, and (each stage having started afresh in
+    # another process, results arriving in another order) the same spec and seed give the same
+    # result.
+    uninterrupted = request.getfixturevalue("reference_run").folder  # made meanwhile, in the background
     assert outcome(folder) == outcome(uninterrupted)
+    _, trials, best, tests = outcome(folder)
+    assert any(stopped == "true" for _, stopped in trials), "ASHA stopped no trial here"
+    assert best and tests, "nothing to compare"
     runs = runs_of(folder)
     assert {r.info.status for r in runs} == {"FINISHED"}
     assert {r.info.run_id for r in runs if r.data.tags.get("raylens.role") == "experiment"} == root_ids
@@ -118,6 +138,8 @@ def test_interrupted_four_times_and_resumed_ends_like_the_uninterrupted_run(
         if run.data.tags["raylens.role"] != "experiment":
             steps = [m.step for m in mlflow.get_metric_history(run.info.run_id, "valid_loss")]
             expected = 10 if run.data.tags["raylens.role"] == "final" else 3
+            if run.data.tags.get("raylens.stopped_early") == "true":  # stopped at a milestone
+                expected = len(steps)
             assert steps == list(range(1, expected + 1)), (run.info.run_name, steps)
     (version,) = mlflow.search_model_versions("name='faults'")
     assert version.run_id == next(r.info.run_id for r in runs if r.data.tags["raylens.role"] == "final")

@@ -32,6 +32,18 @@ def test_float_target_is_regression_unless_told() -> None:
     )
 
 
+def test_features_select_the_columns_and_task_overrides_what_the_target_suggests() -> None:
+    table = pa.table(
+        {"a": [1.0, 2.0, 3.0, 4.0], "b": [0, 1, 0, 1], "c": [9.0, 8.0, 7.0, 6.0], "y": [1, 2, 3, 4]}
+    )
+    assert prepare(table, config()).feature_columns == ["a", "b", "c"]
+    assert prepare(table, config(features=["c", "a"])).feature_columns == ["c", "a"]
+    assert prepare(table, config(drop=["b"])).feature_columns == ["a", "c"]
+    assert prepare(table, config()).task == "classification"  # integers: classes
+    regression = prepare(table, config(task="regression"))
+    assert regression.task == "regression" and regression.y.tolist() == [1.0, 2.0, 3.0, 4.0]
+
+
 def test_missing_target_names_the_columns() -> None:
     table = pa.table({"a": [1.0], "label": [1]})
     with pytest.raises(

@@ -149,3 +149,34 @@ def test_equivalent_paths_give_one_uri_and_one_version(tmp_path: Path) -> None:
     ]
     assert {p.manifest["source"]["uri"] for p in plans} == {"d.csv"}
     assert len({p.version for p in plans}) == 1
+
+
+def test_a_folder_of_csv_files_is_one_table_and_each_file_counts_in_the_fingerprint(tmp_path: Path) -> None:
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    (parts / "a.csv").write_text("x,count,target\n0.5,1,0\n1.5,2,1\n")
+    (parts / "b.csv").write_text("x,count,target\n2.5,3,1\n")
+    raw = load_source("parts", tmp_path)
+    assert raw.table.num_rows == 3
+    assert (
+        raw.table.column("count").to_pylist() == [1, 2, 3]
+        and raw.table.schema.field("count").type == pa.int64()
+    )
+    before = raw.fingerprint
+    (parts / "b.csv").write_text("x,count,target\n2.5,4,1\n")
+    assert load_source("parts", tmp_path).fingerprint != before
+
+
+@pytest.mark.parametrize(
+    ("target_values", "task", "classes"),
+    [(["0", "1", "1", "0"], "classification", [0, 1]), (["0.5", "1.25", "1", "0"], "regression", None)],
+)
+def test_the_target_columns_type_in_the_csv_decides_the_task(
+    tmp_path: Path, target_values: list[str], task: str, classes: list[int] | None
+) -> None:
+    rows = 40
+    lines = ["x,y"] + [f"{i / rows},{target_values[i % 4]}" for i in range(rows)]
+    (tmp_path / "d.csv").write_text("\n".join(lines) + "\n")
+    plan = plan_feature_set("d", DataConfig(source="d.csv", target="y"), FeaturesConfig(), tmp_path)
+    assert plan.manifest["task"] == task
+    assert plan.manifest.get("classes") == classes

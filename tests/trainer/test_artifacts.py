@@ -38,10 +38,12 @@ from raylens.features import (
     invert_all,
     transforms_from_dicts,
 )
+from raylens.features.splits import split_rows
 from raylens.trainer import Batches, ModelConfig, TrainConfig, TrainJob, TrainState, build_model, fit
 from raylens.trainer.artifacts import log_model, pip_requirements
 from raylens.trainer.loop import make_optimizer, predict
 from raylens.trainer.tracking import MlflowTracker
+from tests.conftest import ModelVenv
 
 INSTALL_TIMEOUT_S = 900
 SERVE_TIMEOUT_S = 180
@@ -185,6 +187,51 @@ def test_integer_and_boolean_columns_refuse_missing_values(
     assert "column count" in served([[0.5, None, True]])
 
 
+def test_a_csv_with_integer_columns_is_scored_as_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loader: None
+) -> None:
+    """Integer columns stay integers from the CSV to the model's signature: the rows a user reads
+    with pandas from the same file are scored as the torch model scores the stored features."""
+    rng = np.random.default_rng(0)
+    rooms, age = rng.integers(1, 6, 120), rng.integers(0, 50, 120)
+    label = (rooms * 10 - age + rng.normal(0, 3, 120) > 0).astype(int)
+    area = np.round(rooms * 20.5 + rng.normal(0, 5, 120), 2)
+    pd.DataFrame({"rooms": rooms, "age": age, "area": area, "label": label}).to_csv(
+        tmp_path / "h.csv", index=False
+    )
+    data = DataConfig(source="h.csv", target="label", split={"valid": 0.2, "test": 0.25, "seed": 1})
+    fs = build_feature_set(
+        "houses", data, FeaturesConfig(transforms=[{"standardize": "*"}]), tmp_path / "s", tmp_path
+    )
+    assert [fs.manifest["schema"][c] for c in ("rooms", "age")] == ["int64", "int64"]
+    logged = train_and_log(fs, tmp_path, epochs=20, register_as=None)
+    assert len(set(logged.expected)) == 2, "a constant model proves nothing here"
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", logged.tracking_uri)
+    model = mlflow.pyfunc.load_model(logged.model_uri)
+    as_read = pd.read_csv(tmp_path / "h.csv")
+    test_rows = split_rows(as_read["label"].to_numpy(), data.split, stratify=True).test
+    raw = as_read.iloc[test_rows].drop(columns=["label"]).reset_index(drop=True)
+    assert str(raw["rooms"].dtype) == "int64"
+    assert model.predict(raw).tolist() == logged.expected.tolist()
+
+
+def test_the_model_pins_exactly_what_its_loader_imports() -> None:
+    pinned = dict(requirement.split("==") for requirement in pip_requirements())
+    assert set(pinned) == {
+        "mlflow",
+        "cloudpickle",
+        "torch",
+        "numpy",
+        "pandas",
+        "pyarrow",
+        "scikit-learn",
+        "pydantic",
+    }
+    assert all(re.fullmatch(r"\d+(\.\d+)*", version) for version in pinned.values()), pinned
+    assert pinned["torch"] == torch.__version__.split("+")[0]
+
+
 def test_loader_imports_neither_ray_nor_the_cli() -> None:
     """Loading a model pulls in nothing the served environment may lack."""
     code = (
@@ -197,7 +244,7 @@ def test_loader_imports_neither_ray_nor_the_cli() -> None:
 
 
 def test_model_installs_and_serves_without_raylens(
-    iris: FeatureSet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loader: None
+    iris: FeatureSet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loader: None, model_venv: ModelVenv
 ) -> None:
     started = time.perf_counter()
     logged = train_and_log(iris, tmp_path, epochs=30, register_as="iris-classifier")
@@ -208,19 +255,9 @@ def test_model_installs_and_serves_without_raylens(
     assert (folder / "code" / "raylens" / "trainer" / "artifacts.py").is_file()
     assert not list(folder.rglob("__pycache__"))
 
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    python = venv / "bin" / "python"
+    venv = model_venv.folder / "venv"
     install_started = time.perf_counter()
-    installed = subprocess.run(
-        # --no-compile: byte-compiling torch and MLflow is most of pip's time here (61 s instead of
-        # ~140 s); Python compiles what the server imports on first use.
-        [str(python), "-m", "pip", "install", "-q", "--no-compile", "-r", str(folder / "requirements.txt")],
-        capture_output=True,
-        text=True,
-        timeout=INSTALL_TIMEOUT_S,
-    )
-    assert installed.returncode == 0, installed.stderr[-3000:]
+    python = model_venv.wait(timeout=INSTALL_TIMEOUT_S)  # installing since the tests were collected
     install_s = time.perf_counter() - install_started
     neutral = tmp_path / "neutral"
     neutral.mkdir()
@@ -302,7 +339,7 @@ def test_model_installs_and_serves_without_raylens(
             server.kill()
             server.wait()
     print(
-        f"venv install {install_s:.0f} s, server answered after {serve_s:.1f} s, "
+        f"waited {install_s:.0f} s for the venv, server answered after {serve_s:.1f} s, "
         f"whole test {time.perf_counter() - started:.0f} s"
     )
 

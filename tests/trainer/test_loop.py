@@ -75,3 +75,14 @@ def test_the_loop_never_imports_ray() -> None:
         "assert 'ray' not in sys.modules, 'ray was imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"), [("adamw", torch.optim.AdamW), ("adam", torch.optim.Adam), ("sgd", torch.optim.SGD)]
+)
+def test_each_optimizer_of_the_spec_is_torchs_own(name: str, kind: type) -> None:
+    from raylens.trainer.config import OptimizerConfig
+    from raylens.trainer.loop import make_optimizer
+
+    optimizer = make_optimizer(torch.nn.Linear(2, 2), OptimizerConfig(name=name, lr=0.125))
+    assert type(optimizer) is kind and optimizer.param_groups[0]["lr"] == 0.125

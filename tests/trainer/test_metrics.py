@@ -57,3 +57,28 @@ def test_r2_of_a_target_far_from_zero_matches_scikit_learn_in_shards(offset: flo
     assert ours["r2"] == pytest.approx(sk.r2_score(y_true, y_pred), abs=1e-6)
     assert ours["rmse"] == pytest.approx(np.sqrt(sk.mean_squared_error(y_true, y_pred)), abs=1e-6)
     assert regression_metrics(y_true, y_pred)["r2"] == pytest.approx(sk.r2_score(y_true, y_pred), abs=1e-6)
+
+
+def test_the_reported_losses_are_scikit_learns() -> None:
+    """The loss a run reports: cross-entropy of the softmax for classification, mean squared
+    error (of the standardized target) for regression."""
+    import torch
+
+    from raylens.trainer.loop import Batches, TaskSpec, evaluate
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(64, 3)).astype(np.float32), rng.integers(0, 3, 64)
+    model = torch.nn.Linear(3, 3)
+    ours = evaluate(model, Batches.from_numpy(x, y), TaskSpec("classification", num_classes=3))
+    probabilities = torch.softmax(model(torch.from_numpy(x)), dim=1).detach().numpy()
+    assert ours["loss"] == pytest.approx(sk.log_loss(y, probabilities, labels=[0, 1, 2]), rel=1e-5)
+
+    target = rng.normal(5, 2, 64).astype(np.float32)
+    regressor = torch.nn.Linear(3, 1)
+    task = TaskSpec("regression", target_mean=5.0, target_std=2.0)
+    ours = evaluate(regressor, Batches.from_numpy(x, target), task)
+    standardized = regressor(torch.from_numpy(x)).detach().numpy().ravel()
+    assert ours["loss"] == pytest.approx(sk.mean_squared_error((target - 5.0) / 2.0, standardized), rel=1e-5)
+    assert ours["rmse"] == pytest.approx(
+        np.sqrt(sk.mean_squared_error(target, standardized * 2.0 + 5.0)), rel=1e-5
+    )
