@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -128,61 +127,16 @@ class ModelVenv:
 _MODEL_VENV: list[ModelVenv] = []
 
 
-class BackgroundReference:
-    """The reference run (one uninterrupted ``raylens run`` of ``tests/cli.py``'s project) in a
-    thread, started when the CLI tests are collected, so it runs beside the interruption test
-    (which only compares with it at its end) instead of before it."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = make_project(folder)
-        self.done: subprocess.CompletedProcess[str] | None = None
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="reference-run", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            # Another Ray cluster (`ray start --head`) is up meanwhile: embedded mode must start
-            # its own beside it.
-            with other_ray_cluster():
-                self.done = raylens(self.folder, "run", "spec.yaml")
-        except BaseException as exc:  # handed to the test that waits for it
-            self.error = exc
-
-    def wait(self) -> CliRun:
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-        assert self.done is not None and self.done.returncode == 0, (
-            self.done.stdout + self.done.stderr if self.done else "no result"
-        )
-        return CliRun(self.folder, self.done)
-
-
-_REFERENCE: list[BackgroundReference] = []
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # Tests that compare with the reference run only at their end go first, beside it.
-    items.sort(key=lambda item: item.get_closest_marker("beside_reference") is None)
-
-
 def pytest_collection_finish(session: pytest.Session) -> None:
     if any("model_venv" in getattr(item, "fixturenames", ()) for item in session.items):
         _MODEL_VENV.append(ModelVenv(Path(tempfile.mkdtemp(prefix="raylens-model-venv-"))))
-    if any(item.get_closest_marker("e2e") for item in session.items):
-        _REFERENCE.append(BackgroundReference(Path(tempfile.mkdtemp(prefix="raylens-reference-"))))
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    """Background work a stopped session did not wait for: never leave it running (the
-    reference run holds a Ray cluster), nor its files."""
+    """Background work a stopped session did not wait for: never leave it running, nor its files."""
     for venv in _MODEL_VENV:
         venv.stop()
         shutil.rmtree(venv.folder, ignore_errors=True)
-    for reference in _REFERENCE:
-        reference.thread.join(timeout=900)
-        shutil.rmtree(reference.folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -193,9 +147,12 @@ def model_venv() -> ModelVenv:
 
 
 @pytest.fixture(scope="session")
-def reference_run() -> CliRun:
+def reference_run(tmp_path_factory: pytest.TempPathFactory) -> CliRun:
     """One uninterrupted ``raylens run`` of the reference project (``tests/cli.py``), shared by
-    the end-to-end tests and the fault tests that compare against it."""
-    if not _REFERENCE:
-        _REFERENCE.append(BackgroundReference(Path(tempfile.mkdtemp(prefix="raylens-reference-"))))
-    return _REFERENCE[0].wait()
+    the end-to-end tests and the fault tests that compare against it. It runs while another Ray
+    cluster (`ray start --head`) is up on the machine: embedded mode must start its own beside it."""
+    folder = make_project(tmp_path_factory.mktemp("reference"))
+    with other_ray_cluster():
+        done = raylens(folder, "run", "spec.yaml")
+    assert done.returncode == 0, done.stdout + done.stderr
+    return CliRun(folder, done)

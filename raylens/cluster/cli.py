@@ -247,7 +247,20 @@ def ui(
     if uri is None and not (workspace.root / "mlflow.db").exists():
         raise UserError(f"no runs in {workspace.root} yet: run `raylens run SPEC` first, or pass --runs-dir")
     mlflow_cli = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
-    command = [mlflow_cli, "ui", "--backend-store-uri", backend, "--host", "127.0.0.1", "--port", str(port)]
+    # One worker process: a UI on loopback serves one person, and each worker imports MLflow anew
+    # (the default four take ~10 s more to start on a small machine).
+    command = [
+        mlflow_cli,
+        "ui",
+        "--backend-store-uri",
+        backend,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     console.print(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C stops it)")
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how the UI is meant to stop
         subprocess.run(command, check=False)

@@ -37,11 +37,17 @@ class ExperimentSpec(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     """Names the feature set, the MLflow experiment and the run folders."""
     data: DataConfig
+    """Where the rows come from, the target, the split (raylens/features/config.py)."""
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    """The feature pipeline's transforms."""
     model: ModelConfig = Field(default_factory=ModelConfig)
+    """The model family, architecture and its parameters (raylens/trainer/config.py)."""
     train: TrainConfig = Field(default_factory=TrainConfig)
+    """The final training: epochs, batch size, optimizer, scaling, checkpoints."""
     tune: TuneConfig | None = None
+    """A sweep before the final training (raylens/tuning/config.py); none: train as written."""
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    """Where MLflow records go and the registered model's name."""
 
 
 def load_spec(path: Path) -> ExperimentSpec:

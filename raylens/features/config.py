@@ -44,6 +44,7 @@ class DataConfig(_Strict):
     drop: list[str] = Field(default_factory=list)
     """Columns to leave out (ids, timestamps, free text)."""
     split: SplitConfig = Field(default_factory=SplitConfig)
+    """Held-out fractions and the seed of the shuffle."""
 
 
 class StandardizeStep(_Strict):
@@ -57,6 +58,7 @@ class FeaturesConfig(_Strict):
     """The feature pipeline: transforms fitted on the training split only."""
 
     transforms: list[StandardizeStep] = Field(default_factory=list)
+    """Applied in order, each fitted on the training split only."""
 
     @field_validator("transforms", mode="before")
     @classmethod

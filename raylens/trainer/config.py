@@ -35,9 +35,11 @@ class ModelConfig(_Strict):
 
 class OptimizerConfig(_Strict):
     name: Literal["adamw", "adam", "sgd"] = "adamw"
+    """torch.optim.AdamW, Adam or SGD."""
     lr: float = Field(1e-3, gt=0)
     """Learning rate."""
     weight_decay: float = Field(0.0, ge=0)
+    """L2 penalty (decoupled for AdamW), as torch.optim takes it."""
     momentum: float = Field(0.9, ge=0, lt=1)
     """Used by sgd only."""
 
@@ -70,12 +72,15 @@ class ScalingConfig(_Strict):
 
 class TrainConfig(_Strict):
     epochs: int = Field(10, ge=1)
+    """Passes over the training split of the final training."""
     batch_size: int = Field(128, ge=1)
     """Per worker: with N workers, one optimizer step sees N x batch_size rows."""
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    """The optimizer and its learning rate."""
     seed: int = 0
     """Seeds model initialisation and shuffling; the same seed gives the same model."""
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    """Workers, parallel strategy and resources per worker."""
     checkpoints_to_keep: int = Field(2, ge=1)
     """Per-epoch checkpoints kept on storage (the latest ones)."""
     max_failures: int = Field(2, ge=0)

@@ -24,6 +24,7 @@ class TuneConfig(BaseModel):
     metric: str = "valid_loss"
     """Metric the sweep optimizes, as reported each epoch (valid_loss, valid_accuracy, ...)."""
     mode: Literal["min", "max"] = "min"
+    """min for losses and errors, max for accuracy, F1 and R²."""
     epochs: int | None = Field(None, ge=1)
     """Epochs each trial trains at most; default: train.epochs. The final run trains train.epochs."""
     grace_period: int = Field(1, ge=1)

@@ -42,7 +42,14 @@ from raylens.tuning.halving import (
 )
 from raylens.tuning.plan import ConcurrencyPlan, plan_concurrency
 from raylens.tuning.space import parse_space, with_overrides
-from raylens.tuning.tracking import SweepTracking, TrialEvent, TrialRecorder, release, trial_metrics
+from raylens.tuning.tracking import (
+    SweepTracking,
+    TrialEvent,
+    TrialRecorder,
+    error_line,
+    release,
+    trial_metrics,
+)
 
 
 @dataclass(frozen=True)
@@ -218,7 +225,7 @@ def run_sweep(
             tracker.set_tags(run_id, {"raylens.stopped_early": str(trial.status == "stopped").lower()})
     finished = [t for t in trials if t.status == "completed" and config.metric in t.metrics]
     if not finished:
-        errors = "; ".join(str(r.error).splitlines()[0] for r in results if r.error)[:2000]
+        errors = "; ".join(sorted({error_line(str(r.error)) for r in results if r.error}))[:2000]
         known = sorted({k for t in trials for k in t.metrics})
         hint = (
             "" if not known or config.metric in known else f"; tune.metric must be one of {', '.join(known)}"

@@ -3,6 +3,7 @@ driver (the one writer), and closed with the status the trial ended in."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,8 +98,7 @@ class TrialRecorder:
         run_id = self.run_ids.get(trial.trial_id)
         if run_id and error:
             self.tracker.log_text(run_id, error, "error.txt")
-        last_line = error.strip().splitlines()[-1] if error.strip() else "unknown error"
-        self._close(trial, "FAILED", {"raylens.error": last_line[:4000]})
+        self._close(trial, "FAILED", {"raylens.error": error_line(error)[:4000]})
         self.on_event(TrialEvent("failed", trial.trial_id, dict(trial.config)))
 
     def _close(self, trial: Any, status: str, tags: dict[str, str]) -> None:
@@ -114,15 +114,26 @@ class TrialRecorder:
         self.run_ids.clear()
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def _error_text(trial: Any) -> str:
-    """The traceback Tune kept for a failed trial (its error file), or what it holds in memory."""
+    """The traceback Tune kept for a failed trial (its error file), or what it holds in memory,
+    without the terminal colour codes Ray puts in it."""
     path = getattr(trial, "error_file", None)
     if path:
         try:
-            return Path(path).read_text()
+            return _ANSI.sub("", Path(path).read_text())
         except OSError:
             pass
-    return str(getattr(trial, "error_msg", "") or "")
+    return _ANSI.sub("", str(getattr(trial, "error_msg", "") or ""))
+
+
+def error_line(text: str) -> str:
+    """What went wrong in a trial, in one line: the exception at the end of the traceback Ray
+    wraps it in (Ray's first line only names the actor)."""
+    lines = [line.strip() for line in _ANSI.sub("", text).splitlines() if line.strip()]
+    return lines[-1] if lines else "unknown error"
 
 
 _RECORDERS: dict[str, TrialRecorder] = {}

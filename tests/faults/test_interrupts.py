@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli import Invocation, client, make_project, raylens, run_folder, runs_of, snapshot
+from tests.cli import CliRun, Invocation, client, make_project, raylens, run_folder, runs_of, snapshot
 
-pytestmark = [pytest.mark.e2e, pytest.mark.beside_reference]
+pytestmark = pytest.mark.e2e
 
 
 def final_checkpoints(folder: Path) -> list[Path]:
@@ -63,7 +63,7 @@ def outcome(folder: Path) -> tuple[str, list[tuple[str, str]], dict[str, str], d
 
 
 def test_interrupted_four_times_and_resumed_ends_like_the_uninterrupted_run(
-    tmp_path: Path, request: pytest.FixtureRequest
+    tmp_path: Path, reference_run: CliRun
 ) -> None:
     folder = make_project(tmp_path / "project")
 
@@ -123,7 +123,7 @@ def test_interrupted_four_times_and_resumed_ends_like_the_uninterrupted_run(
     # the uninterrupted run: resumes change nothing, and (each stage having started afresh in
     # another process, results arriving in another order) the same spec and seed give the same
     # result.
-    uninterrupted = request.getfixturevalue("reference_run").folder  # made meanwhile, in the background
+    uninterrupted = reference_run.folder
     assert outcome(folder) == outcome(uninterrupted)
     _, trials, best, tests = outcome(folder)
     assert any(stopped == "true" for _, stopped in trials), "ASHA stopped no trial here"

@@ -86,3 +86,13 @@ def test_each_optimizer_of_the_spec_is_torchs_own(name: str, kind: type) -> None
 
     optimizer = make_optimizer(torch.nn.Linear(2, 2), OptimizerConfig(name=name, lr=0.125))
     assert type(optimizer) is kind and optimizer.param_groups[0]["lr"] == 0.125
+
+
+def test_what_runs_in_workers_and_trials_cannot_write_to_mlflow() -> None:
+    """Workers and trials report to Ray; only the driver writes MLflow records: the modules whose
+    functions Ray runs in workers and trials do not even import MLflow."""
+    code = (
+        "import sys; import raylens.trainer.ray_train, raylens.tuning.sweep; "
+        "assert 'mlflow' not in sys.modules, 'mlflow was imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -3,11 +3,14 @@
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow import MlflowClient
 from ray.tune.experiment import Experiment
 
+from raylens.errors import UserError
 from raylens.features import FeatureSet
-from raylens.trainer import ModelConfig, TrainConfig
+from raylens.trainer import Batches, ModelConfig, TrainConfig, TrainJob, build_model, evaluate
+from raylens.trainer.parallel import load_checkpoint
 from raylens.trainer.tracking import MlflowTracker
 from raylens.tuning import TuneConfig
 from raylens.tuning.sweep import run_sweep, searcher, tune_space
@@ -125,7 +128,10 @@ def test_another_seed_samples_other_configurations() -> None:
     assert planned(1) != planned(9) and planned(2) != planned(9)
 
 
-def test_a_trial_with_several_workers_runs_ray_train(iris: FeatureSet, tmp_path: Path) -> None:
+def test_a_trial_with_several_workers_is_a_ray_train_run_of_its_own(iris: FeatureSet, tmp_path: Path) -> None:
+    """The Ray Train bridge (the final training uses the same): 2 DDP workers over gloo report
+    every epoch once, keep the latest ``checkpoints_to_keep`` checkpoints of the full unwrapped
+    model, and report the validation metrics of the whole split (scored in shards, all-reduced)."""
     tune = TuneConfig(
         trials=1,
         concurrency=1,
@@ -133,6 +139,55 @@ def test_a_trial_with_several_workers_runs_ray_train(iris: FeatureSet, tmp_path:
         scheduler="fifo",
         space={"train.optimizer.lr": "choice([0.02])"},
     )
-    result, events, *_ = sweep(iris, tmp_path, tune, TrainConfig(epochs=2, batch_size=8))
-    assert result.trials[0].status == "completed"
-    assert [e.metrics["epoch"] for e in events if e.kind == "result"] == [1.0, 2.0]
+    train = TrainConfig(epochs=3, batch_size=8, checkpoints_to_keep=2)
+    result, events, *_ = sweep(iris, tmp_path, tune, train, ModelConfig(params={"hidden": [16]}))
+    (trial,) = result.trials
+    assert trial.status == "completed"
+    reported = [e.metrics for e in events if e.kind == "result"]
+    assert [m["epoch"] for m in reported] == [1.0, 2.0, 3.0]
+    assert reported[-1]["valid_loss"] < reported[0]["valid_loss"]
+
+    (run,) = (tmp_path / "ray" / "trials").glob(f"*{trial.trial_id}")
+    assert (run / "checkpoint_manager_snapshot.json").is_file()  # Ray Train's own record of the run
+    kept = sorted(p for p in run.glob("checkpoint_*") if p.is_dir())
+    assert len(kept) == 2
+    state = load_checkpoint(kept[-1])
+    assert state["epoch"] == 3 and state["model"]["net.0.weight"].shape == torch.Size([16, 4])
+    assert not any(key.startswith("module.") for key in state["model"])
+    job = TrainJob.for_feature_set(ModelConfig(params={"hidden": [16]}), train, iris)
+    model = build_model(job.model, job.in_features, job.task.out_features)
+    model.load_state_dict(state["model"])
+    valid = iris.read("valid")
+    whole = evaluate(model, Batches.from_numpy(valid.x, valid.y), job.task)
+    assert reported[-1]["valid_loss"] == pytest.approx(whole["loss"], rel=1e-5)
+    assert reported[-1]["valid_accuracy"] == pytest.approx(whole["accuracy"])
+
+
+def test_a_failing_trial_is_a_failed_run_with_its_error(iris: FeatureSet, tmp_path: Path) -> None:
+    """Its training step raises (a sleep of -1 s): the trial's MLflow run is FAILED and keeps the
+    error; a sweep in which no trial finished is an error naming it."""
+    tune = TuneConfig(
+        trials=1, concurrency=1, scheduler="fifo", space={"model.params.step_seconds": "choice([-1.0])"}
+    )
+    tracker = MlflowTracker(f"sqlite:///{tmp_path}/mlflow.db", "sweep-test", tmp_path / "artifacts")
+    parent = tracker.start_run("sweep")
+    with pytest.raises(UserError, match=r"no trial reported 'valid_loss'.*sleep length must be non-negative"):
+        run_sweep(
+            tune,
+            SLOW_MLP,
+            TrainConfig(epochs=1),
+            iris,
+            tracker=tracker,
+            parent_run_id=parent,
+            storage_path=tmp_path / "ray",
+            run_name="sweep",
+        )
+    (run,) = tracker.client.search_runs([tracker.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
+    assert run.info.status == "FAILED"
+    assert "sleep length must be non-negative" in run.data.tags["raylens.error"]
+    error_file = tracker.client.download_artifacts(run.info.run_id, "error.txt", str(tmp_path))
+    traceback = Path(error_file).read_text()
+    assert (
+        'slow_models.py", line' in traceback and "ValueError: sleep length must be non-negative" in traceback
+    )
+    assert "\x1b[" not in traceback  # no terminal colour codes in a file
