@@ -7,6 +7,7 @@ step (``tests/faults/slow_models.py``), so every stage lasts long enough to be i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -131,7 +132,7 @@ class CliRun:
 
 
 @contextmanager
-def other_ray_cluster() -> Iterator[None]:
+def other_ray_cluster() -> Iterator[str]:
     """A Ray cluster started with `ray start --head`, as a user may have one on the machine; its
     address file is what made embedded mode fail before. Stopped through its own process only
     (`ray stop` would end every Ray process on the machine)."""
@@ -156,10 +157,14 @@ def other_ray_cluster() -> Iterator[None]:
         env=environment(),
     )
     deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # up once its GCS answers (its address file may be stale)
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            break
+        time.sleep(0.2)
     while not address_file.exists() and time.monotonic() < deadline:
         time.sleep(0.2)
     try:
-        yield
+        yield f"127.0.0.1:{port}"
     finally:
         head.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
         try:

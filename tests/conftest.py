@@ -127,6 +127,11 @@ class ModelVenv:
 _MODEL_VENV: list[ModelVenv] = []
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # The test that needs the model's fresh environment goes last: it installs meanwhile.
+    items.sort(key=lambda item: "model_venv" in getattr(item, "fixturenames", ()))
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     if any("model_venv" in getattr(item, "fixturenames", ()) for item in session.items):
         _MODEL_VENV.append(ModelVenv(Path(tempfile.mkdtemp(prefix="raylens-model-venv-"))))

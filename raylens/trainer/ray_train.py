@@ -146,6 +146,16 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     )
 
 
+def scaling_config(job: TrainJob) -> ray.train.ScalingConfig:
+    """The spec's ``train.scaling`` as Ray Train takes it."""
+    scaling = job.train.scaling
+    return ray.train.ScalingConfig(
+        num_workers=scaling.workers,
+        use_gpu=scaling.use_gpu,
+        resources_per_worker={"CPU": scaling.cpus_per_worker},
+    )
+
+
 def train_distributed(
     job: TrainJob,
     feature_set: FeatureSet,
@@ -157,7 +167,6 @@ def train_distributed(
 ) -> TrainOutcome:
     """Train with ``job.train.scaling.workers`` Ray Train workers; resume if ``run_name`` has a
     checkpoint under ``storage_path`` already. ``on_epoch`` hears each epoch once, in order."""
-    scaling = job.train.scaling
     queue = Queue(actor_options={"num_cpus": 0})
     trainer = ray.train.torch.TorchTrainer(
         _train_loop_per_worker,
@@ -167,11 +176,7 @@ def train_distributed(
             "manifest": feature_set.manifest,
             "queue": queue,
         },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=scaling.workers,
-            use_gpu=scaling.use_gpu,
-            resources_per_worker={"CPU": scaling.cpus_per_worker},
-        ),
+        scaling_config=scaling_config(job),
         run_config=ray.train.RunConfig(
             name=run_name,
             storage_path=str(storage_path),

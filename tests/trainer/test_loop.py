@@ -69,14 +69,6 @@ def test_same_seed_same_model(iris: FeatureSet) -> None:
     assert a.metrics[-1]["valid_loss"] == b.metrics[-1]["valid_loss"]
 
 
-def test_the_loop_never_imports_ray() -> None:
-    code = (
-        "import sys; import raylens.trainer, raylens.trainer.loop, raylens.trainer.artifacts; "
-        "assert 'ray' not in sys.modules, 'ray was imported'"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True)
-
-
 @pytest.mark.parametrize(
     ("name", "kind"), [("adamw", torch.optim.AdamW), ("adam", torch.optim.Adam), ("sgd", torch.optim.SGD)]
 )
@@ -86,6 +78,14 @@ def test_each_optimizer_of_the_spec_is_torchs_own(name: str, kind: type) -> None
 
     optimizer = make_optimizer(torch.nn.Linear(2, 2), OptimizerConfig(name=name, lr=0.125))
     assert type(optimizer) is kind and optimizer.param_groups[0]["lr"] == 0.125
+
+
+def test_the_loop_never_imports_ray() -> None:
+    code = (
+        "import sys; import raylens.trainer, raylens.trainer.loop, raylens.trainer.artifacts; "
+        "assert 'ray' not in sys.modules, 'ray was imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_what_runs_in_workers_and_trials_cannot_write_to_mlflow() -> None:
