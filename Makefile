@@ -7,13 +7,15 @@ TORCH ?= torch==2.13.0
 
 .PHONY: demo test lint typecheck pytest bench clean
 
-# --no-compile: byte-compiling every module of torch, Ray and MLflow up front is most of pip's
-# time; Python compiles the modules actually imported, once, on first use.
+# Byte-compiled once, on every core (pip compiles file by file on one): with
+# PYTHONDONTWRITEBYTECODE set, as on CI machines, a module left uncompiled is compiled again by
+# every process that imports it. A file some package ships that does not compile is no error here.
 $(BIN)/raylens: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q --no-compile "$(TORCH)"
 	$(BIN)/pip install -q --no-compile -e ".[dev]"
+	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib > /dev/null || true
 	touch $(BIN)/raylens
 
 demo: $(BIN)/raylens

@@ -30,7 +30,7 @@ data: {source: iris.csv, target: target, split: {valid: 0.2, test: 0.2, seed: 3}
 features: {transforms: [{standardize: "*"}]}
 model: {name: "slow_models:build", params: {hidden: [16], dropout: 0.1, step_seconds: 0.1}}
 train:
-  epochs: 10
+  epochs: 8
   batch_size: 8
   optimizer: {lr: 0.02}
   scaling: {workers: 2, strategy: ddp}

@@ -49,7 +49,7 @@ def test_the_store_holds_the_sweep_tree_final_run_and_model(
 
     (final,) = [run for run in children if run.data.tags["raylens.role"] == "final"]
     history = mlflow.get_metric_history(final.info.run_id, "valid_loss")
-    assert [m.step for m in history] == list(range(1, 11))
+    assert [m.step for m in history] == list(range(1, 9))
     assert final.data.metrics["test_accuracy"] >= 0.8
     assert final.data.tags["raylens.feature_set_version"]
     artifacts = [a.path for a in mlflow.list_artifacts(final.info.run_id, "plots")]
@@ -59,7 +59,7 @@ def test_the_store_holds_the_sweep_tree_final_run_and_model(
 
     # The root run: the spec and its parameters, and the best trial's configuration.
     (root,) = [run for run in runs if run.info.run_id == root_id]
-    assert root.data.params["train.epochs"] == "10" and root.data.params["data.source"] == "iris.csv"
+    assert root.data.params["train.epochs"] == "8" and root.data.params["data.source"] == "iris.csv"
     assert "spec.yaml" in [a.path for a in mlflow.list_artifacts(root_id)]
     finished = [
         run
@@ -72,7 +72,7 @@ def test_the_store_holds_the_sweep_tree_final_run_and_model(
     # The final run: every epoch of train and validation metrics, the confusion matrix as JSON
     # (summing to the test rows), the feature-set manifest.
     for key in ("train_loss", "valid_accuracy"):
-        assert [m.step for m in mlflow.get_metric_history(final.info.run_id, key)] == list(range(1, 11))
+        assert [m.step for m in mlflow.get_metric_history(final.info.run_id, key)] == list(range(1, 9))
     matrix_file = mlflow.download_artifacts(final.info.run_id, "test_confusion_matrix.json")
     matrix = json.loads(Path(matrix_file).read_text())
     assert matrix["labels"] == [0, 1, 2] and sum(map(sum, matrix["matrix"])) == 30
