@@ -33,13 +33,7 @@ pytest: $(BIN)/raylens
 	$(BIN)/pytest -m "not e2e" --durations=20
 	$(BIN)/pytest -m e2e --durations=10
 
-# mypy (a CPU-minute on a cold cache) runs beside the tests; its output comes after theirs and
-# its verdict counts the same.
-test: lint $(BIN)/raylens
-	@out=$$(mktemp); $(BIN)/mypy > $$out 2>&1 & pid=$$!; \
-	$(MAKE) --no-print-directory pytest; tests=$$?; \
-	wait $$pid; typed=$$?; echo "$(BIN)/mypy"; cat $$out; rm -f $$out; \
-	[ $$tests -eq 0 ] && [ $$typed -eq 0 ]
+test: lint typecheck pytest
 
 bench: $(BIN)/raylens
 	$(BIN)/python -m bench trainer --json

@@ -38,3 +38,25 @@ def test_every_spec_field_has_a_docstring(path: str) -> None:
 
 def test_the_check_finds_an_undocumented_field() -> None:
     assert undocumented('class C:\n    a: int = 1\n    """doc"""\n    b: int = 2\n') == ["C.b"]
+
+
+def test_the_spec_reference_is_current() -> None:
+    """docs/spec.md is `raylens spec`'s output: regenerate it (`raylens spec > docs/spec.md`) when
+    a config changes."""
+    from raylens.cluster.spec import spec_reference
+
+    assert (ROOT / "docs" / "spec.md").read_text() == spec_reference()
+
+
+def test_the_spec_reference_names_every_key_and_metric() -> None:
+    from raylens.cluster.spec import spec_reference
+
+    reference = spec_reference()
+    for key in (
+        "`data.task`",
+        "`train.scaling.use_gpu`",
+        "`tune.grace_period`",
+        "`features.transforms[].standardize`",
+    ):
+        assert key in reference
+    assert "`valid_accuracy`" in reference and "`valid_r2`" in reference

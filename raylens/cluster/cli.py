@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -22,6 +23,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from raylens.errors import UserError
 from raylens.interrupts import Interrupted
@@ -36,6 +38,27 @@ features_app = typer.Typer(
     help="Build and inspect versioned feature sets in the offline store.", no_args_is_help=True
 )
 app.add_typer(features_app, name="features")
+
+
+def _print_version(asked: bool) -> None:
+    if asked:
+        from raylens import __version__
+
+        print(f"raylens {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print raylens' version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Train, tune and register PyTorch models on Ray from one experiment spec, tracked in MLflow."""
+
 
 console = Console()
 errors = Console(stderr=True)
@@ -79,7 +102,7 @@ def user_errors(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except UserError as exc:
-            errors.print(f"[bold red]error:[/] {exc}", highlight=False)
+            errors.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
             raise typer.Exit(2) from None
         except KeyboardInterrupt as exc:
             stop = _as_interrupted(exc)
@@ -99,9 +122,10 @@ def _run(spec: Path, runs_dir: Path | None, verbose: bool, command: str, **kwarg
 
     with stop_on_signals():
         experiment = Experiment.from_yaml(spec, runs_dir)
-        metric = experiment.spec.tune.metric if experiment.spec.tune else "valid_loss"
+        tune = experiment.spec.tune
+        progress = RichProgress(console, tune.metric, tune.mode) if tune else RichProgress(console)
         try:
-            summary = experiment.run(progress=RichProgress(console, metric), verbose=verbose, **kwargs)
+            summary = experiment.run(progress=progress, verbose=verbose, **kwargs)
         except KeyboardInterrupt as exc:
             stop = _as_interrupted(exc)
             again = (
@@ -110,14 +134,14 @@ def _run(spec: Path, runs_dir: Path | None, verbose: bool, command: str, **kwarg
             errors.print(
                 f"[yellow]interrupted[/] by {signal.Signals(stop.signum).name}: this run's open MLflow "
                 f"runs are marked KILLED and no model was registered; its checkpoints are kept. "
-                f"Continue it with: [bold]{again}[/]",
+                f"Continue it with: [bold]{escape(again)}[/]",
                 highlight=False,
             )
             raise typer.Exit(stop.exit_code) from None
-    console.print(summary_table(summary))
+    console.print(summary_table(summary, command))
     ui = "raylens ui" + (f" --runs-dir {runs_dir}" if runs_dir else "")
     if summary.tracking_uri.startswith("sqlite:"):
-        console.print(f"Open the runs with [bold]{ui}[/] (MLflow UI on http://127.0.0.1:5000)")
+        console.print(f"Open the runs with [bold]{escape(ui)}[/] (MLflow UI on http://127.0.0.1:5000)")
 
 
 @app.command()
@@ -160,6 +184,14 @@ def tune(
     _run(spec, runs_dir, verbose, "tune", resume=resume, address=address, train=False)
 
 
+@app.command("spec")
+def spec_command() -> None:
+    """Print the spec reference: every key, its type, default and meaning, and the metric names."""
+    from raylens.cluster.spec import spec_reference
+
+    print(spec_reference(), end="")
+
+
 @features_app.command("build")
 @user_errors
 def features_build(spec: SpecArg, runs_dir: RunsDir = None) -> None:
@@ -169,7 +201,7 @@ def features_build(spec: SpecArg, runs_dir: RunsDir = None) -> None:
 
     feature_set = Experiment.from_yaml(spec, runs_dir).build_features()
     RichProgress(console).feature_set(feature_set)
-    console.print(f"  stored at {feature_set.path}")
+    console.print(f"  stored at {escape(str(feature_set.path))}", highlight=False)
 
 
 @features_app.command("list")
@@ -179,6 +211,7 @@ def features_list(
 ) -> None:
     """List the stored feature-set versions."""
     from rich.table import Table
+    from rich.text import Text
 
     from raylens.cluster.workspace import Workspace
     from raylens.features import list_feature_sets
@@ -197,14 +230,8 @@ def features_list(
     for fs in found:
         rows = fs.manifest["rows"]
         created = str(fs.manifest.get("created_at", ""))[:16].replace("T", " ")
-        table.add_row(
-            fs.name,
-            fs.version,
-            created,
-            fs.task,
-            f"{rows['train']}/{rows['valid']}/{rows['test']}",
-            fs.manifest["source"]["uri"],
-        )
+        cells = (fs.name, fs.version, created, fs.task, f"{rows['train']}/{rows['valid']}/{rows['test']}")
+        table.add_row(*(Text(cell) for cell in (*cells, fs.manifest["source"]["uri"])))
     console.print(table)
 
 
@@ -262,8 +289,37 @@ def ui(
         "1",
     ]
     console.print(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C stops it)")
-    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how the UI is meant to stop
-        subprocess.run(command, check=False)
+    # The server and its workers get a process group of their own, stopped as one when this
+    # process is stopped (Ctrl-C, SIGTERM): nothing is left running or listening on the port.
+    from raylens.cluster.interrupt import stop_on_signals
+
+    server = subprocess.Popen(command, start_new_session=True)
+    with stop_on_signals(), contextlib.suppress(KeyboardInterrupt):  # how the UI is meant to stop
+        try:
+            server.wait()
+        finally:
+            stop_process_group(server)
+
+
+def stop_process_group(process: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
+    """SIGTERM to ``process``'s group, SIGKILL to what is still there after ``grace_s``."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, grace_s)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        try:
+            process.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            continue
+        if not _group_alive(process.pid):
+            return
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def main() -> None:

@@ -6,8 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from raylens.cluster.experiment import RunSummary
 from raylens.features import FeatureSet
@@ -33,26 +35,31 @@ def _format(value: Any) -> str:
 class RichProgress:
     """The CLI's ``Progress``: one bar for the sweep's trials, one for the final run's epochs."""
 
-    def __init__(self, console: Console, metric: str = "valid_loss") -> None:
+    def __init__(self, console: Console, metric: str = "valid_loss", mode: str = "min") -> None:
         self.console = console
         self.metric = metric
+        self.mode = mode
         self.bar: Progress | None = None
         self.task: Any = None
         self.done = 0
+        self.best: float | None = None
+        """The sweep's best value of ``metric`` so far among trials that ran to the end."""
 
     def stage(self, title: str) -> None:
         self.console.print(f"[bold]▸ {title}[/]")
 
     def notice(self, text: str) -> None:
-        self.console.print(f"  [yellow]note:[/] {text}", highlight=False)
+        self.console.print(f"  [yellow]note:[/] {escape(text)}", highlight=False)
 
     def feature_set(self, feature_set: FeatureSet) -> None:
         rows = feature_set.manifest["rows"]
         self.console.print(
-            f"  feature set [cyan]{feature_set.name}@{feature_set.version}[/] "
+            f"  feature set [cyan]{escape(feature_set.name)}@{feature_set.version}[/] "
             f"({feature_set.task}; {len(feature_set.feature_columns)} features; "
             f"rows train {rows['train']} / valid {rows['valid']} / test {rows['test']})"
         )
+        if feature_set.manifest.get("task_decision"):
+            self.console.print(f"  task {escape(feature_set.manifest['task_decision'])}", highlight=False)
 
     def sweep_started(self, trials: int) -> None:
         self._start("trials", trials)
@@ -66,10 +73,17 @@ class RichProgress:
         outcome = (
             "[red]failed[/]"
             if event.kind == "failed"
-            else (f"{self.metric} {_format(score)}" + (" (stopped early)" if event.stopped_early else ""))
+            else escape(
+                f"{self.metric} {_format(score)}" + (" (stopped early)" if event.stopped_early else "")
+            )
         )
-        self.console.print(f"  trial {event.trial_id}: {config} → {outcome}")
-        self._advance("failed" if event.kind == "failed" else f"{self.metric} {_format(score)}")
+        self.console.print(f"  trial {escape(event.trial_id)}: {escape(config)} → {outcome}", highlight=False)
+        ran_to_the_end = event.kind == "completed" and isinstance(score, float) and not event.stopped_early
+        if ran_to_the_end and (
+            self.best is None or (score < self.best if self.mode == "min" else score > self.best)
+        ):
+            self.best = score
+        self._advance(f"best {self.metric} {_format(self.best)}" if self.best is not None else "")
 
     def sweep_finished(self) -> None:
         self._stop()
@@ -103,26 +117,34 @@ class RichProgress:
             self.bar = None
 
 
-def summary_table(summary: RunSummary) -> Table:
-    table = Table(title=f"raylens run {summary.run_name}", show_header=False, title_justify="left")
+def summary_table(summary: RunSummary, command: str = "run") -> Table:
+    """What the invocation ended with; its title names the command that ran."""
+    table = Table(
+        title=Text(f"raylens {command} {summary.run_name}"), show_header=False, title_justify="left"
+    )
     table.add_column(style="bold")
     table.add_column()
-    table.add_row("feature set", f"{summary.feature_set.name}@{summary.feature_set.version}")
+
+    def row(name: str, value: str) -> None:  # values are printed as they are, never as markup
+        table.add_row(name, Text(value))
+
+    row("feature set", f"{summary.feature_set.name}@{summary.feature_set.version}")
     if summary.trials:
-        table.add_row(
+        row(
             "sweep",
             f"{summary.trials} trials"
             + (f", {summary.concurrency.concurrency} at a time" if summary.concurrency else ""),
         )
-        table.add_row("best config", ", ".join(f"{k}={_format(v)}" for k, v in summary.best_config.items()))
+        row("best config", ", ".join(f"{k}={_format(v)}" for k, v in summary.best_config.items()))
     final = summary.final
     if final is not None:
         for key, value in final.test_metrics.items():
-            table.add_row(key, _format(value))
+            row(key, _format(value))
         if final.registered_version:
-            table.add_row("model", f"models:/{final.registered_name}/{final.registered_version}")
+            uri = f"models:/{final.registered_name}/{final.registered_version}"
+            row("model", uri if final.registered_now else f"{uri} (identical model: not registered again)")
         elif final.model_uri:
-            table.add_row("model", final.model_uri)
-        table.add_row("run id", final.run_id)
-    table.add_row("tracking", summary.tracking_uri)
+            row("model", final.model_uri)
+        row("run id", final.run_id)
+    row("tracking", summary.tracking_uri)
     return table

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 class SplitConfig(_Strict):
@@ -38,7 +38,8 @@ class DataConfig(_Strict):
     target: str
     """Name of the column to predict."""
     task: Literal["auto", "classification", "regression"] = "auto"
-    """auto: an integer, boolean or string target is classification, a float target regression."""
+    """auto: a float target is regression; an integer target with at most 20 distinct values is
+    classification, with more regression; a string or boolean target is classification."""
     features: list[str] | None = None
     """Columns to use as features; default: every column but the target and ``drop``."""
     drop: list[str] = Field(default_factory=list)

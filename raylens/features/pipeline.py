@@ -102,7 +102,7 @@ def plan_feature_set(
     raw = load_source(data.source, base_dir)
     prepared = prepare(raw.table, data)
     stratify = prepared.task == "classification"
-    split = split_rows(prepared.y, data.split, stratify=stratify)
+    split = split_rows(prepared.y, data.split, stratify=stratify, labels=prepared.classes)
     x_train = prepared.x[split.train]
     fitted = [fit_standardize(step, x_train, prepared.feature_columns) for step in features.transforms]
 
@@ -123,6 +123,7 @@ def plan_feature_set(
         "schema": {field.name: str(field.type) for field in raw.table.schema},
         "target": data.target,
         "task": prepared.task,
+        "task_decision": prepared.task_decision,
         "classes": prepared.classes,
         "feature_columns": prepared.feature_columns,
         "split": {**data.split.model_dump(), "stratified": stratify},

@@ -19,6 +19,10 @@ from raylens.features.store import TARGET
 
 Task = Literal["classification", "regression"]
 
+MAX_INFERRED_CLASSES = 20
+"""An integer target with at most this many distinct values is taken for classes; with more, for a
+quantity (prices, counts) to regress. ``data.task`` overrides the inference either way."""
+
 
 @dataclass(frozen=True)
 class PreparedData:
@@ -32,6 +36,8 @@ class PreparedData:
     feature_columns: list[str]
     task: Task
     classes: list[str | int | float | bool] | None
+    task_decision: str = ""
+    """Why the task is what it is, in words a user can act on (recorded in the manifest)."""
 
 
 def prepare(table: pa.Table, data: DataConfig) -> PreparedData:
@@ -108,7 +114,7 @@ def prepare(table: pa.Table, data: DataConfig) -> PreparedData:
             f"data.target: column '{data.target}' has {infinite} rows that are infinite (inf or -inf); "
             "drop those rows or replace them with finite numbers"
         )
-    task = _infer_task(target.type, data)
+    task, decision = decide_task(target, data)
     if task == "classification":
         classes, codes = np.unique(target.to_numpy(zero_copy_only=False), return_inverse=True)
         if len(classes) < 2:
@@ -121,13 +127,14 @@ def prepare(table: pa.Table, data: DataConfig) -> PreparedData:
             feature_columns,
             task,
             [c.item() if hasattr(c, "item") else c for c in classes],
+            decision,
         )
     if not (pa.types.is_integer(target.type) or pa.types.is_floating(target.type)):
         raise UserError(
             f"data.task: regression needs a numeric target, and '{data.target}' has type {target.type}"
         )
     return PreparedData(
-        x, target.to_numpy(zero_copy_only=False).astype(np.float32), feature_columns, task, None
+        x, target.to_numpy(zero_copy_only=False).astype(np.float32), feature_columns, task, None, decision
     )
 
 
@@ -140,10 +147,25 @@ def _missing_and_infinite(column: pa.ChunkedArray) -> tuple[int, int]:
     return column.null_count + nan, inf
 
 
-def _infer_task(target_type: pa.DataType, data: DataConfig) -> Task:
+def decide_task(target: pa.ChunkedArray, data: DataConfig) -> tuple[Task, str]:
+    """The task, and why: as the spec says, or inferred from the target's type and values."""
+    name = data.target
     if data.task != "auto":
-        return data.task
-    return "regression" if pa.types.is_floating(target_type) else "classification"
+        return data.task, f"{data.task}, as data.task says"
+    if pa.types.is_floating(target.type):
+        return "regression", f"regression: '{name}' holds decimal numbers (set data.task to override)"
+    if pa.types.is_integer(target.type):
+        distinct = len(pc.unique(target))
+        if distinct > MAX_INFERRED_CLASSES:
+            return "regression", (
+                f"regression: '{name}' holds {distinct} distinct whole numbers, more than "
+                f"{MAX_INFERRED_CLASSES} classes (set data.task: classification if they are classes)"
+            )
+        return "classification", (
+            f"classification: '{name}' holds {distinct} distinct whole numbers, at most "
+            f"{MAX_INFERRED_CLASSES} (set data.task: regression if it is a quantity)"
+        )
+    return "classification", f"classification: '{name}' holds labels of type {target.type}"
 
 
 def _listing(columns: list[str], limit: int = 12) -> str:

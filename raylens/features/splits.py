@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,8 +20,11 @@ class SplitIndices:
     test: np.ndarray
 
 
-def split_rows(y: np.ndarray, config: SplitConfig, stratify: bool) -> SplitIndices:
-    """Split row indices; stratified by ``y`` for classification so every split keeps class shares."""
+def split_rows(
+    y: np.ndarray, config: SplitConfig, stratify: bool, labels: Sequence[object] | None = None
+) -> SplitIndices:
+    """Split row indices; stratified by ``y`` for classification so every split keeps class shares.
+    ``labels`` names the classes when ``y`` holds their indices (for messages)."""
     n = len(y)
     rows = np.arange(n)
     held_out = config.valid + config.test
@@ -53,8 +57,23 @@ def split_rows(y: np.ndarray, config: SplitConfig, stratify: bool) -> SplitIndic
                 random_state=config.seed,
                 stratify=y[held] if stratify else None,
             )
-    except ValueError as exc:
-        raise UserError(
-            f"data.split: cannot stratify {n} rows ({exc}); use more rows or larger split fractions"
-        ) from None
+    except ValueError:
+        raise UserError(_why_not_stratified(y, n, n_held, labels)) from None
     return SplitIndices(np.sort(train), np.sort(valid), np.sort(test))
+
+
+def _why_not_stratified(y: np.ndarray, n: int, n_held: int, labels: Sequence[object] | None) -> str:
+    """A stratified split needs every class at least twice, and as many held-out rows as classes:
+    say which it is, briefly (a target taken for thousands of classes would list them all)."""
+    classes, counts = np.unique(y, return_counts=True)
+    rare = classes[counts < 2]
+    if len(rare):
+        named = [labels[int(code)] if labels is not None else code for code in rare[:5]]
+        first = ", ".join(str(label) for label in named) + (", ..." if len(rare) > 5 else "")
+        problem = f"{len(rare)} of its {len(classes)} classes have a single row ({first})"
+    else:
+        problem = f"{len(classes)} classes do not fit in the {n_held} held-out rows"
+    return (
+        f"data.split: cannot stratify {n} rows by class: {problem}. If the target is a quantity, set "
+        "data.task: regression; otherwise use more rows, larger valid/test fractions, or merge rare classes"
+    )

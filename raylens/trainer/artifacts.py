@@ -13,6 +13,7 @@ inside ``log_model`` or only for type checking.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import io
 import json
@@ -21,7 +22,7 @@ import sys
 import tempfile
 import warnings
 from collections.abc import Mapping
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -213,9 +214,14 @@ def log_model(
     x_test: np.ndarray,
     register_as: str | None,
     lineage: Mapping[str, str],
-) -> tuple[str, str | None]:
-    """Log ``model`` as a pyfunc model of run ``run_id`` (and register it as ``register_as``);
-    return its model URI and registered version."""
+    headline: Mapping[str, float] | None = None,
+) -> LoggedModel:
+    """Log ``model`` as a pyfunc model of run ``run_id`` and register it as ``register_as``.
+
+    A version carries a description and tags (the model's digest, feature-set version, lineage,
+    ``headline`` metrics). A model identical to a registered version — same weights, model,
+    task and feature-set version — is logged with its run but not registered again: the
+    existing version is returned."""
     import mlflow
     from mlflow.models import infer_signature
     from mlflow.types.schema import AnyType, ColSpec, Schema
@@ -256,6 +262,8 @@ def log_model(
         # Checking the input example loads the model, which puts its code folder (a temporary
         # copy) in front of sys.path for good: keep this process's import path as it was.
         import_path = list(sys.path)
+        digest = model_digest(model, job, feature_set.version)
+        existing = _registered_with_digest(tracker, register_as, digest) if register_as else None
         try:
             with tracker.active(run_id), contextlib.redirect_stderr(chatter):
                 info = mlflow.pyfunc.log_model(
@@ -264,7 +272,7 @@ def log_model(
                     artifacts=artifacts,
                     signature=signature,
                     input_example=example,
-                    registered_model_name=register_as,
+                    registered_model_name=None if existing else register_as,
                     code_paths=code_to_ship(job.model),  # MLflow leaves out __pycache__
                     pip_requirements=pip_requirements(),
                     metadata={
@@ -279,5 +287,68 @@ def log_model(
             sys.path[:] = import_path
     if chatter.getvalue().strip():
         logging.getLogger(__name__).info(chatter.getvalue().strip())
+    if existing is not None:
+        return LoggedModel(info.model_uri, existing, registered_now=False)
     version = str(info.registered_model_version) if register_as and info.registered_model_version else None
-    return info.model_uri, version
+    if register_as and version:
+        _describe_version(tracker, register_as, version, digest, feature_set, run_id, lineage, headline or {})
+    return LoggedModel(info.model_uri, version, registered_now=version is not None)
+
+
+@dataclass(frozen=True)
+class LoggedModel:
+    """Where a logged model is, and its registered version: new, or the identical one before."""
+
+    uri: str
+    version: str | None
+    registered_now: bool
+
+
+def model_digest(model: torch.nn.Module, job: TrainJob, feature_set_version: str) -> str:
+    """What makes two models the same: their weights, architecture, task and feature set."""
+    digest = hashlib.sha256()
+    described = [job.model.model_dump(), asdict(job.task), feature_set_version]
+    digest.update(json.dumps(described, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+DIGEST_TAG = "raylens.model_digest"
+
+
+def _registered_with_digest(tracker: MlflowTracker, name: str, digest: str) -> str | None:
+    """The version of ``name`` already holding this very model, if any."""
+    try:
+        versions = tracker.client.search_model_versions(f"name='{name}' and tags.`{DIGEST_TAG}` = '{digest}'")
+    except MlflowException:  # no such registered model yet
+        return None
+    return str(min(int(v.version) for v in versions)) if versions else None
+
+
+def _describe_version(
+    tracker: MlflowTracker,
+    name: str,
+    version: str,
+    digest: str,
+    feature_set: FeatureSet,
+    run_id: str,
+    lineage: Mapping[str, str],
+    headline: Mapping[str, float],
+) -> None:
+    metrics = ", ".join(f"{k} {v:.4g}" for k, v in headline.items())
+    description = (
+        f"Trained by raylens {raylens.__version__} on feature set {feature_set.name}@{feature_set.version}"
+        f" (run {run_id})" + (f"; {metrics}" if metrics else "") + "."
+    )
+    tracker.client.update_model_version(name, version, description=description)
+    tags = {
+        DIGEST_TAG: digest,
+        "raylens.feature_set": feature_set.name,
+        "raylens.feature_set_version": feature_set.version,
+        **{f"raylens.{k}": v for k, v in lineage.items()},
+        **{k: f"{v:.6g}" for k, v in headline.items()},
+    }
+    for key, value in tags.items():
+        tracker.client.set_model_version_tag(name, version, key, value)

@@ -38,6 +38,8 @@ class TrainRunResult:
     registered_name: str | None = None
     registered_version: str | None = None
     confusion: list[list[int]] | None = field(default=None)
+    registered_now: bool = False
+    """False when the model was identical to the registered version given, so not registered again."""
 
 
 def train_and_record(
@@ -110,6 +112,7 @@ def train_and_record(
                 "plots/test_confusion_matrix.png",
             )
         model_uri = version = None
+        registered_now = False
         if isinstance(tracker, MlflowTracker):
             lineage = (
                 {"git_commit": tags["mlflow.source.git.commit"]} if "mlflow.source.git.commit" in tags else {}
@@ -117,11 +120,13 @@ def train_and_record(
             # Logging and registering is many writes: a stop signal waits for them, and then the
             # version is taken back, so an interrupted run never leaves a registered model.
             with deferred_interrupts():
-                model_uri, version = log_model(
-                    tracker, run_id, model, job, feature_set, test.x, register_as, lineage
+                logged = log_model(
+                    tracker, run_id, model, job, feature_set, test.x, register_as, lineage, test_metrics
                 )
-                if register_as and version and interrupt_pending():
+                model_uri, version, registered_now = logged.uri, logged.version, logged.registered_now
+                if register_as and version and logged.registered_now and interrupt_pending():
                     tracker.client.delete_model_version(register_as, version)
+                    version = None
         tracker.end_run(run_id, "FINISHED")
     except BaseException as exc:
         tracker.end_run(run_id, ended_status(exc))
@@ -137,4 +142,5 @@ def train_and_record(
         register_as if version else None,
         version,
         confusion,
+        registered_now,
     )

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 class TuneConfig(BaseModel):
     """A hyperparameter sweep: which values to try, how many trials, how to stop bad ones early."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     trials: int = Field(8, ge=1)
     """Number of configurations sampled from the space."""

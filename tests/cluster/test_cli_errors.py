@@ -101,3 +101,19 @@ def test_features_build_then_list_and_show(tmp_path: Path) -> None:
     assert code == 0 and "bad" in listing and "105/22/23" in listing
     code, shown = invoke("features", "show", "bad", "--runs-dir", str(tmp_path / "runs"))
     assert code == 0 and '"feature_columns"' in shown
+
+
+def test_messages_print_verbatim_never_as_markup(tmp_path: Path) -> None:
+    """A fix written in YAML (`data.drop: [plan]`) looks like terminal markup; it must arrive whole."""
+    rows = "\n".join(f"{'basic' if i % 2 else 'pro'},{i / 10},{i % 2}" for i in range(20))
+    (tmp_path / "churn.csv").write_text("plan,usage,target\n" + rows + "\n")
+    code, output = invoke("features", "build", str(write_spec(tmp_path, source="churn.csv")))
+    assert code == 2
+    assert "leave it out with data.drop: [plan]" in " ".join(output.split())
+
+
+def test_version() -> None:
+    from raylens import __version__
+
+    code, output = invoke("--version")
+    assert code == 0 and output.strip() == f"raylens {__version__}"

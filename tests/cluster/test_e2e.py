@@ -9,6 +9,8 @@ of the same spec against it (which is also where "same spec and seed, same resul
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -93,6 +95,36 @@ def test_the_store_holds_the_sweep_tree_final_run_and_model(
     assert info.saved_input_example_info is not None
     assert info.metadata["feature_set_version"] == final.data.tags["raylens.feature_set_version"]
     assert info.metadata["raylens_version"] and info.metadata["task"] == "classification"
+
+
+def test_registered_model_predicts_raw_features_in_a_fresh_process(
+    reference_run: CliRun, tmp_path: Path
+) -> None:
+    """The served model takes raw columns and applies the fitted transform itself: on the raw
+    test rows it scores exactly the test accuracy the run logged. It runs in another folder, so
+    the spec's model factory (slow_models.py) comes from the model's own code, not the project."""
+    folder = reference_run.folder
+    script = f"""
+import json, mlflow, numpy as np
+from raylens.features import DataConfig
+from raylens.features.sources import load_source
+from raylens.features.splits import split_rows
+mlflow.set_tracking_uri("sqlite:///{folder / "raylens-runs" / "mlflow.db"}")
+model = mlflow.pyfunc.load_model("models:/faults/1")
+frame = load_source("{folder / "iris.csv"}").table.to_pandas()
+data = DataConfig(source="iris.csv", target="target", split={{"valid": 0.2, "test": 0.2, "seed": 3}})
+test_rows = split_rows(frame["target"].to_numpy(), data.split, stratify=True).test
+raw = frame.iloc[test_rows]
+predicted = model.predict(raw.drop(columns=["target"]))
+assert len(set(predicted)) > 1, "a constant model"
+print(json.dumps({{"accuracy": float((predicted == raw["target"].to_numpy()).mean())}}))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=300, cwd=tmp_path
+    )
+    accuracy = json.loads(out.stdout.strip().splitlines()[-1])["accuracy"]
+    final = next(r for r in runs_of(folder) if r.data.tags.get("raylens.role") == "final")
+    assert accuracy == pytest.approx(final.data.metrics["test_accuracy"])
 
 
 def test_a_finished_run_is_not_resumed(reference_run: CliRun) -> None:

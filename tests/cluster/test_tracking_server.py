@@ -74,10 +74,14 @@ def stop(process: subprocess.Popen[bytes]) -> None:
         process.wait()
 
 
+UI_PROCESSES: dict[str, subprocess.Popen[bytes]] = {}
+
+
 @pytest.fixture(scope="module")
 def ui_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``raylens ui`` on a run store that already holds a run; it is also the tracking server the
-    run below logs to over HTTP (an MLflow UI is a tracking server)."""
+    run below logs to over HTTP (an MLflow UI is a tracking server). The last test of this module
+    stops it with SIGTERM, as a user or a scheduler would."""
     runs_dir = tmp_path_factory.mktemp("ui-runs")
     Workspace.at(runs_dir).ensure()
     client = mlflow.MlflowClient(Workspace.at(runs_dir).default_tracking_uri)
@@ -93,11 +97,12 @@ def ui_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
+    UI_PROCESSES[url] = process
     try:
         wait_for_http(f"{url}/health", process)
         yield url
     finally:
-        stop(process)
+        stop(process)  # a no-op once the last test has stopped it; kills what it left otherwise
 
 
 def test_ui_serves_the_run_store_on_loopback_only(ui_server: str) -> None:
@@ -177,3 +182,46 @@ def test_a_run_tracked_on_an_mlflow_server(
     assert len(predicted) == len(test_rows) and len(set(predicted)) > 1
     accuracy = float((predicted == frame["target"].to_numpy()[test_rows]).mean())
     assert accuracy == pytest.approx(run.data.metrics["test_accuracy"])
+
+
+def test_ui_stopped_by_sigterm_leaves_nothing_running_or_listening(ui_server: str) -> None:
+    """Runs last in this module: it stops the module's `raylens ui`."""
+    process = UI_PROCESSES[ui_server]
+    port = int(ui_server.rsplit(":", 1)[1])
+    assert listening_addresses(port) == {"127.0.0.1"}
+    # raylens, and the MLflow server it started (in a session of its own) with its workers.
+    sessions = {os.getsid(process.pid)} | {os.getsid(child) for child in children(process.pid)}
+    process.send_signal(signal.SIGTERM)  # to raylens alone, not to its group
+    assert process.wait(timeout=60) == 0
+    assert listening_addresses(port) == set()
+    left = [pid for pid in all_pids() if session_of(pid) in sessions and not exited(pid)]
+    assert left == [], f"still running after raylens ui stopped: {left}"
+
+
+def exited(pid: int) -> bool:
+    """A zombie: ended, waiting only for whoever adopted it to collect its exit status."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def all_pids() -> list[int]:
+    return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+
+
+def session_of(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for child in all_pids():
+        with contextlib.suppress(OSError, IndexError):
+            # /proc/PID/stat: "pid (comm) state ppid ..."; comm may hold spaces, so split after ")".
+            if int(Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(child)
+    return found

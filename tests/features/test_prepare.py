@@ -96,3 +96,21 @@ def test_a_feature_named_like_the_stored_target_is_refused() -> None:
     table = pa.table({"__target__": [1.0, 2.0], "a": [1.0, 2.0], "y": [0, 1]})
     with pytest.raises(UserError, match=r"'__target__' is a name raylens keeps.*data\.drop: \[__target__\]"):
         prepare(table, config())
+
+
+def test_whole_numbers_are_classes_up_to_a_limit_and_the_decision_is_said() -> None:
+    from raylens.features.prepare import MAX_INFERRED_CLASSES
+
+    few = prepare(pa.table({"a": [1.0] * 40, "y": [i % 3 for i in range(40)]}), config())
+    assert few.task == "classification" and "3 distinct whole numbers" in few.task_decision
+    many = MAX_INFERRED_CLASSES + 1
+    prices = prepare(
+        pa.table({"a": [1.0] * 40, "y": [100_000 + 500 * (i % many) for i in range(40)]}), config()
+    )
+    assert prices.task == "regression"
+    assert (
+        f"{many} distinct whole numbers" in prices.task_decision
+        and "data.task: classification" in prices.task_decision
+    )
+    told = prepare(pa.table({"a": [1.0] * 40, "y": [i % 3 for i in range(40)]}), config(task="regression"))
+    assert told.task == "regression" and told.task_decision == "regression, as data.task says"

@@ -180,3 +180,29 @@ def test_the_target_columns_type_in_the_csv_decides_the_task(
     plan = plan_feature_set("d", DataConfig(source="d.csv", target="y"), FeaturesConfig(), tmp_path)
     assert plan.manifest["task"] == task
     assert plan.manifest.get("classes") == classes
+
+
+def test_house_prices_in_whole_dollars_are_a_regression_and_forced_classes_fail_briefly(
+    tmp_path: Path, refuse: Refuse
+) -> None:
+    """The user's CSV: 2000 houses priced in whole dollars. Taken for classes, a split cannot be
+    stratified: the message says so in a line, with the fix, not 2000 class names."""
+    lines = ["rooms,age,price"] + [f"{1 + i % 5},{i % 50},{150_000 + 37 * i}" for i in range(2000)]
+    (tmp_path / "houses.csv").write_text("\n".join(lines) + "\n")
+    plan = plan_feature_set(
+        "houses", DataConfig(source="houses.csv", target="price"), FeaturesConfig(), tmp_path
+    )
+    assert plan.manifest["task"] == "regression"
+    assert "2000 distinct whole numbers" in plan.manifest["task_decision"]
+
+    message = refuse(
+        "houses.csv",
+        "cannot stratify 2000 rows by class",
+        "data.task: regression",
+        target="price",
+        task="classification",
+    )
+    assert (
+        "2000 of its 2000 classes have a single row (150000, 150037, 150074, 150111, 150148, ...)" in message
+    )
+    assert len(message) < 400, message

@@ -88,7 +88,8 @@ def train_and_log(fs: FeatureSet, folder: Path, *, epochs: int, register_as: str
     tracker = MlflowTracker(tracking_uri, "artifacts-test", folder / "mlartifacts")
     run_id = tracker.start_run("train")
     import_path = list(sys.path)
-    model_uri, version = log_model(tracker, run_id, model, job, fs, test.x, register_as, {})
+    logged = log_model(tracker, run_id, model, job, fs, test.x, register_as, {})
+    model_uri, version = logged.uri, logged.version
     assert sys.path == import_path, "logging the model changed this process's import path"
     tracker.end_run(run_id)
     columns = fs.feature_columns
@@ -214,6 +215,21 @@ def test_a_csv_with_integer_columns_is_scored_as_read(
     raw = as_read.iloc[test_rows].drop(columns=["label"]).reset_index(drop=True)
     assert str(raw["rooms"].dtype) == "int64"
     assert model.predict(raw).tolist() == logged.expected.tolist()
+
+
+def test_an_identical_model_is_not_registered_twice_and_versions_are_described(
+    iris: FeatureSet, tmp_path: Path, loader: None
+) -> None:
+    first = train_and_log(iris, tmp_path, epochs=3, register_as="iris-once")
+    again = train_and_log(iris, tmp_path, epochs=3, register_as="iris-once")  # same seed: same weights
+    other = train_and_log(iris, tmp_path, epochs=4, register_as="iris-once")
+    assert (first.registered_version, again.registered_version, other.registered_version) == ("1", "1", "2")
+    client = mlflow.MlflowClient(first.tracking_uri)
+    assert sorted(str(v.version) for v in client.search_model_versions("name='iris-once'")) == ["1", "2"]
+    version = client.get_model_version("iris-once", "1")
+    assert f"feature set iris@{iris.version}" in version.description
+    assert version.tags["raylens.feature_set_version"] == iris.version
+    assert len(version.tags["raylens.model_digest"]) == 64
 
 
 def test_the_model_pins_exactly_what_its_loader_imports() -> None:

@@ -76,7 +76,7 @@ def test_diabetes_trains_scores_like_scikit_learn_and_serves_in_target_units(
 
     tracker = MlflowTracker(f"sqlite:///{tmp_path}/mlflow.db", "diabetes", tmp_path / "artifacts")
     run_id = tracker.start_run("final")
-    model_uri, _ = log_model(tracker, run_id, model, job, fs, test.x, None, {})
+    model_uri = log_model(tracker, run_id, model, job, fs, test.x, None, {}).uri
     tracker.end_run(run_id)
     monkeypatch.setattr(sys, "path", list(sys.path))  # loading puts the model's code folder first
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
