@@ -89,8 +89,8 @@ class HalvingRule:
             history = scores.get(trial, {})
             decision = Decision()
             for i, milestone in enumerate(self.milestones):
-                score = history.get(milestone)
-                if score is None:
+                value = history.get(milestone)
+                if value is None:
                     if trial not in ended:
                         # Not there yet: later trials cannot be judged here until it is.
                         for later in self.milestones[i:]:
@@ -102,8 +102,8 @@ class HalvingRule:
                         unknown_from[later] = True
                     break
                 cutoff = self.cutoff(reached[milestone])
-                reached[milestone].append(score)
-                if cutoff is not None and score < cutoff:
+                reached[milestone].append(value)
+                if cutoff is not None and value < cutoff:
                     decision = Decision(stopped_at=milestone)
                     break
             decisions[trial] = decision
