@@ -34,6 +34,11 @@ def make_job(
     )
 
 
+def scenarios(ranks: Ranks, jobs: dict[str, dict[str, TrainJob]]) -> dict[str, dict[str, Any]]:
+    """Every strategy's scenario, one after the other in the same two processes (one launch)."""
+    return {strategy: scenario(ranks, strategy_jobs) for strategy, strategy_jobs in jobs.items()}
+
+
 def scenario(ranks: Ranks, jobs: dict[str, TrainJob]) -> dict[str, Any]:
     """Runs in every rank: one full-batch run, then an uninterrupted dropout run, and the same run
     stopped after 2 epochs and resumed from that checkpoint."""
@@ -59,21 +64,34 @@ def iris_module(tmp_path_factory: pytest.TempPathFactory) -> FeatureSet:
     return iris_feature_set(tmp_path_factory.mktemp("iris"))
 
 
-@pytest.fixture(scope="module", params=["ddp", "fsdp"])
-def ranks(request: pytest.FixtureRequest, iris_module: FeatureSet, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    strategy = request.param
+STRATEGIES = ("ddp", "fsdp")
+
+
+@pytest.fixture(scope="module")
+def launched(iris_module: FeatureSet, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """Both strategies' scenarios, run in one launch of 2 gloo processes."""
     jobs = {
-        "full_batch": make_job(iris_module, strategy, epochs=3, batch_size=1000),
-        "dropout": make_job(iris_module, strategy, epochs=4, batch_size=8, dropout=0.3),
-        "dropout_half": make_job(iris_module, strategy, epochs=2, batch_size=8, dropout=0.3),
+        strategy: {
+            "full_batch": make_job(iris_module, strategy, epochs=3, batch_size=1000),
+            "dropout": make_job(iris_module, strategy, epochs=4, batch_size=8, dropout=0.3),
+            "dropout_half": make_job(iris_module, strategy, epochs=2, batch_size=8, dropout=0.3),
+        }
+        for strategy in STRATEGIES
     }
     results = run_ranks(
-        partial(scenario, jobs=jobs),
+        partial(scenarios, jobs=jobs),
         iris_module.read("train"),
         iris_module.read("valid"),
-        tmp_path_factory.mktemp(strategy),
+        tmp_path_factory.mktemp("gloo"),
     )
-    return strategy, jobs, results
+    return jobs, results
+
+
+@pytest.fixture(params=STRATEGIES)
+def ranks(request: pytest.FixtureRequest, launched):  # type: ignore[no-untyped-def]
+    """One strategy's jobs and what each rank returned for them."""
+    jobs, results = launched
+    return request.param, jobs[request.param], [rank[request.param] for rank in results]
 
 
 def test_two_ranks_train_the_model_one_process_trains(ranks, iris_module: FeatureSet) -> None:  # type: ignore[no-untyped-def]
