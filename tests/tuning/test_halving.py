@@ -108,14 +108,12 @@ def test_the_rule_is_ashas_when_results_come_in_trial_order() -> None:
 
 def test_rays_asha_depends_on_arrival_order() -> None:
     """Why the rule exists: the same sweep under Ray's ASHA stops different trials by timing."""
-    rule = HalvingRule.for_budget(MAX_T, 1, 2)
     seen = set()
     for order_seed in range(25):
         asha = ASHAScheduler(metric="valid_loss", mode="min", max_t=MAX_T, grace_period=1, reduction_factor=2)
         reported = simulate(asha, curves(0, trials=8), concurrency=3, order_seed=order_seed)
         seen.add(frozenset(n for n, v in reported.items() if len(v) < MAX_T))
     assert len(seen) > 1
-    assert rule.milestones
 
 
 def test_a_judgement_waits_for_an_earlier_trial() -> None:
