@@ -77,3 +77,34 @@ def test_each_package_imports_alone(package: str) -> None:
         "assert not up, up"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def type_checking_imports(init: Path) -> dict[str, set[str]]:
+    """Names each module gives the ``if TYPE_CHECKING:`` block of a package's ``__init__``."""
+    found: dict[str, set[str]] = {}
+    for node in ast.walk(ast.parse(init.read_text())):
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            for statement in node.body:
+                assert isinstance(statement, ast.ImportFrom) and statement.module
+                found.setdefault(statement.module, set()).update(a.name for a in statement.names)
+    return found
+
+
+@pytest.mark.parametrize("package", ["features", "trainer", "tuning"])
+def test_lazy_exports_are_what_the_type_checker_sees(package: str) -> None:
+    """Each export resolves to the object of the module the type checker was told, and importing
+    the package imports none of them (reading the configs stays free of torch and pyarrow)."""
+    import importlib
+
+    declared = type_checking_imports(ROOT / package / "__init__.py")
+    code = (
+        f"import sys, raylens.{package}; "
+        "heavy = [m for m in ('torch', 'numpy', 'pyarrow', 'ray', 'mlflow') if m in sys.modules]; "
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    module = importlib.import_module(f"raylens.{package}")
+    assert sorted(module.__all__) == sorted(name for names in declared.values() for name in names)
+    for home, names in declared.items():
+        for name in names:
+            assert getattr(module, name) is getattr(importlib.import_module(home), name)

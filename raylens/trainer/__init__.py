@@ -1,32 +1,34 @@
 """Models, the plain PyTorch training loop, parallel strategies, the Ray Train bridge, tracking.
 
-Importing this package does not import Ray: the loop, models and metrics are plain PyTorch.
-The Ray Train bridge is ``raylens.trainer.ray_train``; a tracked run is ``raylens.trainer.run``.
+Importing this package imports nothing heavy: each export is imported on first use, so the
+configs can be read without torch. The loop, models and metrics are plain PyTorch; the Ray Train
+bridge is ``raylens.trainer.ray_train``; a tracked run is ``raylens.trainer.run``.
 """
 
-from raylens.trainer.config import ModelConfig, OptimizerConfig, ScalingConfig, TrainConfig
-from raylens.trainer.job import TrainJob, run_worker, shard_rows, task_spec
-from raylens.trainer.loop import Batches, Reporter, TaskSpec, TrainState, evaluate, fit, predict
-from raylens.trainer.models import build_model, check_model_runs, check_params, importable_from
+from typing import TYPE_CHECKING
 
-__all__ = [
-    "Batches",
-    "ModelConfig",
-    "OptimizerConfig",
-    "Reporter",
-    "ScalingConfig",
-    "TaskSpec",
-    "TrainConfig",
-    "TrainJob",
-    "TrainState",
-    "build_model",
-    "check_model_runs",
-    "check_params",
-    "evaluate",
-    "fit",
-    "importable_from",
-    "predict",
-    "run_worker",
-    "shard_rows",
-    "task_spec",
-]
+from raylens.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from raylens.trainer.config import ModelConfig, OptimizerConfig, ScalingConfig, TrainConfig
+    from raylens.trainer.job import TrainJob, run_worker, shard_rows, task_spec
+    from raylens.trainer.loop import Batches, Reporter, TaskSpec, TrainState, evaluate, fit, predict
+    from raylens.trainer.models import build_model, check_model_runs, check_params, importable_from
+
+__getattr__, __all__ = lazy_exports(
+    __name__,
+    {
+        "raylens.trainer.config": ["ModelConfig", "OptimizerConfig", "ScalingConfig", "TrainConfig"],
+        "raylens.trainer.job": ["TrainJob", "run_worker", "shard_rows", "task_spec"],
+        "raylens.trainer.loop": [
+            "Batches",
+            "Reporter",
+            "TaskSpec",
+            "TrainState",
+            "evaluate",
+            "fit",
+            "predict",
+        ],
+        "raylens.trainer.models": ["build_model", "check_model_runs", "check_params", "importable_from"],
+    },
+)

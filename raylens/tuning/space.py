@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from raylens.errors import UserError
-from raylens.trainer import ModelConfig, TrainConfig, check_params
+from raylens.trainer import ModelConfig, TrainConfig
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
 TUNABLE_ROOTS = ("model", "train")
@@ -137,6 +137,9 @@ def sample_configs(
 def check_space(
     space: dict[str, Distribution], model: ModelConfig, train: TrainConfig, seed: int = 0
 ) -> None:
-    """Draw from every distribution a few times and validate the configs they make."""
+    """Draw from every distribution a few times and validate the configs they make, the model's
+    parameters against its constructor (which imports the model's code, and so torch)."""
+    from raylens.trainer import check_params
+
     for _, sampled_model, _ in sample_configs(space, model, train, seed):
         check_params(sampled_model)
