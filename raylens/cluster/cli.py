@@ -86,6 +86,25 @@ Address = Annotated[
     ),
 ]
 
+Overrides = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        metavar="KEY=VALUE",
+        help="Override one key of the spec, validated like the file: --set train.epochs=5 "
+        "--set model.params.hidden=[64,32]. Repeatable.",
+        show_default=False,
+    ),
+]
+DryRun = Annotated[
+    bool,
+    typer.Option(
+        "--dry-run",
+        help="Check the spec, the data, the model and the sweep's metric, print what would run, "
+        "and stop: nothing is started or written.",
+    ),
+]
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -102,7 +121,9 @@ def user_errors(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except UserError as exc:
-            errors.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+            # soft_wrap: the terminal wraps long lines, so a path or command in the message is
+            # never broken by an inserted newline and can be copied whole.
+            errors.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt as exc:
             stop = _as_interrupted(exc)
@@ -112,24 +133,40 @@ def user_errors(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _run(spec: Path, runs_dir: Path | None, verbose: bool, command: str, **kwargs: Any) -> None:
+def _run(
+    spec: Path,
+    runs_dir: Path | None,
+    verbose: bool,
+    command: str,
+    overrides: list[str] | None,
+    dry_run: bool,
+    **kwargs: Any,
+) -> None:
     from raylens.cluster.interrupt import stop_on_signals
     from raylens.cluster.runtime import quiet_cli_process
 
     quiet_cli_process(verbose)  # before MLflow and Ray are imported: they read their log levels then
-    from raylens.cluster.console import RichProgress, summary_table
     from raylens.cluster.experiment import Experiment
 
     with stop_on_signals():
-        experiment = Experiment.from_yaml(spec, runs_dir)
+        # Light: a mistake in the spec is answered before torch, Ray or MLflow are imported.
+        experiment = Experiment.from_yaml(spec, runs_dir, overrides or ())
+        if dry_run:
+            _check(experiment, command, kwargs.get("address"))
+            return
+        from raylens.cluster.console import RichProgress, summary_table
+
         tune = experiment.spec.tune
         progress = RichProgress(console, tune.metric, tune.mode) if tune else RichProgress(console)
         try:
             summary = experiment.run(progress=progress, verbose=verbose, **kwargs)
         except KeyboardInterrupt as exc:
             stop = _as_interrupted(exc)
-            again = (
-                f"raylens {command} {spec}" + (f" --runs-dir {runs_dir}" if runs_dir else "") + " --resume"
+            again = " ".join(
+                [f"raylens {command} {spec}"]
+                + [f"--set {item}" for item in overrides or ()]
+                + ([f"--runs-dir {runs_dir}"] if runs_dir else [])
+                + ["--resume"]
             )
             errors.print(
                 f"[yellow]interrupted[/] by {signal.Signals(stop.signum).name}: this run's open MLflow "
@@ -144,6 +181,16 @@ def _run(spec: Path, runs_dir: Path | None, verbose: bool, command: str, **kwarg
         console.print(f"Open the runs with [bold]{escape(ui)}[/] (MLflow UI on http://127.0.0.1:5000)")
 
 
+def _check(experiment: Any, command: str, address: str | None) -> None:
+    """Every check ``command`` would make before starting, all problems at once; then what it would do."""
+    from raylens.cluster.console import dry_run_table
+
+    with console.status("checking the spec, data and model"):
+        report = experiment.validate(tune=command != "train", address=address)
+    report.raise_problems()
+    console.print(dry_run_table(experiment, report, command))
+
+
 @app.command()
 @user_errors
 def run(
@@ -152,10 +199,12 @@ def run(
     runs_dir: RunsDir = None,
     verbose: Verbose = False,
     address: Address = None,
+    overrides: Overrides = None,
+    dry_run: DryRun = False,
 ) -> None:
     """The whole phase: prepare data, build features, tune (if the spec has a tune section),
     train the best configuration, evaluate on the test split and register the model."""
-    _run(spec, runs_dir, verbose, "run", resume=resume, address=address)
+    _run(spec, runs_dir, verbose, "run", overrides, dry_run, resume=resume, address=address)
 
 
 @app.command()
@@ -166,9 +215,11 @@ def train(
     runs_dir: RunsDir = None,
     verbose: Verbose = False,
     address: Address = None,
+    overrides: Overrides = None,
+    dry_run: DryRun = False,
 ) -> None:
     """Train the spec as written (its tune section is ignored), evaluate and register."""
-    _run(spec, runs_dir, verbose, "train", resume=resume, address=address, tune=False)
+    _run(spec, runs_dir, verbose, "train", overrides, dry_run, resume=resume, address=address, tune=False)
 
 
 @app.command()
@@ -179,9 +230,28 @@ def tune(
     runs_dir: RunsDir = None,
     verbose: Verbose = False,
     address: Address = None,
+    overrides: Overrides = None,
+    dry_run: DryRun = False,
 ) -> None:
     """Run the spec's hyperparameter sweep alone and report the best configuration."""
-    _run(spec, runs_dir, verbose, "tune", resume=resume, address=address, train=False)
+    _run(spec, runs_dir, verbose, "tune", overrides, dry_run, resume=resume, address=address, train=False)
+
+
+@app.command()
+@user_errors
+def validate(
+    spec: SpecArg,
+    overrides: Overrides = None,
+    runs_dir: RunsDir = None,
+    address: Address = None,
+) -> None:
+    """Check a spec without running it: its keys, the model's parameters and each configuration
+    the sweep may sample, the data (read and prepared in memory), the model on a real batch, the
+    sweep's metric, the tracking store and --address. Every problem is listed at once; nothing is
+    started or written. (The same as `raylens run SPEC --dry-run`.)"""
+    from raylens.cluster.experiment import Experiment
+
+    _check(Experiment.from_yaml(spec, runs_dir, overrides or ()), "run", address)
 
 
 @app.command("spec")
@@ -194,12 +264,12 @@ def spec_command() -> None:
 
 @features_app.command("build")
 @user_errors
-def features_build(spec: SpecArg, runs_dir: RunsDir = None) -> None:
+def features_build(spec: SpecArg, runs_dir: RunsDir = None, overrides: Overrides = None) -> None:
     """Run the data prepare and feature pipelines and store the feature set (reused if unchanged)."""
     from raylens.cluster.console import RichProgress
     from raylens.cluster.experiment import Experiment
 
-    feature_set = Experiment.from_yaml(spec, runs_dir).build_features()
+    feature_set = Experiment.from_yaml(spec, runs_dir, overrides or ()).build_features()
     RichProgress(console).feature_set(feature_set)
     console.print(f"  stored at {escape(str(feature_set.path))}", highlight=False)
 

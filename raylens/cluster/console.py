@@ -11,8 +11,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from raylens.cluster.experiment import RunSummary
-from raylens.features import FeatureSet
+from raylens.cluster.checks import CheckReport
+from raylens.cluster.experiment import Experiment, RunSummary
+from raylens.features import FeatureSet, PlannedFeatureSet
 
 
 def _bar(console: Console) -> Progress:
@@ -51,7 +52,7 @@ class RichProgress:
     def notice(self, text: str) -> None:
         self.console.print(f"  [yellow]note:[/] {escape(text)}", highlight=False)
 
-    def feature_set(self, feature_set: FeatureSet) -> None:
+    def feature_set(self, feature_set: FeatureSet | PlannedFeatureSet) -> None:
         rows = feature_set.manifest["rows"]
         self.console.print(
             f"  feature set [cyan]{escape(feature_set.name)}@{feature_set.version}[/] "
@@ -147,4 +148,54 @@ def summary_table(summary: RunSummary, command: str = "run") -> Table:
             row("model", final.model_uri)
         row("run id", final.run_id)
     row("tracking", summary.tracking_uri)
+    return table
+
+
+def dry_run_table(experiment: Experiment, report: CheckReport, command: str) -> Table:
+    """What ``command`` would do with this spec, after every check passed; nothing was started."""
+    spec, planned = experiment.spec, report.planned
+    assert planned is not None
+    table = Table(
+        title=Text(f"raylens {command}: checked, nothing started or written"),
+        show_header=False,
+        title_justify="left",
+    )
+    table.add_column(style="bold")
+    table.add_column()
+
+    def row(name: str, value: str) -> None:
+        table.add_row(name, Text(value))
+
+    stored = (experiment.workspace.feature_store / planned.name / planned.version).is_dir()
+    rows = planned.manifest["rows"]
+    row(
+        "feature set",
+        f"{planned.name}@{planned.version} ({'stored: reused' if stored else 'new: written by the run'})",
+    )
+    row(
+        "data",
+        f"{len(planned.feature_columns)} features; rows {rows['train']}/{rows['valid']}/{rows['test']}",
+    )
+    row("task", str(planned.manifest.get("task_decision") or planned.task))
+    tune = spec.tune if command != "train" else None
+    if tune is not None:
+        row(
+            "sweep",
+            f"{tune.trials} trials, {tune.scheduler}, {tune.mode} {tune.metric}, "
+            f"{tune.epochs or spec.train.epochs} epochs each, up to {tune.concurrency} at a time",
+        )
+        row("space", ", ".join(f"{k}: {v}" for k, v in tune.space.items()))
+    if command != "tune":
+        scaling = spec.train.scaling
+        row(
+            "training",
+            f"{spec.train.epochs} epochs, {scaling.workers} worker(s), {scaling.strategy}, "
+            f"batch {spec.train.batch_size} per worker"
+            + (" (with the sweep's best configuration)" if tune is not None else ""),
+        )
+    from raylens.trainer.tracking import redact
+
+    row("tracking", redact(experiment.tracking_uri))
+    if spec.tracking.register_as and command != "tune":
+        row("registers", spec.tracking.register_as)
     return table

@@ -2,11 +2,17 @@
 
 Every error names the key's path and what would be valid, e.g.
 ``train.scaling.strategy: 'dpp' is not one of ddp, fsdp, pipeline, auto``.
+
+Reading and validating a spec imports pydantic and YAML only (the packages' exports are lazy):
+a mistake in the spec is answered before torch, Ray or MLflow would take seconds to import.
+What needs the model's code — its parameters against its constructor — is ``check_model_params``.
 """
 
 from __future__ import annotations
 
+import copy
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from raylens.errors import UserError, did_you_mean
 from raylens.features import DataConfig, FeaturesConfig
-from raylens.trainer import ModelConfig, TrainConfig, check_params
-from raylens.tuning import TuneConfig, check_space, parse_space
+from raylens.trainer import ModelConfig, TrainConfig
+from raylens.tuning import TuneConfig, check_space, parse_space, sample_configs
 
 
 class TrackingConfig(BaseModel):
@@ -50,8 +56,19 @@ class ExperimentSpec(BaseModel):
     """Where MLflow records go and the registered model's name."""
 
 
-def load_spec(path: Path) -> ExperimentSpec:
-    """Read and validate a spec file; ``UserError`` lists every problem with its key path."""
+def load_spec(path: Path, overrides: Sequence[str] = ()) -> ExperimentSpec:
+    """Read and validate a spec file, with ``--set KEY=VALUE`` overrides applied; ``UserError``
+    lists every problem with its key path."""
+    return parse_spec(read_spec(path, overrides), source=spec_source(path, overrides))
+
+
+def spec_source(path: Path, overrides: Sequence[str] = ()) -> str:
+    """How errors name a spec: its file, and the overrides given with it."""
+    return str(path) + "".join(f" --set {item}" for item in overrides)
+
+
+def read_spec(path: Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The spec file as a mapping, ``overrides`` applied, not validated yet."""
     if not path.is_file():
         raise UserError(f"spec file '{path}' does not exist; pass the path of an experiment YAML file")
     try:
@@ -60,22 +77,62 @@ def load_spec(path: Path) -> ExperimentSpec:
         raise UserError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: an experiment spec is a mapping with keys name, data, model, train, ...")
-    return parse_spec(raw, source=str(path))
+    return apply_overrides(raw, overrides)
 
 
-def parse_spec(raw: dict[str, Any], source: str = "spec") -> ExperimentSpec:
+def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """A copy of ``raw`` with each ``KEY=VALUE`` set: the key a dotted path (``train.epochs``), the
+    value read as YAML (``5``, ``[64, 32]``, ``adam``). Keys under ``tune.space.`` are spec paths
+    themselves: ``tune.space.train.optimizer.lr=loguniform(1e-4, 1e-2)`` sets one entry."""
+    spec = copy.deepcopy(dict(raw))
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        path = [part for part in key.strip().split(".") if part]
+        if not sep or not path:
+            raise UserError(f"--set '{item}': write KEY=VALUE with a dotted key, e.g. --set train.epochs=5")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise UserError(f"--set {key}: the value '{text}' is not valid YAML ({exc})") from None
+        if path[:2] == ["tune", "space"] and len(path) > 2:
+            path = [*path[:2], ".".join(path[2:])]
+        node = spec
+        for depth, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                where = ".".join(path[: depth + 1])
+                raise UserError(f"--set {key}: '{where}' is a value ({child!r}), not a section with keys")
+            node = child
+        node[path[-1]] = value
+    return spec
+
+
+def parse_spec(raw: Mapping[str, Any], source: str = "spec") -> ExperimentSpec:
+    """Validate a spec mapping (what ``Experiment.from_dict`` takes): the schema, the search
+    space's syntax and the configurations it samples. Imports no model code."""
     try:
         spec = ExperimentSpec.model_validate(raw)
     except ValidationError as exc:
-        lines = [_describe(error, raw) for error in exc.errors()]
+        lines = [_describe(error, dict(raw)) for error in exc.errors()]
         raise UserError(f"{source} is not a valid experiment spec:\n  " + "\n  ".join(lines)) from None
-    check_params(spec.model)
     if spec.tune is not None:
         space = parse_space(spec.tune.space)
         if not space:
             raise UserError("tune.space: a sweep needs at least one path to tune, e.g. train.optimizer.lr")
-        check_space(space, spec.model, spec.train, spec.tune.seed)
+        sample_configs(space, spec.model, spec.train, spec.tune.seed)
     return spec
+
+
+def check_model_params(spec: ExperimentSpec) -> None:
+    """The model's parameters, and those of every configuration the sweep may sample, against the
+    model's constructor: imports the model's code (and torch), so it is not part of parsing."""
+    from raylens.trainer import check_params
+
+    check_params(spec.model)
+    if spec.tune is not None:
+        check_space(parse_space(spec.tune.space), spec.model, spec.train, spec.tune.seed)
 
 
 def _describe(error: Any, raw: dict[str, Any]) -> str:

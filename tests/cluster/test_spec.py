@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from raylens.cluster.spec import load_spec, parse_spec
+from raylens.cluster.spec import apply_overrides, check_model_params, load_spec, parse_spec
 from raylens.errors import UserError
 
 BASE = {"name": "digits", "data": {"source": "sklearn:digits", "target": "target"}}
@@ -54,7 +54,6 @@ def test_every_problem_is_listed_at_once() -> None:
         ({"data": {"source": "sklearn:digits"}}, "data.target: required key is missing"),
         ({"data": {**BASE["data"], "split": {"valid": 0.5, "test": 0.5}}}, "leaves too little to train on"),
         ({"model": {"name": "resnet"}}, "'resnet' is neither a built-in model"),
-        ({"model": {"params": {"hiden": [4]}}}, "did you mean 'hidden'"),
         ({"tune": {"space": {}}}, "a sweep needs at least one path to tune"),
         ({"tune": {"space": {"train.optimizer.lr": "loguniform(0, 1)"}}}, "loguniform needs low > 0"),
         ({"name": "my run"}, "name: String should match pattern"),
@@ -74,3 +73,46 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
     with pytest.raises(UserError, match="is a mapping"):
         load_spec(tmp_path / "list.yaml")
+
+
+def test_model_parameters_are_checked_against_the_constructor() -> None:
+    spec = parse_spec(spec_with(model={"params": {"hiden": [4]}}))  # the schema allows any params
+    with pytest.raises(
+        UserError, match=r"model\.params\.hiden: .mlp. takes no parameter .hiden.*did you mean"
+    ):
+        check_model_params(spec)
+    sampled = parse_spec(spec_with(tune={"space": {"model.params.width": "choice([8])"}}))
+    with pytest.raises(UserError, match="takes no parameter 'width'"):
+        check_model_params(sampled)
+
+
+def test_overrides_set_nested_keys_with_yaml_values() -> None:
+    raw = spec_with(train={"epochs": 20, "optimizer": {"lr": 0.1}})
+    changed = apply_overrides(
+        raw,
+        [
+            "train.epochs=5",
+            "model.params.hidden=[64, 32]",
+            "train.optimizer.name=sgd",
+            "tune.space.train.optimizer.lr=loguniform(1e-4, 1e-2)",
+        ],
+    )
+    spec = parse_spec(changed)
+    assert spec.train.epochs == 5 and spec.train.optimizer.lr == 0.1 and spec.train.optimizer.name == "sgd"
+    assert spec.model.params == {"hidden": [64, 32]}
+    assert spec.tune is not None and spec.tune.space == {"train.optimizer.lr": "loguniform(1e-4, 1e-2)"}
+    assert raw["train"] == {"epochs": 20, "optimizer": {"lr": 0.1}}  # the original is untouched
+
+
+def test_bad_overrides_name_the_key_and_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="write KEY=VALUE"):
+        apply_overrides(BASE, ["train.epochs"])
+    with pytest.raises(UserError, match=r"'data\.target' is a value .*not a section"):
+        apply_overrides(BASE, ["data.target.x=1"])
+    (tmp_path / "spec.yaml").write_text("name: d\ndata: {source: 'sklearn:iris', target: target}\n")
+    with pytest.raises(UserError) as error:
+        load_spec(tmp_path / "spec.yaml", ["train.epoch=3", "train.batch_size=-1"])
+    message = str(error.value)
+    assert "--set train.epoch=3 --set train.batch_size=-1 is not a valid experiment spec" in message
+    assert "train.epoch: unknown key 'epoch' (did you mean 'epochs'?)" in message
+    assert "train.batch_size:" in message

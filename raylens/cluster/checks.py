@@ -1,0 +1,128 @@
+"""Everything about an experiment that can be checked before Ray starts, every problem at once.
+
+``raylens validate`` and ``--dry-run`` print the report; ``Experiment.run`` raises its problems
+as one ``UserError`` before anything is written. Checks that do not depend on each other all run:
+a mistake in the model's parameters, one in the data and one in the Ray address are reported
+together, not in three rounds. The model is checked on a real batch only when the data could be
+read, since it needs the data's width.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from raylens.cluster.spec import ExperimentSpec, check_model_params
+from raylens.errors import UserError, did_you_mean
+
+if TYPE_CHECKING:
+    from raylens.features import PlannedFeatureSet
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    """What the checks found: the planned feature set (when the data could be read) and the
+    problems, each a message naming the key or input and its fix."""
+
+    planned: PlannedFeatureSet | None
+    problems: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def raise_problems(self) -> None:
+        """One ``UserError`` holding every problem, or nothing when there is none."""
+        if len(self.problems) == 1:
+            raise UserError(self.problems[0])
+        if self.problems:
+            listed = "\n".join(f"  - {problem}" for problem in self.problems)
+            raise UserError(f"{len(self.problems)} problems were found:\n{listed}")
+
+
+class _Problems:
+    def __init__(self) -> None:
+        self.found: list[str] = []
+
+    def check(self, step: Callable[[], Any]) -> Any:
+        """Run one check; its ``UserError`` is recorded and ``None`` returned."""
+        try:
+            return step()
+        except UserError as exc:
+            self.found.append(str(exc))
+            return None
+
+
+def check_experiment(
+    spec: ExperimentSpec,
+    base_dir: Path,
+    *,
+    tune: bool,
+    code_dirs: Sequence[Path] = (),
+    address: str | None = None,
+    tracking_uri: str | None = None,
+) -> CheckReport:
+    """Check ``spec`` (model parameters, every configuration its sweep may sample), its data (read
+    and prepared in memory, nothing written), the model on a real batch, the sweep's metric, and
+    ``address`` and ``tracking_uri`` when given. ``tune=False`` leaves the sweep out. A user's
+    model factory is imported from ``code_dirs`` (the spec's folder, the working one)."""
+    from raylens.cluster.runtime import check_address
+    from raylens.features import plan_feature_set
+    from raylens.trainer import importable_from
+
+    problems = _Problems()
+    with importable_from(code_dirs):
+        problems.check(lambda: check_model_params(spec))
+        params_ok = not problems.found
+        planned: PlannedFeatureSet | None = problems.check(
+            lambda: plan_feature_set(spec.name, spec.data, spec.features, base_dir)
+        )
+        if planned is not None and params_ok:
+            problems.check(lambda: _check_model_on_data(spec, planned, tune=tune))
+    if tune and spec.tune is not None:
+        # Without the data the task may be unknown: then a name no task reports is still wrong.
+        task = planned.task if planned is not None else None if spec.data.task == "auto" else spec.data.task
+        problems.check(lambda: _check_metric(spec, task))
+    problems.check(lambda: check_address(address))
+    if tracking_uri is not None:
+        from raylens.trainer.tracking import check_tracking_uri
+
+        problems.check(lambda: check_tracking_uri(tracking_uri))
+    return CheckReport(planned, tuple(problems.found))
+
+
+def _check_model_on_data(spec: ExperimentSpec, planned: PlannedFeatureSet, *, tune: bool) -> None:
+    """The model, and each configuration the sweep may sample, built and run on real rows."""
+    import torch
+
+    from raylens.trainer import check_model_runs
+    from raylens.tuning import parse_space, sample_configs
+
+    rows = torch.from_numpy(planned.sample(2))
+    check_model_runs(spec.model, rows, planned.num_outputs)
+    if not tune or spec.tune is None:
+        return
+    space = parse_space(spec.tune.space)
+    for values, model, _ in sample_configs(space, spec.model, spec.train, spec.tune.seed):
+        try:
+            check_model_runs(model, rows, planned.num_outputs)
+        except UserError as exc:
+            drawn = ", ".join(f"{k}={v!r}" for k, v in values.items())
+            raise UserError(
+                f"tune.space: a configuration the sweep may sample ({drawn}) fails: {exc}"
+            ) from None
+
+
+def _check_metric(spec: ExperimentSpec, task: str | None) -> None:
+    from raylens.trainer.metrics import reported_metrics
+
+    assert spec.tune is not None
+    tasks = [task] if task else ["classification", "regression"]
+    reported = list(dict.fromkeys(name for each in tasks for name in reported_metrics(each)))
+    if spec.tune.metric not in reported:
+        raise UserError(
+            f"tune.metric: '{spec.tune.metric}' is not a metric raylens reports for {' or '.join(tasks)}"
+            f"{did_you_mean(spec.tune.metric, reported)}; use one of {', '.join(reported)}"
+        )
