@@ -140,6 +140,7 @@ def _run(
     command: str,
     overrides: list[str] | None,
     dry_run: bool,
+    best_from: str | None = None,
     **kwargs: Any,
 ) -> None:
     from raylens.cluster.interrupt import stop_on_signals
@@ -150,7 +151,7 @@ def _run(
 
     with stop_on_signals():
         # Light: a mistake in the spec is answered before torch, Ray or MLflow are imported.
-        experiment = Experiment.from_yaml(spec, runs_dir, overrides or ())
+        experiment = Experiment.from_yaml(spec, runs_dir, overrides or (), best_from)
         if dry_run:
             _check(experiment, command, kwargs.get("address"))
             return
@@ -164,6 +165,7 @@ def _run(
             stop = _as_interrupted(exc)
             again = " ".join(
                 [f"raylens {command} {spec}"]
+                + ([f"--best-from {best_from}"] if best_from else [])
                 + [f"--set {item}" for item in overrides or ()]
                 + ([f"--runs-dir {runs_dir}"] if runs_dir else [])
                 + ["--resume"]
@@ -217,9 +219,30 @@ def train(
     address: Address = None,
     overrides: Overrides = None,
     dry_run: DryRun = False,
+    best_from: Annotated[
+        str | None,
+        typer.Option(
+            "--best-from",
+            metavar="RUN_ID",
+            help="Train with the best configuration of this sweep (the 'sweep run id' that "
+            "`raylens tune` or `raylens run` printed); --set still applies on top.",
+        ),
+    ] = None,
 ) -> None:
-    """Train the spec as written (its tune section is ignored), evaluate and register."""
-    _run(spec, runs_dir, verbose, "train", overrides, dry_run, resume=resume, address=address, tune=False)
+    """Train the spec as written (its tune section is ignored), evaluate and register.
+    With --best-from, train a sweep's best configuration; or train the best.yaml a sweep wrote."""
+    _run(
+        spec,
+        runs_dir,
+        verbose,
+        "train",
+        overrides,
+        dry_run,
+        resume=resume,
+        address=address,
+        tune=False,
+        best_from=best_from,
+    )
 
 
 @app.command()

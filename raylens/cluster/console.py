@@ -137,6 +137,9 @@ def summary_table(summary: RunSummary, command: str = "run") -> Table:
             + (f", {summary.concurrency.concurrency} at a time" if summary.concurrency else ""),
         )
         row("best config", ", ".join(f"{k}={_format(v)}" for k, v in summary.best_config.items()))
+        row("sweep run id", summary.root_run_id)
+        if summary.best_spec is not None:
+            row("best spec", str(summary.best_spec))
     final = summary.final
     if final is not None:
         for key, value in final.test_metrics.items():

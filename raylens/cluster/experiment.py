@@ -10,12 +10,19 @@ checks): running the stages, which needs Ray and MLflow, is ``raylens.cluster.in
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from raylens.cluster.checks import CheckReport, check_experiment
-from raylens.cluster.spec import ExperimentSpec, parse_spec, read_spec, spec_source
+from raylens.cluster.spec import (
+    ExperimentSpec,
+    apply_overrides,
+    parse_spec,
+    read_spec,
+    spec_source,
+    with_values,
+)
 from raylens.cluster.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -62,6 +69,8 @@ class RunSummary:
     best_metrics: dict[str, float] = field(default_factory=dict)
     trials: int = 0
     concurrency: ConcurrencyPlan | None = None
+    best_spec: Path | None = None
+    """The sweep's best configuration as a spec for ``raylens train`` (``best.yaml``)."""
 
 
 def command_name(tune: bool, train: bool) -> str:
@@ -80,13 +89,31 @@ class Experiment:
 
     @classmethod
     def from_yaml(
-        cls, path: str | Path, runs_dir: Path | None = None, overrides: Sequence[str] = ()
+        cls,
+        path: str | Path,
+        runs_dir: Path | None = None,
+        overrides: Sequence[str] = (),
+        best_from: str | None = None,
     ) -> Experiment:
-        """A spec file, with ``overrides`` (``"train.epochs=5"``, as ``--set`` takes them) applied."""
+        """A spec file, with ``overrides`` (``"train.epochs=5"``, as ``--set`` takes them) applied.
+        ``best_from``: the MLflow id of a sweep's run, whose best configuration is written in
+        first (``overrides`` still win)."""
         path = Path(path)
-        raw = read_spec(path, overrides)
-        spec = parse_spec(raw, source=spec_source(path, overrides))
-        return cls(spec, raw, path.resolve().parent, Workspace.at(runs_dir))
+        source = spec_source(path, overrides)
+        raw = read_spec(path)
+        experiment = cls(
+            parse_spec(apply_overrides(raw, overrides), source),
+            raw,
+            path.resolve().parent,
+            Workspace.at(runs_dir),
+        )
+        if best_from is not None:
+            from raylens.cluster.invocation import best_config_of
+
+            raw = with_values(raw, best_config_of(experiment.tracking_uri, best_from))
+            source += f" --best-from {best_from}"
+        raw = apply_overrides(raw, overrides)
+        return replace(experiment, spec=parse_spec(raw, source), raw=raw)
 
     @classmethod
     def from_dict(

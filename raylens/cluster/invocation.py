@@ -16,6 +16,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 import raylens
 from raylens.cluster.experiment import Experiment, Progress, RunSummary
 from raylens.cluster.runs import (
@@ -28,6 +30,7 @@ from raylens.cluster.runs import (
     spec_fingerprint,
 )
 from raylens.cluster.runtime import RuntimeSettings, start_ray, stop_ray
+from raylens.cluster.spec import best_spec
 from raylens.errors import UserError
 from raylens.features import FeatureSet, PlannedFeatureSet, publish_feature_set
 from raylens.trainer import ModelConfig, TrainConfig, TrainJob
@@ -35,6 +38,35 @@ from raylens.trainer.run import TrainRunResult, train_and_record
 from raylens.trainer.tracking import MlflowTracker, ended_status, git_commit, redact
 from raylens.tuning import ConcurrencyPlan, with_overrides
 from raylens.tuning.sweep import SweepResult, run_sweep
+
+BEST_SPEC = "best.yaml"
+"""The sweep's best configuration as a spec ``raylens train`` takes, in the run folder and MLflow."""
+BEST_CONFIG = "best_config.json"
+"""The best configuration alone (dotted paths to values), read by ``raylens train --best-from``."""
+
+
+def best_config_of(tracking_uri: str, run_id: str) -> dict[str, Any]:
+    """The best configuration the sweep of MLflow run ``run_id`` (its root run) found."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from raylens.trainer.tracking import redact
+
+    try:
+        run = mlflow.MlflowClient(tracking_uri).get_run(run_id)
+    except MlflowException:
+        raise UserError(
+            f"--best-from: no MLflow run '{run_id}' in {redact(tracking_uri)}; give the id of a sweep's "
+            "run (the 'sweep run id' row of `raylens tune` or `raylens run`), with the same --runs-dir"
+        ) from None
+    try:
+        best = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/{BEST_CONFIG}")
+    except Exception:  # no such artifact: each artifact store says so its own way
+        raise UserError(
+            f"--best-from: run '{run_id}' holds no best configuration (it is not the root run of a "
+            "finished sweep); give the 'sweep run id' that `raylens tune` or `raylens run` printed"
+        ) from None
+    return dict(best)
 
 
 class Invocation:
@@ -224,6 +256,7 @@ class Stages:
                         best_metrics=record.best_metrics or {},
                         trials=len(record.trial_runs),
                         concurrency=plan,
+                        best_spec=self.folder / BEST_SPEC,
                     )
                 if self.invocation.command != "tune":
                     summary = replace(summary, final=self.train(root, model_config, train_config))
@@ -272,6 +305,12 @@ class Stages:
         self.progress.sweep_finished()
         self.tracker.log_params(root_run, {f"best.{k}": v for k, v in sweep.best_config.items()})
         self.tracker.log_metrics(root_run, {f"best_{k}": v for k, v in sweep.best_metrics.items()})
+        # The hand-off to `raylens train`: the spec with the best configuration written in (kept
+        # with the run and in MLflow), and the configuration alone, exact, for --best-from.
+        best = best_spec(self.invocation.experiment.raw, sweep.best_config)
+        (self.folder / BEST_SPEC).write_text(yaml.safe_dump(best, sort_keys=False))
+        self.tracker.log_dict(root_run, best, BEST_SPEC)
+        self.tracker.log_dict(root_run, sweep.best_config, BEST_CONFIG)
         self.save(best_config=sweep.best_config, best_metrics=sweep.best_metrics, stage="tuned")
         return sweep.plan
 

@@ -84,16 +84,23 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[st
     """A copy of ``raw`` with each ``KEY=VALUE`` set: the key a dotted path (``train.epochs``), the
     value read as YAML (``5``, ``[64, 32]``, ``adam``). Keys under ``tune.space.`` are spec paths
     themselves: ``tune.space.train.optimizer.lr=loguniform(1e-4, 1e-2)`` sets one entry."""
-    spec = copy.deepcopy(dict(raw))
+    values: dict[str, Any] = {}
     for item in overrides:
         key, sep, text = item.partition("=")
-        path = [part for part in key.strip().split(".") if part]
-        if not sep or not path:
+        if not sep or not key.strip(" ."):
             raise UserError(f"--set '{item}': write KEY=VALUE with a dotted key, e.g. --set train.epochs=5")
         try:
-            value = yaml.safe_load(text)
+            values[key.strip()] = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise UserError(f"--set {key}: the value '{text}' is not valid YAML ({exc})") from None
+    return with_values(raw, values, origin="--set ")
+
+
+def with_values(raw: Mapping[str, Any], values: Mapping[str, Any], origin: str = "") -> dict[str, Any]:
+    """A copy of ``raw`` with each dotted path of ``values`` set, sections made as needed."""
+    spec = copy.deepcopy(dict(raw))
+    for key, value in values.items():
+        path = [part for part in key.split(".") if part]
         if path[:2] == ["tune", "space"] and len(path) > 2:
             path = [*path[:2], ".".join(path[2:])]
         node = spec
@@ -103,9 +110,17 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[st
                 child = node[part] = {}
             if not isinstance(child, dict):
                 where = ".".join(path[: depth + 1])
-                raise UserError(f"--set {key}: '{where}' is a value ({child!r}), not a section with keys")
+                raise UserError(f"{origin}{key}: '{where}' is a value ({child!r}), not a section with keys")
             node = child
         node[path[-1]] = value
+    return spec
+
+
+def best_spec(raw: Mapping[str, Any], best_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The spec a sweep hands to ``raylens train``: its best configuration written in, the tune
+    section left out."""
+    spec = with_values(raw, best_config)
+    spec.pop("tune", None)
     return spec
 
 
