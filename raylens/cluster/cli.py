@@ -33,6 +33,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
 features_app = typer.Typer(
     help="Build and inspect versioned feature sets in the offline store.", no_args_is_help=True
@@ -63,7 +64,7 @@ def _options(
 console = Console()
 errors = Console(stderr=True)
 
-SpecArg = Annotated[Path, typer.Argument(help="Experiment spec (YAML).", show_default=False)]
+SpecArg = Annotated[Path, typer.Argument(metavar="SPEC", help="Experiment spec (YAML).", show_default=False)]
 RunsDir = Annotated[
     Path | None,
     typer.Option(
@@ -193,7 +194,7 @@ def _check(experiment: Any, command: str, address: str | None) -> None:
     console.print(dry_run_table(experiment, report, command))
 
 
-@app.command()
+@app.command(short_help="prepare → features → tune → train → evaluate → register")
 @user_errors
 def run(
     spec: SpecArg,
@@ -209,7 +210,7 @@ def run(
     _run(spec, runs_dir, verbose, "run", overrides, dry_run, resume=resume, address=address)
 
 
-@app.command()
+@app.command(short_help="Train the spec (or a sweep's best), evaluate, register")
 @user_errors
 def train(
     spec: SpecArg,
@@ -245,7 +246,7 @@ def train(
     )
 
 
-@app.command()
+@app.command(short_help="The hyperparameter sweep alone")
 @user_errors
 def tune(
     spec: SpecArg,
@@ -260,7 +261,7 @@ def tune(
     _run(spec, runs_dir, verbose, "tune", overrides, dry_run, resume=resume, address=address, train=False)
 
 
-@app.command()
+@app.command(short_help="Check a spec, its data and model; start nothing")
 @user_errors
 def validate(
     spec: SpecArg,
@@ -277,7 +278,67 @@ def validate(
     _check(Experiment.from_yaml(spec, runs_dir, overrides or ()), "run", address)
 
 
-@app.command("spec")
+@app.command(short_help="Score CSV/Parquet files with a registered model")
+@user_errors
+def predict(
+    model_uri: Annotated[
+        str,
+        typer.Argument(
+            metavar="MODEL_URI",
+            help="The model: models:/NAME/VERSION, models:/NAME@ALIAS or runs:/RUN_ID/model.",
+            show_default=False,
+        ),
+    ],
+    data: Annotated[
+        Path,
+        typer.Argument(
+            metavar="DATA", help="A .csv or .parquet file, or a folder of them, with the raw feature columns."
+        ),
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Output file, .csv or .parquet.", show_default=False)
+    ],
+    keep: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--keep", metavar="COLUMN", help="Copy this input column (an id) to the output. Repeatable."
+        ),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")] = False,
+    runs_dir: RunsDir = None,
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option("--tracking-uri", help="MLflow tracking URI; default: the run folder's SQLite db."),
+    ] = None,
+    batch_rows: Annotated[int, typer.Option("--batch-rows", min=1, help="Rows scored at once.")] = 65_536,
+) -> None:
+    """Score a file or folder of rows with a registered model, in batches, into one output file:
+    the --keep columns, `prediction`, and for a classifier one `probability_<class>` column per
+    class. The input is checked as the served model checks it; a failure writes nothing."""
+    from rich.progress import Progress as Bar
+
+    from raylens.cluster.predict import predict_files
+    from raylens.cluster.runtime import quiet_cli_process
+    from raylens.cluster.workspace import Workspace
+
+    quiet_cli_process(verbose=False)
+    uri = tracking_uri or Workspace.at(runs_dir).default_tracking_uri
+    with Bar(console=console, transient=True) as bar:
+        task = bar.add_task("predicting", total=None)
+        done = predict_files(
+            model_uri,
+            data,
+            out,
+            tracking_uri=uri,
+            keep=keep or (),
+            overwrite=overwrite,
+            batch_rows=batch_rows,
+            on_batch=lambda rows: bar.advance(task, rows),
+        )
+    console.print(f"{done.rows} rows → {escape(str(done.out))} (columns: {escape(', '.join(done.columns))})")
+
+
+@app.command("spec", short_help="Every spec key with its type, default and meaning")
 def spec_command() -> None:
     """Print the spec reference: every key, its type, default and meaning, and the metric names."""
     from raylens.cluster.spec import spec_reference
@@ -300,7 +361,8 @@ def features_build(spec: SpecArg, runs_dir: RunsDir = None, overrides: Overrides
 @features_app.command("list")
 @user_errors
 def features_list(
-    name: Annotated[str | None, typer.Argument(help="Feature set name.")] = None, runs_dir: RunsDir = None
+    name: Annotated[str | None, typer.Argument(metavar="NAME", help="Feature set name.")] = None,
+    runs_dir: RunsDir = None,
 ) -> None:
     """List the stored feature-set versions."""
     from rich.table import Table
@@ -314,12 +376,11 @@ def features_list(
         console.print("no feature sets stored yet: run `raylens features build SPEC`")
         return
     table = Table()
-    table.add_column("name")
-    table.add_column("version", no_wrap=True, min_width=16)  # ids are copied from here: never cut
-    table.add_column("created")
-    table.add_column("task")
-    table.add_column("train/valid/test")
-    table.add_column("source", overflow="fold")
+    # Names and ids are copied from here: a narrow terminal wraps them, never cuts them.
+    table.add_column("name", overflow="fold")
+    table.add_column("version", no_wrap=True, min_width=16)
+    for column in ("created", "task", "train/valid/test", "source"):
+        table.add_column(column, overflow="fold")
     for fs in found:
         rows = fs.manifest["rows"]
         created = str(fs.manifest.get("created_at", ""))[:16].replace("T", " ")
@@ -331,11 +392,15 @@ def features_list(
 @features_app.command("show")
 @user_errors
 def features_show(
-    name: Annotated[str, typer.Argument(help="Feature set name.")],
-    version: Annotated[str | None, typer.Argument(help="Version (default: the newest).")] = None,
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Feature set name.")],
+    version: Annotated[
+        str | None, typer.Argument(metavar="VERSION", help="Version (default: the newest).")
+    ] = None,
     runs_dir: RunsDir = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest itself, as JSON.")] = False,
 ) -> None:
-    """Print a feature set's manifest: schema, rows, statistics, source, transforms."""
+    """Show a feature set: source, task, split, transforms, and each feature column's type and
+    statistics. --json prints the whole manifest."""
     from raylens.cluster.workspace import Workspace
     from raylens.features import list_feature_sets, open_feature_set
 
@@ -347,10 +412,15 @@ def features_show(
         feature_set = versions[-1]
     else:
         feature_set = open_feature_set(root, name, version)
-    console.print_json(json.dumps(feature_set.manifest))
+    if as_json:
+        print(json.dumps(feature_set.manifest, indent=2))
+        return
+    from raylens.cluster.console import feature_set_view
+
+    console.print(feature_set_view(feature_set))
 
 
-@app.command()
+@app.command(short_help="The MLflow UI on 127.0.0.1")
 @user_errors
 def ui(
     runs_dir: RunsDir = None,

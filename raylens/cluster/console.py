@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -202,3 +202,59 @@ def dry_run_table(experiment: Experiment, report: CheckReport, command: str) -> 
     if spec.tracking.register_as and command != "tune":
         row("registers", spec.tracking.register_as)
     return table
+
+
+def feature_set_view(feature_set: FeatureSet) -> Group:
+    """``raylens features show``: the manifest as a person reads it — where the rows came from,
+    the task, the split, the transforms, and one line per feature column (its type and the
+    training split's statistics before transforms). ``--json`` gives the manifest itself."""
+    manifest = feature_set.manifest
+    about = Table(show_header=False, box=None, pad_edge=False)
+    about.add_column(style="bold")
+    about.add_column(overflow="fold")  # ids and paths wrap, never cut
+
+    def row(name: str, value: str) -> None:
+        about.add_row(name, Text(value))
+
+    row("feature set", f"{feature_set.name}@{feature_set.version}")
+    row("created", str(manifest.get("created_at", "")).replace("T", " "))
+    row("source", f"{manifest['source']['uri']} ({manifest['source']['fingerprint']})")
+    row("target", str(manifest["target"]))
+    row("task", str(manifest.get("task_decision") or feature_set.task))
+    classes = manifest.get("classes")
+    if classes is not None:
+        shown = ", ".join(str(c) for c in classes[:20]) + (", ..." if len(classes) > 20 else "")
+        row("classes", f"{len(classes)}: {shown}")
+    if "target_statistics" in manifest:
+        stats = manifest["target_statistics"]
+        row("target mean/std", f"{_format(stats['mean'])} / {_format(stats['std'])} (training split)")
+    rows, split = manifest["rows"], manifest["split"]
+    row(
+        "rows",
+        f"train {rows['train']} / valid {rows['valid']} / test {rows['test']} "
+        f"(valid {split['valid']}, test {split['test']}, seed {split['seed']}"
+        + (", stratified)" if split.get("stratified") else ")"),
+    )
+    for transform in manifest["transforms"]:
+        row("transform", f"{transform['kind']} on {len(transform['columns'])} columns (fitted on train)")
+    columns = Table(
+        title="feature columns (statistics of the training split, before transforms)", title_justify="left"
+    )
+    for name, justify in (
+        ("column", "left"),
+        ("type", "left"),
+        ("mean", "right"),
+        ("std", "right"),
+        ("min", "right"),
+        ("max", "right"),
+    ):
+        columns.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
+    schema, statistics = manifest["schema"], manifest["statistics"]
+    for name in feature_set.feature_columns:
+        stats = statistics.get(name, {})
+        columns.add_row(
+            Text(name),
+            Text(str(schema.get(name, ""))),
+            *(_format(stats.get(k, "")) for k in ("mean", "std", "min", "max")),
+        )
+    return Group(about, Text(""), columns)

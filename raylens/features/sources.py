@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
@@ -122,26 +123,79 @@ def _load_synthetic(spec: str, uri: str) -> RawData:
 
 
 def _load_files(path: Path, uri: str) -> RawData:
+    files = data_files(path, uri)
+    read = _read_parquet if files.format == "parquet" else _read_csv
+    # One file at a time, so an error names the file (Arrow's own messages often don't). In a
+    # folder, a file is named relative to it: the messages name the folder too.
+    tables = [(shown, read(file, shown)) for file, shown in files.named()]
+    return RawData(_combine(tables, uri), uri, _fingerprint_files(files.paths))
+
+
+@dataclass(frozen=True)
+class DataFiles:
+    """The data files a path names: the file itself, or every file of one format in a folder."""
+
+    root: Path
+    paths: list[Path]
+    format: str
+    """"parquet" or "csv"."""
+
+    def named(self) -> list[tuple[Path, str]]:
+        """Each file with the name messages give it (relative to the folder, in a folder)."""
+        return [(p, str(p.relative_to(self.root)) if self.root.is_dir() else str(p)) for p in self.paths]
+
+
+def data_files(path: Path, uri: str, where: str = "data.source") -> DataFiles:
+    """The .parquet or .csv files at ``path`` (a file or a folder, searched recursively);
+    ``UserError`` naming ``where`` when there are none or the formats are mixed."""
     if not path.exists():
-        raise UserError(f"data.source: '{uri}' does not exist (looked at {path})")
+        raise UserError(f"{where}: '{uri}' does not exist (looked at {path})")
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     parquet = [p for p in files if p.suffix == ".parquet"]
     csv = [p for p in files if p.suffix == ".csv"]
     if parquet and csv:
-        raise UserError(f"data.source: folder '{uri}' mixes .parquet and .csv files; keep one format")
+        raise UserError(f"{where}: folder '{uri}' mixes .parquet and .csv files; keep one format")
     if not parquet and not csv:
         raise UserError(
-            f"data.source: '{uri}' is not a .parquet or .csv file or a folder of them; "
-            "use one of those, or sklearn:<name> / synthetic:<kind>"
+            f"{where}: '{uri}' is not a .parquet or .csv file or a folder of them"
+            + ("; use one of those, or sklearn:<name> / synthetic:<kind>" if where == "data.source" else "")
         )
-    read = _read_parquet if parquet else _read_csv
-    # One file at a time, so an error names the file (Arrow's own messages often don't). In a
-    # folder, a file is named relative to it: the messages name the folder too.
-    tables = []
-    for file in parquet or csv:
-        shown = str(file.relative_to(path)) if path.is_dir() else str(file)
-        tables.append((shown, read(file, shown)))
-    return RawData(_combine(tables, uri), uri, _fingerprint_files(parquet or csv))
+    return DataFiles(path, parquet or csv, "parquet" if parquet else "csv")
+
+
+def stream_batches(
+    file: Path,
+    shown: str,
+    format: str,
+    batch_rows: int,
+    *,
+    column_types: dict[str, pa.DataType] | None = None,
+    where: str = "data.source",
+) -> Iterator[pa.RecordBatch]:
+    """The rows of one file in batches of at most ``batch_rows``, never the whole file in memory,
+    with the checks of a whole-file read (a CSV's delimiter and encoding, a truncated Parquet
+    file); ``column_types`` fixes the types of CSV columns instead of inferring them per block."""
+    if format == "parquet":
+        try:
+            yield from pq.ParquetFile(file).iter_batches(batch_size=batch_rows)
+        except (pa.ArrowException, OSError) as exc:
+            raise UserError(
+                f"{where}: cannot read Parquet file '{shown}' ({exc}); "
+                "if it is truncated or corrupt, write it again from its source"
+            ) from None
+        return
+    delimiter = _foreign_delimiter(file)
+    if delimiter:
+        raise _wrong_delimiter(shown, delimiter, where)
+    try:
+        reader = pacsv.open_csv(file, convert_options=pacsv.ConvertOptions(column_types=column_types or {}))
+        for batch in reader:
+            for start in range(0, batch.num_rows, batch_rows):
+                yield batch.slice(start, batch_rows)
+    except (pa.ArrowException, OSError) as exc:
+        if "utf8" in str(exc).lower():
+            raise _not_utf8(shown, "some text", where) from None
+        raise UserError(f"{where}: cannot read CSV file '{shown}' ({exc}); fix the file") from None
 
 
 def _read_parquet(path: Path, shown: str) -> pa.Table:
@@ -196,17 +250,17 @@ def _foreign_delimiter(path: Path) -> str | None:
     return next((d for d in (";", "\t") if d in header), None)
 
 
-def _wrong_delimiter(shown: str, delimiter: str) -> UserError:
+def _wrong_delimiter(shown: str, delimiter: str, where: str = "data.source") -> UserError:
     name = "tab" if delimiter == "\t" else f"'{delimiter}'"
     return UserError(
-        f"data.source: CSV file '{shown}' seems to use {name} as its delimiter (its header reads as one "
+        f"{where}: CSV file '{shown}' seems to use {name} as its delimiter (its header reads as one "
         "column); raylens reads comma-separated CSV: save the file again with ',' between values"
     )
 
 
-def _not_utf8(shown: str, where: str) -> UserError:
+def _not_utf8(shown: str, part: str, where: str = "data.source") -> UserError:
     return UserError(
-        f"data.source: CSV file '{shown}' is not UTF-8 text ({where} holds bytes that are not valid "
+        f"{where}: CSV file '{shown}' is not UTF-8 text ({part} holds bytes that are not valid "
         "UTF-8); save it again with UTF-8 encoding"
     )
 

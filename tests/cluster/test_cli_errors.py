@@ -100,7 +100,7 @@ def test_features_build_then_list_and_show(tmp_path: Path) -> None:
     code, listing = invoke("features", "list", "--runs-dir", str(tmp_path / "runs"))
     assert code == 0 and "bad" in listing and "105/22/23" in listing
     code, shown = invoke("features", "show", "bad", "--runs-dir", str(tmp_path / "runs"))
-    assert code == 0 and '"feature_columns"' in shown
+    assert code == 0 and "train 105 / valid 22 / test 23" in shown
 
 
 def test_messages_print_verbatim_never_as_markup(tmp_path: Path) -> None:

@@ -1,12 +1,17 @@
 """What the terminal shows (rendered to a string; no Ray)."""
 
+import json
 from io import StringIO
+from pathlib import Path
 
 from rich.console import Console
+from typer.testing import CliRunner
 
+from raylens.cluster.cli import app
 from raylens.cluster.console import RichProgress, summary_table
 from raylens.cluster.experiment import RunSummary
-from raylens.features import FeatureSet
+from raylens.cluster.workspace import Workspace
+from raylens.features import DataConfig, FeaturesConfig, FeatureSet, build_feature_set
 from raylens.tuning.tracking import TrialEvent
 
 
@@ -41,3 +46,37 @@ def test_notices_print_verbatim() -> None:
     out = StringIO()
     RichProgress(Console(file=out, width=200)).notice("resuming from [bold]run[/] with data.drop: [plan]")
     assert "resuming from [bold]run[/] with data.drop: [plan]" in out.getvalue()
+
+
+def stored_iris(runs: Path) -> FeatureSet:
+    """The iris feature set in the offline store of run folder ``runs``."""
+    return build_feature_set(
+        "iris",
+        DataConfig(source="sklearn:iris", target="target"),
+        FeaturesConfig(transforms=[{"standardize": "*"}]),
+        Workspace.at(runs).feature_store,
+    )
+
+
+def test_features_show_is_a_readable_summary_and_json_is_the_manifest(tmp_path: Path) -> None:
+    iris = stored_iris(tmp_path)
+    shown = CliRunner().invoke(
+        app, ["features", "show", "iris", "--runs-dir", str(tmp_path)], env={"COLUMNS": "100"}
+    )
+    assert shown.exit_code == 0, shown.output
+    lines = shown.output.splitlines()
+    assert f"iris@{iris.version}" in shown.output and "3: 0, 1, 2" in shown.output
+    assert "standardize on 4 columns (fitted on train)" in shown.output
+    assert any("sepal length (cm)" in line and "double" in line for line in lines)
+    assert len(lines) < 40  # a summary, not the manifest (hundreds of lines)
+    as_json = CliRunner().invoke(
+        app, ["features", "show", "iris", iris.version, "--runs-dir", str(tmp_path), "--json"]
+    )
+    assert json.loads(as_json.output) == iris.manifest
+
+
+def test_tables_wrap_ids_instead_of_cutting_them(tmp_path: Path) -> None:
+    iris = stored_iris(tmp_path)
+    listed = CliRunner().invoke(app, ["features", "list", "--runs-dir", str(tmp_path)], env={"COLUMNS": "50"})
+    assert listed.exit_code == 0 and iris.version in listed.output
+    assert "…" not in listed.output  # folded onto more lines, never cut with an ellipsis
