@@ -3,6 +3,7 @@
     python -m bench trainer [--json]   steady-state training samples/s: raylens ÷ a bare PyTorch loop
     python -m bench startup [--json]   seconds from `raylens train` start to the first optimizer step
     python -m bench thread [--json]    the raylens loop on a secondary thread ÷ on the main thread
+    python -m bench validate [--json]  seconds for `raylens validate` to answer a spec mistake
 
 Figures, with the machine they came from, are kept in BENCHMARKS.md.
 """
@@ -16,12 +17,13 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from bench import startup, thread, trainer
+from bench import startup, thread, trainer, validate
 
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "trainer": trainer.run,
     "startup": startup.run,
     "thread": thread.run,
+    "validate": validate.run,
 }
 
 
