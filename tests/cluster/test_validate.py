@@ -96,3 +96,15 @@ print(json.dumps([result.exit_code, result.output, heavy]))
     exit_code, output, heavy = json.loads(done.stdout.strip().splitlines()[-1])
     assert exit_code == 2 and "train.epoch: unknown key 'epoch' (did you mean 'epochs'?)" in output
     assert heavy == []
+
+
+def test_from_dict_takes_the_spec_as_a_mapping(tmp_path: Path) -> None:
+    import yaml
+
+    project(tmp_path)
+    raw = yaml.safe_load(SPEC)
+    experiment = Experiment.from_dict(raw, base_dir=tmp_path, runs_dir=tmp_path / "runs")
+    assert experiment.spec.data.source == "churn.csv" and experiment.raw == raw
+    assert experiment.validate().ok  # the relative data path is read from base_dir
+    with pytest.raises(UserError, match=r"train\.epochs: Input should be greater than or equal to 1"):
+        Experiment.from_dict({**raw, "train": {"epochs": 0}})
