@@ -81,10 +81,13 @@ def check_experiment(
         )
         if planned is not None and params_ok:
             problems.check(lambda: _check_model_on_data(spec, planned, tune=tune))
+        if planned is not None:
+            problems.check(lambda: _check_class_weights(spec, planned))
     if tune and spec.tune is not None:
         # Without the data the task may be unknown: then a name no task reports is still wrong.
         task = planned.task if planned is not None else None if spec.data.task == "auto" else spec.data.task
-        problems.check(lambda: _check_metric(spec, task))
+        classes = planned.num_outputs if planned is not None and task == "classification" else None
+        problems.check(lambda: _check_metric(spec, task, classes))
     problems.check(lambda: check_address(address))
     if tracking_uri is not None:
         from raylens.trainer.tracking import check_tracking_uri
@@ -115,12 +118,18 @@ def _check_model_on_data(spec: ExperimentSpec, planned: PlannedFeatureSet, *, tu
             ) from None
 
 
-def _check_metric(spec: ExperimentSpec, task: str | None) -> None:
+def _check_class_weights(spec: ExperimentSpec, planned: PlannedFeatureSet) -> None:
+    from raylens.trainer.job import resolve_class_weights
+
+    resolve_class_weights(spec.train.class_weights, planned.classes, planned.splits["train"].y)
+
+
+def _check_metric(spec: ExperimentSpec, task: str | None, num_classes: int | None) -> None:
     from raylens.trainer.metrics import reported_metrics
 
     assert spec.tune is not None
     tasks = [task] if task else ["classification", "regression"]
-    reported = list(dict.fromkeys(name for each in tasks for name in reported_metrics(each)))
+    reported = list(dict.fromkeys(name for each in tasks for name in reported_metrics(each, num_classes)))
     if spec.tune.metric not in reported:
         raise UserError(
             f"tune.metric: '{spec.tune.metric}' is not a metric raylens reports for {' or '.join(tasks)}"

@@ -143,7 +143,8 @@ def summary_table(summary: RunSummary, command: str = "run") -> Table:
     final = summary.final
     if final is not None:
         for key, value in final.test_metrics.items():
-            row(key, _format(value))
+            if not key.startswith(("test_precision_", "test_recall_")):  # per class: in MLflow
+                row(key, _format(value))
         if final.registered_version:
             uri = f"models:/{final.registered_name}/{final.registered_version}"
             row("model", uri if final.registered_now else f"{uri} (identical model: not registered again)")

@@ -207,6 +207,16 @@ def spec_reference() -> str:
     lines += ["", "## Metrics (`tune.metric`)", ""]
     for task in ("classification", "regression"):
         lines.append(f"- {task}: " + ", ".join(f"`{name}`" for name in reported_metrics(task)))
+    binary = [
+        name
+        for name in reported_metrics("classification", 2)
+        if name not in reported_metrics("classification")
+    ]
+    lines.append(
+        "- classification with two classes, also: "
+        + ", ".join(f"`{name}`" for name in binary)
+        + " (of the second of the sorted classes)"
+    )
     return "\n".join(lines) + "\n"
 
 

@@ -37,7 +37,7 @@ from mlflow.pyfunc import PythonModel, PythonModelContext
 import raylens
 from raylens.features import FeatureSet, apply_all, invert_all, transforms_from_dicts
 from raylens.trainer.config import ModelConfig
-from raylens.trainer.loop import TaskSpec, predict
+from raylens.trainer.loop import TaskSpec, predict, predict_proba
 from raylens.trainer.models import build_model
 
 if TYPE_CHECKING:
@@ -60,8 +60,13 @@ LOADER_DISTRIBUTIONS = (
 """What loading the model imports from an index: MLflow's loader, then the import chain of this
 module (raylens.features and raylens.trainer). raylens itself ships with the model."""
 
+OUTPUTS = ("labels", "probabilities")
+"""What ``predict`` returns, chosen with ``params={"output": ...}`` (declared in the signature, so
+a served model takes it too): class labels (for a regression, values in the target's units), or a
+classification model's class probabilities."""
+
 SHOWN_ROWS = 5
-"""Row positions an error lists per column: enough to find the rows, short enough to read."""
+"""Rows an error lists per column: enough to find the rows, short enough to read."""
 
 
 def write_model_files(
@@ -90,7 +95,11 @@ def write_model_files(
 
 
 class TabularTorchModel(PythonModel):
-    """Raw feature columns in, predictions out (class labels, or values in the target's units).
+    """Raw feature columns in, predictions out: class labels, or values in the target's units.
+
+    A classifier called with ``params={"output": "probabilities"}`` returns a DataFrame with one
+    float column per class, named ``str(label)`` in the order of the feature set's classes, each
+    row the softmax of the network's logits (summing to 1).
 
     Rows with a value that is not a finite number are refused with an error naming the columns and
     rows, never predicted: the network would turn them into a confident wrong answer.
@@ -110,20 +119,41 @@ class TabularTorchModel(PythonModel):
 
     def predict(
         self, context: PythonModelContext, model_input: pd.DataFrame, params: dict[str, Any] | None = None
-    ) -> np.ndarray:
+    ) -> np.ndarray | pd.DataFrame:
+        output = self._output(params)  # before the rows are read: a wrong param is said first
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-        x = feature_matrix(frame, self.feature_columns, self.label)
-        x = apply_all(self.transforms, x, self.feature_columns)
-        output = predict(self.model, torch.from_numpy(x), self.task)
+        raw = feature_matrix(frame, self.feature_columns, self.label)
+        x = torch.from_numpy(apply_all(self.transforms, raw, self.feature_columns))
+        if output == "probabilities":
+            columns = [str(label) for label in self.classes or []]
+            return pd.DataFrame(predict_proba(self.model, x, self.task), columns=columns, index=frame.index)
+        predicted = predict(self.model, x, self.task)
         if self.classes is not None:
-            return np.asarray(self.classes)[output]
-        return output
+            return np.asarray(self.classes)[predicted]
+        return predicted
+
+    def _output(self, params: dict[str, Any] | None) -> str:
+        output = (params or {}).get("output", OUTPUTS[0])
+        if output not in OUTPUTS:
+            raise MlflowException(
+                f"params.output: {output!r} is not an output of {self.label}; "
+                f"use one of {', '.join(repr(o) for o in OUTPUTS)}",
+                error_code=INVALID_PARAMETER_VALUE,
+            )
+        if output == "probabilities" and self.classes is None:
+            raise MlflowException(
+                f"params.output: 'probabilities' needs a classification model, and {self.label} is a "
+                "regression predicting values in the target's units; leave out params.output",
+                error_code=INVALID_PARAMETER_VALUE,
+            )
+        return str(output)
 
 
 def feature_matrix(frame: pd.DataFrame, feature_columns: list[str], label: str) -> np.ndarray:
     """The feature columns of ``frame`` as float32 (the training dtype), or an ``MlflowException``
     (HTTP 400 when served) naming each missing column, or each column holding NaN, inf, -inf, a
-    value that is not a number or one beyond float32's range, with its first row positions."""
+    value that is not a number or one beyond float32's range, with its first rows (the frame's
+    index labels: positions for a request, the file's row numbers for ``raylens predict``)."""
     missing = [c for c in feature_columns if c not in frame.columns]
     if missing:
         raise MlflowException(
@@ -143,7 +173,7 @@ def feature_matrix(frame: pd.DataFrame, feature_columns: list[str], label: str) 
     bad = ~np.isfinite(x)
     if bad.any():
         problems = [
-            _describe(name, kind, np.flatnonzero(rows))
+            _describe(name, kind, np.asarray(frame.index)[np.flatnonzero(rows)])
             for i, name in enumerate(feature_columns)
             if bad[:, i].any()
             for kind, rows in _kinds(block[name], x[:, i]).items()
@@ -246,7 +276,9 @@ def log_model(
             # MLflow's hint that integer columns cannot hold missing values: the served model
             # refuses such rows with the column named, which is what it should do.
             warnings.filterwarnings("ignore", "Hint: Inferred schema contains integer", UserWarning)
-            signature = infer_signature(example, loaded.predict(context, example))
+            signature = infer_signature(
+                example, loaded.predict(context, example), params={"output": OUTPUTS[0]}
+            )
         # MLflow's JSON parser casts a boolean column with astype(bool), turning null into False
         # and any string into True before predict could refuse them; declared Any, the values
         # reach feature_matrix as sent. (Float columns keep NaN and inf; integer columns holding
@@ -307,7 +339,10 @@ class LoggedModel:
 def model_digest(model: torch.nn.Module, job: TrainJob, feature_set_version: str) -> str:
     """What makes two models the same: their weights, architecture, task and feature set."""
     digest = hashlib.sha256()
-    described = [job.model.model_dump(), asdict(job.task), feature_set_version]
+    task = asdict(job.task)
+    if not task["class_weights"]:  # unweighted: described as before the field existed
+        del task["class_weights"]
+    described = [job.model.model_dump(), task, feature_set_version]
     digest.update(json.dumps(described, sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())

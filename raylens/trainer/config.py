@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 BUILTIN_MODELS = ("mlp", "cnn1d")
 
@@ -70,6 +71,10 @@ class ScalingConfig(_Strict):
         return self
 
 
+ClassWeights = Literal["balanced"] | dict[str, float] | None
+"""How classes weigh in the training loss: ``None`` (equally), ``"balanced"`` or ``{label: weight}``."""
+
+
 class TrainConfig(_Strict):
     epochs: int = Field(10, ge=1)
     """Passes over the training split of the final training."""
@@ -85,3 +90,23 @@ class TrainConfig(_Strict):
     """Per-epoch checkpoints kept on storage (the latest ones)."""
     max_failures: int = Field(2, ge=0)
     """Worker-group failures survived by restarting from the latest checkpoint."""
+    class_weights: ClassWeights = None
+    """Classification only: each class's weight in the training loss (cross-entropy). null: all
+    classes weigh the same; "balanced": rows / (classes x rows of the class) on the training split,
+    as scikit-learn's class_weight="balanced"; or a mapping {label: weight > 0}, labels written as
+    the target's values (YAML may give 1: 5.0), unlisted classes weighing 1. train_loss and
+    valid_loss are the weighted loss; test_log_loss is not weighted."""
+
+    @field_validator("class_weights", mode="before")
+    @classmethod
+    def _weights_by_label(cls, value: Any) -> Any:
+        if value is None or value == "balanced":
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"use null, 'balanced' or a mapping {{label: weight}}, got {value!r}")
+        for label, weight in value.items():
+            ok = isinstance(weight, int | float) and not isinstance(weight, bool)
+            if not ok or not math.isfinite(weight) or weight <= 0:
+                raise ValueError(f"the weight of class {label!r} must be a number > 0, got {weight!r}")
+        # Labels are matched to the feature set's classes by str(label): YAML reads `1:` as an int.
+        return {str(k): float(v) for k, v in value.items()}

@@ -7,6 +7,7 @@ strategy, restores a checkpoint if there is one, and hands the worker's rows to 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -14,8 +15,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from raylens.errors import UserError, did_you_mean
 from raylens.features import FeatureSet, SplitArrays
-from raylens.trainer.config import ModelConfig, TrainConfig
+from raylens.trainer.config import ClassWeights, ModelConfig, TrainConfig
 from raylens.trainer.loop import Batches, Reporter, TaskSpec, evaluate, fit, local, make_optimizer
 from raylens.trainer.models import build_model
 from raylens.trainer.parallel import all_reduce_sum, parallelize, resolve_strategy, restore
@@ -30,14 +32,50 @@ class TrainJob:
 
     @classmethod
     def for_feature_set(cls, model: ModelConfig, train: TrainConfig, feature_set: FeatureSet) -> TrainJob:
-        return cls(model, train, task_spec(feature_set), len(feature_set.feature_columns))
+        task = task_spec(feature_set, train.class_weights)
+        return cls(model, train, task, len(feature_set.feature_columns))
 
 
-def task_spec(feature_set: FeatureSet) -> TaskSpec:
+def task_spec(feature_set: FeatureSet, class_weights: ClassWeights = None) -> TaskSpec:
+    """The task of ``feature_set``, with ``class_weights`` (``train.class_weights``) resolved
+    against its classes and, for "balanced", its training split's labels."""
     if feature_set.task == "classification":
-        return TaskSpec("classification", num_classes=feature_set.num_outputs)
+        labels = feature_set.read("train").y if class_weights == "balanced" else np.empty(0, np.int64)
+        weights = resolve_class_weights(class_weights, feature_set.classes, labels)
+        return TaskSpec("classification", num_classes=feature_set.num_outputs, class_weights=weights)
+    resolve_class_weights(class_weights, None, np.empty(0))  # refuses weights for a regression
     stats = feature_set.manifest.get("target_statistics", {})
     return TaskSpec("regression", target_mean=stats.get("mean", 0.0), target_std=stats.get("std", 1.0) or 1.0)
+
+
+def resolve_class_weights(
+    config: ClassWeights, classes: Sequence[Any] | None, train_labels: np.ndarray
+) -> tuple[float, ...]:
+    """One weight per class of ``classes`` (``None``: a regression) from ``train.class_weights``;
+    empty when unweighted. "balanced": ``rows / (classes x rows of the class)`` over
+    ``train_labels`` (class indices of the training split), scikit-learn's ``"balanced"``; a class
+    with no training rows weighs 1. A mapping: keys matched to ``str(label)``, unlisted classes 1.
+    Raises ``UserError`` for weights on a regression and for a label that is not a class."""
+    if config is None:
+        return ()
+    if classes is None:
+        raise UserError(
+            "train.class_weights: class weights apply to classification, and this feature set's task "
+            "is regression; remove train.class_weights"
+        )
+    if config == "balanced":
+        counts = np.bincount(np.asarray(train_labels, dtype=np.int64), minlength=len(classes))
+        balanced = len(train_labels) / (len(classes) * np.maximum(counts, 1))
+        return tuple(float(w) for w in np.where(counts > 0, balanced, 1.0))
+    labels = [str(label) for label in classes]
+    unknown = [key for key in config if key not in labels]
+    if unknown:
+        shown = ", ".join(repr(label) for label in labels[:20]) + (", ..." if len(labels) > 20 else "")
+        raise UserError(
+            f"train.class_weights: {unknown[0]!r} is not a class of this feature set"
+            f"{did_you_mean(unknown[0], labels)}; its classes are {shown}"
+        )
+    return tuple(float(config.get(label, 1.0)) for label in labels)
 
 
 def shard_rows(num_rows: int, rank: int, world_size: int, seed: int) -> np.ndarray:

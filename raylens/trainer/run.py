@@ -7,18 +7,21 @@ evaluation runs here, on the final checkpoint, whatever strategy trained it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from raylens.features import FeatureSet
+import numpy as np
+from torch import nn
+
+from raylens.features import FeatureSet, SplitArrays
 from raylens.interrupts import deferred_interrupts
 from raylens.interrupts import pending as interrupt_pending
 from raylens.trainer.artifacts import log_model
 from raylens.trainer.job import TrainJob
-from raylens.trainer.loop import Batches, evaluate, predict
-from raylens.trainer.metrics import confusion_matrix
+from raylens.trainer.loop import Batches, evaluate, predict_proba
+from raylens.trainer.metrics import classification_test_metrics, confusion_matrix
 from raylens.trainer.models import build_model
 from raylens.trainer.parallel import load_checkpoint
 from raylens.trainer.plots import confusion_matrix_figure, learning_curves_figure
@@ -40,6 +43,34 @@ class TrainRunResult:
     confusion: list[list[int]] | None = field(default=None)
     registered_now: bool = False
     """False when the model was identical to the registered version given, so not registered again."""
+
+
+@dataclass(frozen=True)
+class SplitScores:
+    """A model's metrics on the test split, named as the run logs them (``test_...``)."""
+
+    overall: dict[str, float]
+    """Loss and metrics of the whole split: the run's, and the registered version's tags."""
+    per_class: dict[str, float]
+    """Precision and recall of each class (more than two classes only): the run's."""
+    confusion: np.ndarray | None
+    """The confusion matrix (classification with test rows)."""
+
+
+def score_test_split(
+    model: nn.Module, test: SplitArrays, job: TrainJob, classes: Sequence[Any] | None
+) -> SplitScores:
+    """The loss and validation metrics of ``evaluate``, and for classification scikit-learn's
+    scores of the class probabilities (``classification_test_metrics``)."""
+    batches = Batches.from_numpy(test.x, test.y)
+    overall = {f"test_{k}": v for k, v in evaluate(model, batches, job.task).items()}
+    if job.task.kind != "classification" or not len(test):
+        return SplitScores(overall, {}, None)
+    probabilities = predict_proba(model, batches.x, job.task)
+    scored, per_class = classification_test_metrics(test.y, probabilities, classes or [])
+    overall.update({f"test_{k}": v for k, v in scored.items()})
+    matrix = confusion_matrix(test.y, probabilities.argmax(axis=1), job.task.num_classes)
+    return SplitScores(overall, {f"test_{k}": v for k, v in per_class.items()}, matrix)
 
 
 def train_and_record(
@@ -94,23 +125,22 @@ def train_and_record(
         model = build_model(job.model, job.in_features, job.task.out_features)
         model.load_state_dict(state["model"])
         test = feature_set.read("test")
-        test_batches = Batches.from_numpy(test.x, test.y)
-        test_metrics = {f"test_{k}": v for k, v in evaluate(model, test_batches, job.task).items()}
-        tracker.log_metrics(run_id, test_metrics, step=job.train.epochs)
-        if outcome.history:
-            tracker.log_figure(run_id, learning_curves_figure(outcome.history), "plots/learning_curves.png")
+        scores = score_test_split(model, test, job, feature_set.classes)
         confusion = None
-        if job.task.kind == "classification" and len(test):
-            matrix = confusion_matrix(test.y, predict(model, test_batches.x, job.task), job.task.num_classes)
-            confusion = matrix.tolist()
+        if scores.confusion is not None:
+            confusion = scores.confusion.tolist()
             tracker.log_dict(
                 run_id, {"labels": feature_set.classes, "matrix": confusion}, "test_confusion_matrix.json"
             )
             tracker.log_figure(
                 run_id,
-                confusion_matrix_figure(matrix, feature_set.classes or [], "test confusion matrix"),
+                confusion_matrix_figure(scores.confusion, feature_set.classes or [], "test confusion matrix"),
                 "plots/test_confusion_matrix.png",
             )
+        test_metrics = {**scores.overall, **scores.per_class}
+        tracker.log_metrics(run_id, test_metrics, step=job.train.epochs)
+        if outcome.history:
+            tracker.log_figure(run_id, learning_curves_figure(outcome.history), "plots/learning_curves.png")
         model_uri = version = None
         registered_now = False
         if isinstance(tracker, MlflowTracker):
@@ -121,7 +151,7 @@ def train_and_record(
             # version is taken back, so an interrupted run never leaves a registered model.
             with deferred_interrupts():
                 logged = log_model(
-                    tracker, run_id, model, job, feature_set, test.x, register_as, lineage, test_metrics
+                    tracker, run_id, model, job, feature_set, test.x, register_as, lineage, scores.overall
                 )
                 model_uri, version, registered_now = logged.uri, logged.version, logged.registered_now
                 if register_as and version and logged.registered_now and interrupt_pending():

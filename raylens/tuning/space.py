@@ -19,6 +19,11 @@ from raylens.trainer import ModelConfig, TrainConfig
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
 TUNABLE_ROOTS = ("model", "train")
+FIXED_PATHS = {
+    "train.class_weights": "class weights are fixed for a sweep (set train.class_weights); a sweep "
+    "compares trials by one loss, which the weights change",
+}
+"""Paths of the train section a sweep cannot vary, and why."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,8 @@ def parse_space(space: dict[str, str]) -> dict[str, Distribution]:
                 f"tune.space.{path}: only paths under model. and train. can be tuned "
                 "(e.g. train.optimizer.lr, model.params.hidden)"
             )
+        if path in FIXED_PATHS:
+            raise UserError(f"tune.space.{path}: {FIXED_PATHS[path]}")
         parsed[path] = parse_distribution(path, text)
     return parsed
 

@@ -108,3 +108,15 @@ def test_from_dict_takes_the_spec_as_a_mapping(tmp_path: Path) -> None:
     assert experiment.validate().ok  # the relative data path is read from base_dir
     with pytest.raises(UserError, match=r"train\.epochs: Input should be greater than or equal to 1"):
         Experiment.from_dict({**raw, "train": {"epochs": 0}})
+
+
+def test_class_weights_and_binary_metrics_are_checked_against_the_data(tmp_path: Path) -> None:
+    spec = project(tmp_path)
+    binary = ["tune.metric=valid_recall", "train.class_weights={1: 3.0}"]
+    assert Experiment.from_yaml(spec, tmp_path / "runs", binary).validate().ok
+    report = Experiment.from_yaml(spec, tmp_path / "runs", ["train.class_weights={stays: 3.0}"]).validate()
+    assert report.problems == (
+        "train.class_weights: 'stays' is not a class of this feature set; its classes are '0', '1'",
+    )
+    with pytest.raises(UserError, match="tune.space.train.class_weights: class weights are fixed"):
+        Experiment.from_yaml(spec, None, ["tune.space.train.class_weights=choice(['balanced'])"])

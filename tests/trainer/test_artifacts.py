@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from mlflow.exceptions import MlflowException
+from sklearn.datasets import load_iris
 
 from raylens.features import (
     DataConfig,
@@ -42,6 +43,7 @@ from raylens.features.splits import split_rows
 from raylens.trainer import Batches, ModelConfig, TrainConfig, TrainJob, TrainState, build_model, fit
 from raylens.trainer.artifacts import log_model, pip_requirements
 from raylens.trainer.loop import make_optimizer, predict
+from raylens.trainer.run import SplitScores, score_test_split
 from raylens.trainer.tracking import MlflowTracker
 from tests.conftest import ModelVenv
 
@@ -63,12 +65,18 @@ class Logged:
     """The test split's rows as the user has them (the fitted transforms undone)."""
     expected: np.ndarray
     """The torch model's own predictions on the stored test features, as labels."""
+    model: torch.nn.Module
+    job: TrainJob
+    scores: SplitScores
+    """The test metrics the version was described with."""
 
 
-def train_and_log(fs: FeatureSet, folder: Path, *, epochs: int, register_as: str | None) -> Logged:
+def train_and_log(
+    fs: FeatureSet, folder: Path, *, epochs: int, register_as: str | None, **train: Any
+) -> Logged:
     job = TrainJob.for_feature_set(
         ModelConfig(params={"hidden": [16]}),
-        TrainConfig(epochs=epochs, batch_size=16, optimizer={"lr": 0.01}),
+        TrainConfig(epochs=epochs, batch_size=16, optimizer={"lr": 0.01}, **train),
         fs,
     )
     torch.manual_seed(0)
@@ -88,7 +96,8 @@ def train_and_log(fs: FeatureSet, folder: Path, *, epochs: int, register_as: str
     tracker = MlflowTracker(tracking_uri, "artifacts-test", folder / "mlartifacts")
     run_id = tracker.start_run("train")
     import_path = list(sys.path)
-    logged = log_model(tracker, run_id, model, job, fs, test.x, register_as, {})
+    scores = score_test_split(model, test, job, fs.classes)
+    logged = log_model(tracker, run_id, model, job, fs, test.x, register_as, {}, scores.overall)
     model_uri, version = logged.uri, logged.version
     assert sys.path == import_path, "logging the model changed this process's import path"
     tracker.end_run(run_id)
@@ -101,6 +110,9 @@ def train_and_log(fs: FeatureSet, folder: Path, *, epochs: int, register_as: str
         version,
         pd.DataFrame(raw, columns=columns),
         labels,
+        model,
+        job,
+        scores,
     )
 
 
@@ -134,6 +146,86 @@ def test_model_predicts_like_torch_and_refuses_rows_it_cannot_predict(
     with pytest.raises(MlflowException, match=re.escape(repr(column))) as refused:
         model.predict(logged.raw_test.drop(columns=[column]))
     assert refused.value.error_code == "INVALID_PARAMETER_VALUE"
+
+
+def test_a_classifier_returns_its_networks_probabilities_loaded_and_served(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loader: None
+) -> None:
+    cancer = build_feature_set(
+        "breast_cancer",
+        DataConfig(source="sklearn:breast_cancer", target="target"),
+        FeaturesConfig(transforms=[{"standardize": "*"}]),
+        tmp_path / "store",
+    )
+    logged = train_and_log(cancer, tmp_path, epochs=10, register_as="cancer", class_weights="balanced")
+    assert len(set(logged.expected)) == 2, "a model that predicts one class proves little"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", logged.tracking_uri)
+    model = mlflow.pyfunc.load_model(logged.model_uri)
+    assert model.metadata.signature.params.to_dict() == [
+        {"name": "output", "type": "string", "default": "labels", "shape": None}
+    ]
+
+    probabilities = model.predict(logged.raw_test, params={"output": "probabilities"})
+    test = cancer.read("test")
+    network = torch.softmax(logged.model(torch.from_numpy(test.x)).detach().double(), dim=1).numpy()
+    assert list(probabilities.columns) == ["0", "1"]  # str(label), in the order of the classes
+    # Raw rows go through the fitted transforms again: float32 round trips, nothing more.
+    assert probabilities.to_numpy() == pytest.approx(network, abs=1e-5)
+    assert np.abs(probabilities.sum(axis=1).to_numpy() - 1).max() < 1e-12
+    labels = np.asarray(cancer.classes)[probabilities.to_numpy().argmax(axis=1)]
+    assert model.predict(logged.raw_test).tolist() == labels.tolist() == logged.expected.tolist()
+
+    # As the scoring server parses a request (`mlflow models serve` takes the same body).
+    request = {
+        "dataframe_split": logged.raw_test.to_dict(orient="split", index=False),
+        "params": {"output": "probabilities"},
+    }
+    (tmp_path / "request.json").write_text(json.dumps(request))
+    mlflow.models.predict(
+        logged.model_uri,
+        input_path=str(tmp_path / "request.json"),
+        output_path=str(tmp_path / "answer.json"),
+        env_manager="local",
+    )
+    served = pd.DataFrame(json.loads((tmp_path / "answer.json").read_text())["predictions"])
+    assert list(served.columns) == ["0", "1"]
+    assert served.to_numpy() == pytest.approx(probabilities.to_numpy(), abs=1e-12)
+
+    with pytest.raises(MlflowException) as refused:
+        model.predict(logged.raw_test, params={"output": "proba"})
+    assert refused.value.error_code == "INVALID_PARAMETER_VALUE"
+    assert refused.value.message == (
+        "params.output: 'proba' is not an output of models:/cancer; use one of 'labels', 'probabilities'"
+    )
+
+    version = mlflow.MlflowClient(logged.tracking_uri).get_model_version("cancer", "1")
+    for name in ("test_roc_auc", "test_pr_auc", "test_precision", "test_recall", "test_f1", "test_log_loss"):
+        assert version.tags[name] == f"{logged.scores.overall[name]:.6g}", name
+
+
+def test_probabilities_are_named_by_label_and_versions_get_no_per_class_tags(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loader: None
+) -> None:
+    frame = load_iris(as_frame=True).frame
+    frame["target"] = np.array(["Iris setosa", "Iris versicolor", "Iris virginica"])[frame["target"]]
+    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp_path / "iris.parquet")
+    fs = build_feature_set(
+        "named",
+        DataConfig(source=str(tmp_path / "iris.parquet"), target="target"),
+        FeaturesConfig(transforms=[{"standardize": "*"}]),
+        tmp_path / "store",
+    )
+    logged = train_and_log(fs, tmp_path, epochs=30, register_as="named")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", logged.tracking_uri)
+    model = mlflow.pyfunc.load_model(logged.model_uri)
+    probabilities = model.predict(logged.raw_test, params={"output": "probabilities"})
+    assert list(probabilities.columns) == ["Iris setosa", "Iris versicolor", "Iris virginica"]
+    assert model.predict(logged.raw_test).tolist() == list(probabilities.idxmax(axis=1))
+
+    assert logged.scores.per_class["test_recall_Iris_setosa"] == 1.0  # setosa is told apart
+    tags = mlflow.MlflowClient(logged.tracking_uri).get_model_version("named", "1").tags
+    assert tags["test_log_loss"] == f"{logged.scores.overall['test_log_loss']:.6g}"
+    assert not [t for t in tags if t.startswith(("test_precision", "test_recall", "test_roc"))], tags
 
 
 def test_integer_and_boolean_columns_refuse_missing_values(
@@ -341,6 +433,12 @@ def test_model_installs_and_serves_without_raylens(
         assert status == 200, body
         assert json.loads(body)["predictions"] == logged.expected.tolist()
 
+        status, body = post(f"{url}/invocations", logged.raw_test, params={"output": "probabilities"})
+        assert status == 200, body
+        rows = json.loads(body)["predictions"]
+        assert [max(row, key=row.get) for row in rows] == [str(label) for label in logged.expected]
+        assert all(list(row) == ["0", "1", "2"] and abs(sum(row.values()) - 1) < 1e-9 for row in rows)
+
         column = iris.feature_columns[1]
         bad = logged.raw_test.head(3).copy()
         bad.loc[1, column] = math.nan
@@ -360,10 +458,13 @@ def test_model_installs_and_serves_without_raylens(
     )
 
 
-def post(url: str, frame: pd.DataFrame) -> tuple[int, str]:
-    """POST ``frame`` as dataframe_split; NaN and inf are sent as JSON's NaN/Infinity tokens, which
-    MLflow's parser reads (null would do for NaN)."""
-    payload = json.dumps({"dataframe_split": frame.to_dict(orient="split", index=False)}).encode()
+def post(url: str, frame: pd.DataFrame, params: dict[str, Any] | None = None) -> tuple[int, str]:
+    """POST ``frame`` as dataframe_split (and ``params``); NaN and inf are sent as JSON's
+    NaN/Infinity tokens, which MLflow's parser reads (null would do for NaN)."""
+    request: dict[str, Any] = {"dataframe_split": frame.to_dict(orient="split", index=False)}
+    if params is not None:
+        request["params"] = params
+    payload = json.dumps(request).encode()
     request = urllib.request.Request(url, payload, {"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=60) as response:

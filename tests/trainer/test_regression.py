@@ -1,6 +1,6 @@
 """Regression end to end, in-process: scikit-learn's diabetes set (and the same target moved far
 from zero) trained with the plain loop, scored against scikit-learn's metrics on the same
-predictions, and served in the target's units by the logged model."""
+predictions, its losses reported and its predictions served in the target's units."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from mlflow.exceptions import MlflowException
 from sklearn import metrics as sk
 from sklearn.datasets import load_diabetes
 
@@ -73,6 +74,12 @@ def test_diabetes_trains_scores_like_scikit_learn_and_serves_in_target_units(
     assert ours["rmse"] == pytest.approx(np.sqrt(sk.mean_squared_error(y64, p64)), abs=1e-6)
     assert ours["mae"] == pytest.approx(sk.mean_absolute_error(y64, p64), abs=1e-6)
     assert ours["r2"] > 0.2  # it learned something: a constant model scores about 0
+    # Every loss reported is the mean squared error in the target's units, not standardized ones
+    # (std² ≈ 6000 times larger). The loss is computed from the standardized float32 output, the
+    # RMSE from predictions in float32 units: near 1e6 (a float32 step of 0.06) they agree to 3 digits.
+    close = 1e-5 if offset == 0 else 1e-3
+    assert ours["loss"] == pytest.approx(sk.mean_squared_error(y64, p64), rel=close)
+    assert reporter.metrics["valid_loss"] == pytest.approx(reporter.metrics["valid_rmse"] ** 2, rel=close)
 
     tracker = MlflowTracker(f"sqlite:///{tmp_path}/mlflow.db", "diabetes", tmp_path / "artifacts")
     run_id = tracker.start_run("final")
@@ -84,3 +91,8 @@ def test_diabetes_trains_scores_like_scikit_learn_and_serves_in_target_units(
     raw = invert_all(transforms_from_dicts(fs.manifest["transforms"]), test.x, fs.feature_columns)
     answer = np.asarray(served.predict(pd.DataFrame(raw, columns=fs.feature_columns)), dtype=np.float64)
     assert answer == pytest.approx(predicted.astype(np.float64), rel=1e-4, abs=1e-3)
+
+    with pytest.raises(MlflowException) as refused:
+        served.predict(pd.DataFrame(raw, columns=fs.feature_columns), params={"output": "probabilities"})
+    assert refused.value.error_code == "INVALID_PARAMETER_VALUE"
+    assert "'probabilities' needs a classification model" in refused.value.message
