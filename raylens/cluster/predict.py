@@ -88,9 +88,10 @@ def load_model(model_uri: str, tracking_uri: str) -> Any:
     from raylens.trainer.tracking import redact
 
     try:
+        location = _artifact_location(mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri), model_uri)
         with tempfile.TemporaryDirectory() as tmp:
             local = mlflow.artifacts.download_artifacts(
-                artifact_uri=model_uri, dst_path=tmp, tracking_uri=tracking_uri, registry_uri=tracking_uri
+                artifact_uri=location, dst_path=tmp, tracking_uri=tracking_uri, registry_uri=tracking_uri
             )
             return mlflow.pyfunc.load_model(local)
     except (MlflowException, OSError) as exc:
@@ -99,6 +100,28 @@ def load_model(model_uri: str, tracking_uri: str) -> Any:
             "give models:/NAME/VERSION, models:/NAME@ALIAS or runs:/RUN_ID/model of a raylens model, "
             "with the --runs-dir (or --tracking-uri) it was recorded in"
         ) from None
+
+
+def _artifact_location(client: Any, model_uri: str) -> str:
+    """Where the artifacts of ``model_uri`` are stored. A ``models:/`` URI is resolved through
+    ``client``'s registry: MLflow's own resolution reads the process-wide registry URI, which a
+    library must not set."""
+    if not model_uri.startswith("models:/"):
+        return model_uri
+    name = model_uri[len("models:/") :].strip("/")
+    if name.startswith("m-"):  # a logged model's id
+        return str(client.get_logged_model(name).artifact_location)
+    if "@" in name:
+        registered, alias = name.split("@", 1)
+        version = client.get_model_version_by_alias(registered, alias).version
+    else:
+        registered, _, version = name.partition("/")
+        if not version.isdigit():
+            raise UserError(
+                f"MODEL_URI: '{model_uri}' names no version; write models:/{registered}/VERSION "
+                f"or models:/{registered}@ALIAS"
+            )
+    return str(client.get_model_version_download_uri(registered, version))
 
 
 def _write(

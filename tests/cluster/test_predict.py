@@ -1,0 +1,118 @@
+"""``raylens predict``: a registered model over a folder of files, in batches, into one output
+file with labels and class probabilities; bad input refused with nothing written."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from raylens.cluster.cli import app
+from raylens.features import DataConfig, FeaturesConfig, build_feature_set
+from tests.trainer.test_artifacts import Logged, train_and_log
+
+
+@pytest.fixture(scope="module")
+def cancer(tmp_path_factory: pytest.TempPathFactory) -> Logged:
+    """A binary classifier (scikit-learn's breast cancer data) registered as models:/cancer/1."""
+    folder = tmp_path_factory.mktemp("cancer")
+    import_path = list(sys.path)
+    fs = build_feature_set(
+        "cancer",
+        DataConfig(source="sklearn:breast_cancer", target="target"),
+        FeaturesConfig(transforms=[{"standardize": "*"}]),
+        folder / "store",
+    )
+    logged = train_and_log(fs, folder, epochs=3, register_as="cancer")
+    sys.path[:] = import_path
+    return logged
+
+
+def predict(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(app, ["predict", *args], env={"COLUMNS": "200"})
+    return result.exit_code, result.output
+
+
+def test_a_folder_is_scored_in_batches_with_labels_and_probabilities(cancer: Logged, tmp_path: Path) -> None:
+    rows = cancer.raw_test.assign(id=[f"patient-{i}" for i in range(len(cancer.raw_test))])
+    data = tmp_path / "incoming"
+    (data / "day2").mkdir(parents=True)
+    half = len(rows) // 2
+    rows.iloc[:half].to_parquet(data / "day1.parquet")
+    rows.iloc[half:].to_parquet(data / "day2" / "part.parquet")
+    out = tmp_path / "scores.parquet"
+
+    code, output = predict(
+        cancer.model_uri, str(data), "--out", str(out), "--keep", "id",
+        "--tracking-uri", cancer.tracking_uri, "--batch-rows", "7",
+    )  # fmt: skip
+    assert code == 0, output
+    assert f"{len(rows)} rows" in output
+    scores = pq.read_table(out).to_pandas()
+    assert list(scores.columns) == ["id", "prediction", "probability_0", "probability_1"]
+    assert scores["id"].tolist() == rows["id"].tolist()  # every row, in the files' order
+    assert (scores["prediction"].to_numpy() == cancer.expected).all()
+    probabilities = scores[["probability_0", "probability_1"]].to_numpy()
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    assert (probabilities.argmax(axis=1) == scores["prediction"].to_numpy()).all()
+
+
+def test_a_csv_is_scored_into_a_csv(cancer: Logged, tmp_path: Path) -> None:
+    cancer.raw_test.to_csv(tmp_path / "rows.csv", index=False)
+    out = tmp_path / "scores.csv"
+    code, output = predict(
+        cancer.model_uri, str(tmp_path / "rows.csv"), "-o", str(out), "--tracking-uri", cancer.tracking_uri
+    )
+    assert code == 0, output
+    scores = pd.read_csv(out)
+    assert (scores["prediction"].to_numpy() == cancer.expected).all()
+
+
+def test_bad_rows_are_named_by_file_and_row_and_nothing_is_written(cancer: Logged, tmp_path: Path) -> None:
+    data = tmp_path / "incoming"
+    data.mkdir()
+    rows = cancer.raw_test.copy()
+    rows.iloc[:20].to_csv(data / "a.csv", index=False)
+    bad = rows.iloc[20:].reset_index(drop=True)
+    bad.loc[13, "mean radius"] = np.nan
+    bad.to_csv(data / "b.csv", index=False)
+    out = tmp_path / "scores.parquet"
+
+    code, output = predict(
+        cancer.model_uri,
+        str(data),
+        "--out",
+        str(out),
+        "--tracking-uri",
+        cancer.tracking_uri,
+        "--batch-rows",
+        "5",
+    )
+    assert code == 2
+    message = " ".join(output.split())
+    assert "file 'b.csv'" in message and "column 'mean radius' row [13] (NaN)" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["incoming"]  # no output, no partial file
+
+
+def test_mistakes_in_the_command_are_refused(cancer: Logged, tmp_path: Path) -> None:
+    cancer.raw_test.to_csv(tmp_path / "rows.csv", index=False)
+    data, uri = str(tmp_path / "rows.csv"), cancer.tracking_uri
+    (tmp_path / "taken.csv").write_text("keep me\n")
+    out = ["--out", str(tmp_path / "o.csv")]
+    cases = [
+        ([cancer.model_uri, data, "--out", str(tmp_path / "x.json")], "must end in .csv or .parquet"),
+        ([cancer.model_uri, data, "--out", str(tmp_path / "taken.csv")], "--overwrite"),
+        ([cancer.model_uri, str(tmp_path / "none"), *out], "does not exist"),
+        (["models:/cancer/9", data, *out], "cannot load 'models:/cancer/9'"),
+        ([cancer.model_uri, data, *out, "--keep", "idd"], "has no column 'idd'"),
+    ]
+    for args, message in cases:
+        code, output = predict(*args, "--tracking-uri", uri)
+        assert code == 2 and message in " ".join(output.split()), output
+    assert (tmp_path / "taken.csv").read_text() == "keep me\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.csv", "taken.csv"]
