@@ -52,7 +52,13 @@ def no_leaked_mlflow_settings() -> Iterator[None]:
 
     saved = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
     uri_before = utils._tracking_uri
+    # MLflow's default store is ./mlflow.db: a call that forgot its tracking or registry URI
+    # (MLflow's own models:/ resolution, for one) creates it in the working folder.
+    default_stores = [Path.cwd() / "mlflow.db", Path.cwd() / "mlruns"]
+    existed = [store.exists() for store in default_stores]
     yield
+    created = [str(s) for s, e in zip(default_stores, existed, strict=True) if s.exists() and not e]
+    assert not created, f"the test wrote to MLflow's default store: {created}"
     leaked = utils._tracking_uri != uri_before
     utils._tracking_uri = uri_before
     for key in [k for k in os.environ if k.startswith("MLFLOW_")]:
