@@ -311,6 +311,17 @@ def predict(
         typer.Option("--tracking-uri", help="MLflow tracking URI; default: the run folder's SQLite db."),
     ] = None,
     batch_rows: Annotated[int, typer.Option("--batch-rows", min=1, help="Rows scored at once.")] = 65_536,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers",
+            min=1,
+            help="1: score in this process; more: on that many Ray Data actors. "
+            "Default: Ray Data with one actor per core for inputs of 1 GiB or more.",
+            show_default=False,
+        ),
+    ] = None,
+    address: Address = None,
 ) -> None:
     """Score a file or folder of rows with a registered model, in batches, into one output file:
     the --keep columns, `prediction`, and for a classifier one `probability_<class>` column per
@@ -333,6 +344,8 @@ def predict(
             keep=keep or (),
             overwrite=overwrite,
             batch_rows=batch_rows,
+            workers=workers,
+            address=address,
             on_batch=lambda rows: bar.advance(task, rows),
         )
     console.print(f"{done.rows} rows → {escape(str(done.out))} (columns: {escape(', '.join(done.columns))})")

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -27,7 +27,11 @@ from raylens.features.sources import DataFiles, data_files, stream_batches
 
 OUTPUT_FORMATS = {".csv": "csv", ".parquet": "parquet"}
 PREDICTION = "prediction"
+INPUT_ERROR = "__raylens_input_error__"
+"""The one column of what a Ray Data actor returns for a batch it refuses: the message."""
 PROBABILITY = "probability_"
+LARGE_INPUT_BYTES = 1 << 30
+"""From this input size on (1 GiB), ``raylens predict`` scores on Ray Data unless told otherwise."""
 BATCH_ROWS = 65_536
 """Rows scored at once: large enough that the network's forward pass dominates, small enough that
 a batch of a wide table stays a few hundred MB."""
@@ -56,10 +60,16 @@ def predict_files(
     keep: Sequence[str] = (),
     overwrite: bool = False,
     batch_rows: int = BATCH_ROWS,
+    workers: int | None = None,
+    address: str | None = None,
     on_batch: Callable[[int], None] = lambda rows: None,
 ) -> Prediction:
     """Score every row of the CSV or Parquet file(s) at ``data`` with ``model_uri`` and write
-    ``out`` (.csv or .parquet). ``UserError`` (nothing written) for a mistake in the input."""
+    ``out`` (.csv or .parquet). ``UserError`` (nothing written) for a mistake in the input.
+
+    ``workers``: 1 scores in this process, batch after batch; more score on that many Ray Data
+    actors (on the cluster at ``address``, else an embedded one), the output in the input's
+    order. ``None`` chooses: Ray Data when the input holds at least ``LARGE_INPUT_BYTES``."""
     out_format = OUTPUT_FORMATS.get(out.suffix)
     if out_format is None:
         raise UserError(f"--out: '{out}' must end in .csv or .parquet (the output's format)")
@@ -69,14 +79,31 @@ def predict_files(
         raise UserError(f"--out: the folder '{out.parent}' does not exist; create it first")
     files = data_files(data, str(data), where="DATA")
     model = load_model(model_uri, tracking_uri)
+    workers = workers or choose_workers(files)
+    classifier = (model.metadata.metadata or {}).get("task") == "classification"
+    column_types = _csv_types(model) if files.format == "csv" else None
+    if workers == 1:
+        scored = _score_here(model, files, keep, classifier, batch_rows, column_types)
+    else:
+        scorer = (model_uri, tracking_uri, tuple(keep), classifier)
+        scored = _score_on_ray(scorer, files, workers, batch_rows, column_types, address)
     partial = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.partial")
     try:
-        rows, columns = _write(model, files, partial, out_format, keep, batch_rows, on_batch)
+        rows, columns = _write(scored, partial, out_format, on_batch)
+        if not rows:
+            raise UserError(f"DATA: '{data}' holds no rows to predict")
         os.replace(partial, out)
     finally:
         with contextlib.suppress(FileNotFoundError):
             partial.unlink()
     return Prediction(out, rows, columns)
+
+
+def choose_workers(files: DataFiles) -> int:
+    """One process for inputs that score in seconds; every core's worth of Ray Data actors for
+    large ones, where starting Ray (seconds) is repaid."""
+    size = sum(path.stat().st_size for path in files.paths)
+    return max(1, os.cpu_count() or 1) if size >= LARGE_INPUT_BYTES else 1
 
 
 def load_model(model_uri: str, tracking_uri: str) -> Any:
@@ -125,70 +152,138 @@ def _artifact_location(client: Any, model_uri: str) -> str:
 
 
 def _write(
-    model: Any,
-    files: DataFiles,
-    partial: Path,
-    out_format: str,
-    keep: Sequence[str],
-    batch_rows: int,
-    on_batch: Callable[[int], None],
+    scored: Iterator[pa.Table], partial: Path, out_format: str, on_batch: Callable[[int], None]
 ) -> tuple[int, list[str]]:
-    classifier = (model.metadata.metadata or {}).get("task") == "classification"
-    column_types = _csv_types(model) if files.format == "csv" else None
+    """Write the scored batches to ``partial`` as they come; the rows and columns written."""
     writer: Any = None
-    rows = 0
+    rows, columns = 0, []
     try:
-        for shown, start, batch in _batches(files, batch_rows, column_types):
-            scored = _score(model, batch, shown, start, keep, classifier)
+        for table in scored:
             if writer is None:
+                columns = list(table.column_names)
                 writer = (
-                    pq.ParquetWriter(partial, scored.schema)
+                    pq.ParquetWriter(partial, table.schema)
                     if out_format == "parquet"
-                    else pacsv.CSVWriter(partial, scored.schema)
+                    else pacsv.CSVWriter(partial, table.schema)
                 )
-            writer.write_table(scored)
-            rows += batch.num_rows
-            on_batch(batch.num_rows)
-        if writer is None:
-            raise UserError(f"DATA: '{files.root}' holds no rows to predict")
-        return rows, list(scored.column_names)
+            writer.write_table(table)
+            rows += table.num_rows
+            on_batch(table.num_rows)
+        return rows, columns
     finally:
         if writer is not None:
             writer.close()
 
 
-def _batches(
-    files: DataFiles, batch_rows: int, column_types: dict[str, pa.DataType] | None
-) -> Iterator[tuple[str, int, pa.RecordBatch]]:
-    """Each batch with the file it came from and the row number (in that file) it starts at."""
+def _score_here(
+    model: Any,
+    files: DataFiles,
+    keep: Sequence[str],
+    classifier: bool,
+    batch_rows: int,
+    column_types: dict[str, pa.DataType] | None,
+) -> Iterator[pa.Table]:
+    """Each file in batches, scored in this process; errors name the file and its rows."""
     for path, shown in files.named():
         start = 0
         for batch in stream_batches(
             path, shown, files.format, batch_rows, column_types=column_types, where="DATA"
         ):
-            yield shown, start, batch
+            yield score_batch(model, batch, keep, classifier, where=f"file '{shown}'", first_row=start)
             start += batch.num_rows
 
 
-def _score(
-    model: Any, batch: pa.RecordBatch, shown: str, start: int, keep: Sequence[str], classifier: bool
+class _Scorer:
+    """A Ray Data actor's scoring function: loads the model once, then scores batches."""
+
+    def __init__(self, model_uri: str, tracking_uri: str, keep: tuple[str, ...], classifier: bool) -> None:
+        self.model = load_model(model_uri, tracking_uri)
+        self.keep, self.classifier = keep, classifier
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        # Ray Data does not say which file or row a batch starts at: rows are numbered in the batch.
+        # A mistake in the input comes back as a value: raised here, Ray would bury its message
+        # in a traceback of its own.
+        try:
+            return score_batch(self.model, batch, self.keep, self.classifier, where="a batch of the input")
+        except UserError as exc:
+            return pa.table({INPUT_ERROR: [str(exc)]})
+
+
+def _score_on_ray(
+    scorer: tuple[str, str, tuple[str, ...], bool],
+    files: DataFiles,
+    workers: int,
+    batch_rows: int,
+    column_types: dict[str, pa.DataType] | None,
+    address: str | None,
+) -> Iterator[pa.Table]:
+    """The files read and scored by Ray Data on ``workers`` actors (each a ``_Scorer`` made from
+    ``scorer``'s arguments), yielded in the input's order."""
+    import ray.data
+
+    from raylens.cluster.runtime import RuntimeSettings, start_ray, stop_ray
+
+    runtime = start_ray(RuntimeSettings.build(address=address))
+    context = ray.data.DataContext.get_current()
+    preserved = context.execution_options.preserve_order
+    try:
+        context.execution_options.preserve_order = True  # rows out in the order they came in
+        paths = [str(p) for p in files.paths]
+        dataset = (
+            ray.data.read_parquet(paths)
+            if files.format == "parquet"
+            else ray.data.read_csv(
+                paths, convert_options=pacsv.ConvertOptions(column_types=column_types or {})
+            )
+        )
+        scored = dataset.map_batches(
+            _Scorer,  # a class: Ray Data runs it as a pool of actors, each loading the model once
+            fn_constructor_args=scorer,
+            batch_size=batch_rows,
+            batch_format="pyarrow",
+            concurrency=workers,
+            num_cpus=1,
+        )
+        for batch in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
+            batch = cast(pa.Table, batch)
+            if INPUT_ERROR in batch.column_names:
+                raise UserError(batch.column(INPUT_ERROR)[0].as_py())
+            yield batch
+    finally:
+        context.execution_options.preserve_order = preserved
+        stop_ray(runtime)
+
+
+def score_batch(
+    model: Any,
+    batch: pa.Table | pa.RecordBatch,
+    keep: Sequence[str],
+    classifier: bool,
+    *,
+    where: str,
+    first_row: int = 0,
 ) -> pa.Table:
+    """One batch scored: the ``keep`` columns, ``prediction`` and, for a classifier, the class
+    probabilities. An input error is a ``UserError`` naming ``where`` and the rows (numbered
+    from ``first_row``)."""
     from mlflow.exceptions import MlflowException
 
-    missing = [c for c in keep if c not in batch.schema.names]
+    names = batch.schema.names
+    missing = [c for c in keep if c not in names]
     if missing:
         raise UserError(
-            f"--keep: file '{shown}' has no column {', '.join(repr(c) for c in missing)}"
-            f"{did_you_mean(missing[0], batch.schema.names)}; it has: {', '.join(batch.schema.names)}"
+            f"--keep: {where} has no column {', '.join(repr(c) for c in missing)}"
+            f"{did_you_mean(missing[0], names)}; it has: {', '.join(names)}"
         )
     frame = batch.to_pandas()
     # Rows are numbered as in the file, so an input error names the rows a user can find there.
-    frame.index = range(start, start + len(frame))
+    frame.index = range(first_row, first_row + len(frame))
     try:
         labels = model.predict(frame)
         probabilities = model.predict(frame, params={"output": "probabilities"}) if classifier else None
     except MlflowException as exc:
-        raise UserError(f"DATA: file '{shown}': {exc.message}") from None
+        raise UserError(f"DATA: {where}: {exc.message}") from None
     columns = {name: batch.column(name) for name in keep}
     columns[PREDICTION] = pa.array(labels.to_numpy() if hasattr(labels, "to_numpy") else labels)
     if probabilities is not None:

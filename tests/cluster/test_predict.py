@@ -13,6 +13,8 @@ import pytest
 from typer.testing import CliRunner
 
 from raylens.cluster.cli import app
+from raylens.cluster.predict import predict_files
+from raylens.errors import UserError
 from raylens.features import DataConfig, FeaturesConfig, build_feature_set
 from tests.trainer.test_artifacts import Logged, train_and_log
 
@@ -116,3 +118,41 @@ def test_mistakes_in_the_command_are_refused(cancer: Logged, tmp_path: Path) -> 
         assert code == 2 and message in " ".join(output.split()), output
     assert (tmp_path / "taken.csv").read_text() == "keep me\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.csv", "taken.csv"]
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_ray_data_actors_score_the_same_rows_in_the_same_order(cancer: Logged, tmp_path: Path) -> None:
+    rows = cancer.raw_test.assign(id=range(len(cancer.raw_test)))
+    data = tmp_path / "incoming"
+    data.mkdir()
+    third = len(rows) // 3
+    for part, start in enumerate((0, third, 2 * third)):
+        rows.iloc[start : start + third if part < 2 else None].to_parquet(data / f"part-{part}.parquet")
+    here = predict_files(
+        cancer.model_uri,
+        data,
+        tmp_path / "here.parquet",
+        tracking_uri=cancer.tracking_uri,
+        keep=["id"],
+        workers=1,
+    )
+    on_ray = predict_files(
+        cancer.model_uri, data, tmp_path / "ray.parquet", tracking_uri=cancer.tracking_uri,
+        keep=["id"], workers=2, batch_rows=16,
+    )  # fmt: skip
+    assert here.rows == on_ray.rows == len(rows)
+    expected, got = pq.read_table(here.out).to_pandas(), pq.read_table(on_ray.out).to_pandas()
+    assert got["id"].tolist() == expected["id"].tolist() == rows["id"].tolist()
+    assert (got["prediction"] == expected["prediction"]).all()
+    # Another batch size takes other float paths through the network: equal to float32's precision.
+    np.testing.assert_allclose(got["probability_1"], expected["probability_1"], rtol=1e-5, atol=1e-7)
+
+    bad = rows.iloc[:third].copy()
+    bad.loc[5, "mean texture"] = np.inf
+    bad.to_parquet(data / "part-0.parquet")
+    with pytest.raises(UserError, match=r"column 'mean texture' row \[5\] \(inf\)"):
+        predict_files(
+            cancer.model_uri, data, tmp_path / "bad.parquet", tracking_uri=cancer.tracking_uri, workers=2
+        )
+    assert not (tmp_path / "bad.parquet").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
