@@ -118,5 +118,5 @@ def test_class_weights_and_binary_metrics_are_checked_against_the_data(tmp_path:
     assert report.problems == (
         "train.class_weights: 'stays' is not a class of this feature set; its classes are '0', '1'",
     )
-    with pytest.raises(UserError, match="tune.space.train.class_weights: class weights are fixed"):
+    with pytest.raises(UserError, match=r"tune\.space\.train\.class_weights: class weights are fixed"):
         Experiment.from_yaml(spec, None, ["tune.space.train.class_weights=choice(['balanced'])"])
