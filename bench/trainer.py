@@ -25,8 +25,8 @@ import torch
 from raylens.cluster.runtime import RuntimeSettings, start_ray, stop_ray
 from raylens.features import DataConfig, FeaturesConfig, FeatureSet, build_feature_set
 from raylens.trainer import ModelConfig, TaskSpec, TrainConfig, TrainJob, build_model
-from raylens.trainer.loop import loss_fn
 from raylens.trainer.ray_train import train_distributed
+from raylens.trainer.task import loss_fn
 
 HIDDEN = [256, 256]
 BATCH = 256

@@ -119,7 +119,7 @@ def _check_model_on_data(spec: ExperimentSpec, planned: PlannedFeatureSet, *, tu
 
 
 def _check_class_weights(spec: ExperimentSpec, planned: PlannedFeatureSet) -> None:
-    from raylens.trainer.job import resolve_class_weights
+    from raylens.trainer.task import resolve_class_weights
 
     resolve_class_weights(spec.train.class_weights, planned.classes, planned.splits["train"].y)
 

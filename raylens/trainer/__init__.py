@@ -11,24 +11,25 @@ from raylens.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from raylens.trainer.config import ModelConfig, OptimizerConfig, ScalingConfig, TrainConfig
-    from raylens.trainer.job import TrainJob, run_worker, shard_rows, task_spec
-    from raylens.trainer.loop import Batches, Reporter, TaskSpec, TrainState, evaluate, fit, predict
+    from raylens.trainer.job import TrainJob, run_worker, shard_rows
+    from raylens.trainer.loop import Batches, Reporter, TrainState, evaluate, fit, predict
     from raylens.trainer.models import build_model, check_model_runs, check_params, importable_from
+    from raylens.trainer.task import TaskSpec, task_spec
 
 __getattr__, __all__ = lazy_exports(
     __name__,
     {
         "raylens.trainer.config": ["ModelConfig", "OptimizerConfig", "ScalingConfig", "TrainConfig"],
-        "raylens.trainer.job": ["TrainJob", "run_worker", "shard_rows", "task_spec"],
+        "raylens.trainer.job": ["TrainJob", "run_worker", "shard_rows"],
         "raylens.trainer.loop": [
             "Batches",
             "Reporter",
-            "TaskSpec",
             "TrainState",
             "evaluate",
             "fit",
             "predict",
         ],
         "raylens.trainer.models": ["build_model", "check_model_runs", "check_params", "importable_from"],
+        "raylens.trainer.task": ["TaskSpec", "task_spec"],
     },
 )

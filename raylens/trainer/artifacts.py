@@ -37,8 +37,9 @@ from mlflow.pyfunc import PythonModel, PythonModelContext
 import raylens
 from raylens.features import FeatureSet, apply_all, invert_all, transforms_from_dicts
 from raylens.trainer.config import ModelConfig
-from raylens.trainer.loop import TaskSpec, predict, predict_proba
+from raylens.trainer.loop import predict, predict_proba
 from raylens.trainer.models import build_model
+from raylens.trainer.task import TaskSpec
 
 if TYPE_CHECKING:
     from raylens.trainer.job import TrainJob

@@ -7,56 +7,20 @@ and the strategy, so this loop runs the same in a unit test, a Tune trial and a 
 
 from __future__ import annotations
 
-import functools
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from enum import StrEnum
+from typing import Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from raylens.trainer.config import OptimizerConfig
 from raylens.trainer.metrics import metrics_from_summary, summarize
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """What the model's output means, and the loss it is trained with.
-
-    Classification: cross-entropy of the logits, each row weighing its class's ``class_weights``
-    entry (empty: every row weighs 1), averaged over the rows' weights as
-    ``F.cross_entropy(weight=...)`` does. Regression targets are trained standardized
-    (``(y - target_mean) / target_std``) so one learning rate suits any target scale; predictions
-    are turned back into the target's units, and so is every loss reported (``train_loss``,
-    ``valid_loss``, ``test_loss``): the mean squared error in the target's units squared, the
-    standardized loss times ``target_std²`` (``loss_scale``).
-    """
-
-    kind: Literal["classification", "regression"]
-    num_classes: int = 0
-    target_mean: float = 0.0
-    target_std: float = 1.0
-    class_weights: tuple[float, ...] = ()
-    """One weight per class, in the order of the feature set's classes; empty: unweighted."""
-
-    def __post_init__(self) -> None:
-        # A model's spec stores the weights as a JSON list: keep the spec hashable once loaded.
-        object.__setattr__(self, "class_weights", tuple(float(w) for w in self.class_weights))
-        if self.class_weights and len(self.class_weights) != self.num_classes:
-            raise ValueError(f"{len(self.class_weights)} class weights for {self.num_classes} classes")
-
-    @property
-    def out_features(self) -> int:
-        return self.num_classes if self.kind == "classification" else 1
-
-    @property
-    def loss_scale(self) -> float:
-        """Turns the loss the model is trained on into the loss reported (target units for regression)."""
-        return self.target_std**2 if self.kind == "regression" else 1.0
+from raylens.trainer.task import TaskSpec, decode, loss_fn, loss_weight, probabilities
 
 
 @dataclass(frozen=True)
@@ -107,32 +71,63 @@ def make_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.Opt
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def loss_fn(output: torch.Tensor, y: torch.Tensor, task: TaskSpec) -> torch.Tensor:
-    """The loss the model is trained on: weighted cross-entropy, or the MSE of the standardized
-    target (see ``TaskSpec``)."""
-    if task.kind == "classification":
-        return F.cross_entropy(output, y, weight=_class_weights(task, output.dtype, output.device))
-    return F.mse_loss(output.squeeze(-1), (y - task.target_mean) / task.target_std)
-
-
-def _rows_weight(y: torch.Tensor, task: TaskSpec) -> torch.Tensor | int:
-    """What ``loss_fn`` averages over for these rows: their class weights' sum, or their count."""
-    weight = _class_weights(task, torch.float64, y.device) if task.kind == "classification" else None
-    return weight[y].sum() if weight is not None else len(y)
-
-
-@functools.lru_cache(maxsize=16)
-def _class_weights(task: TaskSpec, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
-    """The weight tensor ``F.cross_entropy`` takes, made once per task and device, not per step."""
-    return torch.tensor(task.class_weights, dtype=dtype, device=device) if task.class_weights else None
-
-
 Combine = Callable[[np.ndarray], np.ndarray]
 """Sums a vector across the workers of a run (an all-reduce); the identity on one worker."""
 
 
 def local(values: np.ndarray) -> np.ndarray:
     return values
+
+
+class Action(StrEnum):
+    CONTINUE = "continue"
+    STOP = "stop"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What a monitor decided, and why (said to the user when it stops a run)."""
+
+    action: Action = Action.CONTINUE
+    reason: str = ""
+
+
+GO_ON = Decision()
+
+
+@dataclass(frozen=True)
+class StepView:
+    """What a monitor sees after an optimizer step."""
+
+    epoch: int
+    """The epoch being trained (0-based)."""
+    step: int
+    """Optimizer steps of the run so far, resumed epochs included."""
+    loss: torch.Tensor
+    """This step's loss, detached; reading its value waits for the device (monitors choose when)."""
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+
+
+class Monitor(Protocol):
+    """Watches the run: after every ``every``-th step and after every epoch's validation it may
+    decide to stop it. Decisions are agreed across ranks (any rank's stop stops all), on the same
+    steps everywhere, so no rank waits in a collective the others left: every rank of a run is
+    given monitors with the same ``every`` (what they decide may differ)."""
+
+    every: int
+
+    def on_step(self, view: StepView) -> Decision: ...
+    def on_epoch(self, metrics: dict[str, float]) -> Decision: ...
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """How ``fit`` ended: the epochs completed, and the decision that stopped it early, if any."""
+
+    epochs: int
+    stopped: Decision | None = None
+    stopped_at_step: int | None = None
 
 
 def fit(
@@ -148,13 +143,18 @@ def fit(
     validate: Callable[[], dict[str, float]] = dict,
     combine: Combine = local,
     start_epoch: int = 0,
-) -> None:
+    monitors: Sequence[Monitor] = (),
+) -> FitResult:
     """Train from ``start_epoch`` to ``epochs``; after every epoch, validate and report.
 
     Every caller that trains in lockstep (DDP ranks) must pass the same number of rows, so each
     runs the same number of steps. ``combine`` makes the reported train loss the loss over all
-    workers' rows.
+    workers' rows, and agrees the ``monitors``' decisions. A stop decided after a step ends the
+    run there (the unfinished epoch is not reported); one decided after an epoch, once that epoch
+    is reported. Without monitors nothing runs between steps.
     """
+    steps_per_epoch = -(-len(train) // batch_size)
+    step = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, epochs):
         model.train()
         # Seeded per epoch, so a run resumed at epoch k shuffles exactly as the uninterrupted one.
@@ -169,12 +169,20 @@ def fit(
             loss = loss_fn(model(x), y, task)
             loss.backward()
             optimizer.step()
+            step += 1
             # The step's loss is a mean over its rows' weights: summed back, the epoch's loss is
             # the weighted mean over all its rows (the plain mean when unweighted).
-            rows_weight = _rows_weight(y, task)
+            rows_weight = loss_weight(y, task)
             rows_weight = rows_weight.cpu() if isinstance(rows_weight, torch.Tensor) else rows_weight
             loss_sum += loss.detach().cpu() * rows_weight
             weight_sum += rows_weight
+            if monitors:
+                due = [m for m in monitors if step % m.every == 0]
+                if due:
+                    view = StepView(epoch, step, loss.detach(), model, optimizer)
+                    stop = _agreed([m.on_step(view) for m in due], combine)
+                    if stop is not None:
+                        return FitResult(epoch, stop, step)
         elapsed = time.perf_counter() - started
         total_loss, total_weight, rows = combine(
             np.array([float(loss_sum), float(weight_sum), float(len(order))])
@@ -186,6 +194,21 @@ def fit(
         }
         metrics.update({f"valid_{k}": v for k, v in validate().items()})
         reporter.report(metrics, TrainState(model, optimizer, epoch + 1))
+        if monitors:
+            stop = _agreed([m.on_epoch(metrics) for m in monitors], combine)
+            if stop is not None:
+                return FitResult(epoch + 1, stop, step)
+    return FitResult(epochs)
+
+
+def _agreed(decisions: Sequence[Decision], combine: Combine) -> Decision | None:
+    """The stop decision of this rank, or of another: every rank gets the same answer (one
+    all-reduce of a flag). Another rank's reason is not sent; it is said where it was decided."""
+    mine = next((d for d in decisions if d.action is Action.STOP), None)
+    stops = combine(np.array([1.0 if mine is not None else 0.0]))[0]
+    if stops == 0:
+        return None
+    return mine or Decision(Action.STOP, "another worker stopped the run")
 
 
 @torch.no_grad()
@@ -195,25 +218,14 @@ def _outputs(model: nn.Module, x: torch.Tensor, task: TaskSpec, batch_size: int)
     return torch.cat(chunks) if chunks else torch.empty(0, task.out_features)
 
 
-def _decode(outputs: torch.Tensor, task: TaskSpec) -> np.ndarray:
-    """Class indices for classification, values in the target's units for regression."""
-    if task.kind == "classification":
-        return outputs.argmax(dim=-1).cpu().numpy()
-    return (outputs.squeeze(-1) * task.target_std + task.target_mean).cpu().numpy()
-
-
 def predict(model: nn.Module, x: torch.Tensor, task: TaskSpec, batch_size: int = 4096) -> np.ndarray:
     """Class indices for classification, values in the target's units for regression."""
-    return _decode(_outputs(model, x, task, batch_size), task)
+    return decode(_outputs(model, x, task, batch_size), task)
 
 
 def predict_proba(model: nn.Module, x: torch.Tensor, task: TaskSpec, batch_size: int = 4096) -> np.ndarray:
-    """Class probabilities, one column per class in the order of the feature set's classes: the
-    softmax of the logits, computed in float64 so each row sums to 1 to within 1e-12."""
-    if task.kind != "classification":
-        raise ValueError("class probabilities need a classification task")
-    outputs = _outputs(model, x, task, batch_size)
-    return torch.softmax(outputs.to(torch.float64), dim=-1).cpu().numpy()
+    """Class probabilities, one column per class in the order of the feature set's classes."""
+    return probabilities(_outputs(model, x, task, batch_size), task)
 
 
 def evaluate(
@@ -222,16 +234,16 @@ def evaluate(
     """Loss and the task's metrics on ``data``; with ``combine``, on the rows of all workers
     (each passing its share). Empty when there are no rows."""
     outputs = _outputs(model, data.x, task, batch_size)
-    loss_weight = float(_rows_weight(data.y, task))
+    weight = float(loss_weight(data.y, task))
     with torch.no_grad():
-        loss_sum = float(loss_fn(outputs, data.y, task)) * loss_weight * task.loss_scale if len(data) else 0.0
+        loss_sum = float(loss_fn(outputs, data.y, task)) * weight * task.loss_scale if len(data) else 0.0
     summary = summarize(
         data.y.cpu().numpy(),
-        _decode(outputs, task),
+        decode(outputs, task),
         loss_sum,
         task.kind,
         task.num_classes,
         task.target_mean,
-        loss_weight=loss_weight,
+        loss_weight=weight,
     )
     return metrics_from_summary(combine(summary), task.kind, task.num_classes)

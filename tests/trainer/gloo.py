@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from raylens.features import SplitArrays
 from raylens.trainer import TrainJob, TrainState, run_worker
+from raylens.trainer.loop import FitResult, Monitor
 from raylens.trainer.parallel import gather_checkpoint
 
 Scenario = Callable[["Ranks"], dict[str, Any]]
@@ -36,6 +37,8 @@ class Collect:
         self.states: list[dict[str, Any]] = []
         self.replica: dict[str, torch.Tensor] = {}
         """Under DDP, this rank's own copy of the weights after the last epoch."""
+        self.result: FitResult | None = None
+        """How the run ended."""
 
     def report(self, metrics: dict[str, float], state: TrainState) -> None:
         self.metrics.append({k: v for k, v in metrics.items() if not k.endswith("_per_s")})  # timing varies
@@ -51,9 +54,11 @@ class Ranks:
         self.rank, self.world_size = rank, world_size
         self.train_split, self.valid_split = train, valid
 
-    def train(self, job: TrainJob, resume_from: dict[str, Any] | None = None) -> Collect:
+    def train(
+        self, job: TrainJob, resume_from: dict[str, Any] | None = None, monitors: Sequence[Monitor] = ()
+    ) -> Collect:
         reporter = Collect()
-        run_worker(
+        reporter.result = run_worker(
             job,
             self.train_split,
             self.valid_split,
@@ -61,6 +66,7 @@ class Ranks:
             rank=self.rank,
             world_size=self.world_size,
             resume_from=resume_from,
+            monitors=monitors,
         )
         return reporter
 

@@ -18,10 +18,11 @@ from sklearn.utils.class_weight import compute_class_weight
 from raylens.errors import UserError
 from raylens.features import DataConfig, FeaturesConfig, FeatureSet, build_feature_set
 from raylens.trainer import Batches, ModelConfig, TrainConfig, TrainJob, TrainState, build_model, fit
-from raylens.trainer.job import resolve_class_weights, run_worker
+from raylens.trainer.job import run_worker
 from raylens.trainer.loop import evaluate, predict_proba
 from raylens.trainer.parallel import gather_checkpoint
 from raylens.trainer.run import score_test_split
+from raylens.trainer.task import resolve_class_weights
 
 
 class KeepLast:

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from raylens.features import FeatureSet, SplitArrays
 from raylens.trainer import ModelConfig, TrainConfig, TrainJob, run_worker
 from raylens.trainer.job import shard_rows
+from raylens.trainer.loop import GO_ON, Action, Decision, StepView
 from tests.conftest import iris_feature_set
 from tests.trainer.gloo import Collect, Ranks, run_ranks
 
@@ -51,7 +52,29 @@ def scenario(ranks: Ranks, jobs: dict[str, TrainJob]) -> dict[str, Any]:
     dist.broadcast_object_list(shared, src=0)
     torch.manual_seed(ranks.rank + 777)  # whatever the process drew in between must not matter
     resumed = ranks.train(jobs["dropout"], resume_from=shared[0])
-    return {"full": _last(full), "straight": _last(straight), "resumed": _last(resumed)}
+    # Only rank 1 decides to stop, at step 5: both ranks must stop there, neither left waiting.
+    stopped = ranks.train(jobs["dropout"], monitors=[StopAtStep(5 if ranks.rank == 1 else None)])
+    return {
+        "full": _last(full),
+        "straight": _last(straight),
+        "resumed": _last(resumed),
+        "stopped": stopped.result,
+    }
+
+
+class StopAtStep:
+    """A monitor that stops the run after step ``at`` (never, for None)."""
+
+    every = 1
+
+    def __init__(self, at: int | None) -> None:
+        self.at = at
+
+    def on_step(self, view: StepView) -> Decision:
+        return Decision(Action.STOP, f"step {view.step}") if view.step == self.at else GO_ON
+
+    def on_epoch(self, metrics: dict[str, float]) -> Decision:
+        return GO_ON
 
 
 def _last(run: Collect) -> dict[str, Any]:
@@ -140,3 +163,11 @@ def test_resumed_with_dropout_equals_uninterrupted(ranks) -> None:  # type: igno
         assert torch.equal(tensor, resumed["model"][name]), name
     for key in ("valid_loss", "valid_accuracy", "train_loss"):
         assert resumed["metrics"][-1][key] == straight["metrics"][-1][key], key
+
+
+def test_a_stop_decided_on_one_rank_stops_every_rank_at_that_step(ranks) -> None:  # type: ignore[no-untyped-def]
+    _, _, results = ranks
+    mine, other = results[1]["stopped"], results[0]["stopped"]
+    assert (mine.stopped_at_step, other.stopped_at_step) == (5, 5)
+    assert mine.stopped.reason == "step 5" and other.stopped.reason == "another worker stopped the run"
+    assert mine.epochs == other.epochs == 0

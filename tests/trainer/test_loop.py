@@ -6,6 +6,7 @@ import torch
 
 from raylens.features import FeatureSet
 from raylens.trainer import ModelConfig, TrainConfig, TrainJob, TrainState, run_worker
+from raylens.trainer.loop import GO_ON, Action, Decision, StepView
 from raylens.trainer.parallel import gather_checkpoint
 
 
@@ -96,3 +97,37 @@ def test_what_runs_in_workers_and_trials_cannot_write_to_mlflow() -> None:
         "assert 'mlflow' not in sys.modules, 'mlflow was imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+class Stopper:
+    """A monitor that stops after step ``step`` or after epoch ``epoch``, and counts its calls."""
+
+    def __init__(self, every: int, step: int | None = None, epoch: int | None = None) -> None:
+        self.every, self.step, self.epoch = every, step, epoch
+        self.steps_seen: list[int] = []
+
+    def on_step(self, view: StepView) -> Decision:
+        self.steps_seen.append(view.step)
+        return Decision(Action.STOP, "asked") if view.step == self.step else GO_ON
+
+    def on_epoch(self, metrics: dict[str, float]) -> Decision:
+        return Decision(Action.STOP, "enough") if metrics["epoch"] == self.epoch else GO_ON
+
+
+def test_a_monitor_sees_every_nth_step_and_its_stop_ends_the_run(iris: FeatureSet) -> None:
+    steps_per_epoch = -(-len(iris.read("train")) // 16)  # 90 rows, batch 16
+    at_step = Stopper(every=2, step=steps_per_epoch + 4)
+    reporter = Collect()
+    result = run_worker(job(iris, 5), iris.read("train"), iris.read("valid"), reporter, monitors=[at_step])
+    assert at_step.steps_seen == list(range(2, steps_per_epoch + 5, 2))
+    assert (result.epochs, result.stopped_at_step) == (1, steps_per_epoch + 4)
+    assert result.stopped == Decision(Action.STOP, "asked")
+    assert [m["epoch"] for m in reporter.metrics] == [1.0]  # the unfinished epoch is not reported
+
+    after_epoch = Collect()
+    result = run_worker(
+        job(iris, 5), iris.read("train"), iris.read("valid"), after_epoch, monitors=[Stopper(1, epoch=3)]
+    )
+    assert result.epochs == 3 and result.stopped is not None and result.stopped.reason == "enough"
+    assert [m["epoch"] for m in after_epoch.metrics] == [1.0, 2.0, 3.0]
+    assert run_worker(job(iris, 2), iris.read("train"), iris.read("valid"), Collect()).stopped is None

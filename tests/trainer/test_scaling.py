@@ -1,8 +1,10 @@
 """The spec's train.scaling reaches Ray Train as written (no Ray started: the config value only)."""
 
+import pytest
+
 from raylens.features import FeatureSet
 from raylens.trainer import ModelConfig, TrainConfig, TrainJob
-from raylens.trainer.parallel import resolve_strategy
+from raylens.trainer.parallel import ParallelPlan
 from raylens.trainer.ray_train import scaling_config
 
 
@@ -13,7 +15,16 @@ def test_workers_cpus_and_gpus_per_worker_reach_ray_train(iris: FeatureSet) -> N
     assert config.resources_per_worker == {"CPU": 1.5}
 
 
-def test_auto_is_ddp_and_one_worker_needs_no_strategy() -> None:
-    assert resolve_strategy("auto", 2) == "ddp"
-    assert resolve_strategy("fsdp", 2) == "fsdp"
-    assert resolve_strategy("fsdp", 1) == resolve_strategy("ddp", 1) == "none"
+def test_the_plan_says_what_it_chose_and_why() -> None:
+    auto = ParallelPlan.from_config("auto", 2)
+    assert auto.strategy == "ddp" and auto.reason.startswith("auto → ddp: 2 replicas")
+    assert ParallelPlan.from_config("fsdp", 4).strategy == "fsdp"
+    single = ParallelPlan.from_config("ddp", 1)
+    assert single.strategy == "none" and "no parallel wrapper" in single.reason
+    assert ParallelPlan.from_config("fsdp", 1).strategy == "none"
+    for requested, workers, message in (
+        ("pipeline", 2, "not one of"),
+        ("ddp", 0, "at least one"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            ParallelPlan.from_config(requested, workers)

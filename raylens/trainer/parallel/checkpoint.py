@@ -1,15 +1,12 @@
-"""Parallel strategies, applied to a model from outside: one function per strategy.
-
-``parallelize(model, strategy, ...)`` returns the module the loop trains. The model's own code
-never changes. Inside a Ray Train worker the process group already exists (gloo on CPU, NCCL on
-GPU); these functions only use it.
-"""
+"""Checkpoints of a (possibly parallelized) model: the full state gathered from every rank,
+saved as one file, loaded back and restored into any strategy's module, with every rank's
+random state so a resumed run draws what the uninterrupted one would have."""
 
 from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,59 +14,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-Strategy = Literal["none", "ddp", "fsdp"]
-
 CHECKPOINT_FILE = "checkpoint.pt"
-
-
-def resolve_strategy(requested: str, world_size: int) -> Strategy:
-    """The strategy actually applied: one worker needs none; ``auto`` means DDP."""
-    if world_size == 1:
-        return "none"
-    if requested == "fsdp":
-        return "fsdp"
-    return "ddp"
-
-
-def parallelize_ddp(model: nn.Module, device: torch.device) -> nn.Module:
-    """Replicate the model on every rank and average gradients after each backward."""
-    model.to(device)
-    device_ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-
-
-def parallelize_fsdp(model: nn.Module, device: torch.device) -> nn.Module:
-    """Shard parameters, gradients and optimizer state across ranks (FSDP2 ``fully_shard``).
-
-    Each child module with parameters becomes its own shard group, then the root, so only one
-    layer's full parameters exist at a time during forward and backward.
-    """
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    model.to(device)
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    for module in list(model.modules())[1:]:
-        if any(p.requires_grad for p in module.parameters(recurse=False)):
-            fully_shard(module, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model
-
-
-def parallelize(model: nn.Module, strategy: Strategy, device: torch.device) -> nn.Module:
-    if strategy == "ddp":
-        return parallelize_ddp(model, device)
-    if strategy == "fsdp":
-        return parallelize_fsdp(model, device)
-    return model.to(device)
-
-
-def all_reduce_sum(values: np.ndarray) -> np.ndarray:
-    """Sum a float64 vector over every rank of the process group."""
-    tensor = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64)).clone()
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor.numpy()
-
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 

@@ -1,0 +1,30 @@
+"""Parallel strategies applied to a model from outside, one module per strategy (``single``,
+``ddp``, ``fsdp``), chosen by a ``ParallelPlan``; checkpoints that any of them can restore."""
+
+from raylens.trainer.parallel.checkpoint import (
+    CHECKPOINT_FILE,
+    CorruptCheckpoint,
+    gather_checkpoint,
+    load_checkpoint,
+    restore,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from raylens.trainer.parallel.collectives import all_reduce_sum
+from raylens.trainer.parallel.plan import Parallelized, ParallelPlan, Strategy
+
+__all__ = [
+    "CHECKPOINT_FILE",
+    "CorruptCheckpoint",
+    "ParallelPlan",
+    "Parallelized",
+    "Strategy",
+    "all_reduce_sum",
+    "gather_checkpoint",
+    "load_checkpoint",
+    "restore",
+    "rng_state",
+    "save_checkpoint",
+    "set_rng_state",
+]

@@ -1,0 +1,85 @@
+"""The parallel plan: which strategy a run's workers apply, checked, and why it was chosen.
+
+``ParallelPlan.from_config(requested, world_size, device)`` is a value, like torchtitan's
+``ParallelDims``: it validates the combination once (in the driver, before anything starts) and
+carries the reason for its choice, which the run records. ``plan.apply(model, device)`` wraps a
+model from outside and returns what the loop needs (``Parallelized``); the model's code never
+changes. Inside a Ray Train worker the process group already exists (gloo on CPU, NCCL on GPU);
+the strategies only use it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+Strategy = Literal["none", "ddp", "fsdp"]
+
+
+@dataclass(frozen=True)
+class Parallelized:
+    """What a strategy gives the loop."""
+
+    module: nn.Module
+    """The module the loop trains (the strategy's wrapper around the model)."""
+    eval_module: nn.Module
+    """The module validation scores rows with."""
+    shards_validation: bool
+    """True: each rank scores its share of the validation rows with ``eval_module`` (its forward
+    holds no collective) and the metric sums are combined across ranks; False: every rank scores
+    every row, in step (the forward itself is collective)."""
+
+    def validation_rows(self, rows: int, rank: int, world_size: int) -> np.ndarray:
+        """The validation rows this rank scores."""
+        everything = np.arange(rows)
+        return np.array_split(everything, world_size)[rank] if self.shards_validation else everything
+
+
+@dataclass(frozen=True)
+class ParallelPlan:
+    """A run's strategy for ``world_size`` workers on ``device`` ("cpu" or "cuda"), and why."""
+
+    strategy: Strategy
+    world_size: int
+    device: str
+    reason: str
+    """Said in the terminal and recorded with the run (``raylens.parallel`` tag)."""
+
+    @classmethod
+    def from_config(cls, requested: str, world_size: int, device: str = "cpu") -> ParallelPlan:
+        """The plan for ``train.scaling.strategy`` = ``requested``; ``ValueError`` for a
+        combination no worker could run (the spec's validation refuses it first, with its key)."""
+        if world_size < 1:
+            raise ValueError(f"a run needs at least one worker, got {world_size}")
+        if requested not in ("auto", "ddp", "fsdp"):
+            raise ValueError(f"strategy {requested!r} is not one of auto, ddp, fsdp")
+        if world_size == 1:
+            # Also for fsdp: a reference run of one process trains what the ranks would, and
+            # the spec refuses fsdp with one worker before a plan is made.
+            return cls("none", 1, device, "1 worker: the model is trained as it is, no parallel wrapper")
+        if requested == "fsdp":
+            reason = f"fsdp (requested): parameters, gradients and optimizer state sharded over {world_size}"
+            return cls("fsdp", world_size, device, reason)
+        if requested == "ddp":
+            return cls(
+                "ddp", world_size, device, f"ddp (requested): {world_size} replicas, gradients averaged"
+            )
+        return cls(
+            "ddp",
+            world_size,
+            device,
+            f"auto → ddp: {world_size} replicas, gradients averaged (a model that fits one worker "
+            "trains fastest replicated)",
+        )
+
+    def apply(self, model: nn.Module, device: torch.device) -> Parallelized:
+        """``model`` wrapped by this plan's strategy, on ``device``."""
+        # Imported here: each strategy's module imports this one (and FSDP's import is heavy).
+        from raylens.trainer.parallel import ddp, fsdp, single
+
+        strategies = {"none": single.apply, "ddp": ddp.apply, "fsdp": fsdp.apply}
+        return strategies[self.strategy](model, device)
