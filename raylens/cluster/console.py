@@ -89,8 +89,12 @@ class RichProgress:
     def sweep_finished(self) -> None:
         self._stop()
 
-    def training_started(self, epochs: int, workers: int) -> None:
-        self.console.print(f"  {workers} worker{'s' if workers > 1 else ''}, {epochs} epochs")
+    def training_started(self, epochs: int, workers: int, parallel: str = "") -> None:
+        self.console.print(
+            f"  {workers} worker{'s' if workers > 1 else ''}, {epochs} epochs", highlight=False
+        )
+        if parallel:
+            self.console.print(f"  strategy {escape(parallel)}", highlight=False)
         self._start("epochs", epochs)
 
     def epoch(self, metrics: dict[str, float]) -> None:

@@ -34,7 +34,7 @@ from raylens.cluster.spec import best_spec
 from raylens.errors import UserError
 from raylens.features import FeatureSet, PlannedFeatureSet, publish_feature_set
 from raylens.trainer import ModelConfig, TrainConfig, TrainJob
-from raylens.trainer.run import TrainRunResult, train_and_record
+from raylens.trainer.run import TrainRunResult, parallel_plan, train_and_record
 from raylens.trainer.tracking import MlflowTracker, ended_status, git_commit, redact
 from raylens.tuning import ConcurrencyPlan, with_overrides
 from raylens.tuning.sweep import SweepResult, run_sweep
@@ -317,7 +317,8 @@ class Stages:
     def train(self, root_run: str, model: ModelConfig, train: TrainConfig) -> TrainRunResult:
         spec = self.spec
         self.progress.stage("Training")
-        self.progress.training_started(train.epochs, train.scaling.workers)
+        plan = parallel_plan(train)
+        self.progress.training_started(train.epochs, train.scaling.workers, plan.reason)
         params = {
             "data": spec.data.model_dump(),
             "features": spec.features.model_dump(),

@@ -54,6 +54,8 @@ def test_the_store_holds_the_sweep_tree_final_run_and_model(
     assert [m.step for m in history] == list(range(1, 9))
     assert final.data.metrics["test_accuracy"] >= 0.8
     assert final.data.tags["raylens.feature_set_version"]
+    assert final.data.tags["raylens.parallel"] == "ddp (requested): 2 replicas, gradients averaged"
+    assert "strategy ddp (requested): 2 replicas" in reference_run.result.stdout
     artifacts = [a.path for a in mlflow.list_artifacts(final.info.run_id, "plots")]
     assert {"plots/test_confusion_matrix.png", "plots/learning_curves.png"} <= set(artifacts)
     (version,) = mlflow.search_model_versions("name='faults'")
