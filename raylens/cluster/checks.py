@@ -88,6 +88,8 @@ def check_experiment(
         task = planned.task if planned is not None else None if spec.data.task == "auto" else spec.data.task
         classes = planned.num_outputs if planned is not None and task == "classification" else None
         problems.check(lambda: _check_metric(spec, task, classes))
+    if spec.train.early_stopping is not None and planned is not None:
+        problems.check(lambda: _check_early_stopping(spec, planned))
     problems.check(lambda: check_address(address))
     if tracking_uri is not None:
         from raylens.trainer.tracking import check_tracking_uri
@@ -122,6 +124,20 @@ def _check_class_weights(spec: ExperimentSpec, planned: PlannedFeatureSet) -> No
     from raylens.trainer.task import resolve_class_weights
 
     resolve_class_weights(spec.train.class_weights, planned.classes, planned.splits["train"].y)
+
+
+def _check_early_stopping(spec: ExperimentSpec, planned: PlannedFeatureSet) -> None:
+    from raylens.trainer.metrics import reported_metrics
+
+    assert spec.train.early_stopping is not None
+    metric = spec.train.early_stopping.metric
+    classes = planned.num_outputs if planned.task == "classification" else None
+    reported = [name for name in reported_metrics(planned.task, classes) if name != "epoch"]
+    if metric not in reported:
+        raise UserError(
+            f"train.early_stopping.metric: '{metric}' is not a metric raylens reports for {planned.task}"
+            f"{did_you_mean(metric, reported)}; use one of {', '.join(reported)}"
+        )
 
 
 def _check_metric(spec: ExperimentSpec, task: str | None, num_classes: int | None) -> None:

@@ -71,6 +71,36 @@ class ScalingConfig(_Strict):
         return self
 
 
+class ScheduleConfig(_Strict):
+    """How the learning rate moves over the run, set before every optimizer step from
+    train.optimizer.lr (the peak)."""
+
+    name: Literal["constant", "cosine", "linear", "step"] = "constant"
+    """constant; cosine or linear: from the peak down to min_lr_ratio x lr at the run's last step;
+    step: multiplied by gamma every step_epochs epochs."""
+    warmup_epochs: float = Field(0.0, ge=0)
+    """Linear warmup from 0 to the peak over this many epochs (fractions allowed), then the schedule."""
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    """cosine and linear: the last learning rate, as a fraction of the peak."""
+    step_epochs: int | None = Field(None, ge=1)
+    """step: epochs between two decays."""
+    gamma: float = Field(0.1, gt=0, le=1)
+    """step: the factor of each decay."""
+
+
+class EarlyStoppingConfig(_Strict):
+    """Stop training when a validation metric has not improved for a while."""
+
+    metric: str = "valid_loss"
+    """A metric reported each epoch (see `raylens spec`)."""
+    mode: Literal["min", "max"] = "min"
+    """min: lower is better; max: higher is better."""
+    patience: int = Field(3, ge=1)
+    """Epochs without improvement before the run stops."""
+    min_delta: float = Field(0.0, ge=0)
+    """How much better than the best so far an epoch must be to count as an improvement."""
+
+
 ClassWeights = Literal["balanced"] | dict[str, float] | None
 """How classes weigh in the training loss: ``None`` (equally), ``"balanced"`` or ``{label: weight}``."""
 
@@ -96,6 +126,41 @@ class TrainConfig(_Strict):
     as scikit-learn's class_weight="balanced"; or a mapping {label: weight > 0}, labels written as
     the target's values (YAML may give 1: 5.0), unlisted classes weighing 1. train_loss and
     valid_loss are the weighted loss; test_log_loss is not weighted."""
+
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    """The learning-rate schedule (per optimizer step) and its warmup."""
+    accumulate_batches: int = Field(1, ge=1)
+    """Batches whose gradients add up before one optimizer step: batch_size x accumulate_batches
+    rows per step and worker, in the memory of one batch."""
+    clip_grad_norm: float | None = Field(None, gt=0)
+    """Clip the gradients' total norm to this before each step; the epoch's mean norm before
+    clipping is reported as train_grad_norm."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """bf16: forward and loss under torch.autocast(bfloat16) (CPU and GPU); weights, optimizer
+    and evaluation stay float32."""
+    early_stopping: EarlyStoppingConfig | None = None
+    """Stop when the metric stops improving; the final model is the last epoch's."""
+
+    @model_validator(mode="after")
+    def _schedule_fits_the_run(self) -> TrainConfig:
+        schedule = self.schedule
+        if schedule.warmup_epochs >= self.epochs:
+            raise ValueError(
+                f"schedule.warmup_epochs ({schedule.warmup_epochs}) must end before the run does "
+                f"(train.epochs {self.epochs}); shorten the warmup or train longer"
+            )
+        if schedule.name == "step" and schedule.step_epochs is None:
+            raise ValueError("schedule.step_epochs: the step schedule needs the epochs between decays")
+        if (
+            schedule.name == "step"
+            and schedule.step_epochs is not None
+            and schedule.step_epochs >= self.epochs
+        ):
+            raise ValueError(
+                f"schedule.step_epochs ({schedule.step_epochs}) is not shorter than the run "
+                f"(train.epochs {self.epochs}): the rate would never decay; lower it or train longer"
+            )
+        return self
 
     @field_validator("class_weights", mode="before")
     @classmethod

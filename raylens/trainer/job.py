@@ -16,9 +16,22 @@ import torch
 
 from raylens.features import FeatureSet, SplitArrays
 from raylens.trainer.config import ModelConfig, TrainConfig
-from raylens.trainer.loop import Batches, FitResult, Monitor, Reporter, evaluate, fit, local, make_optimizer
+from raylens.trainer.loop import (
+    Batches,
+    FitResult,
+    Monitor,
+    Reporter,
+    ShuffleRows,
+    StepRules,
+    evaluate,
+    fit,
+    local,
+    make_optimizer,
+)
 from raylens.trainer.models import build_model
+from raylens.trainer.monitors import EarlyStopping
 from raylens.trainer.parallel import ParallelPlan, all_reduce_sum, restore
+from raylens.trainer.schedules import learning_rate
 from raylens.trainer.task import TaskSpec, task_spec
 
 
@@ -35,14 +48,34 @@ class TrainJob:
         return cls(model, train, task, len(feature_set.feature_columns))
 
 
-def shard_rows(num_rows: int, rank: int, world_size: int, seed: int) -> np.ndarray:
-    """This rank's rows: a seeded permutation dealt round-robin, trimmed so every rank gets the
-    same count (DDP ranks must take the same number of steps or the all-reduce hangs)."""
-    if world_size == 1:
-        return np.arange(num_rows)
-    order = np.random.default_rng(seed).permutation(num_rows)
+def shard_rows(num_rows: int, rank: int, world_size: int, seed: int, epoch: int = 0) -> np.ndarray:
+    """This rank's rows for ``epoch``, in the order it visits them: a permutation seeded by the
+    run's seed and the epoch, dealt round-robin and trimmed so every rank gets the same count
+    (DDP ranks must take the same number of steps or the all-reduce hangs). Drawn anew each
+    epoch, so over the run each rank sees every row, as one process would."""
+    order = np.random.default_rng([seed, epoch]).permutation(num_rows)
     per_rank = num_rows // world_size
-    return np.sort(order[rank::world_size][:per_rank])
+    return order[rank::world_size][:per_rank]
+
+
+def _rank_rows(rows: int, rank: int, world_size: int, seed: int) -> ShuffleRows:
+    return lambda epoch: torch.from_numpy(shard_rows(rows, rank, world_size, seed, epoch))
+
+
+def step_rules(train: TrainConfig, rows: int) -> StepRules:
+    """What ``train`` asks of each optimizer step, for a worker visiting ``rows`` rows per epoch."""
+    batches = -(-rows // train.batch_size)
+    steps_per_epoch = -(-batches // train.accumulate_batches)
+    schedule = train.schedule
+    scheduled = schedule.name != "constant" or schedule.warmup_epochs > 0
+    return StepRules(
+        accumulate=train.accumulate_batches,
+        clip_grad_norm=train.clip_grad_norm,
+        autocast=torch.bfloat16 if train.precision == "bf16" else None,
+        rate=learning_rate(schedule, train.optimizer.lr, train.epochs, steps_per_epoch)
+        if scheduled
+        else None,
+    )
 
 
 def run_worker(
@@ -73,15 +106,19 @@ def run_worker(
         if resume_from
         else 0
     )
-    rows = shard_rows(len(train), rank, world_size, job.train.seed)
     combine = all_reduce_sum if world_size > 1 else local
     valid_rows = parallel.validation_rows(len(valid), rank, world_size)
     valid_combine = combine if parallel.shards_validation else local
     valid_batches = Batches.from_numpy(valid.x[valid_rows], valid.y[valid_rows]).to(device)
+    train_batches = Batches.from_numpy(train.x, train.y).to(device)
+    epoch_rows = _rank_rows(len(train), rank, world_size, job.train.seed) if world_size > 1 else None
+    rows_per_epoch = len(train) if world_size == 1 else len(train) // world_size
+    if job.train.early_stopping is not None:
+        monitors = [*monitors, EarlyStopping(job.train.early_stopping)]
     return fit(
         parallel.module,
         optimizer,
-        Batches.from_numpy(train.x[rows], train.y[rows]).to(device),
+        train_batches,
         job.task,
         epochs=job.train.epochs,
         batch_size=job.train.batch_size,
@@ -91,4 +128,6 @@ def run_worker(
         combine=combine,
         start_epoch=start_epoch,
         monitors=monitors,
+        rules=step_rules(job.train, rows_per_epoch),
+        epoch_rows=epoch_rows,
     )

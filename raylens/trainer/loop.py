@@ -7,6 +7,7 @@ and the strategy, so this loop runs the same in a unit test, a Tune trial and a 
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -20,6 +21,7 @@ from torch import nn
 
 from raylens.trainer.config import OptimizerConfig
 from raylens.trainer.metrics import metrics_from_summary, summarize
+from raylens.trainer.schedules import Rate
 from raylens.trainer.task import TaskSpec, decode, loss_fn, loss_weight, probabilities
 
 
@@ -116,6 +118,7 @@ class Monitor(Protocol):
     given monitors with the same ``every`` (what they decide may differ)."""
 
     every: int
+    """Steps between two ``on_step`` calls; 0: after epochs only."""
 
     def on_step(self, view: StepView) -> Decision: ...
     def on_epoch(self, metrics: dict[str, float]) -> Decision: ...
@@ -128,6 +131,24 @@ class FitResult:
     epochs: int
     stopped: Decision | None = None
     stopped_at_step: int | None = None
+
+
+@dataclass(frozen=True)
+class StepRules:
+    """How each optimizer step is taken, beyond forward, backward and step (all off by default)."""
+
+    accumulate: int = 1
+    """Batches whose gradients add up before one optimizer step."""
+    clip_grad_norm: float | None = None
+    """Clip the gradients' total norm to this; the epoch's mean norm before clipping is reported."""
+    autocast: torch.dtype | None = None
+    """Run forward and loss under ``torch.autocast`` with this dtype (bfloat16)."""
+    rate: Rate | None = None
+    """The learning rate of each optimizer step (``raylens.trainer.schedules``); None: as set."""
+
+
+ShuffleRows = Callable[[int], torch.Tensor]
+"""The rows (indices into the worker's ``train``) an epoch visits, in order."""
 
 
 def fit(
@@ -144,40 +165,62 @@ def fit(
     combine: Combine = local,
     start_epoch: int = 0,
     monitors: Sequence[Monitor] = (),
+    rules: StepRules = StepRules(),
+    epoch_rows: ShuffleRows | None = None,
 ) -> FitResult:
     """Train from ``start_epoch`` to ``epochs``; after every epoch, validate and report.
 
-    Every caller that trains in lockstep (DDP ranks) must pass the same number of rows, so each
-    runs the same number of steps. ``combine`` makes the reported train loss the loss over all
-    workers' rows, and agrees the ``monitors``' decisions. A stop decided after a step ends the
-    run there (the unfinished epoch is not reported); one decided after an epoch, once that epoch
-    is reported. Without monitors nothing runs between steps.
+    Each epoch visits ``epoch_rows(epoch)`` (default: every row of ``train``, shuffled by
+    ``seed`` and the epoch). Every caller that trains in lockstep (DDP ranks) must visit the same
+    number of rows, so each runs the same number of steps. ``combine`` makes the reported train
+    loss the loss over all workers' rows, and agrees the ``monitors``' decisions. A stop decided
+    after a step ends the run there (the unfinished epoch is not reported); one decided after an
+    epoch, once that epoch is reported. Without monitors nothing runs between steps.
     """
-    steps_per_epoch = -(-len(train) // batch_size)
+    shuffle = epoch_rows or _shuffled(len(train), seed)
+    batches_per_epoch = -(-len(shuffle(start_epoch)) // batch_size)
+    steps_per_epoch = -(-batches_per_epoch // rules.accumulate)
     step = start_epoch * steps_per_epoch
+    no_sync = getattr(model, "no_sync", None)  # DDP: no all-reduce on the batches that accumulate
     for epoch in range(start_epoch, epochs):
         model.train()
-        # Seeded per epoch, so a run resumed at epoch k shuffles exactly as the uninterrupted one.
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        order = shuffle(epoch)
         started = time.perf_counter()
         loss_sum = torch.zeros((), dtype=torch.float64)
         weight_sum = torch.zeros((), dtype=torch.float64)
-        for begin in range(0, len(order), batch_size):
+        norms: list[torch.Tensor] = []
+        batch_starts = range(0, len(order), batch_size)
+        for position, begin in enumerate(batch_starts):
             index = order[begin : begin + batch_size]
             x, y = train.x[index], train.y[index]
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x), y, task)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            # The step's loss is a mean over its rows' weights: summed back, the epoch's loss is
+            steps_now = (position + 1) % rules.accumulate == 0 or position == len(batch_starts) - 1
+            with (
+                no_sync() if no_sync is not None and not steps_now else contextlib.nullcontext(),
+                torch.autocast(
+                    x.device.type, dtype=rules.autocast or torch.bfloat16, enabled=rules.autocast is not None
+                ),
+            ):
+                loss = loss_fn(model(x), y, task)
+                (loss / rules.accumulate if rules.accumulate > 1 else loss).backward()
+            # The batch's loss is a mean over its rows' weights: summed back, the epoch's loss is
             # the weighted mean over all its rows (the plain mean when unweighted).
             rows_weight = loss_weight(y, task)
             rows_weight = rows_weight.cpu() if isinstance(rows_weight, torch.Tensor) else rows_weight
-            loss_sum += loss.detach().cpu() * rows_weight
+            loss_sum += loss.detach().float().cpu() * rows_weight
             weight_sum += rows_weight
+            if not steps_now:
+                continue
+            if rules.clip_grad_norm is not None:
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), rules.clip_grad_norm)
+                norms.append(_local(norm).detach())
+            if rules.rate is not None:
+                for group in optimizer.param_groups:
+                    group["lr"] = rules.rate(step)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
             if monitors:
-                due = [m for m in monitors if step % m.every == 0]
+                due = [m for m in monitors if m.every and step % m.every == 0]
                 if due:
                     view = StepView(epoch, step, loss.detach(), model, optimizer)
                     stop = _agreed([m.on_step(view) for m in due], combine)
@@ -192,6 +235,10 @@ def fit(
             "train_loss": float(total_loss / total_weight * task.loss_scale) if total_weight > 0 else 0.0,
             "train_samples_per_s": float(rows / elapsed) if elapsed > 0 else 0.0,
         }
+        if norms:
+            metrics["train_grad_norm"] = float(torch.stack(norms).float().mean())
+        if rules.rate is not None:
+            metrics["train_lr"] = float(optimizer.param_groups[0]["lr"])
         metrics.update({f"valid_{k}": v for k, v in validate().items()})
         reporter.report(metrics, TrainState(model, optimizer, epoch + 1))
         if monitors:
@@ -199,6 +246,18 @@ def fit(
             if stop is not None:
                 return FitResult(epoch + 1, stop, step)
     return FitResult(epochs)
+
+
+def _shuffled(rows: int, seed: int) -> ShuffleRows:
+    """Every row, in an order seeded per epoch: a run resumed at epoch k shuffles exactly as the
+    uninterrupted one."""
+    return lambda epoch: torch.randperm(rows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def _local(norm: torch.Tensor) -> torch.Tensor:
+    """A sharded model's norm comes back as a DTensor: the whole norm is its full tensor."""
+    full = getattr(norm, "full_tensor", None)
+    return full() if callable(full) else norm
 
 
 def _agreed(decisions: Sequence[Decision], combine: Combine) -> Decision | None:

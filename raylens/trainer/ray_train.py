@@ -4,12 +4,24 @@ Ray Train only launches processes, sets up the process group and persists checkp
 training itself is ``run_worker``. Rank 0 also puts each epoch's metrics on a queue, so the
 driver (the one writer to the tracker) sees them live and can draw progress.
 
+One worker on CPU on embedded Ray (the cluster is this machine, started by this process) needs
+none of that, and starting a worker group costs seconds: the driver trains itself
+(``trains_in_driver``), writing its checkpoints into the run folder as Ray Train lays them out.
+Ray Train's own local mode (``ScalingConfig(num_workers=0)``) is no substitute: in Ray 2.60 it
+persists nothing (``get_checkpoint()`` is only the last reported checkpoint of the same call), so
+a resume would start over, and it ignores ``FailureConfig``.
+
 Two promises hold whatever restarts happen:
 - the driver hears each epoch once: after a worker-group restart the epochs since the restored
   checkpoint are trained and reported again, bit-identical (the checkpoint carries the random
   state), and the replay is not passed on;
 - an interrupted driver (Ctrl-C, SIGTERM) aborts its run through the Train controller, so no
   worker keeps training after the invocation ended; the checkpoints stay for a resume.
+
+A run trained in the driver keeps both, and ``max_failures`` for errors its training raises
+(it restarts from the latest checkpoint). A process that dies (SIGKILL, the OOM killer) takes the
+invocation with it, as the death of any driver does: its complete checkpoints stay, and
+``--resume`` goes on from the latest.
 """
 
 from __future__ import annotations
@@ -17,10 +29,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import posixpath
+import shutil
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +48,17 @@ from ray.train.v2._internal.execution.callback import ControllerCallback
 from ray.util.queue import Empty, Queue
 
 from raylens.features import FeatureSet
+from raylens.interrupts import deferred_interrupts
 from raylens.trainer.job import TrainJob, run_worker
 from raylens.trainer.loop import TrainState
-from raylens.trainer.parallel import CorruptCheckpoint, gather_checkpoint, load_checkpoint, save_checkpoint
+from raylens.trainer.parallel import (
+    CorruptCheckpoint,
+    gather_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 
 logger = logging.getLogger(__name__)
 EPOCH, CONTROLLER, NOTICE = "epoch", "controller", "notice"
@@ -126,7 +148,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     job: TrainJob = config["job"]
     queue: Queue | None = config.get("queue")
-    torch.set_num_threads(max(1, round(job.train.scaling.cpus_per_worker)))
+    torch.set_num_threads(worker_threads(job))
     feature_set = FeatureSet(Path(config["feature_set_path"]), config["manifest"])
     resume_from = None
     checkpoint = ray.train.get_checkpoint()
@@ -144,6 +166,11 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
         device=ray.train.torch.get_device(),
         resume_from=resume_from,
     )
+
+
+def worker_threads(job: TrainJob) -> int:
+    """Torch threads of one worker: its CPUs."""
+    return max(1, round(job.train.scaling.cpus_per_worker))
 
 
 def scaling_config(job: TrainJob) -> ray.train.ScalingConfig:
@@ -164,9 +191,15 @@ def train_distributed(
     storage_path: Path,
     on_epoch: Callable[[dict[str, float]], None] = lambda metrics: None,
     on_notice: Callable[[str], None] = logger.warning,
+    embedded: bool = False,
 ) -> TrainOutcome:
     """Train with ``job.train.scaling.workers`` Ray Train workers; resume if ``run_name`` has a
-    checkpoint under ``storage_path`` already. ``on_epoch`` hears each epoch once, in order."""
+    checkpoint under ``storage_path`` already. ``on_epoch`` hears each epoch once, in order.
+
+    ``embedded``: the Ray cluster is this machine alone, started by this process; then a
+    1-worker CPU job trains in this process instead (``trains_in_driver``)."""
+    if trains_in_driver(job, embedded=embedded):
+        return _train_in_driver(job, feature_set, storage_path / run_name, on_epoch, on_notice)
     queue = Queue(actor_options={"num_cpus": 0})
     trainer = ray.train.torch.TorchTrainer(
         _train_loop_per_worker,
@@ -238,3 +271,117 @@ def _abort(controller: list[Any], fit_thread: threading.Thread) -> None:
         with contextlib.suppress(Exception):
             ray.get(controller[0].abort.remote(), timeout=30)
     fit_thread.join(timeout=30)
+
+
+def trains_in_driver(job: TrainJob, *, embedded: bool) -> bool:
+    """Whether the driver trains the job itself: one CPU worker, on a cluster that is this
+    machine alone. On any other cluster Ray places the worker (a Ray Client driver is not even
+    on the cluster), and GPUs are Ray's to assign."""
+    scaling = job.train.scaling
+    return embedded and scaling.workers == 1 and not scaling.use_gpu
+
+
+def checkpoint_folders(run_folder: Path) -> list[Path]:
+    """A run's checkpoint folders, oldest first (``checkpoint_<local time>``, Ray Train's names)."""
+    if not run_folder.is_dir():
+        return []
+    return sorted(p for p in run_folder.iterdir() if p.is_dir() and p.name.startswith("checkpoint_"))
+
+
+def commit_checkpoint(state: dict[str, Any], run_folder: Path, keep: int) -> Path:
+    """Write ``state`` as the run's newest checkpoint and remove all but the ``keep`` newest. It
+    is written in a staging folder and renamed into place, so a ``checkpoint_...`` folder is
+    always whole, whatever stops the process."""
+    run_folder.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=run_folder))
+    try:
+        save_checkpoint(state, staging)
+        folder = run_folder / f"checkpoint_{datetime.now():%Y-%m-%d_%H-%M-%S.%f}"
+        staging.rename(folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    for old in checkpoint_folders(run_folder)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+class DriverReporter:
+    """Reports of a run the driver trains: each epoch's checkpoint committed to the run folder,
+    then the epoch passed to ``on_epoch``. A stop signal waits for both, so a resume never
+    starts after an epoch the driver did not hear."""
+
+    def __init__(self, run_folder: Path, keep: int, on_epoch: Callable[[dict[str, float]], None]) -> None:
+        self.run_folder = run_folder
+        self.keep = keep
+        self.on_epoch = on_epoch
+        self.listener_error: BaseException | None = None
+        """What ``on_epoch`` raised: the caller's error, not a training failure to restart from."""
+
+    def report(self, metrics: dict[str, float], state: TrainState) -> None:
+        full_state = gather_checkpoint(state.model, state.optimizer, state.epoch)
+        with deferred_interrupts():
+            commit_checkpoint(full_state, self.run_folder, self.keep)
+            try:
+                self.on_epoch(dict(metrics))
+            except BaseException as exc:
+                self.listener_error = exc
+                raise
+
+
+@contextlib.contextmanager
+def _as_a_worker(job: TrainJob) -> Iterator[None]:
+    """The driver trains with a worker's thread count, and gets its own thread count and random
+    state back after (training reseeds the process's generators)."""
+    threads, random_state = torch.get_num_threads(), rng_state()
+    torch.set_num_threads(worker_threads(job))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        set_rng_state(random_state)
+
+
+def _train_in_driver(
+    job: TrainJob,
+    feature_set: FeatureSet,
+    run_folder: Path,
+    on_epoch: Callable[[dict[str, float]], None],
+    on_notice: Callable[[str], None],
+) -> TrainOutcome:
+    """One worker, in this process: resume from the run folder's latest readable checkpoint,
+    and after an error in training restart from it, up to ``max_failures`` times (Ray Train's
+    rule for a worker group)."""
+    history: dict[int, dict[str, float]] = {}
+
+    def hear(metrics: dict[str, float]) -> None:
+        # Heard already: an epoch trained again after falling back to an older checkpoint.
+        if int(metrics["epoch"]) not in history:
+            history[int(metrics["epoch"])] = metrics
+            on_epoch(metrics)
+
+    reporter = DriverReporter(run_folder, job.train.checkpoints_to_keep, hear)
+    train, valid = feature_set.read("train"), feature_set.read("valid")
+    failures = 0
+    with _as_a_worker(job):
+        while True:
+            resume_from = None
+            if found := checkpoint_folders(run_folder):
+                resume_from, notice = restore_point(ray.train.Checkpoint(str(found[-1])))
+                if notice:
+                    on_notice(notice)
+            try:
+                run_worker(job, train, valid, reporter, resume_from=resume_from)
+                break
+            except Exception as exc:
+                failures += 1
+                if exc is reporter.listener_error or failures > job.train.max_failures:
+                    raise
+                on_notice(
+                    f"training failed ({type(exc).__name__}: {exc}); restarting from the latest "
+                    f"checkpoint (failure {failures} of max_failures {job.train.max_failures})"
+                )
+    found = checkpoint_folders(run_folder)
+    if not found:
+        raise RuntimeError(f"training run '{run_folder.name}' finished without a checkpoint")
+    return TrainOutcome(found[-1], [history[e] for e in sorted(history)], str(run_folder))

@@ -96,10 +96,12 @@ def train_and_record(
     on_run_started: Callable[[str], None] = lambda run_id: None,
     on_epoch: EpochListener = lambda metrics: None,
     on_notice: Callable[[str], None] = logging.getLogger(__name__).warning,
+    embedded: bool = False,
 ) -> TrainRunResult:
     """Train, evaluate on the test split, log and register. With ``run_id`` (a resume) the run
     goes on in that MLflow run: epochs it already holds are not logged again, and its learning
-    curves cover every epoch, before and after the interruption."""
+    curves cover every epoch, before and after the interruption. ``embedded``: as
+    ``train_distributed`` takes it (a 1-worker CPU run then trains in this process)."""
     if run_id is None:
         run_id = tracker.start_run(run_name, parent_run_id=parent_run_id, tags=tags)
         earlier: list[dict[str, float]] = []
@@ -128,6 +130,7 @@ def train_and_record(
             storage_path=storage_path,
             on_epoch=record_epoch,
             on_notice=on_notice,
+            embedded=embedded,
         )
         outcome = replace(outcome, history=[history[e] for e in sorted(history)])
         state = load_checkpoint(outcome.checkpoint_dir)

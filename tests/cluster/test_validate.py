@@ -120,3 +120,17 @@ def test_class_weights_and_binary_metrics_are_checked_against_the_data(tmp_path:
     )
     with pytest.raises(UserError, match=r"tune\.space\.train\.class_weights: class weights are fixed"):
         Experiment.from_yaml(spec, None, ["tune.space.train.class_weights=choice(['balanced'])"])
+
+
+def test_the_early_stopping_metric_is_checked_against_the_task(tmp_path: Path) -> None:
+    spec = project(tmp_path)
+    ok = Experiment.from_yaml(spec, None, ["train.early_stopping={metric: valid_recall, mode: max}"])
+    assert ok.validate(tune=False).ok
+    wrong = Experiment.from_yaml(spec, None, ["train.early_stopping={metric: valid_rmse}"]).validate(
+        tune=False
+    )
+    assert len(wrong.problems) == 1
+    assert (
+        "train.early_stopping.metric: 'valid_rmse' is not a metric raylens reports for classification"
+        in (wrong.problems[0])
+    )
