@@ -14,9 +14,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from raylens.errors import UserError
 from raylens.features import FeatureSet, SplitArrays
 from raylens.trainer.config import ModelConfig, TrainConfig
 from raylens.trainer.loop import (
+    Action,
     Batches,
     FitResult,
     Monitor,
@@ -29,7 +31,7 @@ from raylens.trainer.loop import (
     make_optimizer,
 )
 from raylens.trainer.models import build_model
-from raylens.trainer.monitors import EarlyStopping
+from raylens.trainer.monitors import EarlyStopping, FiniteLoss
 from raylens.trainer.parallel import ParallelPlan, all_reduce_sum, restore
 from raylens.trainer.schedules import learning_rate
 from raylens.trainer.task import TaskSpec, task_spec
@@ -60,6 +62,17 @@ def shard_rows(num_rows: int, rank: int, world_size: int, seed: int, epoch: int 
 
 def _rank_rows(rows: int, rank: int, world_size: int, seed: int) -> ShuffleRows:
     return lambda epoch: torch.from_numpy(shard_rows(rows, rank, world_size, seed, epoch))
+
+
+class TrainingFailed(UserError):
+    """A run a monitor failed (a diverged loss): the message says why and what to try."""
+
+
+def raise_if_failed(result: FitResult) -> FitResult:
+    """``result``, or ``TrainingFailed`` when a monitor failed the run."""
+    if result.stopped is not None and result.stopped.action is Action.FAIL:
+        raise TrainingFailed(result.stopped.reason)
+    return result
 
 
 def step_rules(train: TrainConfig, rows: int) -> StepRules:
@@ -113,8 +126,9 @@ def run_worker(
     train_batches = Batches.from_numpy(train.x, train.y).to(device)
     epoch_rows = _rank_rows(len(train), rank, world_size, job.train.seed) if world_size > 1 else None
     rows_per_epoch = len(train) if world_size == 1 else len(train) // world_size
+    monitors = [*monitors, FiniteLoss()]
     if job.train.early_stopping is not None:
-        monitors = [*monitors, EarlyStopping(job.train.early_stopping)]
+        monitors.append(EarlyStopping(job.train.early_stopping))
     return fit(
         parallel.module,
         optimizer,

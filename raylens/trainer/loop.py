@@ -84,6 +84,9 @@ def local(values: np.ndarray) -> np.ndarray:
 class Action(StrEnum):
     CONTINUE = "continue"
     STOP = "stop"
+    """End the run as finished (early stopping)."""
+    FAIL = "fail"
+    """End the run as failed, the reason its error (a diverged loss)."""
 
 
 @dataclass(frozen=True)
@@ -261,13 +264,17 @@ def _local(norm: torch.Tensor) -> torch.Tensor:
 
 
 def _agreed(decisions: Sequence[Decision], combine: Combine) -> Decision | None:
-    """The stop decision of this rank, or of another: every rank gets the same answer (one
-    all-reduce of a flag). Another rank's reason is not sent; it is said where it was decided."""
-    mine = next((d for d in decisions if d.action is Action.STOP), None)
-    stops = combine(np.array([1.0 if mine is not None else 0.0]))[0]
-    if stops == 0:
-        return None
-    return mine or Decision(Action.STOP, "another worker stopped the run")
+    """This rank's stop or fail decision, or another rank's: every rank gets the same action
+    (one all-reduce of two flags), a failure winning over a stop. Another rank's reason is not
+    sent; it is said where it was decided."""
+    fail = next((d for d in decisions if d.action is Action.FAIL), None)
+    stop = next((d for d in decisions if d.action is Action.STOP), None)
+    stops, fails = combine(np.array([1.0 if stop else 0.0, 1.0 if fail else 0.0]))
+    if fails:
+        return fail or Decision(Action.FAIL, "another worker failed the run")
+    if stops:
+        return stop or Decision(Action.STOP, "another worker stopped the run")
+    return None
 
 
 @torch.no_grad()

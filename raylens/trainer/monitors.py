@@ -44,3 +44,33 @@ class EarlyStopping:
             f"early stopping: {config.metric} has not improved on {self.best} for {self.waited} "
             f"epoch{'s' if self.waited > 1 else ''} (patience {config.patience})",
         )
+
+
+class FiniteLoss:
+    """Fails the run when the training loss is NaN or infinite: every ``every`` steps (reading
+    the loss waits for the device, so not after each one) and at each epoch's end (the epoch's
+    mean loss, which any non-finite step makes non-finite)."""
+
+    def __init__(self, every: int = 50) -> None:
+        self.every = every
+
+    def on_step(self, view: StepView) -> Decision:
+        value = float(view.loss)
+        if math.isfinite(value):
+            return GO_ON
+        return _diverged(value, f"at step {view.step} (epoch {view.epoch + 1})")
+
+    def on_epoch(self, metrics: dict[str, float]) -> Decision:
+        value = metrics.get("train_loss", 0.0)
+        if math.isfinite(value):
+            return GO_ON
+        return _diverged(value, f"in epoch {int(metrics['epoch'])}")
+
+
+def _diverged(value: float, where: str) -> Decision:
+    return Decision(
+        Action.FAIL,
+        f"the training loss became {value} {where}: the model diverged. Lower train.optimizer.lr, "
+        "set train.clip_grad_norm (e.g. 1.0) or a warmup (train.schedule.warmup_epochs), or check "
+        "the data for extreme values",
+    )

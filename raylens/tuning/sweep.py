@@ -29,6 +29,7 @@ from raylens.errors import UserError
 from raylens.features import FeatureSet, SplitArrays
 from raylens.interrupts import Interrupted
 from raylens.trainer import ModelConfig, TrainConfig, TrainJob, TrainState, run_worker
+from raylens.trainer.job import raise_if_failed
 from raylens.trainer.parallel import gather_checkpoint, load_checkpoint, save_checkpoint
 from raylens.trainer.ray_train import train_distributed
 from raylens.trainer.tracking import Tracker
@@ -95,7 +96,8 @@ def _trial(
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             resume_from = load_checkpoint(Path(folder))
-    run_worker(trial_job, train, valid, TuneReporter(), resume_from=resume_from)
+    # A diverged trial fails with its reason (the trial's error); the sweep goes on.
+    raise_if_failed(run_worker(trial_job, train, valid, TuneReporter(), resume_from=resume_from))
 
 
 def _distributed_trial(

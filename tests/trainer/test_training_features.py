@@ -151,3 +151,16 @@ def test_each_epoch_deals_the_rows_to_the_ranks_anew() -> None:
 def test_settings_that_cannot_work_are_refused(train: dict, message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         TrainConfig(**train)
+
+
+def test_a_diverged_loss_fails_the_run_with_the_step_and_what_to_try(iris: FeatureSet) -> None:
+    from raylens.trainer.job import TrainingFailed, raise_if_failed
+
+    reporter = Collect()
+    exploding = job(iris, epochs=50, optimizer={"name": "sgd", "lr": 1e6, "momentum": 0.9})
+    result = run_worker(exploding, iris.read("train"), iris.read("valid"), reporter)
+    assert result.stopped is not None and result.stopped.action.value == "fail"
+    assert result.epochs < 50
+    with pytest.raises(TrainingFailed, match=r"the training loss became (nan|inf) (at step \d+|in epoch \d+)"):
+        raise_if_failed(result)
+    assert "Lower train.optimizer.lr, set train.clip_grad_norm" in result.stopped.reason
