@@ -1,6 +1,10 @@
 """Cold start: seconds from launching `raylens train` to its first optimizer step, beside a bare
 PyTorch script that imports torch, loads the same data and takes one step.
 
+`raylens train` runs twice: with 2 DDP workers (a Ray Train worker group; ``ratio``, printed
+last) and with 1 worker (``ratio_1_worker``), the default, which on embedded Ray trains in the
+driver's process.
+
 The first step is observed through a user model (``bench.startup_model:build``) whose first
 forward writes a timestamp: no hook in raylens itself. Both run as fresh processes with no Ray
 running; raylens also creates its MLflow store and feature set from scratch, as on first use.
@@ -48,16 +52,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     repo = Path(__file__).resolve().parents[1]
     bin_dir = Path(sys.executable).parent
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        (folder / "startup.yaml").write_text(SPEC)
-        marker = folder / "first_step"
-        env = {**os.environ, "PYTHONPATH": str(repo), "RAYLENS_BENCH_FIRST_STEP": str(marker)}
+        env = {**os.environ, "PYTHONPATH": str(repo)}
         env.pop("RAY_ADDRESS", None)
-        raylens_s = _first_step_seconds(
-            [str(bin_dir / "raylens"), "train", "startup.yaml"], marker, folder, env
+
+        def first_step(name: str, command: list[str]) -> float:
+            """In a folder of its own: each raylens run creates its MLflow store and feature set."""
+            folder = Path(tmp) / name
+            folder.mkdir()
+            (folder / "startup.yaml").write_text(SPEC)
+            marker = folder / "first_step"
+            return _first_step_seconds(
+                command, marker, folder, {**env, "RAYLENS_BENCH_FIRST_STEP": str(marker)}
+            )
+
+        raylens = [str(bin_dir / "raylens"), "train", "startup.yaml"]
+        raylens_s = first_step("two-workers", raylens)
+        one_worker = ["--set", "train.scaling.workers=1", "--set", "train.scaling.strategy=auto"]
+        raylens_1_s = first_step("one-worker", [*raylens, *one_worker])
+        bare_s = first_step(
+            "bare", [sys.executable, "-c", BARE.format(path=str(Path(tmp) / "bare" / "first_step"))]
         )
-        marker.unlink()
-        bare_s = _first_step_seconds(
-            [sys.executable, "-c", BARE.format(path=str(marker))], marker, folder, env
-        )
-    return {"raylens_first_step_s": raylens_s, "bare_first_step_s": bare_s, "ratio": raylens_s / bare_s}
+    return {
+        "raylens_first_step_s": raylens_s,
+        "raylens_1_worker_first_step_s": raylens_1_s,
+        "bare_first_step_s": bare_s,
+        "ratio_1_worker": raylens_1_s / bare_s,
+        "ratio": raylens_s / bare_s,
+    }

@@ -90,6 +90,8 @@ def check_experiment(
         problems.check(lambda: _check_metric(spec, task, classes))
     if spec.train.early_stopping is not None and planned is not None:
         problems.check(lambda: _check_early_stopping(spec, planned))
+    if address is None:
+        problems.check(lambda: _check_fits_embedded(spec, tune=tune))
     problems.check(lambda: check_address(address))
     if tracking_uri is not None:
         from raylens.trainer.tracking import check_tracking_uri
@@ -137,6 +139,31 @@ def _check_early_stopping(spec: ExperimentSpec, planned: PlannedFeatureSet) -> N
         raise UserError(
             f"train.early_stopping.metric: '{metric}' is not a metric raylens reports for {planned.task}"
             f"{did_you_mean(metric, reported)}; use one of {', '.join(reported)}"
+        )
+
+
+def _check_fits_embedded(spec: ExperimentSpec, *, tune: bool) -> None:
+    """The embedded cluster's size is known before it starts: a run that could never fit is a
+    mistake in the spec (Ray would wait for resources forever)."""
+    import torch
+
+    from raylens.cluster.resources import resource_shortfall
+    from raylens.cluster.runtime import embedded_cpus
+
+    scaling = spec.train.scaling
+    short = resource_shortfall(
+        spec.train,
+        spec.tune if tune else None,
+        cpus=embedded_cpus(),
+        gpus=torch.cuda.device_count(),
+        # One CPU worker trains in the raylens process itself, not in a Ray worker.
+        trains=scaling.workers > 1 or scaling.use_gpu,
+    )
+    if short is not None:
+        raise UserError(
+            f"{short} (embedded Ray: {embedded_cpus()} logical CPUs on this machine); lower "
+            "train.scaling.workers or cpus_per_worker (or tune.workers_per_trial), or run on a "
+            "larger cluster with --address"
         )
 
 

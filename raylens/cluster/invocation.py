@@ -20,6 +20,7 @@ import yaml
 
 import raylens
 from raylens.cluster.experiment import Experiment, Progress, RunSummary
+from raylens.cluster.resources import resource_shortfall
 from raylens.cluster.runs import (
     LATEST,
     RunLock,
@@ -29,7 +30,7 @@ from raylens.cluster.runs import (
     spec_changes,
     spec_fingerprint,
 )
-from raylens.cluster.runtime import RuntimeSettings, start_ray, stop_ray
+from raylens.cluster.runtime import RayRuntime, RuntimeSettings, start_ray, stop_ray
 from raylens.cluster.spec import best_spec
 from raylens.errors import UserError
 from raylens.features import FeatureSet, PlannedFeatureSet, publish_feature_set
@@ -106,6 +107,7 @@ class Invocation:
                 opening = pool.submit(self._open_tracker)
                 runtime = start_ray(settings)
             try:
+                self._check_resources(runtime)
                 tracker = opening.result()
                 # Every check passed: from here on the run writes.
                 feature_set = publish_feature_set(planned, self.workspace.feature_store)
@@ -113,12 +115,31 @@ class Invocation:
                 if record is None:
                     record = self._new_run(planned, spec_hash, spec_flat)
                 self._close_abandoned(tracker, record)
-                return Stages(self, feature_set, tracker, record).run()
+                return Stages(self, feature_set, tracker, record, embedded=runtime.embedded).run()
             finally:
                 stop_ray(runtime)
         finally:
             if self.lock is not None:
                 self.lock.release()
+
+    def _check_resources(self, runtime: RayRuntime) -> None:
+        """On a cluster given by --address, say what the run asks beyond what the cluster has now:
+        its autoscaler may add the nodes, so the run goes on. (The embedded cluster's size is
+        known before it starts: ``Experiment.validate`` refuses such a run.)"""
+        import ray
+
+        if runtime.embedded:
+            return
+        total = ray.cluster_resources()
+        short = resource_shortfall(
+            self.spec.train,
+            self.spec.tune if self.command != "train" else None,
+            cpus=float(total.get("CPU", 0)),
+            gpus=float(total.get("GPU", 0)),
+            trains=self.command != "tune",
+        )
+        if short is not None:
+            self.progress.notice(f"{short}: Ray waits until the cluster has them (if it autoscales)")
 
     def _open_tracker(self) -> MlflowTracker:
         uri = self.experiment.tracking_uri
@@ -197,9 +218,18 @@ class Stages:
     """The tracked stages of one run, sharing its feature set, tracker and record."""
 
     def __init__(
-        self, invocation: Invocation, feature_set: FeatureSet, tracker: MlflowTracker, record: RunRecord
+        self,
+        invocation: Invocation,
+        feature_set: FeatureSet,
+        tracker: MlflowTracker,
+        record: RunRecord,
+        *,
+        embedded: bool = False,
     ) -> None:
         self.invocation = invocation
+        self.embedded = embedded
+        """Ray is a cluster of this machine alone, started for this run: the final training of
+        one CPU worker runs in this process (no Ray Train worker group to start)."""
         self.spec = invocation.spec
         self.progress = invocation.progress
         self.feature_set = feature_set
@@ -339,6 +369,7 @@ class Stages:
             on_run_started=lambda run_id: self.save(final_run_id=run_id),
             on_epoch=self.progress.epoch,
             on_notice=self.progress.notice,
+            embedded=self.embedded,
         )
         self.progress.training_finished()
         self.tracker.log_metrics(root_run, final.test_metrics)

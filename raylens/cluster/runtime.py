@@ -42,6 +42,11 @@ class RayRuntime:
     cpus: float
     address: str | None
 
+    @property
+    def embedded(self) -> bool:
+        """A cluster of this machine alone, started by this process: nothing else runs on it."""
+        return self.started_here and self.address in (None, "local")
+
 
 @dataclass(frozen=True)
 class RuntimeSettings:

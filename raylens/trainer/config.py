@@ -49,7 +49,8 @@ class ScalingConfig(_Strict):
     """How many Ray Train workers train the final model, and how the model is distributed."""
 
     workers: int = Field(1, ge=1)
-    """Number of training workers (processes); 1 trains in the driver's Ray worker without DDP."""
+    """Number of training workers (processes). 1 on CPU on embedded Ray trains in the raylens
+    process itself (no worker group to start); elsewhere in one Ray Train worker, without DDP."""
     strategy: Literal["ddp", "fsdp", "pipeline", "auto"] = "auto"
     """ddp: replicate the model, average gradients; fsdp: shard parameters across workers;
     auto: ddp (the models raylens ships fit on one worker)."""

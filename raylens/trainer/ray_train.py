@@ -49,8 +49,8 @@ from ray.util.queue import Empty, Queue
 
 from raylens.features import FeatureSet
 from raylens.interrupts import deferred_interrupts
-from raylens.trainer.job import TrainJob, run_worker
-from raylens.trainer.loop import TrainState
+from raylens.trainer.job import TrainingFailed, TrainJob, raise_if_failed, run_worker
+from raylens.trainer.loop import Action, TrainState
 from raylens.trainer.parallel import (
     CorruptCheckpoint,
     gather_checkpoint,
@@ -61,7 +61,7 @@ from raylens.trainer.parallel import (
 )
 
 logger = logging.getLogger(__name__)
-EPOCH, CONTROLLER, NOTICE = "epoch", "controller", "notice"
+EPOCH, CONTROLLER, NOTICE, FAILED = "epoch", "controller", "notice", "failed"
 """Kinds of message on the queue from the run to the driver."""
 
 
@@ -156,7 +156,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
         resume_from, notice = restore_point(checkpoint)
         if notice and rank == 0 and queue is not None:
             queue.put_nowait((NOTICE, notice))
-    run_worker(
+    result = run_worker(
         job,
         feature_set.read("train"),
         feature_set.read("valid"),
@@ -166,6 +166,14 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
         device=ray.train.torch.get_device(),
         resume_from=resume_from,
     )
+    # A failed run (a diverged loss) would fail again from any checkpoint: rather than raise
+    # (Ray would restart the worker group max_failures times), the workers end and rank 0 tells
+    # the driver why, which fails the run.
+    if result.stopped is not None and result.stopped.action is Action.FAIL:
+        if queue is None:
+            raise_if_failed(result)
+        elif rank == 0:
+            queue.put_nowait((FAILED, result.stopped.reason))
 
 
 def worker_threads(job: TrainJob) -> int:
@@ -231,6 +239,7 @@ def train_distributed(
     thread.start()
     history: dict[int, dict[str, float]] = {}
     controller: list[Any] = []
+    failed: list[str] = []
 
     def drain(block: bool) -> None:
         while True:
@@ -242,6 +251,8 @@ def train_distributed(
                 controller.append(payload)
             elif kind == NOTICE:
                 on_notice(payload)
+            elif kind == FAILED:
+                failed.append(payload)
             elif int(payload["epoch"]) not in history:  # a replay after a restart: heard already
                 history[int(payload["epoch"])] = payload
                 on_epoch(payload)
@@ -257,6 +268,8 @@ def train_distributed(
         queue.shutdown()
     if "error" in outcome:
         raise outcome["error"]
+    if failed:
+        raise TrainingFailed(failed[0])
     result = outcome["result"]
     if result.checkpoint is None:
         raise RuntimeError(f"training run '{run_name}' finished without a checkpoint")
@@ -371,8 +384,10 @@ def _train_in_driver(
                 if notice:
                     on_notice(notice)
             try:
-                run_worker(job, train, valid, reporter, resume_from=resume_from)
+                raise_if_failed(run_worker(job, train, valid, reporter, resume_from=resume_from))
                 break
+            except TrainingFailed:
+                raise  # it would fail again from any checkpoint: not retried
             except Exception as exc:
                 failures += 1
                 if exc is reporter.listener_error or failures > job.train.max_failures:

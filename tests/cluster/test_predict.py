@@ -14,7 +14,6 @@ from typer.testing import CliRunner
 
 from raylens.cluster.cli import app
 from raylens.cluster.predict import predict_files
-from raylens.errors import UserError
 from raylens.features import DataConfig, FeaturesConfig, build_feature_set
 from tests.trainer.test_artifacts import Logged, train_and_log
 
@@ -147,12 +146,20 @@ def test_ray_data_actors_score_the_same_rows_in_the_same_order(cancer: Logged, t
     # Another batch size takes other float paths through the network: equal to float32's precision.
     np.testing.assert_allclose(got["probability_1"], expected["probability_1"], rtol=1e-5, atol=1e-7)
 
-    bad = rows.iloc[:third].copy()
+
+def test_an_actor_returns_an_input_error_as_a_value(cancer: Logged) -> None:
+    """What a Ray Data actor does with a bad batch (no Ray: the actor's function called here): the
+    message comes back as the batch's one column, for the driver to raise (Ray would bury an
+    exception's message in a traceback of its own)."""
+    import pyarrow as pa
+
+    from raylens.cluster.predict import INPUT_ERROR, _Scorer
+
+    scorer = _Scorer(cancer.model_uri, cancer.tracking_uri, (), True)
+    good = pa.Table.from_pandas(cancer.raw_test.iloc[:4], preserve_index=False)
+    assert scorer(good).column_names == ["prediction", "probability_0", "probability_1"]
+    bad = cancer.raw_test.iloc[:8].reset_index(drop=True)
     bad.loc[5, "mean texture"] = np.inf
-    bad.to_parquet(data / "part-0.parquet")
-    with pytest.raises(UserError, match=r"column 'mean texture' row \[5\] \(inf\)"):
-        predict_files(
-            cancer.model_uri, data, tmp_path / "bad.parquet", tracking_uri=cancer.tracking_uri, workers=2
-        )
-    assert not (tmp_path / "bad.parquet").exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+    refused = scorer(pa.Table.from_pandas(bad, preserve_index=False))
+    assert refused.column_names == [INPUT_ERROR]
+    assert "column 'mean texture' row [5] (inf)" in refused.column(INPUT_ERROR)[0].as_py()

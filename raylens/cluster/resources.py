@@ -1,0 +1,44 @@
+"""Whether a run's workers can ever fit the cluster: asked vs available, said in seconds.
+
+Ray would otherwise wait for resources that never come (a 16-worker run on a 4-CPU embedded
+cluster waits forever). On the embedded cluster that is a mistake in the spec; on a cluster given
+by ``--address`` it may be an autoscaler's to fix, so it is only said.
+"""
+
+from __future__ import annotations
+
+from raylens.trainer import TrainConfig
+from raylens.tuning import TuneConfig
+
+TRIAL_HEADROOM_CPUS = 1.0
+"""CPUs a sweep keeps free beside its trials (``raylens.tuning.plan``)."""
+
+
+def resource_shortfall(
+    train: TrainConfig, tune: TuneConfig | None, *, cpus: float, gpus: float, trains: bool
+) -> str | None:
+    """What the run asks beyond ``cpus`` and ``gpus`` (the cluster's totals), or None when it
+    fits: the final training's workers (when ``trains``), and one trial of the sweep."""
+    scaling = train.scaling
+    problems = []
+    if trains:
+        asked = scaling.workers * scaling.cpus_per_worker
+        if asked > cpus + 1e-9:
+            problems.append(
+                f"train.scaling asks for {asked:g} CPUs ({scaling.workers} workers x "
+                f"{scaling.cpus_per_worker:g} cpus_per_worker) and the cluster has {cpus:g}"
+            )
+        if scaling.use_gpu and scaling.workers > gpus:
+            problems.append(
+                f"train.scaling.use_gpu asks for {scaling.workers} GPUs (one per worker) and the "
+                f"cluster has {gpus:g}"
+            )
+    if tune is not None:
+        workers = tune.workers_per_trial
+        per_trial = workers * (tune.cpus_per_trial if workers == 1 else scaling.cpus_per_worker)
+        if per_trial > cpus - TRIAL_HEADROOM_CPUS + 1e-9:
+            problems.append(
+                f"one trial of the sweep asks for {per_trial:g} CPUs and the cluster has {cpus:g}, "
+                f"{TRIAL_HEADROOM_CPUS:g} of them kept free beside the trials"
+            )
+    return "; ".join(problems) if problems else None

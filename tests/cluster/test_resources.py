@@ -1,0 +1,24 @@
+"""A run that asks more of the cluster than it has is refused before anything starts (embedded)
+or said (a cluster that may autoscale). No Ray: the cluster's totals are given."""
+
+from raylens.cluster.resources import resource_shortfall
+from raylens.trainer import TrainConfig
+from raylens.tuning import TuneConfig
+
+SPACE = {"train.optimizer.lr": "uniform(0.01, 0.1)"}
+
+
+def test_the_final_training_and_a_trial_are_measured_against_the_cluster() -> None:
+    fits = TrainConfig(scaling={"workers": 2, "cpus_per_worker": 2})
+    assert resource_shortfall(fits, None, cpus=4, gpus=0, trains=True) is None
+    too_many = TrainConfig(scaling={"workers": 16})
+    message = resource_shortfall(too_many, None, cpus=4, gpus=0, trains=True)
+    assert message == "train.scaling asks for 16 CPUs (16 workers x 1 cpus_per_worker) and the cluster has 4"
+    assert resource_shortfall(too_many, None, cpus=4, gpus=0, trains=False) is None  # `tune` trains nothing
+    gpus = TrainConfig(scaling={"workers": 2, "use_gpu": True})
+    assert "asks for 2 GPUs (one per worker) and the cluster has 0" in str(
+        resource_shortfall(gpus, None, cpus=8, gpus=0, trains=True)
+    )
+    wide_trials = TuneConfig(space=SPACE, workers_per_trial=4)
+    message = resource_shortfall(TrainConfig(), wide_trials, cpus=4, gpus=0, trains=True)
+    assert message is not None and "one trial of the sweep asks for 4 CPUs and the cluster has 4" in message

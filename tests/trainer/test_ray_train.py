@@ -1,0 +1,217 @@
+"""The Ray Train bridge's one-worker path: on embedded Ray a 1-worker CPU run trains in the
+driver's process. It must keep what a Ray Train run promises: every epoch heard once, in order;
+checkpoints in the run folder, the latest ``checkpoints_to_keep`` of them; a resume that ends
+with the weights an uninterrupted run ends with; ``max_failures`` restarts after an error.
+No Ray cluster is started: the driver needs none to train."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+import torch
+from torch import nn
+
+from raylens.features import FeatureSet
+from raylens.trainer import ModelConfig, TrainConfig, TrainJob
+from raylens.trainer.job import TrainingFailed
+from raylens.trainer.models import MLP
+from raylens.trainer.parallel import load_checkpoint, rng_state
+from raylens.trainer.ray_train import TrainOutcome, checkpoint_folders, train_distributed, trains_in_driver
+
+EPOCHS = 5
+
+
+class FailsOnce(MLP):
+    """An MLP whose ``fail_at``-th training step raises, unless ``marker`` exists (it is created
+    then): a transient error, which a restart from the latest checkpoint gets past."""
+
+    def __init__(self, in_features: int, out_features: int, marker: str, fail_at: int, **params: Any) -> None:
+        super().__init__(in_features, out_features, **params)
+        self.marker, self.fail_at, self.steps = Path(marker), fail_at, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.steps += 1
+            if self.steps == self.fail_at and not self.marker.exists():
+                self.marker.touch()
+                raise RuntimeError("a transient fault")
+        return super().forward(x)
+
+
+def fails_once(in_features: int, out_features: int, **params: Any) -> nn.Module:
+    return FailsOnce(in_features, out_features, **params)
+
+
+def job(
+    iris: FeatureSet, marker: Path, *, fail_at: int = 0, max_failures: int = 2, keep: int = 2
+) -> TrainJob:
+    """Dropout, so a resume that lost the random state would end with other weights."""
+    return TrainJob.for_feature_set(
+        ModelConfig(
+            name=f"{__name__}:fails_once",
+            params={"hidden": [16], "dropout": 0.2, "marker": str(marker), "fail_at": fail_at},
+        ),
+        TrainConfig(
+            epochs=EPOCHS,
+            batch_size=8,
+            optimizer={"lr": 0.02},
+            checkpoints_to_keep=keep,
+            max_failures=max_failures,
+        ),
+        iris,
+    )
+
+
+def train(job: TrainJob, iris: FeatureSet, storage: Path, **listeners: Any) -> TrainOutcome:
+    return train_distributed(job, iris, run_name="final", storage_path=storage, embedded=True, **listeners)
+
+
+def uninterrupted(iris: FeatureSet, tmp_path: Path) -> tuple[TrainOutcome, dict[str, torch.Tensor]]:
+    (tmp_path / "never-fails").touch()
+    outcome = train(job(iris, tmp_path / "never-fails"), iris, tmp_path / "uninterrupted")
+    return outcome, load_checkpoint(outcome.checkpoint_dir)["model"]
+
+
+def assert_same_weights(ours: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> None:
+    assert ours.keys() == reference.keys()
+    for name, tensor in reference.items():
+        assert torch.equal(ours[name], tensor), name
+
+
+def test_only_one_cpu_worker_on_embedded_ray_trains_in_the_driver(iris: FeatureSet, tmp_path: Path) -> None:
+    one = job(iris, tmp_path / "m")
+    assert trains_in_driver(one, embedded=True)
+    assert not trains_in_driver(one, embedded=False)  # another cluster places its worker itself
+    scaling = one.train.scaling
+    for other in ({"workers": 2}, {"use_gpu": True}):
+        changed = one.train.model_copy(update={"scaling": scaling.model_copy(update=other)})
+        assert not trains_in_driver(TrainJob(one.model, changed, one.task, one.in_features), embedded=True)
+
+
+def test_interrupted_and_resumed_in_the_driver_ends_with_the_uninterrupted_weights(
+    iris: FeatureSet, tmp_path: Path
+) -> None:
+    ray_before = ray.is_initialized()  # other tests of the session may have started one
+    reference, reference_model = uninterrupted(iris, tmp_path)
+    assert [m["epoch"] for m in reference.history] == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert reference.run_path == str(tmp_path / "uninterrupted" / "final")
+    assert ray.is_initialized() == ray_before  # trained without starting a Ray cluster
+
+    (tmp_path / "m").touch()
+    storage, run = tmp_path / "interrupted", tmp_path / "interrupted" / "final"
+    heard: list[dict[str, float]] = []
+
+    def stop_after_epoch_2(metrics: dict[str, float]) -> None:
+        heard.append(metrics)
+        if metrics["epoch"] == 2:
+            raise KeyboardInterrupt  # Ctrl-C, as the CLI raises it, after epoch 2's report
+
+    threads, random_state = torch.get_num_threads(), rng_state()
+    with pytest.raises(KeyboardInterrupt):
+        train(job(iris, tmp_path / "m"), iris, storage, on_epoch=stop_after_epoch_2)
+    assert [m["epoch"] for m in heard] == [1.0, 2.0]
+    assert [load_checkpoint(f)["epoch"] for f in checkpoint_folders(run)] == [1, 2]  # committed first
+    assert [
+        p.name for p in run.iterdir() if not p.name.startswith("checkpoint_")
+    ] == []  # nothing half-written
+    # The driver's own thread count and random state are its own again.
+    assert torch.get_num_threads() == threads
+    assert torch.equal(rng_state()["torch"], random_state["torch"])
+
+    resumed = train(job(iris, tmp_path / "m"), iris, storage, on_epoch=heard.append)
+    assert [m["epoch"] for m in heard] == [1.0, 2.0, 3.0, 4.0, 5.0]  # each epoch heard once
+    assert [m["epoch"] for m in resumed.history] == [3.0, 4.0, 5.0]
+    assert heard[2:] == resumed.history and set(heard[0]) == set(reference.history[0])
+    for ours, theirs in zip(heard, reference.history, strict=True):  # timings aside, the same metrics
+        assert {k: v for k, v in ours.items() if not k.endswith("_per_s")} == {
+            k: v for k, v in theirs.items() if not k.endswith("_per_s")
+        }
+    kept = checkpoint_folders(run)
+    assert [load_checkpoint(f)["epoch"] for f in kept] == [4, 5]  # checkpoints_to_keep: 2
+    assert resumed.checkpoint_dir == kept[-1] and resumed.run_path == str(run)
+    assert_same_weights(load_checkpoint(resumed.checkpoint_dir)["model"], reference_model)
+
+    # A finished run resumed again trains nothing and hands back its last checkpoint.
+    again = train(job(iris, tmp_path / "m"), iris, storage)
+    assert again.history == [] and again.checkpoint_dir == kept[-1]
+
+
+def test_an_error_in_training_restarts_from_the_latest_checkpoint_up_to_max_failures(
+    iris: FeatureSet, tmp_path: Path
+) -> None:
+    reference, reference_model = uninterrupted(iris, tmp_path)
+    heard: list[dict[str, float]] = []
+    notices: list[str] = []
+    steps_per_epoch = math.ceil(len(iris.read("train")) / 8)
+    # It fails at epoch 3's first step; every checkpoint is kept, to see what was trained.
+    flaky = job(iris, tmp_path / "failed-once", fail_at=2 * steps_per_epoch + 1, keep=10)
+    outcome = train(flaky, iris, tmp_path / "restarted", on_epoch=heard.append, on_notice=notices.append)
+    assert (tmp_path / "failed-once").exists()
+    assert len(notices) == 1 and "RuntimeError: a transient fault" in notices[0], notices
+    assert "failure 1 of max_failures 2" in notices[0]
+    assert [m["epoch"] for m in heard] == [1.0, 2.0, 3.0, 4.0, 5.0]
+    # It went on from epoch 2's checkpoint: no epoch was trained (and checkpointed) twice.
+    epochs = [load_checkpoint(f)["epoch"] for f in checkpoint_folders(tmp_path / "restarted" / "final")]
+    assert epochs == [1, 2, 3, 4, 5]
+    assert [m["valid_loss"] for m in outcome.history] == [m["valid_loss"] for m in reference.history]
+    assert_same_weights(load_checkpoint(outcome.checkpoint_dir)["model"], reference_model)
+
+    # max_failures: 0 lets the error through, as Ray Train's failure policy does.
+    with pytest.raises(RuntimeError, match="a transient fault"):
+        train(job(iris, tmp_path / "fails", fail_at=1, max_failures=0), iris, tmp_path / "no-restarts")
+
+
+def test_an_error_of_the_listener_is_not_a_training_failure(iris: FeatureSet, tmp_path: Path) -> None:
+    """The driver's own error (the tracker's, say) ends the run at once: nothing is retrained."""
+    (tmp_path / "m").touch()
+    calls: list[float] = []
+
+    def broken(metrics: dict[str, float]) -> None:
+        calls.append(metrics["epoch"])
+        raise ValueError("the tracking store is gone")
+
+    with pytest.raises(ValueError, match="the tracking store is gone"):
+        train(job(iris, tmp_path / "m"), iris, tmp_path / "ray", on_epoch=broken)
+    assert calls == [1.0]
+
+
+def diverging(workers: int, iris: FeatureSet) -> TrainJob:
+    return TrainJob.for_feature_set(
+        ModelConfig(params={"hidden": [16]}),
+        TrainConfig(
+            epochs=20,
+            batch_size=8,
+            optimizer={"name": "sgd", "lr": 1e6, "momentum": 0.9},
+            scaling={"workers": workers, "strategy": "ddp"},
+            max_failures=2,
+        ),
+        iris,
+    )
+
+
+def test_a_diverged_run_in_the_driver_fails_at_once_not_retried(iris: FeatureSet, tmp_path: Path) -> None:
+    notices: list[str] = []
+    with pytest.raises(TrainingFailed, match="the training loss became"):
+        train_distributed(
+            diverging(1, iris),
+            iris,
+            run_name="nan",
+            storage_path=tmp_path,
+            on_notice=notices.append,
+            embedded=True,
+        )
+    assert notices == []  # no restart: from any checkpoint it would diverge again
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_diverged_run_of_ray_train_workers_fails_with_its_reason(iris: FeatureSet, tmp_path: Path) -> None:
+    epochs: list[dict[str, float]] = []
+    with pytest.raises(TrainingFailed, match=r"the training loss became .*Lower train\.optimizer\.lr"):
+        train_distributed(
+            diverging(2, iris), iris, run_name="nan", storage_path=tmp_path, on_epoch=epochs.append
+        )
+    assert len(epochs) < 20
