@@ -157,7 +157,7 @@ def _check_fits_embedded(spec: ExperimentSpec, *, tune: bool) -> None:
         cpus=embedded_cpus(),
         gpus=torch.cuda.device_count(),
         # One CPU worker trains in the raylens process itself, not in a Ray worker.
-        trains=scaling.workers > 1 or scaling.use_gpu,
+        trains=scaling.max_workers > 1 or scaling.use_gpu,
     )
     if short is not None:
         raise UserError(

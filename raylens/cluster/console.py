@@ -197,7 +197,7 @@ def dry_run_table(experiment: Experiment, report: CheckReport, command: str) -> 
         scaling = spec.train.scaling
         row(
             "training",
-            f"{spec.train.epochs} epochs, {scaling.workers} worker(s), {scaling.strategy}, "
+            f"{spec.train.epochs} epochs, {scaling.shown_workers} worker(s), {scaling.strategy}, "
             f"batch {spec.train.batch_size} per worker"
             + (" (with the sweep's best configuration)" if tune is not None else ""),
         )

@@ -40,6 +40,9 @@ from raylens.trainer.tracking import MlflowTracker, ended_status, git_commit, re
 from raylens.tuning import ConcurrencyPlan, with_overrides
 from raylens.tuning.sweep import SweepResult, run_sweep
 
+NO_RAY = RayRuntime(started_here=False, cpus=0.0, address=None)
+"""The runtime of an invocation that needs no Ray (``train`` of one CPU worker, embedded)."""
+
 BEST_SPEC = "best.yaml"
 """The sweep's best configuration as a spec ``raylens train`` takes, in the run folder and MLflow."""
 BEST_CONFIG = "best_config.json"
@@ -101,11 +104,17 @@ class Invocation:
             settings = RuntimeSettings.build(
                 address=address, verbose=verbose, code_dirs=self.experiment.code_dirs
             )
-            self.progress.stage("Starting Ray")
+            # `train` of one CPU worker, embedded, trains in this process: no Ray to start (seconds).
+            scaling = self.spec.train.scaling
+            needs_ray = (
+                self.command != "train" or address is not None or scaling.max_workers > 1 or scaling.use_gpu
+            )
+            if needs_ray:
+                self.progress.stage("Starting Ray")
             # Opening (on first use, creating) the tracking store takes seconds; so does starting Ray.
             with ThreadPoolExecutor(max_workers=1) as pool:
                 opening = pool.submit(self._open_tracker)
-                runtime = start_ray(settings)
+                runtime = start_ray(settings) if needs_ray else NO_RAY
             try:
                 self._check_resources(runtime)
                 tracker = opening.result()
@@ -115,7 +124,8 @@ class Invocation:
                 if record is None:
                     record = self._new_run(planned, spec_hash, spec_flat)
                 self._close_abandoned(tracker, record)
-                return Stages(self, feature_set, tracker, record, embedded=runtime.embedded).run()
+                embedded = runtime.embedded or runtime is NO_RAY
+                return Stages(self, feature_set, tracker, record, embedded=embedded).run()
             finally:
                 stop_ray(runtime)
         finally:
@@ -128,7 +138,7 @@ class Invocation:
         known before it starts: ``Experiment.validate`` refuses such a run.)"""
         import ray
 
-        if runtime.embedded:
+        if runtime.embedded or runtime is NO_RAY:
             return
         total = ray.cluster_resources()
         short = resource_shortfall(
@@ -348,7 +358,7 @@ class Stages:
         spec = self.spec
         self.progress.stage("Training")
         plan = parallel_plan(train)
-        self.progress.training_started(train.epochs, train.scaling.workers, plan.reason)
+        self.progress.training_started(train.epochs, train.scaling.max_workers, plan.reason)
         params = {
             "data": spec.data.model_dump(),
             "features": spec.features.model_dump(),

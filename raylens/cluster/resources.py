@@ -22,15 +22,16 @@ def resource_shortfall(
     scaling = train.scaling
     problems = []
     if trains:
-        asked = scaling.workers * scaling.cpus_per_worker
+        # An elastic run needs its minimum: the cluster can then always give it that.
+        asked = scaling.min_workers * scaling.cpus_per_worker
         if asked > cpus + 1e-9:
             problems.append(
-                f"train.scaling asks for {asked:g} CPUs ({scaling.workers} workers x "
+                f"train.scaling asks for {asked:g} CPUs ({scaling.min_workers} workers x "
                 f"{scaling.cpus_per_worker:g} cpus_per_worker) and the cluster has {cpus:g}"
             )
-        if scaling.use_gpu and scaling.workers > gpus:
+        if scaling.use_gpu and scaling.min_workers > gpus:
             problems.append(
-                f"train.scaling.use_gpu asks for {scaling.workers} GPUs (one per worker) and the "
+                f"train.scaling.use_gpu asks for {scaling.min_workers} GPUs (one per worker) and the "
                 f"cluster has {gpus:g}"
             )
     if tune is not None:

@@ -48,9 +48,11 @@ class OptimizerConfig(_Strict):
 class ScalingConfig(_Strict):
     """How many Ray Train workers train the final model, and how the model is distributed."""
 
-    workers: int = Field(1, ge=1)
+    workers: int | tuple[int, int] = 1
     """Number of training workers (processes). 1 on CPU on embedded Ray trains in the raylens
-    process itself (no worker group to start); elsewhere in one Ray Train worker, without DDP."""
+    process itself (no worker group to start); elsewhere in one Ray Train worker, without DDP.
+    [min, max]: elastic (Ray Train's num_workers=(min, max)): the run starts with as many as
+    the cluster has room for, at least min, and goes on with fewer after losing some."""
     strategy: Literal["ddp", "fsdp", "pipeline", "auto"] = "auto"
     """ddp: replicate the model, average gradients; fsdp: shard parameters across workers;
     auto: ddp (the models raylens ships fit on one worker)."""
@@ -59,9 +61,42 @@ class ScalingConfig(_Strict):
     use_gpu: bool = False
     """One GPU per worker, NCCL between them."""
 
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers_or_range(cls, value: Any) -> Any:
+        if isinstance(value, list | tuple):
+            if len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                raise ValueError(f"write a number of workers or [min, max], got {value!r}")
+            low, high = value
+            if not 1 <= low <= high:
+                raise ValueError(
+                    f"[{low}, {high}] is not a range of workers: write [min, max] with 1 <= min <= max"
+                )
+            return (low, high) if low < high else low
+        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            raise ValueError(f"a run needs at least 1 worker, got {value}")
+        return value
+
+    @property
+    def min_workers(self) -> int:
+        return self.workers if isinstance(self.workers, int) else self.workers[0]
+
+    @property
+    def max_workers(self) -> int:
+        return self.workers if isinstance(self.workers, int) else self.workers[1]
+
+    @property
+    def shown_workers(self) -> str:
+        """How the terminal says it: ``2``, or ``2-4 (elastic)``."""
+        return (
+            str(self.workers)
+            if isinstance(self.workers, int)
+            else f"{self.min_workers}-{self.max_workers} (elastic)"
+        )
+
     @model_validator(mode="after")
     def _strategy_fits(self) -> ScalingConfig:
-        if self.strategy == "fsdp" and self.workers < 2:
+        if self.strategy == "fsdp" and self.min_workers < 2:
             raise ValueError(
                 "fsdp shards the model across workers and needs workers >= 2: set train.scaling.workers"
             )

@@ -185,7 +185,8 @@ def scaling_config(job: TrainJob) -> ray.train.ScalingConfig:
     """The spec's ``train.scaling`` as Ray Train takes it."""
     scaling = job.train.scaling
     return ray.train.ScalingConfig(
-        num_workers=scaling.workers,
+        # Ray Train V2 takes (min, max) for an elastic run; its type hints are V1's.
+        num_workers=scaling.workers,  # type: ignore[arg-type]
         use_gpu=scaling.use_gpu,
         resources_per_worker={"CPU": scaling.cpus_per_worker},
     )

@@ -77,7 +77,7 @@ def score_test_split(
 def parallel_plan(train: TrainConfig) -> ParallelPlan:
     """The strategy the run's workers will apply, and why (recorded as the run's tag)."""
     return ParallelPlan.from_config(
-        train.scaling.strategy, train.scaling.workers, "cuda" if train.scaling.use_gpu else "cpu"
+        train.scaling.strategy, train.scaling.max_workers, "cuda" if train.scaling.use_gpu else "cpu"
     )
 
 

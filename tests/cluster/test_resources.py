@@ -22,3 +22,12 @@ def test_the_final_training_and_a_trial_are_measured_against_the_cluster() -> No
     wide_trials = TuneConfig(space=SPACE, workers_per_trial=4)
     message = resource_shortfall(TrainConfig(), wide_trials, cpus=4, gpus=0, trains=True)
     assert message is not None and "one trial of the sweep asks for 4 CPUs and the cluster has 4" in message
+
+
+def test_an_elastic_run_needs_room_for_its_minimum() -> None:
+    assert (
+        resource_shortfall(TrainConfig(scaling={"workers": [2, 64]}), None, cpus=4, gpus=0, trains=True)
+        is None
+    )
+    message = resource_shortfall(TrainConfig(scaling={"workers": [8, 64]}), None, cpus=4, gpus=0, trains=True)
+    assert message is not None and "asks for 8 CPUs (8 workers x 1" in message

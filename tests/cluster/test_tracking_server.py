@@ -149,16 +149,14 @@ def test_a_run_tracked_on_an_mlflow_server(
     ui_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     tracking_server = ui_server
-    spec = parse_spec(
-        {
-            "name": "served",
-            "data": {"source": "sklearn:iris", "target": "target"},
-            "model": {"params": {"hidden": [8]}},
-            "train": {"epochs": 2, "optimizer": {"lr": 0.05}},
-            "tracking": {"uri": tracking_server, "register_as": "served-model"},
-        }
-    )
-    experiment = Experiment(spec, "name: served\n", tmp_path, Workspace.at(tmp_path / "runs"))
+    raw = {
+        "name": "served",
+        "data": {"source": "sklearn:iris", "target": "target"},
+        "model": {"params": {"hidden": [8]}},
+        "train": {"epochs": 2, "optimizer": {"lr": 0.05}},
+        "tracking": {"uri": tracking_server, "register_as": "served-model"},
+    }
+    experiment = Experiment(parse_spec(raw), raw, tmp_path, Workspace.at(tmp_path / "runs"))
     before = process_state()
     summary = experiment.run(tune=False)
     assert process_state() == before  # used as a library, raylens leaves the process as it found it
@@ -177,7 +175,7 @@ def test_a_run_tracked_on_an_mlflow_server(
     model = mlflow.pyfunc.load_model("models:/served-model/1")
     # Every test row, as the user has it (raw columns): the served model scores what the run logged.
     frame = load_source("sklearn:iris").table.to_pandas()
-    test_rows = split_rows(frame["target"].to_numpy(), spec.data.split, stratify=True).test
+    test_rows = split_rows(frame["target"].to_numpy(), experiment.spec.data.split, stratify=True).test
     predicted = model.predict(frame.iloc[test_rows].drop(columns=["target"]))
     assert len(predicted) == len(test_rows) and len(set(predicted)) > 1
     accuracy = float((predicted == frame["target"].to_numpy()[test_rows]).mean())

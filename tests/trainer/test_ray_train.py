@@ -215,3 +215,20 @@ def test_a_diverged_run_of_ray_train_workers_fails_with_its_reason(iris: Feature
             diverging(2, iris), iris, run_name="nan", storage_path=tmp_path, on_epoch=epochs.append
         )
     assert len(epochs) < 20
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_an_elastic_run_starts_with_the_workers_the_cluster_has_room_for(
+    iris: FeatureSet, tmp_path: Path
+) -> None:
+    """workers: [2, 16] on the session's 4-CPU cluster: Ray Train starts as many as fit, at least 2;
+    the checkpoint holds one random state per rank, so it says how many trained."""
+    job = TrainJob.for_feature_set(
+        ModelConfig(params={"hidden": [8]}),
+        TrainConfig(epochs=2, batch_size=16, scaling={"workers": [2, 16], "strategy": "ddp"}),
+        iris,
+    )
+    outcome = train_distributed(job, iris, run_name="elastic", storage_path=tmp_path)
+    assert [m["epoch"] for m in outcome.history] == [1.0, 2.0]
+    ranks = len(load_checkpoint(outcome.checkpoint_dir)["rng"])
+    assert 2 <= ranks <= 4

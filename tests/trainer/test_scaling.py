@@ -28,3 +28,16 @@ def test_the_plan_says_what_it_chose_and_why() -> None:
     ):
         with pytest.raises(ValueError, match=message):
             ParallelPlan.from_config(requested, workers)
+
+
+def test_an_elastic_range_reaches_ray_train_and_is_checked(iris: FeatureSet) -> None:
+    elastic = TrainConfig(scaling={"workers": [2, 4]})
+    assert scaling_config(TrainJob.for_feature_set(ModelConfig(), elastic, iris)).num_workers == (2, 4)
+    assert (elastic.scaling.min_workers, elastic.scaling.max_workers) == (2, 4)
+    assert elastic.scaling.shown_workers == "2-4 (elastic)"
+    assert TrainConfig(scaling={"workers": [3, 3]}).scaling.workers == 3
+    for bad, message in (([4, 2], "is not a range of workers"), ([1, 2, 3], "or \\[min, max\\]")):
+        with pytest.raises(ValueError, match=message):
+            TrainConfig(scaling={"workers": bad})
+    with pytest.raises(ValueError, match="fsdp shards the model"):
+        TrainConfig(scaling={"workers": [1, 4], "strategy": "fsdp"})
