@@ -357,7 +357,8 @@ class Stages:
     def train(self, root_run: str, model: ModelConfig, train: TrainConfig) -> TrainRunResult:
         spec = self.spec
         self.progress.stage("Training")
-        plan = parallel_plan(train)
+        job = TrainJob.for_feature_set(model, train, self.feature_set)
+        plan = parallel_plan(job)
         self.progress.training_started(train.epochs, train.scaling.max_workers, plan.reason)
         params = {
             "data": spec.data.model_dump(),
@@ -366,7 +367,7 @@ class Stages:
             "train": train.model_dump(),
         }
         final = train_and_record(
-            TrainJob.for_feature_set(model, train, self.feature_set),
+            job,
             self.feature_set,
             tracker=self.tracker,
             run_name="final",

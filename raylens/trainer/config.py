@@ -55,7 +55,8 @@ class ScalingConfig(_Strict):
     the cluster has room for, at least min, and goes on with fewer after losing some."""
     strategy: Literal["ddp", "fsdp", "pipeline", "auto"] = "auto"
     """ddp: replicate the model, average gradients; fsdp: shard parameters across workers;
-    auto: ddp (the models raylens ships fit on one worker)."""
+    auto: ddp while a replica's training state (16 bytes per parameter) takes at most half of a
+    worker's memory, else fsdp; the choice and its reason are printed and tagged."""
     cpus_per_worker: float = Field(1.0, gt=0)
     """Logical CPUs Ray reserves for each worker; also its PyTorch thread count (rounded, >= 1)."""
     use_gpu: bool = False

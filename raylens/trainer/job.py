@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from raylens.errors import UserError
 from raylens.features import FeatureSet, SplitArrays
@@ -33,6 +34,7 @@ from raylens.trainer.loop import (
 from raylens.trainer.models import build_model
 from raylens.trainer.monitors import EarlyStopping, FiniteLoss
 from raylens.trainer.parallel import ParallelPlan, all_reduce_sum, restore
+from raylens.trainer.parallel.plan import worker_memory
 from raylens.trainer.schedules import learning_rate
 from raylens.trainer.task import TaskSpec, task_spec
 
@@ -75,6 +77,14 @@ def raise_if_failed(result: FitResult) -> FitResult:
     return result
 
 
+def _smallest(value: int, world_size: int) -> int:
+    if world_size == 1:
+        return value
+    least = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(least, op=dist.ReduceOp.MIN)
+    return int(least.item())
+
+
 def step_rules(train: TrainConfig, rows: int) -> StepRules:
     """What ``train`` asks of each optimizer step, for a worker visiting ``rows`` rows per epoch."""
     batches = -(-rows // train.batch_size)
@@ -107,7 +117,14 @@ def run_worker(
     device = device or torch.device("cpu")
     torch.manual_seed(job.train.seed)  # every rank starts from the same weights
     model = build_model(job.model, job.in_features, job.task.out_features)
-    plan = ParallelPlan.from_config(job.train.scaling.strategy, world_size, device.type)
+    plan = ParallelPlan.from_config(
+        job.train.scaling.strategy,
+        world_size,
+        device.type,
+        parameters=sum(p.numel() for p in model.parameters()),
+        # Every rank must choose alike: each decides from the smallest worker's memory.
+        worker_memory=_smallest(worker_memory(device, world_size), world_size),
+    )
     parallel = plan.apply(model, device)
     if world_size > 1:
         # Same weights everywhere, then each rank its own stream: dropout masks differ per rank,

@@ -13,18 +13,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 from raylens.features import FeatureSet, SplitArrays
 from raylens.interrupts import deferred_interrupts
 from raylens.interrupts import pending as interrupt_pending
 from raylens.trainer.artifacts import log_model
-from raylens.trainer.config import TrainConfig
 from raylens.trainer.job import TrainJob
 from raylens.trainer.loop import Batches, evaluate, predict_proba
 from raylens.trainer.metrics import classification_test_metrics, confusion_matrix
 from raylens.trainer.models import build_model
 from raylens.trainer.parallel import ParallelPlan, load_checkpoint
+from raylens.trainer.parallel.plan import worker_memory
 from raylens.trainer.plots import confusion_matrix_figure, learning_curves_figure
 from raylens.trainer.ray_train import train_distributed
 from raylens.trainer.tracking import MlflowTracker, Tracker, ended_status
@@ -74,10 +75,18 @@ def score_test_split(
     return SplitScores(overall, {f"test_{k}": v for k, v in per_class.items()}, matrix)
 
 
-def parallel_plan(train: TrainConfig) -> ParallelPlan:
-    """The strategy the run's workers will apply, and why (recorded as the run's tag)."""
+def parallel_plan(job: TrainJob) -> ParallelPlan:
+    """The strategy the run's workers will apply, and why (recorded as the run's tag), judged
+    here with this machine's memory (each rank judges with its own, the smallest winning)."""
+    scaling = job.train.scaling
+    device = torch.device("cuda" if scaling.use_gpu else "cpu")
+    model = build_model(job.model, job.in_features, job.task.out_features)
     return ParallelPlan.from_config(
-        train.scaling.strategy, train.scaling.max_workers, "cuda" if train.scaling.use_gpu else "cpu"
+        scaling.strategy,
+        scaling.max_workers,
+        device.type,
+        parameters=sum(p.numel() for p in model.parameters()),
+        worker_memory=worker_memory(device, scaling.max_workers) if device.type == "cpu" else None,
     )
 
 
@@ -112,7 +121,7 @@ def train_and_record(
     try:
         if not earlier:
             tracker.log_params(run_id, params)
-            tracker.set_tags(run_id, {"raylens.parallel": parallel_plan(job.train).reason})
+            tracker.set_tags(run_id, {"raylens.parallel": parallel_plan(job).reason})
             tracker.log_dict(run_id, feature_set.manifest, "feature_set/manifest.json")
         history = {int(m["epoch"]): m for m in earlier if "epoch" in m}
 

@@ -41,3 +41,13 @@ def test_an_elastic_range_reaches_ray_train_and_is_checked(iris: FeatureSet) -> 
             TrainConfig(scaling={"workers": bad})
     with pytest.raises(ValueError, match="fsdp shards the model"):
         TrainConfig(scaling={"workers": [1, 4], "strategy": "fsdp"})
+
+
+def test_auto_replicates_a_model_that_fits_and_shards_one_that_does_not() -> None:
+    small = ParallelPlan.from_config("auto", 2, parameters=100_000, worker_memory=8 << 30)
+    assert small.strategy == "ddp"
+    assert "training state 1.5 MiB per replica, 8.0 GiB per worker: replicas fit" in small.reason
+    # 1e9 parameters hold 16 GB of training state: more than half of a 24 GiB worker.
+    large = ParallelPlan.from_config("auto", 2, parameters=1_000_000_000, worker_memory=24 << 30)
+    assert large.strategy == "fsdp" and large.reason.startswith("auto → fsdp: a replica would not fit")
+    assert ParallelPlan.from_config("ddp", 2, parameters=10**12, worker_memory=1).strategy == "ddp"  # asked

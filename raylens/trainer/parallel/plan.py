@@ -10,6 +10,7 @@ the strategies only use it.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -18,6 +19,27 @@ import torch
 from torch import nn
 
 Strategy = Literal["none", "ddp", "fsdp"]
+
+STATE_BYTES_PER_PARAMETER = 16
+"""What training holds per parameter: float32 weights, gradients and Adam's two moments."""
+REPLICA_SHARE = 0.5
+"""The share of a worker's memory a replica's training state may take (activations and data
+need the rest) before ``auto`` shards instead of replicating."""
+
+
+def worker_memory(device: torch.device, workers_on_node: int) -> int:
+    """Bytes one worker may use: its GPU's memory, or this machine's RAM shared by its workers."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(ram // max(1, workers_on_node))
+
+
+def _size(count: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count} B"
 
 
 @dataclass(frozen=True)
@@ -50,9 +72,20 @@ class ParallelPlan:
     """Said in the terminal and recorded with the run (``raylens.parallel`` tag)."""
 
     @classmethod
-    def from_config(cls, requested: str, world_size: int, device: str = "cpu") -> ParallelPlan:
+    def from_config(
+        cls,
+        requested: str,
+        world_size: int,
+        device: str = "cpu",
+        *,
+        parameters: int | None = None,
+        worker_memory: int | None = None,
+    ) -> ParallelPlan:
         """The plan for ``train.scaling.strategy`` = ``requested``; ``ValueError`` for a
-        combination no worker could run (the spec's validation refuses it first, with its key)."""
+        combination no worker could run (the spec's validation refuses it first, with its key).
+
+        ``auto`` decides from the model's ``parameters`` and each worker's memory (bytes): DDP
+        while a replica's training state takes at most ``REPLICA_SHARE`` of it, else FSDP."""
         if world_size < 1:
             raise ValueError(f"a run needs at least one worker, got {world_size}")
         if requested not in ("auto", "ddp", "fsdp"):
@@ -68,12 +101,22 @@ class ParallelPlan:
             return cls(
                 "ddp", world_size, device, f"ddp (requested): {world_size} replicas, gradients averaged"
             )
+        if parameters is None or worker_memory is None:
+            return cls("ddp", world_size, device, f"auto → ddp: {world_size} replicas, gradients averaged")
+        state = parameters * STATE_BYTES_PER_PARAMETER
+        sizes = f"training state {_size(state)} per replica, {_size(worker_memory)} per worker"
+        if state > REPLICA_SHARE * worker_memory:
+            return cls(
+                "fsdp",
+                world_size,
+                device,
+                f"auto → fsdp: a replica would not fit ({sizes}); sharded over {world_size}",
+            )
         return cls(
             "ddp",
             world_size,
             device,
-            f"auto → ddp: {world_size} replicas, gradients averaged (a model that fits one worker "
-            "trains fastest replicated)",
+            f"auto → ddp: {world_size} replicas, gradients averaged ({sizes}: replicas fit, and are fastest)",
         )
 
     def apply(self, model: nn.Module, device: torch.device) -> Parallelized:
