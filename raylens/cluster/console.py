@@ -128,7 +128,7 @@ def summary_table(summary: RunSummary, command: str = "run") -> Table:
         title=Text(f"raylens {command} {summary.run_name}"), show_header=False, title_justify="left"
     )
     table.add_column(style="bold")
-    table.add_column()
+    table.add_column(overflow="fold")  # paths and ids wrap, never cut
 
     def row(name: str, value: str) -> None:  # values are printed as they are, never as markup
         table.add_row(name, Text(value))
@@ -169,7 +169,7 @@ def dry_run_table(experiment: Experiment, report: CheckReport, command: str) -> 
         title_justify="left",
     )
     table.add_column(style="bold")
-    table.add_column()
+    table.add_column(overflow="fold")  # paths and ids wrap, never cut
 
     def row(name: str, value: str) -> None:
         table.add_row(name, Text(value))

@@ -80,3 +80,12 @@ def test_tables_wrap_ids_instead_of_cutting_them(tmp_path: Path) -> None:
     listed = CliRunner().invoke(app, ["features", "list", "--runs-dir", str(tmp_path)], env={"COLUMNS": "50"})
     assert listed.exit_code == 0 and iris.version in listed.output
     assert "…" not in listed.output  # folded onto more lines, never cut with an ellipsis
+
+
+def test_the_summary_wraps_long_paths_instead_of_cutting_them(iris: FeatureSet) -> None:
+    best = Path("/very/long/run/folder") / ("x" * 120) / "best.yaml"
+    summary = RunSummary("iris", "iris/1", iris, "sqlite:///db", "root", trials=2, best_spec=best)
+    out = StringIO()
+    Console(file=out, width=80).print(summary_table(summary))
+    assert "…" not in out.getvalue()
+    assert "x" * 40 in out.getvalue() and "best.yaml" in out.getvalue()
