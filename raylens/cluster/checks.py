@@ -81,6 +81,8 @@ def check_experiment(
         )
         if planned is not None and params_ok:
             problems.check(lambda: _check_model_on_data(spec, planned, tune=tune))
+            if spec.train.scaling.strategy == "pipeline":
+                problems.check(lambda: _check_pipeline(spec, planned))
         if planned is not None:
             problems.check(lambda: _check_class_weights(spec, planned))
     if tune and spec.tune is not None:
@@ -120,6 +122,29 @@ def _check_model_on_data(spec: ExperimentSpec, planned: PlannedFeatureSet, *, tu
             raise UserError(
                 f"tune.space: a configuration the sweep may sample ({drawn}) fails: {exc}"
             ) from None
+
+
+def _check_pipeline(spec: ExperimentSpec, planned: PlannedFeatureSet) -> None:
+    """The model cut into one stage per worker, traced on a microbatch of real rows, as each
+    worker will cut it."""
+    import torch
+
+    from raylens.trainer import build_model
+    from raylens.trainer.parallel.pipeline import PipelineError, check_cut
+
+    scaling, batch_size = spec.train.scaling, spec.train.batch_size
+    train_rows = len(planned.splits["train"].y)
+    if train_rows < batch_size:
+        raise UserError(
+            f"train.batch_size: the training split has {train_rows} rows, fewer than one batch "
+            f"({batch_size}), and a pipeline trains whole batches only: lower train.batch_size"
+        )
+    rows = torch.from_numpy(planned.sample(batch_size // scaling.pipeline.microbatches))
+    model = build_model(spec.model, rows.shape[1], planned.num_outputs)
+    try:
+        check_cut(model, rows, scaling.max_workers, scaling.pipeline)
+    except PipelineError as exc:
+        raise UserError(f"train.scaling.pipeline: {exc}") from None
 
 
 def _check_class_weights(spec: ExperimentSpec, planned: PlannedFeatureSet) -> None:

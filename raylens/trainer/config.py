@@ -45,6 +45,22 @@ class OptimizerConfig(_Strict):
     """Used by sgd only."""
 
 
+class PipelineConfig(_Strict):
+    """How a pipelined model is cut into stages (one per worker) and fed (strategy: pipeline)."""
+
+    schedule: Literal["1f1b", "gpipe"] = "1f1b"
+    """1f1b: each stage alternates one forward and one backward once the pipe is full (activations
+    of at most `workers` microbatches held); gpipe: all forwards, then all backwards."""
+    microbatches: int = Field(4, ge=1)
+    """Each batch is cut into this many microbatches that flow through the stages one after the
+    other; train.batch_size must be a multiple of it (1f1b: at least one per stage)."""
+    split_points: list[str] | None = None
+    """Names of the modules where a stage begins (as in model.named_modules(), e.g. net.4);
+    workers - 1 of them are used, chosen to balance the stages' parameters. null: the model's
+    own (built-in models declare theirs; a user model may set an attribute
+    pipeline_split_points)."""
+
+
 class ScalingConfig(_Strict):
     """How many Ray Train workers train the final model, and how the model is distributed."""
 
@@ -55,12 +71,16 @@ class ScalingConfig(_Strict):
     the cluster has room for, at least min, and goes on with fewer after losing some."""
     strategy: Literal["ddp", "fsdp", "pipeline", "auto"] = "auto"
     """ddp: replicate the model, average gradients; fsdp: shard parameters across workers;
-    auto: ddp while a replica's training state (16 bytes per parameter) takes at most half of a
-    worker's memory, else fsdp; the choice and its reason are printed and tagged."""
+    pipeline: cut the model into one stage per worker, microbatches flowing through them
+    (train.scaling.pipeline); auto: ddp while a replica's training state (16 bytes per
+    parameter) takes at most half of a worker's memory, else fsdp; the choice and its reason
+    are printed and tagged."""
     cpus_per_worker: float = Field(1.0, gt=0)
     """Logical CPUs Ray reserves for each worker; also its PyTorch thread count (rounded, >= 1)."""
     use_gpu: bool = False
     """One GPU per worker, NCCL between them."""
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    """strategy: pipeline only: the schedule, microbatches and where stages begin."""
 
     @field_validator("workers", mode="before")
     @classmethod
@@ -102,9 +122,29 @@ class ScalingConfig(_Strict):
                 "fsdp shards the model across workers and needs workers >= 2: set train.scaling.workers"
             )
         if self.strategy == "pipeline":
-            raise ValueError(
-                "pipeline parallelism is not available in this version of raylens; use ddp or fsdp"
-            )
+            if not isinstance(self.workers, int):
+                raise ValueError(
+                    "a pipeline has one stage per worker, fixed for the run: set train.scaling.workers "
+                    "to a number, not a range"
+                )
+            if self.workers < 2:
+                raise ValueError(
+                    "pipeline cuts the model into one stage per worker and needs workers >= 2: set "
+                    "train.scaling.workers"
+                )
+            pipeline = self.pipeline
+            if pipeline.schedule == "1f1b" and pipeline.microbatches < self.workers:
+                raise ValueError(
+                    f"pipeline.microbatches ({pipeline.microbatches}) is fewer than the stages "
+                    f"({self.workers}): 1f1b needs one microbatch per stage in flight; raise it, or "
+                    "use schedule: gpipe"
+                )
+            points = pipeline.split_points
+            if points is not None and len(points) < self.workers - 1:
+                raise ValueError(
+                    f"pipeline.split_points names {len(points)} point(s) for {self.workers} stages, "
+                    f"which need {self.workers - 1}: name more, or use fewer workers"
+                )
         return self
 
 
@@ -146,7 +186,8 @@ class TrainConfig(_Strict):
     epochs: int = Field(10, ge=1)
     """Passes over the training split of the final training."""
     batch_size: int = Field(128, ge=1)
-    """Per worker: with N workers, one optimizer step sees N x batch_size rows."""
+    """Per worker: with N workers, one optimizer step sees N x batch_size rows (pipeline: the
+    stages share one batch, batch_size rows per step)."""
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     """The optimizer and its learning rate."""
     seed: int = 0
@@ -177,6 +218,16 @@ class TrainConfig(_Strict):
     and evaluation stay float32."""
     early_stopping: EarlyStoppingConfig | None = None
     """Stop when the metric stops improving; the final model is the last epoch's."""
+
+    @model_validator(mode="after")
+    def _microbatches_divide_the_batch(self) -> TrainConfig:
+        microbatches = self.scaling.pipeline.microbatches
+        if self.scaling.strategy == "pipeline" and self.batch_size % microbatches:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) is not a multiple of scaling.pipeline.microbatches "
+                f"({microbatches}): every microbatch has batch_size / microbatches rows; change either"
+            )
+        return self
 
     @model_validator(mode="after")
     def _schedule_fits_the_run(self) -> TrainConfig:

@@ -8,7 +8,7 @@ strategy, restores a checkpoint if there is one, and hands the worker's rows to 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -26,6 +26,7 @@ from raylens.trainer.loop import (
     Reporter,
     ShuffleRows,
     StepRules,
+    TrainState,
     evaluate,
     fit,
     local,
@@ -33,7 +34,7 @@ from raylens.trainer.loop import (
 )
 from raylens.trainer.models import build_model
 from raylens.trainer.monitors import EarlyStopping, FiniteLoss
-from raylens.trainer.parallel import ParallelPlan, all_reduce_sum, restore
+from raylens.trainer.parallel import Parallelized, ParallelPlan, all_reduce_sum, restore
 from raylens.trainer.parallel.plan import worker_memory
 from raylens.trainer.schedules import learning_rate
 from raylens.trainer.task import TaskSpec, task_spec
@@ -62,8 +63,28 @@ def shard_rows(num_rows: int, rank: int, world_size: int, seed: int, epoch: int 
     return order[rank::world_size][:per_rank]
 
 
-def _rank_rows(rows: int, rank: int, world_size: int, seed: int) -> ShuffleRows:
-    return lambda epoch: torch.from_numpy(shard_rows(rows, rank, world_size, seed, epoch))
+def _epoch_rows(
+    parallel: Parallelized, rows: int, rank: int, world_size: int, seed: int, batch_size: int
+) -> tuple[ShuffleRows, int]:
+    """The rows each epoch visits on this rank, and how many: its share under data parallelism,
+    all of them otherwise (one worker, a pipeline's stages); whole batches only if the strategy
+    asks."""
+    dealt = parallel.splits_data and world_size > 1
+    share, shares = (rank, world_size) if dealt else (0, 1)
+    count = rows // shares
+    if parallel.whole_batches:
+        count -= count % batch_size
+    return lambda epoch: torch.from_numpy(shard_rows(rows, share, shares, seed, epoch)[:count]), count
+
+
+class _ShardAware:
+    """Tells the reporter whether the state it saves is sharded across ranks."""
+
+    def __init__(self, reporter: Reporter, sharded: bool) -> None:
+        self.reporter, self.sharded = reporter, sharded
+
+    def report(self, metrics: dict[str, float], state: TrainState) -> None:
+        self.reporter.report(metrics, replace(state, sharded=self.sharded))
 
 
 class TrainingFailed(UserError):
@@ -124,8 +145,15 @@ def run_worker(
         parameters=sum(p.numel() for p in model.parameters()),
         # Every rank must choose alike: each decides from the smallest worker's memory.
         worker_memory=_smallest(worker_memory(device, world_size), world_size),
+        pipeline=job.train.scaling.pipeline,
     )
-    parallel = plan.apply(model, device)
+    batch_size = job.train.batch_size
+    if plan.strategy == "pipeline" and len(train) < batch_size:
+        raise UserError(
+            f"the training split has {len(train)} rows, fewer than one batch (train.batch_size "
+            f"{batch_size}), and a pipeline trains whole batches only: lower train.batch_size"
+        )
+    parallel = plan.apply(model, device, batch=torch.from_numpy(train.x[:batch_size]), task=job.task)
     if world_size > 1:
         # Same weights everywhere, then each rank its own stream: dropout masks differ per rank,
         # as if the rows of one large batch were drawn independently.
@@ -138,11 +166,15 @@ def run_worker(
     )
     combine = all_reduce_sum if world_size > 1 else local
     valid_rows = parallel.validation_rows(len(valid), rank, world_size)
-    valid_combine = combine if parallel.shards_validation else local
+    sums_validation = (
+        parallel.shards_validation if parallel.sums_validation is None else parallel.sums_validation
+    )
+    valid_combine = combine if sums_validation else local
     valid_batches = Batches.from_numpy(valid.x[valid_rows], valid.y[valid_rows]).to(device)
     train_batches = Batches.from_numpy(train.x, train.y).to(device)
-    epoch_rows = _rank_rows(len(train), rank, world_size, job.train.seed) if world_size > 1 else None
-    rows_per_epoch = len(train) if world_size == 1 else len(train) // world_size
+    epoch_rows, rows_per_epoch = _epoch_rows(
+        parallel, len(train), rank, world_size, job.train.seed, batch_size
+    )
     monitors = [*monitors, FiniteLoss()]
     if job.train.early_stopping is not None:
         monitors.append(EarlyStopping(job.train.early_stopping))
@@ -152,13 +184,17 @@ def run_worker(
         train_batches,
         job.task,
         epochs=job.train.epochs,
-        batch_size=job.train.batch_size,
+        batch_size=batch_size,
         seed=job.train.seed + rank,
-        reporter=reporter,
-        validate=lambda: evaluate(parallel.eval_module, valid_batches, job.task, combine=valid_combine),
+        reporter=_ShardAware(reporter, parallel.sharded_checkpoint),
+        validate=lambda: evaluate(
+            parallel.eval_module, valid_batches, job.task, combine=valid_combine, forward=parallel.forward
+        ),
         combine=combine,
         start_epoch=start_epoch,
         monitors=monitors,
         rules=step_rules(job.train, rows_per_epoch),
         epoch_rows=epoch_rows,
+        train_step=parallel.train_step,
+        clip_grad_norm=parallel.clip_grad_norm,
     )

@@ -54,6 +54,8 @@ class TrainState:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     epoch: int
+    sharded: bool = False
+    """Each rank holds a shard of the state (FSDP, a pipeline's stage) and saves its own."""
 
 
 class Reporter(Protocol):
@@ -108,8 +110,9 @@ class StepView:
     """The epoch being trained (0-based)."""
     step: int
     """Optimizer steps of the run so far, resumed epochs included."""
-    loss: torch.Tensor
-    """This step's loss, detached; reading its value waits for the device (monitors choose when)."""
+    loss: torch.Tensor | None
+    """This step's loss, detached; reading its value waits for the device (monitors choose when).
+    None on a pipeline stage before the last (the last one holds the loss)."""
     model: nn.Module
     optimizer: torch.optim.Optimizer
 
@@ -154,6 +157,36 @@ ShuffleRows = Callable[[int], torch.Tensor]
 """The rows (indices into the worker's ``train``) an epoch visits, in order."""
 
 
+class TrainStep(Protocol):
+    """Forward and backward of one batch (gradients added to ``.grad``, no optimizer step): the
+    model's, or a strategy's own (a pipeline's schedule). Returns the batch's loss, detached, or
+    None on a rank that computes no loss (a pipeline stage before the last)."""
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, *, scale: float, sync: bool) -> torch.Tensor | None:
+        """``scale``: the factor on the loss's gradient (1 / accumulated batches); ``sync``:
+        False on a batch whose gradients accumulate locally before the step's (DDP skips its
+        all-reduce there)."""
+        ...
+
+
+class ForwardBackward:
+    """The plain train step: ``loss_fn(model(x), y).backward()``."""
+
+    def __init__(self, model: nn.Module, task: TaskSpec) -> None:
+        self.model, self.task = model, task
+        self.no_sync = getattr(model, "no_sync", None)  # DDP
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, *, scale: float, sync: bool) -> torch.Tensor:
+        with self.no_sync() if self.no_sync is not None and not sync else contextlib.nullcontext():
+            loss = loss_fn(self.model(x), y, self.task)
+            (loss * scale if scale != 1 else loss).backward()
+        return loss.detach()
+
+
+ClipGradNorm = Callable[[float], torch.Tensor]
+"""Clips the gradients' total norm to the value given; returns the norm before clipping."""
+
+
 def fit(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -170,6 +203,8 @@ def fit(
     monitors: Sequence[Monitor] = (),
     rules: StepRules = StepRules(),
     epoch_rows: ShuffleRows | None = None,
+    train_step: TrainStep | None = None,
+    clip_grad_norm: ClipGradNorm | None = None,
 ) -> FitResult:
     """Train from ``start_epoch`` to ``epochs``; after every epoch, validate and report.
 
@@ -179,43 +214,46 @@ def fit(
     loss the loss over all workers' rows, and agrees the ``monitors``' decisions. A stop decided
     after a step ends the run there (the unfinished epoch is not reported); one decided after an
     epoch, once that epoch is reported. Without monitors nothing runs between steps.
+
+    ``train_step`` and ``clip_grad_norm`` are the strategy's (default: the model's forward and
+    backward, and ``clip_grad_norm_`` of its parameters). Rows count where the loss is computed.
     """
     shuffle = epoch_rows or _shuffled(len(train), seed)
     batches_per_epoch = -(-len(shuffle(start_epoch)) // batch_size)
     steps_per_epoch = -(-batches_per_epoch // rules.accumulate)
     step = start_epoch * steps_per_epoch
-    no_sync = getattr(model, "no_sync", None)  # DDP: no all-reduce on the batches that accumulate
+    forward_backward = train_step or ForwardBackward(model, task)
+    clip = clip_grad_norm or (lambda limit: torch.nn.utils.clip_grad_norm_(model.parameters(), limit))
+    scale = 1 / rules.accumulate
     for epoch in range(start_epoch, epochs):
         model.train()
         order = shuffle(epoch)
         started = time.perf_counter()
         loss_sum = torch.zeros((), dtype=torch.float64)
         weight_sum = torch.zeros((), dtype=torch.float64)
+        rows = 0
         norms: list[torch.Tensor] = []
         batch_starts = range(0, len(order), batch_size)
         for position, begin in enumerate(batch_starts):
             index = order[begin : begin + batch_size]
             x, y = train.x[index], train.y[index]
             steps_now = (position + 1) % rules.accumulate == 0 or position == len(batch_starts) - 1
-            with (
-                no_sync() if no_sync is not None and not steps_now else contextlib.nullcontext(),
-                torch.autocast(
-                    x.device.type, dtype=rules.autocast or torch.bfloat16, enabled=rules.autocast is not None
-                ),
+            with torch.autocast(
+                x.device.type, dtype=rules.autocast or torch.bfloat16, enabled=rules.autocast is not None
             ):
-                loss = loss_fn(model(x), y, task)
-                (loss / rules.accumulate if rules.accumulate > 1 else loss).backward()
-            # The batch's loss is a mean over its rows' weights: summed back, the epoch's loss is
-            # the weighted mean over all its rows (the plain mean when unweighted).
-            rows_weight = loss_weight(y, task)
-            rows_weight = rows_weight.cpu() if isinstance(rows_weight, torch.Tensor) else rows_weight
-            loss_sum += loss.detach().float().cpu() * rows_weight
-            weight_sum += rows_weight
+                loss = forward_backward(x, y, scale=scale, sync=steps_now)
+            if loss is not None:
+                # The batch's loss is a mean over its rows' weights: summed back, the epoch's loss
+                # is the weighted mean over all its rows (the plain mean when unweighted).
+                rows_weight = loss_weight(y, task)
+                rows_weight = rows_weight.cpu() if isinstance(rows_weight, torch.Tensor) else rows_weight
+                loss_sum += loss.float().cpu() * rows_weight
+                weight_sum += rows_weight
+                rows += len(index)
             if not steps_now:
                 continue
             if rules.clip_grad_norm is not None:
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), rules.clip_grad_norm)
-                norms.append(_local(norm).detach())
+                norms.append(_local(clip(rules.clip_grad_norm)).detach())
             if rules.rate is not None:
                 for group in optimizer.param_groups:
                     group["lr"] = rules.rate(step)
@@ -225,18 +263,18 @@ def fit(
             if monitors:
                 due = [m for m in monitors if m.every and step % m.every == 0]
                 if due:
-                    view = StepView(epoch, step, loss.detach(), model, optimizer)
+                    view = StepView(epoch, step, loss, model, optimizer)
                     stop = _agreed([m.on_step(view) for m in due], combine)
                     if stop is not None:
                         return FitResult(epoch, stop, step)
         elapsed = time.perf_counter() - started
-        total_loss, total_weight, rows = combine(
-            np.array([float(loss_sum), float(weight_sum), float(len(order))])
+        total_loss, total_weight, total_rows = combine(
+            np.array([float(loss_sum), float(weight_sum), float(rows)])
         )
         metrics = {
             "epoch": float(epoch + 1),
             "train_loss": float(total_loss / total_weight * task.loss_scale) if total_weight > 0 else 0.0,
-            "train_samples_per_s": float(rows / elapsed) if elapsed > 0 else 0.0,
+            "train_samples_per_s": float(total_rows / elapsed) if elapsed > 0 else 0.0,
         }
         if norms:
             metrics["train_grad_norm"] = float(torch.stack(norms).float().mean())
@@ -277,29 +315,56 @@ def _agreed(decisions: Sequence[Decision], combine: Combine) -> Decision | None:
     return None
 
 
+Forward = Callable[[torch.Tensor], "torch.Tensor | None"]
+"""A model's outputs for a batch, or None on a rank that does not hold them (a pipeline stage
+before the last: it passes its activations on)."""
+
+
 @torch.no_grad()
-def _outputs(model: nn.Module, x: torch.Tensor, task: TaskSpec, batch_size: int) -> torch.Tensor:
+def _outputs(
+    model: nn.Module, x: torch.Tensor, task: TaskSpec, batch_size: int, forward: Forward | None = None
+) -> torch.Tensor | None:
     model.eval()
-    chunks = [model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
-    return torch.cat(chunks) if chunks else torch.empty(0, task.out_features)
+    chunks = [(forward or model)(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+    whole = [chunk for chunk in chunks if chunk is not None]
+    if len(whole) < len(chunks):
+        return None
+    return torch.cat(whole) if whole else torch.empty(0, task.out_features)
+
+
+def _whole_outputs(model: nn.Module, x: torch.Tensor, task: TaskSpec, batch_size: int) -> torch.Tensor:
+    outputs = _outputs(model, x, task, batch_size)
+    assert outputs is not None  # a whole model always returns its outputs
+    return outputs
 
 
 def predict(model: nn.Module, x: torch.Tensor, task: TaskSpec, batch_size: int = 4096) -> np.ndarray:
     """Class indices for classification, values in the target's units for regression."""
-    return decode(_outputs(model, x, task, batch_size), task)
+    return decode(_whole_outputs(model, x, task, batch_size), task)
 
 
 def predict_proba(model: nn.Module, x: torch.Tensor, task: TaskSpec, batch_size: int = 4096) -> np.ndarray:
     """Class probabilities, one column per class in the order of the feature set's classes."""
-    return probabilities(_outputs(model, x, task, batch_size), task)
+    return probabilities(_whole_outputs(model, x, task, batch_size), task)
 
 
 def evaluate(
-    model: nn.Module, data: Batches, task: TaskSpec, *, combine: Combine = local, batch_size: int = 4096
+    model: nn.Module,
+    data: Batches,
+    task: TaskSpec,
+    *,
+    combine: Combine = local,
+    batch_size: int = 4096,
+    forward: Forward | None = None,
 ) -> dict[str, float]:
     """Loss and the task's metrics on ``data``; with ``combine``, on the rows of all workers
-    (each passing its share). Empty when there are no rows."""
-    outputs = _outputs(model, data.x, task, batch_size)
+    (each passing its share). Empty when there are no rows. ``forward``: how outputs are computed
+    (default: ``model``); where it returns None this rank adds nothing to the sums (a pipeline
+    stage before the last: the last one's sums, combined, are the result)."""
+    outputs = _outputs(model, data.x, task, batch_size, forward)
+    if outputs is None:
+        data = Batches(data.x[:0], data.y[:0])
+        outputs = torch.empty(0, task.out_features)
     weight = float(loss_weight(data.y, task))
     with torch.no_grad():
         loss_sum = float(loss_fn(outputs, data.y, task)) * weight * task.loss_scale if len(data) else 0.0

@@ -52,6 +52,11 @@ class MLP(nn.Module):
         layers.append(nn.Linear(width, out_features))
         self.net = nn.Sequential(*layers)
 
+    @property
+    def pipeline_split_points(self) -> list[str]:
+        """Where a pipeline stage may begin: at each Linear after the first."""
+        return [f"net.{i}" for i, layer in enumerate(self.net) if i > 0 and isinstance(layer, nn.Linear)]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
@@ -76,6 +81,12 @@ class CNN1d(nn.Module):
             width = int(size)
         self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool1d(4), nn.Flatten())
         self.head = nn.Linear(width * 4, out_features)
+
+    @property
+    def pipeline_split_points(self) -> list[str]:
+        """Where a pipeline stage may begin: at each convolution after the first, and the head."""
+        convolutions = [f"features.{i}" for i, m in enumerate(self.features) if isinstance(m, nn.Conv1d)]
+        return [*convolutions[1:], "head"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x.unsqueeze(1)))

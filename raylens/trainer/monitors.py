@@ -55,6 +55,8 @@ class FiniteLoss:
         self.every = every
 
     def on_step(self, view: StepView) -> Decision:
+        if view.loss is None:  # a pipeline stage before the last: the last one decides
+            return GO_ON
         value = float(view.loss)
         if math.isfinite(value):
             return GO_ON

@@ -58,6 +58,7 @@ from raylens.trainer.parallel import (
     rng_state,
     save_checkpoint,
     set_rng_state,
+    write_checkpoint,
 )
 
 logger = logging.getLogger(__name__)
@@ -75,20 +76,29 @@ class TrainOutcome:
 
 
 class RayTrainReporter:
-    """Reports through ``ray.train.report``; rank 0 writes the checkpoint and feeds the driver."""
+    """Reports through ``ray.train.report``; rank 0 feeds the driver. A whole checkpoint is rank
+    0's; of a sharded one every rank reports its own files, which Ray merges into one folder."""
 
     def __init__(self, rank: int, queue: Queue | None) -> None:
         self.rank = rank
         self.queue = queue
 
     def report(self, metrics: dict[str, float], state: TrainState) -> None:
-        full_state = gather_checkpoint(state.model, state.optimizer, state.epoch)  # collective
         checkpoint = None
-        if self.rank == 0:
-            # Ray uploads it in the background and deletes the folder after: training goes on
-            # while the controller collects the report.
-            folder = Path(tempfile.mkdtemp(prefix="raylens-checkpoint-"))
-            save_checkpoint(full_state, folder)
+        # Ray uploads the folder in the background and deletes it after: training goes on while
+        # the controller collects the report.
+        folder = (
+            Path(tempfile.mkdtemp(prefix="raylens-checkpoint-")) if state.sharded or self.rank == 0 else None
+        )
+        wrote = write_checkpoint(  # a collective
+            state.model,
+            state.optimizer,
+            state.epoch,
+            folder or Path(tempfile.gettempdir()),  # untouched: this rank writes nothing
+            sharded=state.sharded,
+            rank=self.rank,
+        )
+        if wrote and folder is not None:
             checkpoint = ray.train.Checkpoint.from_directory(str(folder))
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
         if self.rank == 0 and self.queue is not None:

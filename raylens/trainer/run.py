@@ -24,7 +24,7 @@ from raylens.trainer.job import TrainJob
 from raylens.trainer.loop import Batches, evaluate, predict_proba
 from raylens.trainer.metrics import classification_test_metrics, confusion_matrix
 from raylens.trainer.models import build_model
-from raylens.trainer.parallel import ParallelPlan, load_checkpoint
+from raylens.trainer.parallel import ParallelPlan, load_model_weights
 from raylens.trainer.parallel.plan import worker_memory
 from raylens.trainer.plots import confusion_matrix_figure, learning_curves_figure
 from raylens.trainer.ray_train import train_distributed
@@ -87,6 +87,7 @@ def parallel_plan(job: TrainJob) -> ParallelPlan:
         device.type,
         parameters=sum(p.numel() for p in model.parameters()),
         worker_memory=worker_memory(device, scaling.max_workers) if device.type == "cpu" else None,
+        pipeline=scaling.pipeline,
     )
 
 
@@ -142,9 +143,8 @@ def train_and_record(
             embedded=embedded,
         )
         outcome = replace(outcome, history=[history[e] for e in sorted(history)])
-        state = load_checkpoint(outcome.checkpoint_dir)
         model = build_model(job.model, job.in_features, job.task.out_features)
-        model.load_state_dict(state["model"])
+        load_model_weights(model, outcome.checkpoint_dir)
         test = feature_set.read("test")
         scores = score_test_split(model, test, job, feature_set.classes)
         confusion = None

@@ -32,7 +32,13 @@ BIN = Path(sys.executable).parent
 
 
 def process_state() -> dict[str, object]:
-    """What a library must not change in its caller's process."""
+    """What a library must not change in its caller's process. PyTorch's compiler stack sets a
+    cache variable and warning filters of its own the first time it is imported (whoever imports
+    it); it is imported first, so what is compared is what raylens itself does."""
+    import torch._dynamo
+    import torch.distributed.checkpoint.state_dict
+    import torch.jit  # noqa: F401
+
     return {
         "environment": dict(os.environ),
         "warning filters": list(warnings.filters),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,18 +24,22 @@ from torch.nn.parallel import DistributedDataParallel
 from raylens.features import SplitArrays
 from raylens.trainer import TrainJob, TrainState, run_worker
 from raylens.trainer.loop import FitResult, Monitor
-from raylens.trainer.parallel import gather_checkpoint
+from raylens.trainer.models import build_model
+from raylens.trainer.parallel import load_checkpoint, load_model_weights, write_checkpoint
 
 Scenario = Callable[["Ranks"], dict[str, Any]]
 
 
 class Collect:
-    """A reporter that keeps every epoch's metrics and (on every rank: it is a collective) the
-    gathered checkpoint — the state a Ray Train worker would save."""
+    """A reporter that keeps every epoch's metrics and writes each epoch's checkpoint as a Ray
+    Train worker does (``write_checkpoint``: whole on rank 0, or every rank's shard), into
+    ``folder`` (the same on every rank); ``states`` holds each one as ``load_checkpoint`` reads it."""
 
-    def __init__(self) -> None:
+    def __init__(self, folder: Path | None = None) -> None:
+        self.folder = folder or Path(tempfile.mkdtemp(prefix="collect-"))
         self.metrics: list[dict[str, float]] = []
         self.states: list[dict[str, Any]] = []
+        self.folders: list[Path] = []
         self.replica: dict[str, torch.Tensor] = {}
         """Under DDP, this rank's own copy of the weights after the last epoch."""
         self.result: FitResult | None = None
@@ -42,22 +47,38 @@ class Collect:
 
     def report(self, metrics: dict[str, float], state: TrainState) -> None:
         self.metrics.append({k: v for k, v in metrics.items() if not k.endswith("_per_s")})  # timing varies
-        self.states.append(gather_checkpoint(state.model, state.optimizer, state.epoch))
+        folder = self.folder / f"epoch{state.epoch}"
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        write_checkpoint(state.model, state.optimizer, state.epoch, folder, sharded=state.sharded, rank=rank)
+        if dist.is_initialized():
+            dist.barrier()  # rank 0 writes a whole checkpoint alone
+        self.states.append(load_checkpoint(folder))
+        self.folders.append(folder)
         if isinstance(state.model, DistributedDataParallel):
             self.replica = {k: v.detach().clone() for k, v in state.model.module.state_dict().items()}
+
+    def whole_model(self, job: TrainJob, epoch: int = -1) -> dict[str, torch.Tensor]:
+        """The whole model's weights in an epoch's checkpoint (of any layout), read back as the
+        driver reads the final one."""
+        model = build_model(job.model, job.in_features, job.task.out_features)
+        load_model_weights(model, self.folders[epoch])
+        return model.state_dict()
 
 
 class Ranks:
     """What a scenario gets in each rank: its rank, and ``train`` to run one job in the group."""
 
-    def __init__(self, rank: int, world_size: int, train: SplitArrays, valid: SplitArrays) -> None:
+    def __init__(self, rank: int, world_size: int, train: SplitArrays, valid: SplitArrays, out: Path) -> None:
         self.rank, self.world_size = rank, world_size
         self.train_split, self.valid_split = train, valid
+        self.out = out
+        self.runs = 0
 
     def train(
         self, job: TrainJob, resume_from: dict[str, Any] | None = None, monitors: Sequence[Monitor] = ()
     ) -> Collect:
-        reporter = Collect()
+        self.runs += 1  # every rank trains the same runs in the same order: the folders agree
+        reporter = Collect(self.out / f"run{self.runs}")
         reporter.result = run_worker(
             job,
             self.train_split,
@@ -90,7 +111,7 @@ def _rank_main(
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        result = scenario(Ranks(rank, world_size, train, valid))
+        result = scenario(Ranks(rank, world_size, train, valid, Path(out)))
         torch.save(result, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()

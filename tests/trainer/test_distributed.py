@@ -1,6 +1,6 @@
-"""DDP and FSDP numerics in 2 gloo processes (``tests/trainer/gloo.py``, no Ray): the same model
-as one process, replicas in step, and a resumed run — with dropout — bit-identical to an
-uninterrupted one."""
+"""DDP, FSDP and pipeline numerics in 2 gloo processes (``tests/trainer/gloo.py``, no Ray): the
+same losses and model as one process, replicas in step, and a resumed run — with dropout, from
+whole or sharded checkpoints — bit-identical to an uninterrupted one."""
 
 from __future__ import annotations
 
@@ -21,15 +21,29 @@ from tests.trainer.gloo import Collect, Ranks, run_ranks
 
 
 def make_job(
-    fs: FeatureSet, strategy: str, *, epochs: int, batch_size: int, dropout: float = 0.0
+    fs: FeatureSet,
+    strategy: str,
+    *,
+    epochs: int,
+    batch_size: int,
+    dropout: float = 0.0,
+    workers: int = 2,
+    schedule: str = "1f1b",
 ) -> TrainJob:
+    """``batch_size`` is per data-parallel rank: a pipeline's stages share one batch of twice
+    that (2 microbatches), so every strategy steps over the same rows."""
+    pipelined = strategy == "pipeline"
     return TrainJob.for_feature_set(
-        ModelConfig(params={"hidden": [16], "dropout": dropout}),
+        ModelConfig(params={"hidden": [16, 16], "dropout": dropout}),
         TrainConfig(
             epochs=epochs,
-            batch_size=batch_size,
+            batch_size=batch_size * 2 if pipelined else batch_size,
             optimizer={"lr": 0.05},
-            scaling={"workers": 2, "strategy": strategy},
+            scaling={
+                "workers": workers,
+                "strategy": strategy,
+                "pipeline": {"microbatches": 2, "schedule": schedule},
+            },
         ),
         fs,
     )
@@ -44,6 +58,8 @@ def scenario(ranks: Ranks, jobs: dict[str, TrainJob]) -> dict[str, Any]:
     """Runs in every rank: one full-batch run, then an uninterrupted dropout run, and the same run
     stopped after 2 epochs and resumed from that checkpoint."""
     full = ranks.train(jobs["full_batch"])
+    steps = ranks.train(jobs["steps"])
+    gpipe = ranks.train(jobs["steps_gpipe"]).metrics if "steps_gpipe" in jobs else None
     straight = ranks.train(jobs["dropout"])
     half = ranks.train(jobs["dropout_half"])
     # Rank 0 holds the whole checkpoint (FSDP gathers onto it); every rank resumes from it, as
@@ -55,9 +71,11 @@ def scenario(ranks: Ranks, jobs: dict[str, TrainJob]) -> dict[str, Any]:
     # Only rank 1 decides to stop, at step 5: both ranks must stop there, neither left waiting.
     stopped = ranks.train(jobs["dropout"], monitors=[StopAtStep(5 if ranks.rank == 1 else None)])
     return {
-        "full": _last(full),
-        "straight": _last(straight),
-        "resumed": _last(resumed),
+        "full": _last(full, jobs["full_batch"]),
+        "steps": steps.metrics,
+        "steps_gpipe": gpipe,
+        "straight": _last(straight, jobs["dropout"]),
+        "resumed": _last(resumed, jobs["dropout"]),
         "stopped": stopped.result,
     }
 
@@ -77,9 +95,9 @@ class StopAtStep:
         return GO_ON
 
 
-def _last(run: Collect) -> dict[str, Any]:
-    last = run.states[-1]
-    return {"metrics": run.metrics, "model": last["model"], "replica": run.replica, "rng": last["rng"]}
+def _last(run: Collect, job: TrainJob) -> dict[str, Any]:
+    model = run.whole_model(job)
+    return {"metrics": run.metrics, "model": model, "replica": run.replica, "rng": run.states[-1]["rng"]}
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +105,10 @@ def iris_module(tmp_path_factory: pytest.TempPathFactory) -> FeatureSet:
     return iris_feature_set(tmp_path_factory.mktemp("iris"))
 
 
-STRATEGIES = ("ddp", "fsdp")
+STRATEGIES = ("ddp", "fsdp", "pipeline")
+STEP_BATCH = 9
+"""Per data-parallel rank; 90 training rows make 5 whole steps of 18 rows an epoch, so every
+strategy (and one process with batches of 18) takes the same steps over the same rows."""
 
 
 @pytest.fixture(scope="module")
@@ -95,12 +116,16 @@ def launched(iris_module: FeatureSet, tmp_path_factory: pytest.TempPathFactory):
     """Both strategies' scenarios, run in one launch of 2 gloo processes."""
     jobs = {
         strategy: {
-            "full_batch": make_job(iris_module, strategy, epochs=3, batch_size=1000),
+            "full_batch": make_job(iris_module, strategy, epochs=3, batch_size=45),
+            "steps": make_job(iris_module, strategy, epochs=3, batch_size=STEP_BATCH),
             "dropout": make_job(iris_module, strategy, epochs=4, batch_size=8, dropout=0.3),
             "dropout_half": make_job(iris_module, strategy, epochs=2, batch_size=8, dropout=0.3),
         }
         for strategy in STRATEGIES
     }
+    jobs["pipeline"]["steps_gpipe"] = make_job(
+        iris_module, "pipeline", epochs=3, batch_size=STEP_BATCH, schedule="gpipe"
+    )
     results = run_ranks(
         partial(scenarios, jobs=jobs),
         iris_module.read("train"),
@@ -120,13 +145,12 @@ def ranks(request: pytest.FixtureRequest, launched):  # type: ignore[no-untyped-
 def test_two_ranks_train_the_model_one_process_trains(ranks, iris_module: FeatureSet) -> None:  # type: ignore[no-untyped-def]
     """Full-batch steps: the gradient averaged over 2 equal shards is the gradient over their
     union, so 2 ranks must end where one process on the same rows ends."""
-    _, jobs, results = ranks
+    _, _, results = ranks
     train = iris_module.read("train")
     union = np.sort(np.concatenate([shard_rows(len(train), r, 2, seed=0) for r in range(2)]))
     single = Collect()
-    run_worker(
-        jobs["full_batch"], SplitArrays(train.x[union], train.y[union]), iris_module.read("valid"), single
-    )
+    one_batch = make_job(iris_module, "ddp", epochs=3, batch_size=len(union), workers=1)
+    run_worker(one_batch, SplitArrays(train.x[union], train.y[union]), iris_module.read("valid"), single)
 
     distributed = results[0]["full"]
     for name, tensor in single.states[-1]["model"].items():
@@ -135,6 +159,26 @@ def test_two_ranks_train_the_model_one_process_trains(ranks, iris_module: Featur
     for key in ("valid_loss", "valid_accuracy", "train_loss"):
         assert distributed["metrics"][-1][key] == pytest.approx(single.metrics[-1][key], rel=1e-5), key
     assert distributed["metrics"][-1]["valid_loss"] < distributed["metrics"][0]["valid_loss"]
+
+
+def test_every_strategy_takes_the_steps_one_process_takes(ranks, iris_module: FeatureSet) -> None:  # type: ignore[no-untyped-def]
+    """Same seed, same data order: 3 epochs of 5 steps of 18 rows each, as DDP x2 and FSDP x2
+    (9 rows per rank), pipeline x2 (18 rows in 2 microbatches) and one process. The losses agree
+    within 1e-5 (relative): only the order of floating-point sums differs."""
+    strategy, _, results = ranks
+    single = Collect()
+    job = make_job(iris_module, "ddp", epochs=3, batch_size=2 * STEP_BATCH, workers=1)
+    run_worker(job, iris_module.read("train"), iris_module.read("valid"), single)
+
+    runs = [rank["steps"] for rank in results]
+    if strategy == "pipeline":  # both schedules
+        runs += [rank["steps_gpipe"] for rank in results]
+    for run in runs:
+        assert len(run) == 3, strategy
+        for theirs, ours in zip(run, single.metrics, strict=True):
+            for key in ("train_loss", "valid_loss", "valid_accuracy"):
+                assert theirs[key] == pytest.approx(ours[key], rel=1e-5), (strategy, key, theirs["epoch"])
+    assert single.metrics[-1]["train_loss"] < single.metrics[0]["train_loss"]
 
 
 def test_every_rank_reports_the_same_metrics(ranks) -> None:  # type: ignore[no-untyped-def]

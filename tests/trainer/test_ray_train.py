@@ -7,6 +7,7 @@ No Ray cluster is started: the driver needs none to train."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,10 @@ from torch import nn
 
 from raylens.features import FeatureSet
 from raylens.trainer import ModelConfig, TrainConfig, TrainJob
+from raylens.trainer.config import ScalingConfig
 from raylens.trainer.job import TrainingFailed
-from raylens.trainer.models import MLP
-from raylens.trainer.parallel import load_checkpoint, rng_state
+from raylens.trainer.models import MLP, build_model
+from raylens.trainer.parallel import load_checkpoint, load_model_weights, rng_state
 from raylens.trainer.ray_train import TrainOutcome, checkpoint_folders, train_distributed, trains_in_driver
 
 EPOCHS = 5
@@ -232,3 +234,36 @@ def test_an_elastic_run_starts_with_the_workers_the_cluster_has_room_for(
     assert [m["epoch"] for m in outcome.history] == [1.0, 2.0]
     ranks = len(load_checkpoint(outcome.checkpoint_dir)["rng"])
     assert 2 <= ranks <= 4
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_pipeline_on_ray_train_saves_sharded_checkpoints_and_trains_what_one_process_trains(
+    iris: FeatureSet, tmp_path: Path
+) -> None:
+    """Two Ray Train workers, one stage each: every rank's shard lands in the same checkpoint
+    folder (nothing gathered on rank 0), the driver reads the whole model from the shards, and
+    the losses are those of one process stepping over the same batches."""
+    pipelined = TrainJob.for_feature_set(
+        ModelConfig(params={"hidden": [16, 16]}),
+        TrainConfig(
+            epochs=3,
+            batch_size=18,
+            scaling={"workers": 2, "strategy": "pipeline", "pipeline": {"microbatches": 2}},
+        ),
+        iris,
+    )
+    outcome = train_distributed(pipelined, iris, run_name="pipeline", storage_path=tmp_path)
+    files = {p.name for p in outcome.checkpoint_dir.iterdir()}
+    assert {".metadata", "__0_0.distcp", "__1_0.distcp", "rng_0.pt", "rng_1.pt", "sharded.json"} <= files
+    assert "checkpoint.pt" not in files
+
+    single = replace(pipelined, train=pipelined.train.model_copy(update={"scaling": ScalingConfig()}))
+    reference = train_distributed(single, iris, run_name="single", storage_path=tmp_path, embedded=True)
+    for ours, theirs in zip(outcome.history, reference.history, strict=True):
+        for key in ("train_loss", "valid_loss"):
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-5), key
+    whole, expected = build_model(pipelined.model, 4, 3), build_model(pipelined.model, 4, 3)
+    load_model_weights(whole, outcome.checkpoint_dir)
+    load_model_weights(expected, reference.checkpoint_dir)
+    for name, tensor in expected.state_dict().items():
+        torch.testing.assert_close(whole.state_dict()[name], tensor, rtol=1e-4, atol=1e-6, msg=name)

@@ -56,7 +56,7 @@ def test_diabetes_trains_scores_like_scikit_learn_and_serves_in_target_units(
     assert fs.task == "regression"  # a float target
     job = TrainJob.for_feature_set(
         ModelConfig(params={"hidden": [32]}),
-        TrainConfig(epochs=40, batch_size=32, optimizer={"lr": 0.01}),
+        TrainConfig(epochs=20, batch_size=32, optimizer={"lr": 0.01}),
         fs,
     )
     reporter = KeepLast()

@@ -4,6 +4,7 @@ import pytest
 
 from raylens.features import FeatureSet
 from raylens.trainer import ModelConfig, TrainConfig, TrainJob
+from raylens.trainer.config import PipelineConfig
 from raylens.trainer.parallel import ParallelPlan
 from raylens.trainer.ray_train import scaling_config
 
@@ -22,8 +23,13 @@ def test_the_plan_says_what_it_chose_and_why() -> None:
     single = ParallelPlan.from_config("ddp", 1)
     assert single.strategy == "none" and "no parallel wrapper" in single.reason
     assert ParallelPlan.from_config("fsdp", 1).strategy == "none"
+    pipeline = ParallelPlan.from_config(
+        "pipeline", 2, pipeline=PipelineConfig(schedule="gpipe", microbatches=8)
+    )
+    assert pipeline.strategy == "pipeline" and pipeline.pipeline is not None
+    assert "2 stages, one per worker; gpipe schedule, 8 microbatches" in pipeline.reason
     for requested, workers, message in (
-        ("pipeline", 2, "not one of"),
+        ("tensor", 2, "not one of"),
         ("ddp", 0, "at least one"),
     ):
         with pytest.raises(ValueError, match=message):

@@ -1,15 +1,17 @@
 """Parallel strategies applied to a model from outside, one module per strategy (``single``,
-``ddp``, ``fsdp``), chosen by a ``ParallelPlan``; checkpoints that any of them can restore."""
+``ddp``, ``fsdp``, ``pipeline``), chosen by a ``ParallelPlan``; checkpoints that any of them can restore."""
 
 from raylens.trainer.parallel.checkpoint import (
     CHECKPOINT_FILE,
     CorruptCheckpoint,
     gather_checkpoint,
     load_checkpoint,
+    load_model_weights,
     restore,
     rng_state,
     save_checkpoint,
     set_rng_state,
+    write_checkpoint,
 )
 from raylens.trainer.parallel.collectives import all_reduce_sum
 from raylens.trainer.parallel.plan import Parallelized, ParallelPlan, Strategy
@@ -23,8 +25,10 @@ __all__ = [
     "all_reduce_sum",
     "gather_checkpoint",
     "load_checkpoint",
+    "load_model_weights",
     "restore",
     "rng_state",
     "save_checkpoint",
     "set_rng_state",
+    "write_checkpoint",
 ]

@@ -1,10 +1,21 @@
-"""Checkpoints of a (possibly parallelized) model: the full state gathered from every rank,
-saved as one file, loaded back and restored into any strategy's module, with every rank's
-random state so a resumed run draws what the uninterrupted one would have."""
+"""Checkpoints of a (possibly parallelized) model, with every rank's random state so a resumed
+run draws what the uninterrupted one would have. Two layouts:
+
+- whole (one worker, DDP): rank 0 saves the full model and optimizer state as one file
+  (``checkpoint.pt``); a DDP replica is whole on every rank, so nothing is gathered;
+- sharded (FSDP, pipeline): every rank saves its own shard with ``torch.distributed.checkpoint``
+  (``.metadata`` and ``__<rank>_0.distcp`` files, the parameters under the model's own names,
+  optimizer state flattened per parameter), its random state (``rng_<rank>.pt``) and rank 0 the
+  epoch (``sharded.json``); nothing is gathered on one rank. Ray Train merges every rank's files
+  into the same checkpoint folder. Restoring loads each rank's shard in place; the driver reads
+  the whole model from the shards (``load_model_weights``), with no process group.
+"""
 
 from __future__ import annotations
 
+import json
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +26,13 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 CHECKPOINT_FILE = "checkpoint.pt"
+SHARDED_FILE = "sharded.json"
+"""Marks a sharded checkpoint and holds its epoch (written by rank 0 beside the shards)."""
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+_SHARDED = StateDictOptions(flatten_optimizer_state_dict=True)
+"""Each rank's own tensors; the optimizer's state keyed per parameter name, so pipeline stages
+(which hold different parameters) never write the same key."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -55,6 +71,34 @@ def gather_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, epoch:
     return {"model": model_state, "optimizer": optim_state, "epoch": epoch, "rng": rng}
 
 
+def write_checkpoint(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    epoch: int,
+    folder: Path,
+    *,
+    sharded: bool,
+    rank: int = 0,
+) -> bool:
+    """Save the state after ``epoch`` into ``folder`` (each rank may pass its own folder: the
+    files' names differ by rank). A collective: every rank calls it. Returns whether this rank
+    wrote any file (a whole checkpoint is rank 0's)."""
+    if not sharded:
+        state = gather_checkpoint(model, optimizer, epoch)
+        if rank == 0:
+            save_checkpoint(state, folder)
+        return rank == 0
+    import torch.distributed.checkpoint as dcp
+
+    model_state, optim_state = get_state_dict(model, optimizer, options=_SHARDED)
+    folder.mkdir(parents=True, exist_ok=True)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(folder))
+    torch.save(rng_state(), folder / f"rng_{rank}.pt")
+    if rank == 0:
+        (folder / SHARDED_FILE).write_text(json.dumps({"epoch": epoch}))
+    return True
+
+
 def save_checkpoint(state: dict[str, Any], folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / CHECKPOINT_FILE
@@ -67,6 +111,10 @@ class CorruptCheckpoint(Exception):
 
 
 def load_checkpoint(folder: Path) -> dict[str, Any]:
+    """A whole checkpoint's state; for a sharded one, its epoch, random states and folder
+    (``sharded``), its files checked to be all there (the shards are read by ``restore``)."""
+    if (folder / SHARDED_FILE).exists():
+        return _sharded_checkpoint(folder)
     path = folder / CHECKPOINT_FILE
     try:
         # weights_only: a checkpoint is data, never code to run.
@@ -81,6 +129,44 @@ def load_checkpoint(folder: Path) -> dict[str, Any]:
     return state
 
 
+def _sharded_checkpoint(folder: Path) -> dict[str, Any]:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        epoch = int(json.loads((folder / SHARDED_FILE).read_text())["epoch"])
+        metadata = FileSystemReader(str(folder)).read_metadata()
+        rng_files = sorted(folder.glob("rng_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+        rng = [torch.load(p, weights_only=True) for p in rng_files]
+    except Exception as exc:  # missing .metadata, edited JSON, truncated files, ...
+        reason = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise CorruptCheckpoint(f"{folder} cannot be read ({type(exc).__name__}: {reason})") from None
+    # Every byte range the metadata points at must be there: a shard cut short (a rank that died
+    # while writing) is found here, not halfway through a restore.
+    storage = getattr(metadata, "storage_data", None) or {}
+    for item in storage.values():
+        path = folder / item.relative_path
+        if not path.exists() or path.stat().st_size < item.offset + item.length:
+            raise CorruptCheckpoint(f"{folder} is incomplete: {item.relative_path} is missing or cut short")
+    return {"sharded": str(folder), "epoch": epoch, "rng": rng}
+
+
+def load_model_weights(model: nn.Module, folder: Path) -> None:
+    """The whole model's weights from a checkpoint of either layout, into ``model`` (not
+    parallelized; no process group needed)."""
+    state = load_checkpoint(folder)
+    if "sharded" not in state:
+        model.load_state_dict(state["model"])
+        return
+    import torch.distributed.checkpoint as dcp
+
+    weights = {"model": model.state_dict()}
+    with warnings.catch_warnings():
+        # Its notice that no process group is set up: reading here, in one process, is the intent.
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(weights, checkpoint_id=state["sharded"], no_dist=True)
+    model.load_state_dict(weights["model"])
+
+
 def restore(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -89,8 +175,27 @@ def restore(
     rank: int = 0,
     world_size: int = 1,
 ) -> int:
-    """Load a full checkpoint into a (possibly parallelized) model, and this rank's random state
-    when the checkpoint was written by as many ranks; return the epochs it completed."""
+    """Load a checkpoint into a (possibly parallelized) model — a whole one, or each rank's shard
+    of a sharded one (a collective then) — and this rank's random state when the checkpoint was
+    written by as many ranks; return the epochs it completed."""
+    if "sharded" in state:
+        import torch.distributed.checkpoint as dcp
+
+        model_state, optim_state = get_state_dict(model, optimizer, options=_SHARDED)
+        shards = {"model": model_state, "optimizer": optim_state}
+        dcp.load(shards, checkpoint_id=state["sharded"])
+        set_state_dict(
+            model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state, options=_SHARDED
+        )
+    else:
+        _restore_whole(model, optimizer, state)
+    rng = state.get("rng")
+    if rng and len(rng) == world_size:
+        set_rng_state(rng[rank])
+    return int(state["epoch"])
+
+
+def _restore_whole(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
     set_state_dict(
         model,
         optimizer,
@@ -98,7 +203,3 @@ def restore(
         optim_state_dict=state["optimizer"],
         options=StateDictOptions(full_state_dict=True),
     )
-    rng = state.get("rng")
-    if rng and len(rng) == world_size:
-        set_rng_state(rng[rank])
-    return int(state["epoch"])

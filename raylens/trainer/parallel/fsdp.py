@@ -25,4 +25,4 @@ def apply(model: nn.Module, device: torch.device) -> Parallelized:
         if any(p.requires_grad for p in module.parameters(recurse=False)):
             fully_shard(module, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    return Parallelized(model, model, shards_validation=False)
+    return Parallelized(model, model, shards_validation=False, sharded_checkpoint=True)

@@ -12,13 +12,19 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
-Strategy = Literal["none", "ddp", "fsdp"]
+from raylens.trainer.config import PipelineConfig
+from raylens.trainer.loop import ClipGradNorm, Forward, TrainStep
+
+if TYPE_CHECKING:
+    from raylens.trainer.task import TaskSpec
+
+Strategy = Literal["none", "ddp", "fsdp", "pipeline"]
 
 STATE_BYTES_PER_PARAMETER = 16
 """What training holds per parameter: float32 weights, gradients and Adam's two moments."""
@@ -54,6 +60,23 @@ class Parallelized:
     """True: each rank scores its share of the validation rows with ``eval_module`` (its forward
     holds no collective) and the metric sums are combined across ranks; False: every rank scores
     every row, in step (the forward itself is collective)."""
+    sums_validation: bool | None = None
+    """Whether the ranks' validation sums are added up (None: as ``shards_validation``; a
+    pipeline's last stage alone holds them)."""
+    forward: Forward | None = None
+    """Validation's forward (None: ``eval_module``)."""
+    train_step: TrainStep | None = None
+    """The strategy's own forward and backward of a batch (None: the loop's)."""
+    clip_grad_norm: ClipGradNorm | None = None
+    """The strategy's own gradient clipping (None: ``clip_grad_norm_`` of ``module``)."""
+    splits_data: bool = True
+    """True: each rank trains on its share of the rows (data parallel); False: every rank sees
+    the same batches (a pipeline's stages)."""
+    whole_batches: bool = False
+    """Train on whole batches only (a traced pipeline's shapes are fixed)."""
+    sharded_checkpoint: bool = False
+    """Each rank saves its own shard of the state (torch.distributed.checkpoint), rather than
+    rank 0 the whole of it."""
 
     def validation_rows(self, rows: int, rank: int, world_size: int) -> np.ndarray:
         """The validation rows this rank scores."""
@@ -70,6 +93,8 @@ class ParallelPlan:
     device: str
     reason: str
     """Said in the terminal and recorded with the run (``raylens.parallel`` tag)."""
+    pipeline: PipelineConfig | None = None
+    """strategy pipeline: its schedule, microbatches and split points."""
 
     @classmethod
     def from_config(
@@ -80,6 +105,7 @@ class ParallelPlan:
         *,
         parameters: int | None = None,
         worker_memory: int | None = None,
+        pipeline: PipelineConfig | None = None,
     ) -> ParallelPlan:
         """The plan for ``train.scaling.strategy`` = ``requested``; ``ValueError`` for a
         combination no worker could run (the spec's validation refuses it first, with its key).
@@ -88,12 +114,19 @@ class ParallelPlan:
         while a replica's training state takes at most ``REPLICA_SHARE`` of it, else FSDP."""
         if world_size < 1:
             raise ValueError(f"a run needs at least one worker, got {world_size}")
-        if requested not in ("auto", "ddp", "fsdp"):
-            raise ValueError(f"strategy {requested!r} is not one of auto, ddp, fsdp")
+        if requested not in ("auto", "ddp", "fsdp", "pipeline"):
+            raise ValueError(f"strategy {requested!r} is not one of auto, ddp, fsdp, pipeline")
         if world_size == 1:
             # Also for fsdp: a reference run of one process trains what the ranks would, and
             # the spec refuses fsdp with one worker before a plan is made.
             return cls("none", 1, device, "1 worker: the model is trained as it is, no parallel wrapper")
+        if requested == "pipeline":
+            config = pipeline or PipelineConfig()
+            reason = (
+                f"pipeline (requested): the model cut into {world_size} stages, one per worker; "
+                f"{config.schedule} schedule, {config.microbatches} microbatches per batch"
+            )
+            return cls("pipeline", world_size, device, reason, config)
         if requested == "fsdp":
             reason = f"fsdp (requested): parameters, gradients and optimizer state sharded over {world_size}"
             return cls("fsdp", world_size, device, reason)
@@ -119,10 +152,25 @@ class ParallelPlan:
             f"auto → ddp: {world_size} replicas, gradients averaged ({sizes}: replicas fit, and are fastest)",
         )
 
-    def apply(self, model: nn.Module, device: torch.device) -> Parallelized:
-        """``model`` wrapped by this plan's strategy, on ``device``."""
+    def apply(
+        self,
+        model: nn.Module,
+        device: torch.device,
+        *,
+        batch: torch.Tensor | None = None,
+        task: TaskSpec | None = None,
+    ) -> Parallelized:
+        """``model`` wrapped by this plan's strategy, on ``device``. A pipeline also needs one
+        full ``batch`` of inputs (the stages are traced with its microbatches) and the ``task``
+        (its last stage computes the loss)."""
         # Imported here: each strategy's module imports this one (and FSDP's import is heavy).
-        from raylens.trainer.parallel import ddp, fsdp, single
+        from raylens.trainer.parallel import ddp, fsdp, pipeline, single
 
+        if self.strategy == "pipeline":
+            if batch is None or task is None:
+                raise ValueError("a pipeline is traced with a batch of inputs and needs the task")
+            return pipeline.apply(
+                model, device, config=self.pipeline or PipelineConfig(), batch=batch, task=task
+            )
         strategies = {"none": single.apply, "ddp": ddp.apply, "fsdp": fsdp.apply}
         return strategies[self.strategy](model, device)
