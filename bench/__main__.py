@@ -4,6 +4,7 @@
     python -m bench startup [--json]   seconds from `raylens train` start to the first optimizer step
     python -m bench thread [--json]    the raylens loop on a secondary thread ÷ on the main thread
     python -m bench validate [--json]  seconds for `raylens validate` to answer a spec mistake
+    python -m bench pipeline [--json]  a model over one worker's memory budget: pipeline x2 ÷ FSDP x2
 
 Figures, with the machine they came from, are kept in BENCHMARKS.md.
 """
@@ -17,13 +18,14 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from bench import startup, thread, trainer, validate
+from bench import pipeline, startup, thread, trainer, validate
 
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "trainer": trainer.run,
     "startup": startup.run,
     "thread": thread.run,
     "validate": validate.run,
+    "pipeline": pipeline.run,
 }
 
 

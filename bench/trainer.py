@@ -33,6 +33,30 @@ BATCH = 256
 LR = 1e-3
 
 
+def training_flop_per_sample(hidden: list[int], features: int, classes: int) -> int:
+    """Multiply-adds of the MLP's Linear layers x 2 FLOPs, forward (1x) and backward (2x: the
+    gradients of inputs and weights; the first layer's inputs need none)."""
+    widths = [features, *hidden, classes]
+    weights = [a * b for a, b in itertools.pairwise(widths)]
+    return 2 * (3 * sum(weights) - weights[0])
+
+
+def mm_peak_flops(threads: int, size: int = 1024, repeats: int = 20) -> float:
+    """What ``torch.mm`` of float32 square matrices reaches on ``threads`` threads: the best of
+    ``repeats`` timings, FLOP/s."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)  # warm-up
+    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
+    return 2 * size**3 / best
+
+
+def _timed(work: Any) -> float:
+    started = time.perf_counter()
+    work()
+    return time.perf_counter() - started
+
+
 def _median_rate(rows: int, ends: list[float]) -> float:
     return rows / statistics.median(b - a for a, b in itertools.pairwise(ends))
 
@@ -121,6 +145,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results["bare_samples_per_s"] = [round(b) for b in bare]
     for workers in (1, 2):
         results[f"raylens_{workers}w_samples_per_s"] = [round(r) for r in measured[workers]]
+    # FLOP/s of training (validation's share of each epoch's wall time is left in: a lower bound).
+    per_sample = training_flop_per_sample(HIDDEN, 64, 10)
+    peak = mm_peak_flops(cores)
+    results["train_flop_per_sample"] = per_sample
+    results["mm_peak_gflop_per_s"] = round(peak / 1e9, 1)
+    results["bare_gflop_per_s"] = round(statistics.median(bare) * per_sample / 1e9, 1)
+    results["raylens_1w_gflop_per_s"] = round(statistics.median(measured[1]) * per_sample / 1e9, 1)
+    results["raylens_1w_fraction_of_mm_peak"] = round(statistics.median(measured[1]) * per_sample / peak, 3)
     results["ratio_1_worker"] = statistics.median(ratios[1])
     results["ratio_2_workers"] = statistics.median(ratios[2])
     results["ratio"] = min(results["ratio_1_worker"], results["ratio_2_workers"])

@@ -216,6 +216,16 @@ class TrainConfig(_Strict):
     precision: Literal["fp32", "bf16"] = "fp32"
     """bf16: forward and loss under torch.autocast(bfloat16) (CPU and GPU); weights, optimizer
     and evaluation stay float32."""
+    eval_every_steps: int | None = Field(None, ge=1)
+    """Also validate, report and checkpoint every this many optimizer steps within an epoch (for
+    long epochs): a resume goes on from the latest of them, mid-epoch. Every report then carries
+    `step`, and MLflow logs the run's metrics by optimizer step instead of by epoch. Sweep trials
+    validate after epochs only (their halving rungs count epochs)."""
+    step_timeout_s: float | None = Field(600.0, gt=0)
+    """Seconds a Ray Train worker may go without finishing a batch (a hung collective, a stalled
+    data read, a blocked model) before its attempt fails, naming the rank; the run restarts
+    from its latest checkpoint (max_failures). Validation and checkpointing are not timed.
+    null: no limit."""
     early_stopping: EarlyStoppingConfig | None = None
     """Stop when the metric stops improving; the final model is the last epoch's."""
 

@@ -22,6 +22,7 @@ from raylens.trainer.loop import (
     Action,
     Batches,
     FitResult,
+    Heartbeat,
     Monitor,
     Reporter,
     ShuffleRows,
@@ -34,7 +35,7 @@ from raylens.trainer.loop import (
 )
 from raylens.trainer.models import build_model
 from raylens.trainer.monitors import EarlyStopping, FiniteLoss
-from raylens.trainer.parallel import Parallelized, ParallelPlan, all_reduce_sum, restore
+from raylens.trainer.parallel import Parallelized, ParallelPlan, all_reduce_sum, restore, resume_position
 from raylens.trainer.parallel.plan import worker_memory
 from raylens.trainer.schedules import learning_rate
 from raylens.trainer.task import TaskSpec, task_spec
@@ -119,6 +120,7 @@ def step_rules(train: TrainConfig, rows: int) -> StepRules:
         rate=learning_rate(schedule, train.optimizer.lr, train.epochs, steps_per_epoch)
         if scheduled
         else None,
+        evaluate_every=train.eval_every_steps,
     )
 
 
@@ -133,6 +135,7 @@ def run_worker(
     device: torch.device | None = None,
     resume_from: dict[str, Any] | None = None,
     monitors: Sequence[Monitor] = (),
+    heartbeat: Heartbeat | None = None,
 ) -> FitResult:
     """Train ``job`` on this worker's share of ``train``; every rank of a run calls it."""
     device = device or torch.device("cpu")
@@ -159,11 +162,10 @@ def run_worker(
         # as if the rows of one large batch were drawn independently.
         torch.manual_seed(job.train.seed + rank)
     optimizer = make_optimizer(parallel.module, job.train.optimizer)
-    start_epoch = (
-        restore(parallel.module, optimizer, resume_from, rank=rank, world_size=world_size)
-        if resume_from
-        else 0
-    )
+    start_epoch, start_step, so_far = 0, None, None
+    if resume_from:
+        start_epoch = restore(parallel.module, optimizer, resume_from, rank=rank, world_size=world_size)
+        start_step, so_far = resume_position(resume_from)
     combine = all_reduce_sum if world_size > 1 else local
     valid_rows = parallel.validation_rows(len(valid), rank, world_size)
     sums_validation = (
@@ -197,4 +199,7 @@ def run_worker(
         epoch_rows=epoch_rows,
         train_step=parallel.train_step,
         clip_grad_norm=parallel.clip_grad_norm,
+        heartbeat=heartbeat,
+        start_step=start_step,
+        so_far=so_far if rank == 0 else None,  # sums over every rank: added once
     )

@@ -47,15 +47,38 @@ class Batches:
         return Batches(self.x.to(device), self.y.to(device))
 
 
+@dataclass(frozen=True)
+class EpochSoFar:
+    """The sums of an epoch interrupted by a mid-epoch checkpoint, over all ranks: a run resumed
+    there reports the epoch's train loss over all its batches, as the uninterrupted one does."""
+
+    loss_sum: float
+    weight_sum: float
+    norm_sum: float
+    norms: int
+
+    def as_list(self) -> list[float]:
+        return [self.loss_sum, self.weight_sum, self.norm_sum, float(self.norms)]
+
+    @classmethod
+    def from_list(cls, values: Sequence[float]) -> EpochSoFar:
+        return cls(float(values[0]), float(values[1]), float(values[2]), int(values[3]))
+
+
 @dataclass
 class TrainState:
-    """What a checkpoint holds: the model and optimizer after ``epoch`` completed epochs."""
+    """What a checkpoint holds: the model and optimizer after ``epoch`` completed epochs (and,
+    saved mid-epoch, ``step`` optimizer steps of the run and the epoch's sums so far)."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
     epoch: int
     sharded: bool = False
     """Each rank holds a shard of the state (FSDP, a pipeline's stage) and saves its own."""
+    step: int | None = None
+    """Saved mid-epoch: optimizer steps of the run so far (None: at the end of ``epoch``)."""
+    so_far: EpochSoFar | None = None
+    """Saved mid-epoch: the unfinished epoch's sums."""
 
 
 class Reporter(Protocol):
@@ -151,6 +174,9 @@ class StepRules:
     """Run forward and loss under ``torch.autocast`` with this dtype (bfloat16)."""
     rate: Rate | None = None
     """The learning rate of each optimizer step (``raylens.trainer.schedules``); None: as set."""
+    evaluate_every: int | None = None
+    """Also validate, report and checkpoint every this many optimizer steps within an epoch;
+    every report then carries ``step``."""
 
 
 ShuffleRows = Callable[[int], torch.Tensor]
@@ -183,6 +209,18 @@ class ForwardBackward:
         return loss.detach()
 
 
+class Heartbeat(Protocol):
+    """Hears the loop's progress (``raylens.trainer.watchdog.StallWatch``)."""
+
+    def beat(self, epoch: int, step: int) -> None:
+        """A batch's forward and backward finished."""
+        ...
+
+    def pause(self) -> None:
+        """Validation and reporting follow."""
+        ...
+
+
 ClipGradNorm = Callable[[float], torch.Tensor]
 """Clips the gradients' total norm to the value given; returns the norm before clipping."""
 
@@ -205,6 +243,9 @@ def fit(
     epoch_rows: ShuffleRows | None = None,
     train_step: TrainStep | None = None,
     clip_grad_norm: ClipGradNorm | None = None,
+    heartbeat: Heartbeat | None = None,
+    start_step: int | None = None,
+    so_far: EpochSoFar | None = None,
 ) -> FitResult:
     """Train from ``start_epoch`` to ``epochs``; after every epoch, validate and report.
 
@@ -217,11 +258,17 @@ def fit(
 
     ``train_step`` and ``clip_grad_norm`` are the strategy's (default: the model's forward and
     backward, and ``clip_grad_norm_`` of its parameters). Rows count where the loss is computed.
+    ``heartbeat`` hears each finished batch, and a pause before each validation.
+
+    Resumed from a mid-epoch checkpoint, ``start_step`` (the steps it holds) is past
+    ``start_epoch``'s first steps: their batches are skipped, and the epoch's sums start from
+    ``so_far`` (given to one rank only: they are the sums over all ranks).
     """
     shuffle = epoch_rows or _shuffled(len(train), seed)
     batches_per_epoch = -(-len(shuffle(start_epoch)) // batch_size)
     steps_per_epoch = -(-batches_per_epoch // rules.accumulate)
-    step = start_epoch * steps_per_epoch
+    step = start_epoch * steps_per_epoch if start_step is None else start_step
+    skip = (step - start_epoch * steps_per_epoch) * rules.accumulate
     forward_backward = train_step or ForwardBackward(model, task)
     clip = clip_grad_norm or (lambda limit: torch.nn.utils.clip_grad_norm_(model.parameters(), limit))
     scale = 1 / rules.accumulate
@@ -229,12 +276,15 @@ def fit(
         model.train()
         order = shuffle(epoch)
         started = time.perf_counter()
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        weight_sum = torch.zeros((), dtype=torch.float64)
+        earlier = so_far if epoch == start_epoch and so_far is not None else EpochSoFar(0.0, 0.0, 0.0, 0)
+        loss_sum = torch.tensor(earlier.loss_sum, dtype=torch.float64)
+        weight_sum = torch.tensor(earlier.weight_sum, dtype=torch.float64)
         rows = 0
         norms: list[torch.Tensor] = []
         batch_starts = range(0, len(order), batch_size)
         for position, begin in enumerate(batch_starts):
+            if epoch == start_epoch and position < skip:
+                continue  # trained before the mid-epoch checkpoint this run resumed from
             index = order[begin : begin + batch_size]
             x, y = train.x[index], train.y[index]
             steps_now = (position + 1) % rules.accumulate == 0 or position == len(batch_starts) - 1
@@ -242,6 +292,8 @@ def fit(
                 x.device.type, dtype=rules.autocast or torch.bfloat16, enabled=rules.autocast is not None
             ):
                 loss = forward_backward(x, y, scale=scale, sync=steps_now)
+            if heartbeat is not None:
+                heartbeat.beat(epoch, step)
             if loss is not None:
                 # The batch's loss is a mean over its rows' weights: summed back, the epoch's loss
                 # is the weighted mean over all its rows (the plain mean when unweighted).
@@ -267,7 +319,21 @@ def fit(
                     stop = _agreed([m.on_step(view) for m in due], combine)
                     if stop is not None:
                         return FitResult(epoch, stop, step)
+            last_batch = position == len(batch_starts) - 1
+            if rules.evaluate_every and step % rules.evaluate_every == 0 and not last_batch:
+                if heartbeat is not None:
+                    heartbeat.pause()
+                sums = combine(np.array([float(loss_sum), float(weight_sum)]))
+                # Norms are the same on every rank (of the whole model's gradients): this rank's.
+                norm_sum, count = _norms(earlier, norms)
+                state = EpochSoFar(float(sums[0]), float(sums[1]), norm_sum, count)
+                metrics = {"epoch": epoch + (position + 1) / len(batch_starts), "step": float(step)}
+                metrics.update({f"valid_{k}": v for k, v in validate().items()})
+                reporter.report(metrics, TrainState(model, optimizer, epoch, step=step, so_far=state))
+                model.train()
         elapsed = time.perf_counter() - started
+        if heartbeat is not None:
+            heartbeat.pause()
         total_loss, total_weight, total_rows = combine(
             np.array([float(loss_sum), float(weight_sum), float(rows)])
         )
@@ -276,8 +342,11 @@ def fit(
             "train_loss": float(total_loss / total_weight * task.loss_scale) if total_weight > 0 else 0.0,
             "train_samples_per_s": float(total_rows / elapsed) if elapsed > 0 else 0.0,
         }
-        if norms:
-            metrics["train_grad_norm"] = float(torch.stack(norms).float().mean())
+        if rules.evaluate_every:
+            metrics["step"] = float(step)
+        norm_sum, count = _norms(earlier, norms)
+        if count:
+            metrics["train_grad_norm"] = norm_sum / count
         if rules.rate is not None:
             metrics["train_lr"] = float(optimizer.param_groups[0]["lr"])
         metrics.update({f"valid_{k}": v for k, v in validate().items()})
@@ -287,6 +356,13 @@ def fit(
             if stop is not None:
                 return FitResult(epoch + 1, stop, step)
     return FitResult(epochs)
+
+
+def _norms(earlier: EpochSoFar, norms: list[torch.Tensor]) -> tuple[float, int]:
+    """The epoch's gradient norms so far: their sum and count."""
+    return earlier.norm_sum + (
+        float(torch.stack(norms).double().sum()) if norms else 0.0
+    ), earlier.norms + len(norms)
 
 
 def _shuffled(rows: int, seed: int) -> ShuffleRows:

@@ -32,10 +32,11 @@ def confusion_matrix_figure(matrix: np.ndarray, labels: Sequence[Any], title: st
 
 def learning_curves_figure(history: Sequence[dict[str, float]]) -> Figure:
     fig, ax = plt.subplots(figsize=(6, 4))
-    epochs = [m["epoch"] for m in history]
     for key in ("train_loss", "valid_loss"):
-        if all(key in m for m in history):
-            ax.plot(epochs, [m[key] for m in history], marker="o", label=key)
+        # train_loss is an epoch's: mid-epoch evaluations (eval_every_steps) have valid_loss only.
+        points = [(m["epoch"], m[key]) for m in history if key in m]
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="o", label=key)
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
     ax.legend()

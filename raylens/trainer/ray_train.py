@@ -35,6 +35,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -60,9 +61,10 @@ from raylens.trainer.parallel import (
     set_rng_state,
     write_checkpoint,
 )
+from raylens.trainer.watchdog import StallWatch
 
 logger = logging.getLogger(__name__)
-EPOCH, CONTROLLER, NOTICE, FAILED = "epoch", "controller", "notice", "failed"
+EPOCH, CONTROLLER, NOTICE, FAILED, STALLED = "epoch", "controller", "notice", "failed", "stalled"
 """Kinds of message on the queue from the run to the driver."""
 
 
@@ -90,14 +92,8 @@ class RayTrainReporter:
         folder = (
             Path(tempfile.mkdtemp(prefix="raylens-checkpoint-")) if state.sharded or self.rank == 0 else None
         )
-        wrote = write_checkpoint(  # a collective
-            state.model,
-            state.optimizer,
-            state.epoch,
-            folder or Path(tempfile.gettempdir()),  # untouched: this rank writes nothing
-            sharded=state.sharded,
-            rank=self.rank,
-        )
+        # A collective; ``folder`` is untouched where this rank writes nothing.
+        wrote = write_checkpoint(state, folder or Path(tempfile.gettempdir()), rank=self.rank)
         if wrote and folder is not None:
             checkpoint = ray.train.Checkpoint.from_directory(str(folder))
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
@@ -166,16 +162,24 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
         resume_from, notice = restore_point(checkpoint)
         if notice and rank == 0 and queue is not None:
             queue.put_nowait((NOTICE, notice))
-    result = run_worker(
-        job,
-        feature_set.read("train"),
-        feature_set.read("valid"),
-        RayTrainReporter(rank, queue),
-        rank=rank,
-        world_size=world_size,
-        device=ray.train.torch.get_device(),
-        resume_from=resume_from,
-    )
+    watch = None
+    if job.train.step_timeout_s is not None:
+        watch = StallWatch(job.train.step_timeout_s, rank, partial(_tell_stall, queue))
+    try:
+        result = run_worker(
+            job,
+            feature_set.read("train"),
+            feature_set.read("valid"),
+            RayTrainReporter(rank, queue),
+            rank=rank,
+            world_size=world_size,
+            device=ray.train.torch.get_device(),
+            resume_from=resume_from,
+            heartbeat=watch,
+        )
+    finally:
+        if watch is not None:
+            watch.close()
     # A failed run (a diverged loss) would fail again from any checkpoint: rather than raise
     # (Ray would restart the worker group max_failures times), the workers end and rank 0 tells
     # the driver why, which fails the run.
@@ -184,6 +188,13 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
             raise_if_failed(result)
         elif rank == 0:
             queue.put_nowait((FAILED, result.stopped.reason))
+
+
+def _tell_stall(queue: Queue | None, message: str) -> None:
+    logger.error(message)
+    if queue is not None:
+        # Waits briefly: the process ends right after.
+        queue.put((STALLED, message), timeout=5)
 
 
 def worker_threads(job: TrainJob) -> int:
@@ -248,9 +259,10 @@ def train_distributed(
     # fit() blocks, so it runs beside the loop that drains live metrics for the caller.
     thread = threading.Thread(target=fit, name="raylens-fit", daemon=True)
     thread.start()
-    history: dict[int, dict[str, float]] = {}
+    history: dict[float, dict[str, float]] = {}
     controller: list[Any] = []
     failed: list[str] = []
+    stalls: list[str] = []
 
     def drain(block: bool) -> None:
         while True:
@@ -264,8 +276,11 @@ def train_distributed(
                 on_notice(payload)
             elif kind == FAILED:
                 failed.append(payload)
-            elif int(payload["epoch"]) not in history:  # a replay after a restart: heard already
-                history[int(payload["epoch"])] = payload
+            elif kind == STALLED:
+                stalls.append(payload)
+                on_notice(payload)
+            elif payload["epoch"] not in history:  # a replay after a restart: heard already
+                history[payload["epoch"]] = payload
                 on_epoch(payload)
 
     try:
@@ -278,6 +293,11 @@ def train_distributed(
     finally:
         queue.shutdown()
     if "error" in outcome:
+        if stalls:  # the restarts ran out: the stall is why, not a worker that "died"
+            raise TrainingFailed(
+                f"{stalls[-1].split(': a hung')[0]}, and max_failures ({job.train.max_failures}) "
+                "restarts did not get past it; raise train.step_timeout_s if such steps are expected"
+            ) from outcome["error"]
         raise outcome["error"]
     if failed:
         raise TrainingFailed(failed[0])
@@ -343,7 +363,9 @@ class DriverReporter:
         """What ``on_epoch`` raised: the caller's error, not a training failure to restart from."""
 
     def report(self, metrics: dict[str, float], state: TrainState) -> None:
-        full_state = gather_checkpoint(state.model, state.optimizer, state.epoch)
+        full_state = gather_checkpoint(
+            state.model, state.optimizer, state.epoch, step=state.step, so_far=state.so_far
+        )
         with deferred_interrupts():
             commit_checkpoint(full_state, self.run_folder, self.keep)
             try:
@@ -376,12 +398,12 @@ def _train_in_driver(
     """One worker, in this process: resume from the run folder's latest readable checkpoint,
     and after an error in training restart from it, up to ``max_failures`` times (Ray Train's
     rule for a worker group)."""
-    history: dict[int, dict[str, float]] = {}
+    history: dict[float, dict[str, float]] = {}
 
     def hear(metrics: dict[str, float]) -> None:
         # Heard already: an epoch trained again after falling back to an older checkpoint.
-        if int(metrics["epoch"]) not in history:
-            history[int(metrics["epoch"])] = metrics
+        if metrics["epoch"] not in history:
+            history[metrics["epoch"]] = metrics
             on_epoch(metrics)
 
     reporter = DriverReporter(run_folder, job.train.checkpoints_to_keep, hear)

@@ -124,13 +124,15 @@ def train_and_record(
             tracker.log_params(run_id, params)
             tracker.set_tags(run_id, {"raylens.parallel": parallel_plan(job).reason})
             tracker.log_dict(run_id, feature_set.manifest, "feature_set/manifest.json")
-        history = {int(m["epoch"]): m for m in earlier if "epoch" in m}
+        # Keyed by epoch: fractional for a mid-epoch evaluation (train.eval_every_steps).
+        history = {m["epoch"]: m for m in earlier if "epoch" in m}
 
         def record_epoch(metrics: dict[str, float]) -> None:
-            epoch = int(metrics["epoch"])
-            if epoch not in history:  # one value per epoch, whatever was replayed or resumed
+            epoch = metrics["epoch"]
+            if epoch not in history:  # one value per report, whatever was replayed or resumed
                 history[epoch] = metrics
-                tracker.log_metrics(run_id, metrics, step=epoch)
+                # By optimizer step when the run reports steps, else by epoch.
+                tracker.log_metrics(run_id, metrics, step=int(metrics.get("step", epoch)))
             on_epoch(metrics)
 
         outcome = train_distributed(

@@ -76,8 +76,20 @@ class TuneReporter:
 
     def report(self, metrics: dict[str, float], state: TrainState) -> None:
         with tempfile.TemporaryDirectory() as tmp:
-            save_checkpoint(gather_checkpoint(state.model, state.optimizer, state.epoch), Path(tmp))
+            save_checkpoint(
+                gather_checkpoint(
+                    state.model, state.optimizer, state.epoch, step=state.step, so_far=state.so_far
+                ),
+                Path(tmp),
+            )
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+def _trial_job(job: TrainJob, config: dict[str, Any]) -> TrainJob:
+    """The job with a trial's sampled values; validated after epochs only, as the halving rule
+    counts its rungs in reports."""
+    model, train_config = with_overrides(job.model, job.train, config)
+    return replace(job, model=model, train=train_config.model_copy(update={"eval_every_steps": None}))
 
 
 def _trial(
@@ -89,8 +101,7 @@ def _trial(
     threads: int,
 ) -> None:
     torch.set_num_threads(threads)
-    model, train_config = with_overrides(job.model, job.train, config)
-    trial_job = replace(job, model=model, train=train_config)
+    trial_job = _trial_job(job, config)
     resume_from = None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
@@ -103,8 +114,7 @@ def _trial(
 def _distributed_trial(
     config: dict[str, Any], *, job: TrainJob, feature_set: FeatureSet, storage: str
 ) -> None:
-    model, train_config = with_overrides(job.model, job.train, config)
-    trial_job = replace(job, model=model, train=train_config)
+    trial_job = _trial_job(job, config)
     context = tune.get_context()
     train_distributed(
         trial_job,

@@ -47,9 +47,9 @@ class Collect:
 
     def report(self, metrics: dict[str, float], state: TrainState) -> None:
         self.metrics.append({k: v for k, v in metrics.items() if not k.endswith("_per_s")})  # timing varies
-        folder = self.folder / f"epoch{state.epoch}"
+        folder = self.folder / f"report{len(self.states) + 1}"
         rank = dist.get_rank() if dist.is_initialized() else 0
-        write_checkpoint(state.model, state.optimizer, state.epoch, folder, sharded=state.sharded, rank=rank)
+        write_checkpoint(state, folder, rank=rank)
         if dist.is_initialized():
             dist.barrier()  # rank 0 writes a whole checkpoint alone
         self.states.append(load_checkpoint(folder))

@@ -29,6 +29,7 @@ def make_job(
     dropout: float = 0.0,
     workers: int = 2,
     schedule: str = "1f1b",
+    eval_every_steps: int | None = None,
 ) -> TrainJob:
     """``batch_size`` is per data-parallel rank: a pipeline's stages share one batch of twice
     that (2 microbatches), so every strategy steps over the same rows."""
@@ -39,6 +40,7 @@ def make_job(
             epochs=epochs,
             batch_size=batch_size * 2 if pipelined else batch_size,
             optimizer={"lr": 0.05},
+            eval_every_steps=eval_every_steps,
             scaling={
                 "workers": workers,
                 "strategy": strategy,
@@ -68,6 +70,11 @@ def scenario(ranks: Ranks, jobs: dict[str, TrainJob]) -> dict[str, Any]:
     dist.broadcast_object_list(shared, src=0)
     torch.manual_seed(ranks.rank + 777)  # whatever the process drew in between must not matter
     resumed = ranks.train(jobs["dropout"], resume_from=shared[0])
+    # Mid-epoch: resumed from the checkpoint of the 5th report (a mid-epoch one, in epoch 2).
+    mid_straight = ranks.train(jobs["mid_epoch"])
+    shared = [mid_straight.states[4]]
+    dist.broadcast_object_list(shared, src=0)
+    mid_resumed = ranks.train(jobs["mid_epoch"], resume_from=shared[0])
     # Only rank 1 decides to stop, at step 5: both ranks must stop there, neither left waiting.
     stopped = ranks.train(jobs["dropout"], monitors=[StopAtStep(5 if ranks.rank == 1 else None)])
     return {
@@ -77,6 +84,11 @@ def scenario(ranks: Ranks, jobs: dict[str, TrainJob]) -> dict[str, Any]:
         "straight": _last(straight, jobs["dropout"]),
         "resumed": _last(resumed, jobs["dropout"]),
         "stopped": stopped.result,
+        "mid_epoch": {
+            "at": shared[0]["step"],
+            "straight": _last(mid_straight, jobs["mid_epoch"]),
+            "resumed": _last(mid_resumed, jobs["mid_epoch"]),
+        },
     }
 
 
@@ -120,6 +132,9 @@ def launched(iris_module: FeatureSet, tmp_path_factory: pytest.TempPathFactory):
             "steps": make_job(iris_module, strategy, epochs=3, batch_size=STEP_BATCH),
             "dropout": make_job(iris_module, strategy, epochs=4, batch_size=8, dropout=0.3),
             "dropout_half": make_job(iris_module, strategy, epochs=2, batch_size=8, dropout=0.3),
+            "mid_epoch": make_job(
+                iris_module, strategy, epochs=3, batch_size=8, dropout=0.3, eval_every_steps=2
+            ),
         }
         for strategy in STRATEGIES
     }
@@ -207,6 +222,19 @@ def test_resumed_with_dropout_equals_uninterrupted(ranks) -> None:  # type: igno
         assert torch.equal(tensor, resumed["model"][name]), name
     for key in ("valid_loss", "valid_accuracy", "train_loss"):
         assert resumed["metrics"][-1][key] == straight["metrics"][-1][key], key
+
+
+def test_resumed_mid_epoch_equals_uninterrupted(ranks) -> None:  # type: ignore[no-untyped-def]
+    """eval_every_steps: 2 checkpoints mid-epoch; resumed from one in epoch 2 (its batches so far
+    skipped, its loss sums carried over) the run ends as the uninterrupted one, bit for bit."""
+    strategy, _, results = ranks
+    mid = results[0]["mid_epoch"]
+    assert mid["at"] == (8 if strategy == "pipeline" else 10)  # 5 or 6 steps an epoch
+    straight, resumed = mid["straight"], mid["resumed"]
+    timeless = [{k: v for k, v in m.items() if not k.endswith("_per_s")} for m in straight["metrics"]]
+    assert resumed["metrics"] == timeless[5:]
+    for name, tensor in straight["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name
 
 
 def test_a_stop_decided_on_one_rank_stops_every_rank_at_that_step(ranks) -> None:  # type: ignore[no-untyped-def]

@@ -19,7 +19,9 @@ class Collect:
 
     def report(self, metrics: dict[str, float], state: TrainState) -> None:
         self.metrics.append(metrics)
-        self.states.append(gather_checkpoint(state.model, state.optimizer, state.epoch))
+        self.states.append(
+            gather_checkpoint(state.model, state.optimizer, state.epoch, step=state.step, so_far=state.so_far)
+        )
 
 
 def job(fs: FeatureSet, epochs: int, dropout: float = 0.0) -> TrainJob:

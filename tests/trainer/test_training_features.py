@@ -82,6 +82,29 @@ def test_a_scheduled_run_reports_its_rate_and_resumes_on_schedule(iris: FeatureS
         assert torch.equal(tensor, resumed.states[-1]["model"][name]), name
 
 
+def test_evaluation_every_n_steps_checkpoints_mid_epoch_and_resumes_there(iris: FeatureSet) -> None:
+    """90 rows in batches of 16: 6 steps an epoch, evaluated after steps 2 and 4 of each as well
+    as at its end. Resumed from the checkpoint after step 10 (mid-epoch 2), the run skips the
+    batches it trained, and ends with the weights and reports of the uninterrupted one — the
+    epoch's train loss and mean gradient norm included."""
+    settings = {"epochs": 3, "eval_every_steps": 2, "clip_grad_norm": 0.5, "accumulate_batches": 1}
+    straight = trained(iris, **settings)
+    assert [m["step"] for m in straight.metrics] == [2, 4, 6, 8, 10, 12, 14, 16, 18]
+    assert [round(m["epoch"], 3) for m in straight.metrics[:3]] == [0.333, 0.667, 1.0]
+    mid = straight.metrics[4]
+    assert "valid_loss" in mid and "train_loss" not in mid  # an epoch's train loss comes at its end
+    assert (straight.states[4]["epoch"], straight.states[4]["step"]) == (1, 10)
+
+    torch.manual_seed(99)  # whatever the process drew in between must not matter
+    resumed = trained(iris, resume_from=straight.states[4], **settings)
+    timeless = [{k: v for k, v in m.items() if not k.endswith("_per_s")} for m in resumed.metrics]
+    assert timeless == [
+        {k: v for k, v in m.items() if not k.endswith("_per_s")} for m in straight.metrics[5:]
+    ]
+    for name, tensor in straight.states[-1]["model"].items():
+        assert torch.equal(tensor, resumed.states[-1]["model"][name]), name
+
+
 def test_accumulated_batches_take_the_step_one_larger_batch_takes(iris: FeatureSet) -> None:
     sgd = {"name": "sgd", "lr": 0.05, "momentum": 0.0}
     whole = trained(iris, epochs=2, batch_size=30, optimizer=sgd)

@@ -25,6 +25,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from raylens.trainer.loop import EpochSoFar, TrainState
+
 CHECKPOINT_FILE = "checkpoint.pt"
 SHARDED_FILE = "sharded.json"
 """Marks a sharded checkpoint and holds its epoch (written by rank 0 beside the shards)."""
@@ -59,7 +61,27 @@ def _as_tuples(value: Any) -> Any:
     return tuple(_as_tuples(v) for v in value) if isinstance(value, list | tuple) else value
 
 
-def gather_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int) -> dict[str, Any]:
+def _position(step: int | None, so_far: EpochSoFar | None) -> dict[str, Any]:
+    """Where in its epoch a mid-epoch checkpoint was taken (nothing for an epoch's end)."""
+    if step is None:
+        return {}
+    return {"step": step, "so_far": so_far.as_list() if so_far is not None else None}
+
+
+def resume_position(state: dict[str, Any]) -> tuple[int | None, EpochSoFar | None]:
+    """A checkpoint's optimizer steps and unfinished epoch's sums, if taken mid-epoch."""
+    so_far = state.get("so_far")
+    return state.get("step"), EpochSoFar.from_list(so_far) if so_far is not None else None
+
+
+def gather_checkpoint(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    epoch: int,
+    *,
+    step: int | None = None,
+    so_far: EpochSoFar | None = None,
+) -> dict[str, Any]:
     """Full (unsharded, unwrapped) model and optimizer state, and every rank's random state. A
     collective under DDP/FSDP: every rank calls it; rank 0 gets the whole state."""
     model_state, optim_state = get_state_dict(model, optimizer, options=_FULL)
@@ -68,25 +90,24 @@ def gather_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, epoch:
         gathered: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, rng[0])
         rng = gathered
-    return {"model": model_state, "optimizer": optim_state, "epoch": epoch, "rng": rng}
+    return {
+        "model": model_state,
+        "optimizer": optim_state,
+        "epoch": epoch,
+        "rng": rng,
+        **_position(step, so_far),
+    }
 
 
-def write_checkpoint(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    epoch: int,
-    folder: Path,
-    *,
-    sharded: bool,
-    rank: int = 0,
-) -> bool:
-    """Save the state after ``epoch`` into ``folder`` (each rank may pass its own folder: the
-    files' names differ by rank). A collective: every rank calls it. Returns whether this rank
-    wrote any file (a whole checkpoint is rank 0's)."""
-    if not sharded:
-        state = gather_checkpoint(model, optimizer, epoch)
+def write_checkpoint(state: TrainState, folder: Path, *, rank: int = 0) -> bool:
+    """Save ``state`` into ``folder`` (each rank may pass its own folder: the files' names
+    differ by rank). A collective: every rank calls it. Returns whether this rank wrote any file
+    (a whole checkpoint is rank 0's)."""
+    model, optimizer, epoch = state.model, state.optimizer, state.epoch
+    if not state.sharded:
+        whole = gather_checkpoint(model, optimizer, epoch, step=state.step, so_far=state.so_far)
         if rank == 0:
-            save_checkpoint(state, folder)
+            save_checkpoint(whole, folder)
         return rank == 0
     import torch.distributed.checkpoint as dcp
 
@@ -95,7 +116,9 @@ def write_checkpoint(
     dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(folder))
     torch.save(rng_state(), folder / f"rng_{rank}.pt")
     if rank == 0:
-        (folder / SHARDED_FILE).write_text(json.dumps({"epoch": epoch}))
+        (folder / SHARDED_FILE).write_text(
+            json.dumps({"epoch": epoch, **_position(state.step, state.so_far)})
+        )
     return True
 
 
@@ -133,7 +156,8 @@ def _sharded_checkpoint(folder: Path) -> dict[str, Any]:
     from torch.distributed.checkpoint import FileSystemReader
 
     try:
-        epoch = int(json.loads((folder / SHARDED_FILE).read_text())["epoch"])
+        marker = json.loads((folder / SHARDED_FILE).read_text())
+        epoch = int(marker["epoch"])
         metadata = FileSystemReader(str(folder)).read_metadata()
         rng_files = sorted(folder.glob("rng_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
         rng = [torch.load(p, weights_only=True) for p in rng_files]
@@ -147,7 +171,8 @@ def _sharded_checkpoint(folder: Path) -> dict[str, Any]:
         path = folder / item.relative_path
         if not path.exists() or path.stat().st_size < item.offset + item.length:
             raise CorruptCheckpoint(f"{folder} is incomplete: {item.relative_path} is missing or cut short")
-    return {"sharded": str(folder), "epoch": epoch, "rng": rng}
+    position = {k: marker[k] for k in ("step", "so_far") if k in marker}
+    return {"sharded": str(folder), "epoch": epoch, "rng": rng, **position}
 
 
 def load_model_weights(model: nn.Module, folder: Path) -> None:

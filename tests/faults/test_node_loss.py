@@ -1,0 +1,93 @@
+"""A node lost mid-run on a two-node Ray cluster (``ray.cluster_utils.Cluster``): an elastic run
+(``workers: [1, 2]``) that had a worker on each node goes on, on the node that is left, from its
+last checkpoint — every epoch trained once, heard once, in order.
+
+The cluster runs in a subprocess (this module run as a script): the test session's own Ray
+cluster stays as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EPOCHS = 8
+LOSE_AFTER_EPOCH = 2
+
+
+def _lose_a_node_mid_run(folder: Path) -> dict[str, object]:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from raylens.trainer import ModelConfig, TrainConfig, TrainJob
+    from raylens.trainer.parallel import load_checkpoint
+    from raylens.trainer.ray_train import checkpoint_folders, train_distributed
+    from tests.conftest import iris_feature_set
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    node = cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
+    try:
+        iris = iris_feature_set(folder / "features")
+        job = TrainJob.for_feature_set(
+            ModelConfig(name="tests.faults.slow_models:build", params={"hidden": [16], "step_seconds": 0.2}),
+            TrainConfig(
+                epochs=EPOCHS,
+                batch_size=8,
+                scaling={"workers": [1, 2], "strategy": "ddp"},
+                checkpoints_to_keep=EPOCHS + 2,
+                max_failures=2,
+            ),
+            iris,
+        )
+        heard: list[float] = []
+        nodes_at_start = len([n for n in ray.nodes() if n["Alive"]])
+
+        def lose_the_node(metrics: dict[str, float]) -> None:
+            heard.append(metrics["epoch"])
+            if metrics["epoch"] == LOSE_AFTER_EPOCH:
+                cluster.remove_node(node)
+
+        outcome = train_distributed(
+            job, iris, run_name="node-loss", storage_path=folder / "ray", on_epoch=lose_the_node
+        )
+        checkpoints = [load_checkpoint(f) for f in checkpoint_folders(Path(outcome.run_path))]
+        return {
+            "nodes_at_start": nodes_at_start,
+            "nodes_at_end": len([n for n in ray.nodes() if n["Alive"]]),
+            "heard": heard,
+            "history": [m["epoch"] for m in outcome.history],
+            "checkpoints": [(c["epoch"], len(c["rng"])) for c in checkpoints],
+        }
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.mark.e2e
+def test_a_run_goes_on_from_its_last_checkpoint_when_a_node_is_lost(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.faults.test_node_loss", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parents[2],
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (result["nodes_at_start"], result["nodes_at_end"]) == (2, 1)
+    assert result["heard"] == result["history"] == [float(e) for e in range(1, EPOCHS + 1)]
+    # Each epoch's checkpoint once, in order: after the node was lost the run went on from its
+    # last checkpoint (a restart from scratch would write epoch 1 again), with 1 worker instead of 2.
+    epochs = [epoch for epoch, _ in result["checkpoints"]]
+    assert epochs == list(range(1, EPOCHS + 1))
+    ranks = [count for _, count in result["checkpoints"]]
+    assert ranks[0] == 2 and ranks[-1] == 1
+
+
+if __name__ == "__main__":
+    print(json.dumps(_lose_a_node_mid_run(Path(sys.argv[1]))))
