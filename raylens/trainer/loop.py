@@ -196,15 +196,20 @@ class TrainStep(Protocol):
 
 
 class ForwardBackward:
-    """The plain train step: ``loss_fn(model(x), y).backward()``."""
+    """The plain train step: ``loss_fn(model(x), y).backward()``; ``backward_started`` is called
+    between the two (a stall watch tells a rank stuck in forward from one waiting in backward)."""
 
-    def __init__(self, model: nn.Module, task: TaskSpec) -> None:
-        self.model, self.task = model, task
+    def __init__(
+        self, model: nn.Module, task: TaskSpec, backward_started: Callable[[], None] | None = None
+    ) -> None:
+        self.model, self.task, self.backward_started = model, task, backward_started
         self.no_sync = getattr(model, "no_sync", None)  # DDP
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, *, scale: float, sync: bool) -> torch.Tensor:
         with self.no_sync() if self.no_sync is not None and not sync else contextlib.nullcontext():
             loss = loss_fn(self.model(x), y, self.task)
+            if self.backward_started is not None:
+                self.backward_started()
             (loss * scale if scale != 1 else loss).backward()
         return loss.detach()
 
@@ -212,8 +217,9 @@ class ForwardBackward:
 class Heartbeat(Protocol):
     """Hears the loop's progress (``raylens.trainer.watchdog.StallWatch``)."""
 
-    def beat(self, epoch: int, step: int) -> None:
-        """A batch's forward and backward finished."""
+    def beat(self, epoch: int, step: int, phase: int) -> None:
+        """The loop moved on to ``phase`` (``raylens.trainer.watchdog.PHASES``: 0 loading the
+        batch, 1 forward, 2 backward, 3 optimizer step) of the step after ``step`` steps."""
         ...
 
     def pause(self) -> None:
@@ -269,7 +275,12 @@ def fit(
     steps_per_epoch = -(-batches_per_epoch // rules.accumulate)
     step = start_epoch * steps_per_epoch if start_step is None else start_step
     skip = (step - start_epoch * steps_per_epoch) * rules.accumulate
-    forward_backward = train_step or ForwardBackward(model, task)
+    where = {"epoch": start_epoch, "step": step}  # for the heartbeat's phases inside the step
+    backward_started = None
+    if heartbeat is not None:
+        beat = heartbeat.beat
+        backward_started = lambda: beat(where["epoch"], where["step"], 2)  # noqa: E731
+    forward_backward = train_step or ForwardBackward(model, task, backward_started)
     clip = clip_grad_norm or (lambda limit: torch.nn.utils.clip_grad_norm_(model.parameters(), limit))
     scale = 1 / rules.accumulate
     for epoch in range(start_epoch, epochs):
@@ -285,15 +296,20 @@ def fit(
         for position, begin in enumerate(batch_starts):
             if epoch == start_epoch and position < skip:
                 continue  # trained before the mid-epoch checkpoint this run resumed from
+            if heartbeat is not None:
+                where["epoch"], where["step"] = epoch, step
+                heartbeat.beat(epoch, step, 0)
             index = order[begin : begin + batch_size]
             x, y = train.x[index], train.y[index]
+            if heartbeat is not None:
+                heartbeat.beat(epoch, step, 1)
             steps_now = (position + 1) % rules.accumulate == 0 or position == len(batch_starts) - 1
             with torch.autocast(
                 x.device.type, dtype=rules.autocast or torch.bfloat16, enabled=rules.autocast is not None
             ):
                 loss = forward_backward(x, y, scale=scale, sync=steps_now)
             if heartbeat is not None:
-                heartbeat.beat(epoch, step)
+                heartbeat.beat(epoch, step, 3)
             if loss is not None:
                 # The batch's loss is a mean over its rows' weights: summed back, the epoch's loss
                 # is the weighted mean over all its rows (the plain mean when unweighted).

@@ -32,6 +32,7 @@ import posixpath
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -61,7 +62,7 @@ from raylens.trainer.parallel import (
     set_rng_state,
     write_checkpoint,
 )
-from raylens.trainer.watchdog import StallWatch
+from raylens.trainer.watchdog import Stall, StallWatch
 
 logger = logging.getLogger(__name__)
 EPOCH, CONTROLLER, NOTICE, FAILED, STALLED = "epoch", "controller", "notice", "failed", "stalled"
@@ -164,7 +165,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
             queue.put_nowait((NOTICE, notice))
     watch = None
     if job.train.step_timeout_s is not None:
-        watch = StallWatch(job.train.step_timeout_s, rank, partial(_tell_stall, queue))
+        watch = StallWatch(job.train.step_timeout_s, rank, partial(_report_stall, queue))
     try:
         result = run_worker(
             job,
@@ -190,11 +191,32 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
             queue.put_nowait((FAILED, result.stopped.reason))
 
 
-def _tell_stall(queue: Queue | None, message: str) -> None:
-    logger.error(message)
+def _report_stall(queue: Queue | None, stall: Stall) -> None:
     if queue is not None:
-        # Waits briefly: the process ends right after.
-        queue.put((STALLED, message), timeout=5)
+        queue.put((STALLED, stall), timeout=5)
+
+
+class _StallReports:
+    """The stall reports of one failed attempt, told as one notice once every stalled rank's
+    watch has had time to report (they fire within a few seconds of each other)."""
+
+    def __init__(self, on_notice: Callable[[str], None]) -> None:
+        self.on_notice = on_notice
+        self.pending: list[Stall] = []
+        self.since = 0.0
+        self.told: list[str] = []
+
+    def add(self, stall: Stall) -> None:
+        if not self.pending:
+            self.since = time.monotonic()
+        self.pending.append(stall)
+
+    def flush(self, *, force: bool = False) -> None:
+        grace = 3 * min(self.pending[0].timeout / 10, 2.0) + 1 if self.pending else 0
+        if self.pending and (force or time.monotonic() - self.since > grace):
+            self.told.append(Stall.blame(self.pending))
+            self.on_notice(self.told[-1])
+            self.pending = []
 
 
 def worker_threads(job: TrainJob) -> int:
@@ -230,7 +252,7 @@ def train_distributed(
     1-worker CPU job trains in this process instead (``trains_in_driver``)."""
     if trains_in_driver(job, embedded=embedded):
         return _train_in_driver(job, feature_set, storage_path / run_name, on_epoch, on_notice)
-    queue = Queue(actor_options={"num_cpus": 0})
+    queue = Queue(actor_options=_beside_the_driver())
     trainer = ray.train.torch.TorchTrainer(
         _train_loop_per_worker,
         train_loop_config={
@@ -262,7 +284,7 @@ def train_distributed(
     history: dict[float, dict[str, float]] = {}
     controller: list[Any] = []
     failed: list[str] = []
-    stalls: list[str] = []
+    stalls = _StallReports(on_notice)
 
     def drain(block: bool) -> None:
         while True:
@@ -277,8 +299,7 @@ def train_distributed(
             elif kind == FAILED:
                 failed.append(payload)
             elif kind == STALLED:
-                stalls.append(payload)
-                on_notice(payload)
+                stalls.add(payload)
             elif payload["epoch"] not in history:  # a replay after a restart: heard already
                 history[payload["epoch"]] = payload
                 on_epoch(payload)
@@ -286,16 +307,18 @@ def train_distributed(
     try:
         while thread.is_alive():
             drain(block=True)
+            stalls.flush()
         drain(block=False)
+        stalls.flush(force=True)
     except BaseException:
         _abort(controller, thread)
         raise
     finally:
         queue.shutdown()
     if "error" in outcome:
-        if stalls:  # the restarts ran out: the stall is why, not a worker that "died"
+        if stalls.told:  # the restarts ran out: the stall is why, not a worker that "died"
             raise TrainingFailed(
-                f"{stalls[-1].split(': a hung')[0]}, and max_failures ({job.train.max_failures}) "
+                f"{stalls.told[-1].split(': a hung')[0]}, and max_failures ({job.train.max_failures}) "
                 "restarts did not get past it; raise train.step_timeout_s if such steps are expected"
             ) from outcome["error"]
         raise outcome["error"]
@@ -305,6 +328,16 @@ def train_distributed(
     if result.checkpoint is None:
         raise RuntimeError(f"training run '{run_name}' finished without a checkpoint")
     return TrainOutcome(Path(result.checkpoint.path), [history[e] for e in sorted(history)], str(result.path))
+
+
+def _beside_the_driver() -> dict[str, Any]:
+    """Actor options that keep the run's queue on the driver's node: anywhere else the loss of
+    that node (one the run survives, restarting its workers) would take the queue, and the run
+    with it. Not soft: Ray places a soft-affine actor elsewhere at times, with room to spare."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    return {"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(here, soft=False)}
 
 
 def _abort(controller: list[Any], fit_thread: threading.Thread) -> None:

@@ -2,12 +2,12 @@
 
 A rank stuck in a collective (a peer that died or hung), a data read that never returns or a
 deadlocked user module blocks in C code: no exception reaches Python, and every other rank waits
-in its next collective. ``StallWatch`` is a daemon thread beside the loop: the loop marks each
-batch it finishes (``beat``: two attribute writes); when no batch has finished for ``timeout``
-seconds, the watch says where the rank was and ends its process, so Ray Train sees a failed
-worker and restarts the group from the latest checkpoint (``max_failures``). The rank that
-stalled first is the one whose watch fires first: its peers finished their own batch and then
-waited on it.
+in its next collective. ``StallWatch`` is a daemon thread beside the loop: the loop marks where it
+is (``beat``: a few attribute writes per batch); when a rank has not moved for ``timeout``
+seconds its watch reports where it is, waits for its peers' watches to report too, then ends the
+process, so Ray Train sees a failed worker and restarts the group from the latest checkpoint
+(``max_failures``). The rank to blame is the least advanced one (``Stall.blame``): the others
+went on to the collective where they wait for it.
 """
 
 from __future__ import annotations
@@ -16,24 +16,68 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+PHASES = ("loading its batch", "in forward", "in backward", "in the optimizer step")
+"""Where in a step a rank can be, in the order it goes through them."""
+BATCH, FORWARD, BACKWARD, OPTIMIZER = range(len(PHASES))
+
+
+@dataclass(frozen=True)
+class Stall:
+    """One rank's report that it has not moved for ``waited`` seconds."""
+
+    rank: int
+    epoch: int
+    step: int
+    phase: int
+    waited: float
+    timeout: float
+
+    @property
+    def progress(self) -> tuple[int, int]:
+        return self.step, self.phase
+
+    @staticmethod
+    def blame(stalls: Sequence[Stall]) -> str:
+        """Who stalled the run: the least advanced rank(s), where they were, and what follows."""
+        least = min(s.progress for s in stalls)
+        stuck = [s for s in stalls if s.progress == least]
+        first = stuck[0]
+        ranks = ", ".join(str(s.rank) for s in stuck)
+        who = f"rank {ranks}" if len(stuck) == 1 else f"ranks {ranks}"
+        others = sorted(s.rank for s in stalls if s.progress != least)
+        waiting = f"; rank(s) {', '.join(map(str, others))} waited on it" if others else ""
+        return (
+            f"{who} made no progress for {first.waited:.0f} s, {PHASES[first.phase]} of step "
+            f"{first.step + 1} (epoch {first.epoch + 1}){waiting} (train.step_timeout_s {first.timeout:g}): "
+            "a hung collective, a stalled data read or a blocked model; the attempt fails and the "
+            "run restarts from its latest checkpoint"
+        )
 
 
 class StallWatch:
     """Watches one rank's training progress; validation and checkpointing are not timed."""
 
-    def __init__(self, timeout: float, rank: int, on_stall: Callable[[str], None]) -> None:
-        self.timeout, self.rank, self.on_stall = timeout, rank, on_stall
+    def __init__(self, timeout: float, rank: int, report: Callable[[Stall], None]) -> None:
+        self.timeout, self.rank, self.report = timeout, rank, report
         self.last = time.monotonic()
-        self.where = "before its first batch"
+        self.epoch = self.step = self.phase = 0
         self.paused = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name=f"raylens-stall-watch-{rank}", daemon=True)
         self._thread.start()
 
-    def beat(self, epoch: int, step: int) -> None:
-        """A batch finished (called by the loop)."""
-        self.last, self.where, self.paused = time.monotonic(), f"after step {step} (epoch {epoch + 1})", False
+    def beat(self, epoch: int, step: int, phase: int) -> None:
+        """The loop moved on (to ``phase`` of the step after ``step`` optimizer steps)."""
+        self.last, self.epoch, self.step, self.phase, self.paused = (
+            time.monotonic(),
+            epoch,
+            step,
+            phase,
+            False,
+        )
 
     def pause(self) -> None:
         """Validation and reporting follow: not timed until the next batch."""
@@ -42,20 +86,18 @@ class StallWatch:
     def close(self) -> None:
         self._stop.set()
 
-    def message(self, waited: float) -> str:
-        return (
-            f"rank {self.rank} made no progress for {waited:.0f} s {self.where} (train.step_timeout_s "
-            f"{self.timeout:g}): a hung collective, a stalled data read or a blocked model; the "
-            "attempt fails and the run restarts from its latest checkpoint"
-        )
-
     def _watch(self) -> None:
-        while not self._stop.wait(min(self.timeout / 4, 5.0)):
+        poll = min(self.timeout / 10, 2.0)
+        while not self._stop.wait(poll):
             waited = time.monotonic() - self.last
-            if not self.paused and waited > self.timeout:
-                try:
-                    self.on_stall(self.message(waited))
-                finally:
-                    # The loop is blocked in C code no exception can reach: end the process, which
-                    # Ray Train sees as a failed worker.
-                    os.kill(os.getpid(), signal.SIGKILL)
+            if self.paused or waited <= self.timeout:
+                continue
+            try:
+                self.report(Stall(self.rank, self.epoch, self.step, self.phase, waited, self.timeout))
+                # The peers' watches fire within a poll of this one: give their reports time to
+                # leave before this process ends (Ray then ends the whole group).
+                time.sleep(3 * poll + 1)
+            finally:
+                # The loop is blocked in C code no exception can reach: end the process, which
+                # Ray Train sees as a failed worker.
+                os.kill(os.getpid(), signal.SIGKILL)

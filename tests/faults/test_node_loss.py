@@ -1,6 +1,7 @@
 """A node lost mid-run on a two-node Ray cluster (``ray.cluster_utils.Cluster``): an elastic run
 (``workers: [1, 2]``) that had a worker on each node goes on, on the node that is left, from its
-last checkpoint — every epoch trained once, heard once, in order.
+last checkpoint — every epoch heard once, in order. (The run's queue to the driver lives on the
+driver's node: placed on the lost one, it took the run with it.)
 
 The cluster runs in a subprocess (this module run as a script): the test session's own Ray
 cluster stays as it is.
@@ -81,12 +82,13 @@ def test_a_run_goes_on_from_its_last_checkpoint_when_a_node_is_lost(tmp_path: Pa
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert (result["nodes_at_start"], result["nodes_at_end"]) == (2, 1)
     assert result["heard"] == result["history"] == [float(e) for e in range(1, EPOCHS + 1)]
-    # Each epoch's checkpoint once, in order: after the node was lost the run went on from its
-    # last checkpoint (a restart from scratch would write epoch 1 again), with 1 worker instead of 2.
-    epochs = [epoch for epoch, _ in result["checkpoints"]]
-    assert epochs == list(range(1, EPOCHS + 1))
-    ranks = [count for _, count in result["checkpoints"]]
-    assert ranks[0] == 2 and ranks[-1] == 1
+    # Checkpoints by 2 ranks, then by the 1 left: the first of those goes on from the last
+    # registered checkpoint of the 2 (the epoch just reported may not have been registered when
+    # the node went), not from scratch.
+    before = [epoch for epoch, ranks in result["checkpoints"] if ranks == 2]
+    after = [epoch for epoch, ranks in result["checkpoints"] if ranks == 1]
+    assert before[0] == 1 and before == list(range(1, len(before) + 1))
+    assert after == list(range(after[0], EPOCHS + 1)) and 1 < after[0] <= before[-1] + 1
 
 
 if __name__ == "__main__":

@@ -19,9 +19,10 @@ import torch
 from raylens.features import FeatureSet
 from raylens.trainer import ModelConfig, TrainConfig, TrainJob
 from raylens.trainer.parallel import CorruptCheckpoint, gather_checkpoint, load_checkpoint, save_checkpoint
-from raylens.trainer.ray_train import restore_point
+from raylens.trainer.ray_train import restore_point, train_distributed
 from raylens.trainer.run import TrainRunResult, train_and_record
 from raylens.trainer.tracking import MlflowTracker
+from raylens.trainer.watchdog import BACKWARD, FORWARD, Stall
 from tests.trainer.gloo import Ranks, run_ranks
 
 SLOW_MLP = ModelConfig(
@@ -161,3 +162,48 @@ def test_restore_point_falls_back_to_the_newest_readable_checkpoint(tmp_path: Pa
     (folders[0] / "checkpoint.pt").write_bytes(b"\x00" * 10)
     with pytest.raises(CorruptCheckpoint, match=r"no checkpoint of this run can be read.*without --resume"):
         restore_point(ray.train.Checkpoint(str(folders[2])))
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_stalled_step_fails_the_attempt_naming_the_rank_and_the_run_goes_on(
+    iris: FeatureSet, tmp_path: Path
+) -> None:
+    """Rank 1 blocks in its forward of step 8 (epoch 2); rank 0 waits for it in backward's
+    all-reduce. Both watches fire after train.step_timeout_s; the notice names rank 1, and the
+    restarted group (the hang does not recur) finishes from epoch 1's checkpoint."""
+    stalling = TrainJob.for_feature_set(
+        ModelConfig(
+            name="tests.faults.slow_models:stalls_once",
+            params={"hidden": [16], "marker": str(tmp_path / "stalled"), "at": 8, "rank": 1, "seconds": 600},
+        ),
+        TrainConfig(
+            epochs=3,
+            batch_size=8,
+            scaling={"workers": 2, "strategy": "ddp"},
+            step_timeout_s=3,
+            max_failures=1,
+        ),
+        iris,
+    )
+    notices: list[str] = []
+    started = time.monotonic()
+    outcome = train_distributed(
+        stalling, iris, run_name="stall", storage_path=tmp_path / "ray", on_notice=notices.append
+    )
+    assert (tmp_path / "stalled").exists()
+    assert time.monotonic() - started < 120  # not the 600 s the step would have blocked
+    assert [m["epoch"] for m in outcome.history] == [1.0, 2.0, 3.0]
+    (notice,) = [n for n in notices if "made no progress" in n]
+    assert notice.startswith("rank 1 made no progress for 3 s, in forward of step 8 (epoch 2)"), notice
+    assert "rank(s) 0 waited on it" in notice and "restarts from its latest checkpoint" in notice
+
+
+def test_the_least_advanced_rank_is_blamed() -> None:
+    def stall(rank: int, step: int, phase: int) -> Stall:
+        return Stall(rank, epoch=1, step=step, phase=phase, waited=61.0, timeout=60.0)
+
+    assert Stall.blame([stall(0, 7, BACKWARD), stall(1, 7, FORWARD)]).startswith(
+        "rank 1 made no progress for 61 s, in forward of step 8 (epoch 2); rank(s) 0 waited on it"
+    )
+    # A pipeline's stages all wait inside one schedule step: every one of them is named.
+    assert Stall.blame([stall(1, 3, FORWARD), stall(0, 3, FORWARD)]).startswith("ranks 1, 0 made no progress")
