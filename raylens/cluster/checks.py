@@ -92,6 +92,8 @@ def check_experiment(
         problems.check(lambda: _check_metric(spec, task, classes))
     if spec.train.early_stopping is not None and planned is not None:
         problems.check(lambda: _check_early_stopping(spec, planned))
+    if spec.train.best_checkpoint is not None and planned is not None:
+        problems.check(lambda: _check_best_checkpoint(spec, planned))
     if address is None:
         problems.check(lambda: _check_fits_embedded(spec, tune=tune))
     problems.check(lambda: check_address(address))
@@ -164,6 +166,21 @@ def _check_early_stopping(spec: ExperimentSpec, planned: PlannedFeatureSet) -> N
         raise UserError(
             f"train.early_stopping.metric: '{metric}' is not a metric raylens reports for {planned.task}"
             f"{did_you_mean(metric, reported)}; use one of {', '.join(reported)}"
+        )
+
+
+def _check_best_checkpoint(spec: ExperimentSpec, planned: PlannedFeatureSet) -> None:
+    from raylens.trainer.metrics import reported_metrics
+
+    assert spec.train.best_checkpoint is not None
+    metric = spec.train.best_checkpoint.metric
+    classes = planned.num_outputs if planned.task == "classification" else None
+    # Validation metrics only: they come with every checkpoint, mid-epoch ones included.
+    reported = [name for name in reported_metrics(planned.task, classes) if name.startswith("valid_")]
+    if metric not in reported:
+        raise UserError(
+            f"train.best_checkpoint.metric: '{metric}' is not a validation metric raylens reports for "
+            f"{planned.task}{did_you_mean(metric, reported)}; use one of {', '.join(reported)}"
         )
 
 

@@ -35,7 +35,7 @@ from raylens.cluster.spec import best_spec
 from raylens.errors import UserError
 from raylens.features import FeatureSet, PlannedFeatureSet, publish_feature_set
 from raylens.trainer import ModelConfig, TrainConfig, TrainJob
-from raylens.trainer.run import TrainRunResult, parallel_plan, train_and_record
+from raylens.trainer.run import TrainRunResult, node_layout, train_and_record
 from raylens.trainer.tracking import MlflowTracker, ended_status, git_commit, redact
 from raylens.tuning import ConcurrencyPlan, with_overrides
 from raylens.tuning.sweep import SweepResult, run_sweep
@@ -106,9 +106,8 @@ class Invocation:
             )
             # `train` of one CPU worker, embedded, trains in this process: no Ray to start (seconds).
             scaling = self.spec.train.scaling
-            needs_ray = (
-                self.command != "train" or address is not None or scaling.max_workers > 1 or scaling.use_gpu
-            )
+            one_worker = scaling.max_workers == 1 or (address is None and self._auto_trains_in_one(planned))
+            needs_ray = self.command != "train" or address is not None or not one_worker or scaling.use_gpu
             if needs_ray:
                 self.progress.stage("Starting Ray")
             # Opening (on first use, creating) the tracking store takes seconds; so does starting Ray.
@@ -160,6 +159,23 @@ class Invocation:
             self.spec.tracking.experiment or self.spec.name,
             self.workspace.artifact_root if uri.startswith("sqlite:") else None,
         )
+
+    def _auto_trains_in_one(self, planned: PlannedFeatureSet) -> bool:
+        """Whether ``auto`` trains the spec's several CPU workers as one process on this machine
+        (``raylens.trainer.run.node_layout``, which decides the same for the run)."""
+        import torch
+
+        from raylens.trainer import build_model
+        from raylens.trainer.parallel.plan import one_process_reason, worker_memory
+
+        scaling = self.spec.train.scaling
+        if scaling.strategy != "auto" or scaling.use_gpu or not isinstance(scaling.workers, int):
+            return False
+        model = build_model(self.spec.model, planned.sample(0).shape[1], planned.num_outputs)
+        parameters = sum(p.numel() for p in model.parameters())
+        memory = worker_memory(torch.device("cpu"), 1)
+        cpus = scaling.workers * scaling.cpus_per_worker
+        return one_process_reason(scaling.workers, cpus, parameters, memory) is not None
 
     def _resumable(self, planned: PlannedFeatureSet, spec_hash: str, spec_flat: dict[str, Any]) -> RunRecord:
         """The run ``--resume`` continues, locked, after checking it is the same work."""
@@ -357,9 +373,10 @@ class Stages:
     def train(self, root_run: str, model: ModelConfig, train: TrainConfig) -> TrainRunResult:
         spec = self.spec
         self.progress.stage("Training")
-        job = TrainJob.for_feature_set(model, train, self.feature_set)
-        plan = parallel_plan(job)
-        self.progress.training_started(train.epochs, train.scaling.max_workers, plan.reason)
+        job, plan = node_layout(
+            TrainJob.for_feature_set(model, train, self.feature_set), embedded=self.embedded
+        )
+        self.progress.training_started(train.epochs, job.train.scaling.max_workers, plan.reason)
         params = {
             "data": spec.data.model_dump(),
             "features": spec.features.model_dump(),
@@ -381,6 +398,7 @@ class Stages:
             on_epoch=self.progress.epoch,
             on_notice=self.progress.notice,
             embedded=self.embedded,
+            plan=plan,
         )
         self.progress.training_finished()
         self.tracker.log_metrics(root_run, final.test_metrics)

@@ -178,6 +178,15 @@ class EarlyStoppingConfig(_Strict):
     """How much better than the best so far an epoch must be to count as an improvement."""
 
 
+class BestCheckpointConfig(_Strict):
+    """Keep the best checkpoints by a validation metric, and register the best one's model."""
+
+    metric: str = "valid_loss"
+    """A validation metric reported with every checkpoint (valid_...; see `raylens spec`)."""
+    mode: Literal["min", "max"] = "min"
+    """min: lower is better; max: higher is better."""
+
+
 ClassWeights = Literal["balanced"] | dict[str, float] | None
 """How classes weigh in the training loss: ``None`` (equally), ``"balanced"`` or ``{label: weight}``."""
 
@@ -195,7 +204,11 @@ class TrainConfig(_Strict):
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     """Workers, parallel strategy and resources per worker."""
     checkpoints_to_keep: int = Field(2, ge=1)
-    """Per-epoch checkpoints kept on storage (the latest ones)."""
+    """Checkpoints kept on storage: the latest ones, or with best_checkpoint the best ones (and
+    the latest, which a resume starts from)."""
+    best_checkpoint: BestCheckpointConfig | None = None
+    """Keep the best checkpoints by a validation metric, and register the model of the best one
+    (tagged raylens.model_epoch) rather than the last; null: the latest ones, the last model."""
     max_failures: int = Field(2, ge=0)
     """Worker-group failures survived by restarting from the latest checkpoint."""
     class_weights: ClassWeights = None

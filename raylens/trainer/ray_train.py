@@ -27,7 +27,9 @@ invocation with it, as the death of any driver does: its complete checkpoints st
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import math
 import posixpath
 import shutil
 import tempfile
@@ -51,6 +53,7 @@ from ray.util.queue import Empty, Queue
 
 from raylens.features import FeatureSet
 from raylens.interrupts import deferred_interrupts
+from raylens.trainer.config import BestCheckpointConfig
 from raylens.trainer.job import TrainingFailed, TrainJob, raise_if_failed, run_worker
 from raylens.trainer.loop import Action, TrainState
 from raylens.trainer.parallel import (
@@ -76,6 +79,8 @@ class TrainOutcome:
     checkpoint_dir: Path
     history: list[dict[str, float]]
     run_path: str
+    best: tuple[Path, dict[str, float]] | None = None
+    """With ``train.best_checkpoint``: the best checkpoint kept, and its report's metrics."""
 
 
 class RayTrainReporter:
@@ -265,7 +270,7 @@ def train_distributed(
         run_config=ray.train.RunConfig(
             name=run_name,
             storage_path=str(storage_path),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.train.checkpoints_to_keep),
+            checkpoint_config=_checkpoint_config(job),
             failure_config=ray.train.FailureConfig(max_failures=job.train.max_failures),
             callbacks=[_ControllerHandle(queue)],  # type: ignore[list-item]  # Ray accepts controller callbacks
         ),
@@ -327,7 +332,34 @@ def train_distributed(
     result = outcome["result"]
     if result.checkpoint is None:
         raise RuntimeError(f"training run '{run_name}' finished without a checkpoint")
-    return TrainOutcome(Path(result.checkpoint.path), [history[e] for e in sorted(history)], str(result.path))
+    kept = [(Path(c.path), dict(m)) for c, m in (result.best_checkpoints or [])]
+    return TrainOutcome(
+        Path(result.checkpoint.path),
+        [history[e] for e in sorted(history)],
+        str(result.path),
+        _best(job, kept),
+    )
+
+
+def _checkpoint_config(job: TrainJob) -> ray.train.CheckpointConfig:
+    best = job.train.best_checkpoint
+    if best is None:
+        return ray.train.CheckpointConfig(num_to_keep=job.train.checkpoints_to_keep)
+    return ray.train.CheckpointConfig(
+        num_to_keep=job.train.checkpoints_to_keep,
+        checkpoint_score_attribute=best.metric,
+        checkpoint_score_order=best.mode,
+    )
+
+
+def _best(job: TrainJob, kept: list[tuple[Path, dict[str, float]]]) -> tuple[Path, dict[str, float]] | None:
+    """The best of the ``kept`` checkpoints by ``train.best_checkpoint`` (the earliest of ties)."""
+    best = job.train.best_checkpoint
+    scored = [(path, metrics) for path, metrics in kept if best is not None and best.metric in metrics]
+    if best is None or not scored:
+        return None
+    sign = 1.0 if best.mode == "min" else -1.0
+    return min(scored, key=lambda item: (sign * item[1][best.metric], item[1].get("epoch", 0.0)))
 
 
 def _beside_the_driver() -> dict[str, Any]:
@@ -365,22 +397,52 @@ def checkpoint_folders(run_folder: Path) -> list[Path]:
     return sorted(p for p in run_folder.iterdir() if p.is_dir() and p.name.startswith("checkpoint_"))
 
 
-def commit_checkpoint(state: dict[str, Any], run_folder: Path, keep: int) -> Path:
-    """Write ``state`` as the run's newest checkpoint and remove all but the ``keep`` newest. It
-    is written in a staging folder and renamed into place, so a ``checkpoint_...`` folder is
-    always whole, whatever stops the process."""
+REPORT_FILE = "report.json"
+"""Beside a checkpoint the driver commits: the metrics reported with it (for best-by-metric)."""
+
+
+def commit_checkpoint(
+    state: dict[str, Any],
+    run_folder: Path,
+    keep: int,
+    metrics: dict[str, float] | None = None,
+    best: BestCheckpointConfig | None = None,
+) -> Path:
+    """Write ``state`` as the run's newest checkpoint and remove all but the ``keep`` newest (with
+    ``best``: all but the ``keep`` best by its metric, and the newest). It is written in a
+    staging folder and renamed into place, so a ``checkpoint_...`` folder is always whole,
+    whatever stops the process."""
     run_folder.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=run_folder))
     try:
         save_checkpoint(state, staging)
+        (staging / REPORT_FILE).write_text(json.dumps(metrics or {}))
         folder = run_folder / f"checkpoint_{datetime.now():%Y-%m-%d_%H-%M-%S.%f}"
         staging.rename(folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    for old in checkpoint_folders(run_folder)[:-keep]:
+    for old in _beyond_keeping(checkpoint_folders(run_folder), keep, best):
         shutil.rmtree(old, ignore_errors=True)
     return folder
+
+
+def reported_with(folder: Path) -> dict[str, float]:
+    """The metrics a committed checkpoint was reported with (empty when not recorded)."""
+    try:
+        return dict(json.loads((folder / REPORT_FILE).read_text()))
+    except (OSError, ValueError):
+        return {}
+
+
+def _beyond_keeping(folders: list[Path], keep: int, best: BestCheckpointConfig | None) -> list[Path]:
+    """Which of a run's checkpoints (oldest first) go: all but the newest ``keep``, or with
+    ``best`` all but the ``keep`` best and the newest (as Ray Train keeps them)."""
+    if best is None:
+        return folders[:-keep]
+    sign = 1.0 if best.mode == "min" else -1.0
+    scored = sorted(folders[:-1], key=lambda f: sign * reported_with(f).get(best.metric, math.inf * sign))
+    return [f for f in folders[:-1] if f not in scored[:keep]]
 
 
 class DriverReporter:
@@ -388,9 +450,15 @@ class DriverReporter:
     then the epoch passed to ``on_epoch``. A stop signal waits for both, so a resume never
     starts after an epoch the driver did not hear."""
 
-    def __init__(self, run_folder: Path, keep: int, on_epoch: Callable[[dict[str, float]], None]) -> None:
+    def __init__(
+        self,
+        run_folder: Path,
+        keep: int,
+        on_epoch: Callable[[dict[str, float]], None],
+        best: BestCheckpointConfig | None = None,
+    ) -> None:
         self.run_folder = run_folder
-        self.keep = keep
+        self.keep, self.best = keep, best
         self.on_epoch = on_epoch
         self.listener_error: BaseException | None = None
         """What ``on_epoch`` raised: the caller's error, not a training failure to restart from."""
@@ -400,7 +468,7 @@ class DriverReporter:
             state.model, state.optimizer, state.epoch, step=state.step, so_far=state.so_far
         )
         with deferred_interrupts():
-            commit_checkpoint(full_state, self.run_folder, self.keep)
+            commit_checkpoint(full_state, self.run_folder, self.keep, metrics, self.best)
             try:
                 self.on_epoch(dict(metrics))
             except BaseException as exc:
@@ -439,7 +507,7 @@ def _train_in_driver(
             history[metrics["epoch"]] = metrics
             on_epoch(metrics)
 
-    reporter = DriverReporter(run_folder, job.train.checkpoints_to_keep, hear)
+    reporter = DriverReporter(run_folder, job.train.checkpoints_to_keep, hear, job.train.best_checkpoint)
     train, valid = feature_set.read("train"), feature_set.read("valid")
     failures = 0
     with _as_a_worker(job):
@@ -465,4 +533,5 @@ def _train_in_driver(
     found = checkpoint_folders(run_folder)
     if not found:
         raise RuntimeError(f"training run '{run_folder.name}' finished without a checkpoint")
-    return TrainOutcome(found[-1], [history[e] for e in sorted(history)], str(run_folder))
+    best = _best(job, [(f, reported_with(f)) for f in found])
+    return TrainOutcome(found[-1], [history[e] for e in sorted(history)], str(run_folder), best)

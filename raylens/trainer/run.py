@@ -25,7 +25,7 @@ from raylens.trainer.loop import Batches, evaluate, predict_proba
 from raylens.trainer.metrics import classification_test_metrics, confusion_matrix
 from raylens.trainer.models import build_model
 from raylens.trainer.parallel import ParallelPlan, load_model_weights
-from raylens.trainer.parallel.plan import worker_memory
+from raylens.trainer.parallel.plan import one_process_reason, worker_memory
 from raylens.trainer.plots import confusion_matrix_figure, learning_curves_figure
 from raylens.trainer.ray_train import train_distributed
 from raylens.trainer.tracking import MlflowTracker, Tracker, ended_status
@@ -75,6 +75,27 @@ def score_test_split(
     return SplitScores(overall, {f"test_{k}": v for k, v in per_class.items()}, matrix)
 
 
+def node_layout(job: TrainJob, *, embedded: bool) -> tuple[TrainJob, ParallelPlan]:
+    """The job as it will train, and its plan. On the embedded cluster (one machine) ``auto``
+    with several CPU workers trains in one process with all their CPUs, while a replica fits
+    (``one_process_reason``); elsewhere the job is as given."""
+    scaling = job.train.scaling
+    if embedded and scaling.strategy == "auto" and not scaling.use_gpu and isinstance(scaling.workers, int):
+        model = build_model(job.model, job.in_features, job.task.out_features)
+        cpus = scaling.workers * scaling.cpus_per_worker
+        reason = one_process_reason(
+            scaling.workers,
+            cpus,
+            sum(p.numel() for p in model.parameters()),
+            worker_memory(torch.device("cpu"), 1),
+        )
+        if reason is not None:
+            one = scaling.model_copy(update={"workers": 1, "cpus_per_worker": cpus})
+            job = replace(job, train=job.train.model_copy(update={"scaling": one}))
+            return job, ParallelPlan("none", 1, "cpu", reason)
+    return job, parallel_plan(job)
+
+
 def parallel_plan(job: TrainJob) -> ParallelPlan:
     """The strategy the run's workers will apply, and why (recorded as the run's tag), judged
     here with this machine's memory (each rank judges with its own, the smallest winning)."""
@@ -107,11 +128,13 @@ def train_and_record(
     on_epoch: EpochListener = lambda metrics: None,
     on_notice: Callable[[str], None] = logging.getLogger(__name__).warning,
     embedded: bool = False,
+    plan: ParallelPlan | None = None,
 ) -> TrainRunResult:
     """Train, evaluate on the test split, log and register. With ``run_id`` (a resume) the run
     goes on in that MLflow run: epochs it already holds are not logged again, and its learning
     curves cover every epoch, before and after the interruption. ``embedded``: as
-    ``train_distributed`` takes it (a 1-worker CPU run then trains in this process)."""
+    ``train_distributed`` takes it (a 1-worker CPU run then trains in this process). ``plan``:
+    the one ``node_layout`` made the job with (recorded as the ``raylens.parallel`` tag)."""
     if run_id is None:
         run_id = tracker.start_run(run_name, parent_run_id=parent_run_id, tags=tags)
         earlier: list[dict[str, float]] = []
@@ -122,7 +145,7 @@ def train_and_record(
     try:
         if not earlier:
             tracker.log_params(run_id, params)
-            tracker.set_tags(run_id, {"raylens.parallel": parallel_plan(job).reason})
+            tracker.set_tags(run_id, {"raylens.parallel": (plan or parallel_plan(job)).reason})
             tracker.log_dict(run_id, feature_set.manifest, "feature_set/manifest.json")
         # Keyed by epoch: fractional for a mid-epoch evaluation (train.eval_every_steps).
         history = {m["epoch"]: m for m in earlier if "epoch" in m}
@@ -146,7 +169,14 @@ def train_and_record(
         )
         outcome = replace(outcome, history=[history[e] for e in sorted(history)])
         model = build_model(job.model, job.in_features, job.task.out_features)
-        load_model_weights(model, outcome.checkpoint_dir)
+        chosen = outcome.checkpoint_dir
+        if outcome.best is not None:
+            chosen, reported = outcome.best
+            tracker.set_tags(
+                run_id,
+                {"raylens.model_epoch": f"{reported['epoch']:g}", "raylens.model_checkpoint": chosen.name},
+            )
+        load_model_weights(model, chosen)
         test = feature_set.read("test")
         scores = score_test_split(model, test, job, feature_set.classes)
         confusion = None

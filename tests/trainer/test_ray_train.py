@@ -249,10 +249,18 @@ def test_a_pipeline_on_ray_train_saves_sharded_checkpoints_and_trains_what_one_p
             epochs=3,
             batch_size=18,
             scaling={"workers": 2, "strategy": "pipeline", "pipeline": {"microbatches": 2}},
+            best_checkpoint={"metric": "valid_accuracy", "mode": "max"},
+            checkpoints_to_keep=1,
         ),
         iris,
     )
     outcome = train_distributed(pipelined, iris, run_name="pipeline", storage_path=tmp_path)
+    # The best by valid_accuracy (the earliest of ties) is kept beside the latest.
+    assert outcome.best is not None
+    top = max(m["valid_accuracy"] for m in outcome.history)
+    best_epoch = min(m["epoch"] for m in outcome.history if m["valid_accuracy"] == top)
+    assert outcome.best[1]["epoch"] == best_epoch
+    assert {outcome.best[0], outcome.checkpoint_dir} == set(checkpoint_folders(Path(outcome.run_path)))
     files = {p.name for p in outcome.checkpoint_dir.iterdir()}
     assert {".metadata", "__0_0.distcp", "__1_0.distcp", "rng_0.pt", "rng_1.pt", "sharded.json"} <= files
     assert "checkpoint.pt" not in files
@@ -267,3 +275,29 @@ def test_a_pipeline_on_ray_train_saves_sharded_checkpoints_and_trains_what_one_p
     load_model_weights(expected, reference.checkpoint_dir)
     for name, tensor in expected.state_dict().items():
         torch.testing.assert_close(whole.state_dict()[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_best_checkpoints_by_a_metric_are_kept_beside_the_latest_in_the_driver(
+    iris: FeatureSet, tmp_path: Path
+) -> None:
+    """A learning rate high enough for valid_loss to go up and down: the 2 best epochs by it are
+    kept, with the newest (a resume starts from it), and the best is the one to register."""
+    noisy = TrainJob.for_feature_set(
+        ModelConfig(params={"hidden": [16]}),
+        TrainConfig(
+            epochs=8,
+            batch_size=8,
+            optimizer={"name": "sgd", "lr": 0.5, "momentum": 0.9},
+            best_checkpoint={"metric": "valid_loss"},
+            checkpoints_to_keep=2,
+        ),
+        iris,
+    )
+    outcome = train_distributed(noisy, iris, run_name="best", storage_path=tmp_path, embedded=True)
+    losses = {m["epoch"]: m["valid_loss"] for m in outcome.history}
+    two_best = sorted(sorted(losses, key=losses.__getitem__)[:2])
+    kept = checkpoint_folders(Path(outcome.run_path))
+    assert [load_checkpoint(f)["epoch"] for f in kept] == sorted({*map(int, two_best), 8})
+    assert len(set(losses.values())) == len(losses) and two_best != [7.0, 8.0]  # not just the latest
+    assert outcome.best is not None and outcome.best[0] in kept
+    assert outcome.best[1]["epoch"] == min(losses, key=losses.__getitem__)

@@ -48,6 +48,22 @@ def _size(count: int) -> str:
     return f"{count} B"
 
 
+def one_process_reason(workers: int, cpus: float, parameters: int, memory: int) -> str | None:
+    """Why ``auto`` trains with one process holding all ``cpus`` rather than ``workers``
+    replicas on one machine of ``memory`` bytes, or None when a replica would not fit there
+    (then the workers shard the model). On CPUs sharing one machine, one process with every core
+    trains faster than replicas that all-reduce gradients over gloo after every step
+    (``bench trainer``: 1 worker x 2 CPUs beats DDP x 2 of 1 CPU)."""
+    state = parameters * STATE_BYTES_PER_PARAMETER
+    if workers < 2 or state > REPLICA_SHARE * memory:
+        return None
+    return (
+        f"auto → 1 worker with {cpus:g} CPUs instead of {workers}: they would share this one "
+        f"machine, where one process using every core outpaces replicas averaging gradients each "
+        f"step (training state {_size(state)}, {_size(memory)} of memory)"
+    )
+
+
 @dataclass(frozen=True)
 class Parallelized:
     """What a strategy gives the loop."""
