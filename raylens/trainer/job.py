@@ -36,6 +36,7 @@ from raylens.trainer.loop import (
 from raylens.trainer.models import build_model
 from raylens.trainer.monitors import EarlyStopping, FiniteLoss
 from raylens.trainer.parallel import Parallelized, ParallelPlan, all_reduce_sum, restore, resume_position
+from raylens.trainer.parallel.collectives import collective_device
 from raylens.trainer.parallel.plan import worker_memory
 from raylens.trainer.schedules import learning_rate
 from raylens.trainer.task import TaskSpec, task_spec
@@ -102,7 +103,7 @@ def raise_if_failed(result: FitResult) -> FitResult:
 def _smallest(value: int, world_size: int) -> int:
     if world_size == 1:
         return value
-    least = torch.tensor([value], dtype=torch.int64)
+    least = torch.tensor([value], dtype=torch.int64, device=collective_device())
     dist.all_reduce(least, op=dist.ReduceOp.MIN)
     return int(least.item())
 

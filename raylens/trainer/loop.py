@@ -288,8 +288,10 @@ def fit(
         order = shuffle(epoch)
         started = time.perf_counter()
         earlier = so_far if epoch == start_epoch and so_far is not None else EpochSoFar(0.0, 0.0, 0.0, 0)
-        loss_sum = torch.tensor(earlier.loss_sum, dtype=torch.float64)
-        weight_sum = torch.tensor(earlier.weight_sum, dtype=torch.float64)
+        # Summed where the losses are: on a GPU, reading one back would wait for the device on
+        # every batch; the sums are read once, at the epoch's end.
+        loss_sum = torch.tensor(earlier.loss_sum, dtype=torch.float64, device=train.x.device)
+        weight_sum = torch.tensor(earlier.weight_sum, dtype=torch.float64, device=train.x.device)
         rows = 0
         norms: list[torch.Tensor] = []
         batch_starts = range(0, len(order), batch_size)
@@ -314,8 +316,7 @@ def fit(
                 # The batch's loss is a mean over its rows' weights: summed back, the epoch's loss
                 # is the weighted mean over all its rows (the plain mean when unweighted).
                 rows_weight = loss_weight(y, task)
-                rows_weight = rows_weight.cpu() if isinstance(rows_weight, torch.Tensor) else rows_weight
-                loss_sum += loss.float().cpu() * rows_weight
+                loss_sum += loss.double() * rows_weight
                 weight_sum += rows_weight
                 rows += len(index)
             if not steps_now:

@@ -80,17 +80,18 @@ def _balanced(model: nn.Module, candidates: list[str], stages: int) -> list[str]
 
 
 def _send(tensor: torch.Tensor, to: int) -> None:
-    """A tensor and, first, its shape (validation batches vary in size)."""
-    shape = torch.tensor([tensor.dim(), *tensor.shape], dtype=torch.int64)
-    dist.send(torch.tensor([shape.numel()], dtype=torch.int64), to)
+    """A tensor and, first, its shape (validation batches vary in size); on the tensor's device
+    (NCCL sends CUDA tensors only)."""
+    shape = torch.tensor([tensor.dim(), *tensor.shape], dtype=torch.int64, device=tensor.device)
+    dist.send(torch.tensor([shape.numel()], dtype=torch.int64, device=tensor.device), to)
     dist.send(shape, to)
     dist.send(tensor.contiguous(), to)
 
 
 def _receive(source: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    length = torch.zeros(1, dtype=torch.int64)
+    length = torch.zeros(1, dtype=torch.int64, device=device)
     dist.recv(length, source)
-    shape = torch.zeros(int(length.item()), dtype=torch.int64)
+    shape = torch.zeros(int(length.item()), dtype=torch.int64, device=device)
     dist.recv(shape, source)
     tensor = torch.empty(tuple(shape[1:].tolist()), dtype=dtype, device=device)
     dist.recv(tensor, source)
@@ -147,11 +148,12 @@ class ClipAcross:
 
     def __call__(self, limit: float) -> torch.Tensor:
         grads = [p.grad for p in self.parameters if p.grad is not None]
-        local = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-        squared = (local.float() ** 2).reshape(1).cpu()
+        device = self.parameters[0].device
+        local = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=device)
+        squared = (local.float() ** 2).reshape(1)
         dist.all_reduce(squared)
         total = squared.sqrt()[0]
-        torch.nn.utils.clip_grads_with_norm_(self.parameters, limit, total.to(local.device))
+        torch.nn.utils.clip_grads_with_norm_(self.parameters, limit, total)
         return total
 
 
