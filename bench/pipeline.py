@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.data import synthetic_feature_set
 from raylens.cluster.runtime import RuntimeSettings, start_ray, stop_ray
-from raylens.features import DataConfig, FeaturesConfig, FeatureSet, build_feature_set
+from raylens.features import FeatureSet
 from raylens.trainer import ModelConfig, TrainConfig, TrainJob, build_model
 from raylens.trainer.parallel.plan import STATE_BYTES_PER_PARAMETER
 from raylens.trainer.ray_train import train_distributed
@@ -62,14 +63,7 @@ def _run(fs: FeatureSet, strategy: str, epochs: int, storage: Path) -> float:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     rows, epochs, repeats = (4_000, 3, 1) if args.quick else (12_000, 4, 2)
     with tempfile.TemporaryDirectory() as tmp:
-        fs = build_feature_set(
-            "bench",
-            DataConfig(
-                source=f"synthetic:classification?rows={rows}&features=64&classes=10&seed=0", target="target"
-            ),
-            FeaturesConfig(transforms=[{"standardize": "*"}]),
-            Path(tmp) / "features",
-        )
+        fs = synthetic_feature_set(rows, Path(tmp) / "features")
         model = build_model(ModelConfig(params={"hidden": HIDDEN}), 64, fs.num_outputs)
         parameters = sum(p.numel() for p in model.parameters())
         state = parameters * STATE_BYTES_PER_PARAMETER

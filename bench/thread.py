@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
+from bench.data import synthetic_feature_set
 from bench.trainer import BATCH, HIDDEN, LR
-from raylens.features import DataConfig, FeaturesConfig, FeatureSet, build_feature_set
+from raylens.features import FeatureSet
 from raylens.trainer import ModelConfig, TrainConfig, TrainJob, TrainState, run_worker
 
 
@@ -55,14 +56,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     main: list[float] = []
     secondary: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
-        fs = build_feature_set(
-            "bench",
-            DataConfig(
-                source=f"synthetic:classification?rows={rows}&features=64&classes=10&seed=0", target="target"
-            ),
-            FeaturesConfig(transforms=[{"standardize": "*"}]),
-            Path(tmp),
-        )
+        fs = synthetic_feature_set(rows, Path(tmp))
         for _ in range(pairs):
             main.append(_loop(fs, threads, epochs, on_secondary_thread=False))
             secondary.append(_loop(fs, threads, epochs, on_secondary_thread=True))

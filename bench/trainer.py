@@ -25,8 +25,9 @@ from typing import Any
 
 import torch
 
+from bench.data import synthetic_feature_set
 from raylens.cluster.runtime import RuntimeSettings, start_ray, stop_ray
-from raylens.features import DataConfig, FeaturesConfig, FeatureSet, build_feature_set
+from raylens.features import FeatureSet
 from raylens.trainer import ModelConfig, TaskSpec, TrainConfig, TrainJob, build_model
 from raylens.trainer.ray_train import train_distributed
 from raylens.trainer.run import node_layout
@@ -133,14 +134,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cores = os.cpu_count() or 1
     rows, epochs, repeats = (20_000, 4, 1) if args.quick else (200_000, 6, 2)
     with tempfile.TemporaryDirectory() as tmp:
-        fs = build_feature_set(
-            "bench",
-            DataConfig(
-                source=f"synthetic:classification?rows={rows}&features=64&classes=10&seed=0", target="target"
-            ),
-            FeaturesConfig(transforms=[{"standardize": "*"}]),
-            Path(tmp) / "features",
-        )
+        fs = synthetic_feature_set(rows, Path(tmp) / "features")
         runtime = start_ray(RuntimeSettings.build())
         try:
             results: dict[str, Any] = {
