@@ -4,7 +4,8 @@ last checkpoint — every epoch heard once, in order. (The run's queue to the dr
 driver's node: placed on the lost one, it took the run with it.)
 
 The cluster runs in a subprocess (this module run as a script): the test session's own Ray
-cluster stays as it is.
+cluster stays as it is. It runs with the in-process tests, one at a time, not beside the
+end-to-end tests' background run: two nodes' start-up and a node's death take CPU.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
 
 EPOCHS = 8
 LOSE_AFTER_EPOCH = 2
@@ -69,7 +68,6 @@ def _lose_a_node_mid_run(folder: Path) -> dict[str, object]:
         cluster.shutdown()
 
 
-@pytest.mark.e2e
 def test_a_run_goes_on_from_its_last_checkpoint_when_a_node_is_lost(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "tests.faults.test_node_loss", str(tmp_path)],
