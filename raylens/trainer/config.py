@@ -73,8 +73,9 @@ class ScalingConfig(_Strict):
     """ddp: replicate the model, average gradients; fsdp: shard parameters across workers;
     pipeline: cut the model into one stage per worker, microbatches flowing through them
     (train.scaling.pipeline); auto: ddp while a replica's training state (16 bytes per
-    parameter) takes at most half of a worker's memory, else fsdp; the choice and its reason
-    are printed and tagged."""
+    parameter) takes at most half of a worker's memory, else fsdp, and on embedded Ray (one
+    machine) several CPU workers whose replica fits train as one process with all their CPUs;
+    the choice and its reason are printed and tagged."""
     cpus_per_worker: float = Field(1.0, gt=0)
     """Logical CPUs Ray reserves for each worker; also its PyTorch thread count (rounded, >= 1)."""
     use_gpu: bool = False

@@ -20,9 +20,12 @@ from raylens.features import FeatureSet
 from raylens.trainer import ModelConfig, TrainConfig, TrainJob
 from raylens.trainer.config import ScalingConfig
 from raylens.trainer.job import TrainingFailed
+from raylens.trainer.loop import Batches, evaluate
 from raylens.trainer.models import MLP, build_model
 from raylens.trainer.parallel import load_checkpoint, load_model_weights, rng_state
 from raylens.trainer.ray_train import TrainOutcome, checkpoint_folders, train_distributed, trains_in_driver
+from raylens.trainer.run import train_and_record
+from raylens.trainer.tracking import MlflowTracker
 
 EPOCHS = 5
 
@@ -301,3 +304,43 @@ def test_the_best_checkpoints_by_a_metric_are_kept_beside_the_latest_in_the_driv
     assert len(set(losses.values())) == len(losses) and two_best != [7.0, 8.0]  # not just the latest
     assert outcome.best is not None and outcome.best[0] in kept
     assert outcome.best[1]["epoch"] == min(losses, key=losses.__getitem__)
+
+
+def test_the_run_tests_and_logs_the_best_checkpoints_model(iris: FeatureSet, tmp_path: Path) -> None:
+    """With best_checkpoint, the test split is scored with the best checkpoint's weights, not the
+    last epoch's, and the run says which epoch they are from."""
+    noisy = TrainJob.for_feature_set(
+        ModelConfig(params={"hidden": [16]}),
+        TrainConfig(
+            epochs=6,
+            batch_size=8,
+            optimizer={"name": "sgd", "lr": 1.0, "momentum": 0.9},  # valid_loss best at epoch 2
+            best_checkpoint={"metric": "valid_loss"},
+        ),
+        iris,
+    )
+    tracker = MlflowTracker(f"sqlite:///{tmp_path}/mlflow.db", "best", tmp_path / "artifacts")
+    result = train_and_record(
+        noisy,
+        iris,
+        tracker=tracker,
+        run_name="best",
+        storage_path=tmp_path / "ray",
+        params={},
+        tags={},
+        embedded=True,
+    )
+    losses = {m["epoch"]: m["valid_loss"] for m in result.history}
+    best_epoch = min(losses, key=losses.__getitem__)
+    assert best_epoch != 6.0  # the last epoch's model would be another
+    assert tracker.client.get_run(result.run_id).data.tags["raylens.model_epoch"] == f"{best_epoch:g}"
+    folder = next(
+        f
+        for f in checkpoint_folders(Path(tmp_path / "ray" / "best"))
+        if load_checkpoint(f)["epoch"] == best_epoch
+    )
+    model = build_model(noisy.model, 4, 3)
+    load_model_weights(model, folder)
+    test = iris.read("test")
+    expected = evaluate(model, Batches.from_numpy(test.x, test.y), noisy.task)["loss"]
+    assert result.test_metrics["test_loss"] == pytest.approx(expected, rel=1e-9)
