@@ -11,6 +11,7 @@ end-to-end tests' background run: two nodes' start-up and a node's death take CP
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,10 @@ def _lose_a_node_mid_run(folder: Path) -> dict[str, object]:
     from raylens.trainer.ray_train import checkpoint_folders, train_distributed
     from tests.conftest import iris_feature_set
 
+    # Before going on with fewer workers, Ray Train waits for the lost ones' resources for
+    # RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s by default; time for an autoscaler to replace
+    # the node). The nodes started here, and the Train controller on them, inherit this.
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "10"
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     node = cluster.add_node(num_cpus=1)
     ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
