@@ -65,7 +65,7 @@ from raylens.trainer.parallel import (
     set_rng_state,
     write_checkpoint,
 )
-from raylens.trainer.watchdog import Stall, StallWatch
+from raylens.trainer.watchdog import Stall, StallWatch, report_grace
 
 logger = logging.getLogger(__name__)
 EPOCH, CONTROLLER, NOTICE, FAILED, STALLED = "epoch", "controller", "notice", "failed", "stalled"
@@ -217,7 +217,7 @@ class _StallReports:
         self.pending.append(stall)
 
     def flush(self, *, force: bool = False) -> None:
-        grace = 3 * min(self.pending[0].timeout / 10, 2.0) + 1 if self.pending else 0
+        grace = report_grace(self.pending[0].timeout) if self.pending else 0
         if self.pending and (force or time.monotonic() - self.since > grace):
             self.told.append(Stall.blame(self.pending))
             self.on_notice(self.told[-1])

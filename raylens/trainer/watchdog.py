@@ -24,6 +24,17 @@ PHASES = ("loading its batch", "in forward", "in backward", "in the optimizer st
 BATCH, FORWARD, BACKWARD, OPTIMIZER = range(len(PHASES))
 
 
+def poll_interval(timeout: float) -> float:
+    """How often a watch looks: its peers' watches fire within one such interval of it."""
+    return min(timeout / 10, 2.0)
+
+
+def report_grace(timeout: float) -> float:
+    """How long a fired watch keeps its process alive for its peers' reports, and how long the
+    driver waits for them before naming the rank."""
+    return 3 * poll_interval(timeout) + 1
+
+
 @dataclass(frozen=True)
 class Stall:
     """One rank's report that it has not moved for ``waited`` seconds."""
@@ -87,7 +98,7 @@ class StallWatch:
         self._stop.set()
 
     def _watch(self) -> None:
-        poll = min(self.timeout / 10, 2.0)
+        poll = poll_interval(self.timeout)
         while not self._stop.wait(poll):
             waited = time.monotonic() - self.last
             if self.paused or waited <= self.timeout:
@@ -96,7 +107,7 @@ class StallWatch:
                 self.report(Stall(self.rank, self.epoch, self.step, self.phase, waited, self.timeout))
                 # The peers' watches fire within a poll of this one: give their reports time to
                 # leave before this process ends (Ray then ends the whole group).
-                time.sleep(3 * poll + 1)
+                time.sleep(report_grace(self.timeout))
             finally:
                 # The loop is blocked in C code no exception can reach: end the process, which
                 # Ray Train sees as a failed worker.
