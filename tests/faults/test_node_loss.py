@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 EPOCHS = 8
@@ -55,6 +56,7 @@ def _lose_a_node_mid_run(folder: Path) -> dict[str, object]:
         def lose_the_node(metrics: dict[str, float]) -> None:
             heard.append(metrics["epoch"])
             if metrics["epoch"] == LOSE_AFTER_EPOCH:
+                _wait_until_ray_registered_a_checkpoint(folder / "ray" / "node-loss")
                 cluster.remove_node(node)
 
         outcome = train_distributed(
@@ -71,6 +73,23 @@ def _lose_a_node_mid_run(folder: Path) -> dict[str, object]:
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def _wait_until_ray_registered_a_checkpoint(run_folder: Path, timeout_s: float = 60) -> None:
+    """The driver hears an epoch as soon as a worker reports it; Ray's controller registers the
+    epoch's checkpoint when it next polls the workers, later on a loaded machine. Only a
+    registered checkpoint is resumed from, so the node goes once there is one (what the test
+    proves is "from the last registered checkpoint, not from scratch", not how fast Ray polls)."""
+    snapshot = run_folder / "checkpoint_manager_snapshot.json"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if json.loads(snapshot.read_text()).get("latest_checkpoint_result"):
+                return
+        except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or mid-write
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"Ray registered no checkpoint in {timeout_s:.0f} s ({snapshot})")
 
 
 def test_a_run_goes_on_from_its_last_checkpoint_when_a_node_is_lost(tmp_path: Path) -> None:
