@@ -48,7 +48,6 @@ import ray.train
 import ray.train.torch
 import torch
 from ray.train import CheckpointUploadMode
-from ray.train.v2._internal.execution.callback import ControllerCallback
 from ray.util.queue import Empty, Queue
 
 from raylens.features import FeatureSet
@@ -65,11 +64,10 @@ from raylens.trainer.parallel import (
     set_rng_state,
     write_checkpoint,
 )
+from raylens.trainer.ray_controller import CONTROLLER, EPOCH, FAILED, NOTICE, STALLED, ControllerHandle
 from raylens.trainer.watchdog import Stall, StallWatch, report_grace
 
 logger = logging.getLogger(__name__)
-EPOCH, CONTROLLER, NOTICE, FAILED, STALLED = "epoch", "controller", "notice", "failed", "stalled"
-"""Kinds of message on the queue from the run to the driver."""
 
 
 @dataclass(frozen=True)
@@ -105,19 +103,6 @@ class RayTrainReporter:
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
         if self.rank == 0 and self.queue is not None:
             self.queue.put_nowait((EPOCH, metrics))
-
-
-class _ControllerHandle(ControllerCallback):
-    """Runs in the Train controller and hands the driver its actor handle, so an interrupted
-    driver can abort the run (Ray registers its own abort only when ``fit`` runs on the main
-    thread, and here it runs beside the loop that drains the queue)."""
-
-    def __init__(self, queue: Queue) -> None:
-        self.queue = queue
-
-    def after_controller_start(self, train_run_context: Any) -> None:
-        # Not ``queue.put``: a blocking get inside the controller's event loop would stall it.
-        self.queue.actor.put_nowait.remote((CONTROLLER, ray.get_runtime_context().current_actor))  # type: ignore[attr-defined]
 
 
 def restore_point(checkpoint: ray.train.Checkpoint) -> tuple[dict[str, Any], str | None]:
@@ -272,7 +257,7 @@ def train_distributed(
             storage_path=str(storage_path),
             checkpoint_config=_checkpoint_config(job),
             failure_config=ray.train.FailureConfig(max_failures=job.train.max_failures),
-            callbacks=[_ControllerHandle(queue)],  # type: ignore[list-item]  # Ray accepts controller callbacks
+            callbacks=[ControllerHandle(queue)],  # type: ignore[list-item]  # Ray accepts controller callbacks
         ),
     )
     outcome: dict[str, Any] = {}

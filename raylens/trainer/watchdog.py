@@ -71,11 +71,21 @@ class Stall:
 class StallWatch:
     """Watches one rank's training progress; validation and checkpointing are not timed."""
 
-    def __init__(self, timeout: float, rank: int, report: Callable[[Stall], None]) -> None:
+    def __init__(
+        self,
+        timeout: float,
+        rank: int,
+        report: Callable[[Stall], None],
+        end: Callable[[], None] | None = None,
+    ) -> None:
+        """``end``: what follows a report (default: end this process with SIGKILL)."""
         self.timeout, self.rank, self.report = timeout, rank, report
+        self.end = end or _end_process
         self.last = time.monotonic()
         self.epoch = self.step = self.phase = 0
-        self.paused = False
+        # Timed from the first batch: reading data, building the model and joining the process
+        # group (which waits for the slowest peer to start) are no step.
+        self.paused = True
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name=f"raylens-stall-watch-{rank}", daemon=True)
         self._thread.start()
@@ -109,6 +119,10 @@ class StallWatch:
                 # leave before this process ends (Ray then ends the whole group).
                 time.sleep(report_grace(self.timeout))
             finally:
-                # The loop is blocked in C code no exception can reach: end the process, which
-                # Ray Train sees as a failed worker.
-                os.kill(os.getpid(), signal.SIGKILL)
+                self.end()
+
+
+def _end_process() -> None:
+    # The loop is blocked in C code no exception can reach: end the process, which Ray Train
+    # sees as a failed worker.
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -22,7 +22,7 @@ from raylens.trainer.parallel import CorruptCheckpoint, gather_checkpoint, load_
 from raylens.trainer.ray_train import restore_point, train_distributed
 from raylens.trainer.run import TrainRunResult, train_and_record
 from raylens.trainer.tracking import MlflowTracker
-from raylens.trainer.watchdog import BACKWARD, FORWARD, Stall
+from raylens.trainer.watchdog import BACKWARD, FORWARD, Stall, StallWatch
 from tests.trainer.gloo import Ranks, run_ranks
 
 SLOW_MLP = ModelConfig(
@@ -193,9 +193,29 @@ def test_a_stalled_step_fails_the_attempt_naming_the_rank_and_the_run_goes_on(
     assert (tmp_path / "stalled").exists()
     assert time.monotonic() - started < 120  # not the 600 s the step would have blocked
     assert [m["epoch"] for m in outcome.history] == [1.0, 2.0, 3.0]
-    (notice,) = [n for n in notices if "made no progress" in n]
+    stalls = [n for n in notices if "made no progress" in n]
+    assert len(stalls) == 1, notices
+    (notice,) = stalls
     assert notice.startswith("rank 1 made no progress for 3 s, in forward of step 8 (epoch 2)"), notice
     assert "rank(s) 0 waited on it" in notice and "restarts from its latest checkpoint" in notice
+
+
+def test_the_watch_times_steps_not_the_set_up_before_the_first() -> None:
+    """Reading data, building the model and waiting for the slowest peer to join the process
+    group come before the first batch: a slow start is not a stall."""
+    heard: list[Stall] = []
+    ended: list[bool] = []
+    watch = StallWatch(0.2, rank=0, report=heard.append, end=lambda: ended.append(True))
+    try:
+        time.sleep(1.0)  # five timeouts of set-up
+        assert heard == [] and ended == []
+        watch.beat(epoch=0, step=0, phase=FORWARD)  # the first batch: from here on, timed
+        deadline = time.monotonic() + 10
+        while not ended and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (heard[0].rank, heard[0].step, heard[0].phase) == (0, 0, FORWARD) and ended
+    finally:
+        watch.close()
 
 
 def test_the_least_advanced_rank_is_blamed() -> None:

@@ -91,6 +91,64 @@ def test_the_loop_never_imports_ray() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_what_starts_before_the_first_step_imports_only_what_it_needs() -> None:
+    """Ray Train's controller unpickles the run's callback: it imports Ray, not torch or the
+    trainer. A worker of a DDP or one-process run never imports torch.distributed.checkpoint
+    (a second of start-up per process); only sharded (FSDP, pipeline) runs use it."""
+    code = (
+        "import sys; import raylens.trainer.ray_controller; "
+        "assert 'torch' not in sys.modules and 'raylens.trainer.job' not in sys.modules; "
+        "import raylens.trainer.ray_train; "
+        "assert 'torch.distributed.checkpoint' not in sys.modules, 'imported at start'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_whole_checkpoint_has_torch_distributed_checkpoints_layout_and_restores_exactly() -> None:
+    """One-process and DDP checkpoints are written without torch.distributed.checkpoint, in its
+    full state dict's layout (checkpoints written with it still restore), and resume exactly."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    from raylens.trainer.parallel.checkpoint import _restore_whole, _whole_state
+
+    def build(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(
+            torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 3)
+        )
+        model[0].bias.requires_grad_(False)  # a frozen parameter: in no group, no state
+        groups = [
+            {"params": [model[0].weight, model[1].weight, model[1].bias]},
+            {"params": [model[3].weight, model[3].bias], "lr": 0.1},
+        ]
+        return model, torch.optim.AdamW(groups)
+
+    def step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor) -> None:
+        optimizer.zero_grad()
+        model(x).sum().backward()
+        optimizer.step()
+
+    model, optimizer = build(0)
+    for _ in range(3):
+        step(model, optimizer, torch.randn(5, 4))
+    ours = _whole_state(model, optimizer)
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    theirs = get_state_dict(model, optimizer, options=full)
+    assert ours[0].keys() == theirs[0].keys()
+    assert all(torch.equal(ours[0][k], theirs[0][k]) for k in ours[0])
+    assert ours[1]["param_groups"] == theirs[1]["param_groups"]
+    assert ours[1]["state"].keys() == theirs[1]["state"].keys()
+    for name, state in ours[1]["state"].items():
+        assert all(torch.equal(value, theirs[1]["state"][name][key]) for key, value in state.items())
+
+    restored, restored_optimizer = build(1)
+    _restore_whole(restored, restored_optimizer, {"model": ours[0], "optimizer": ours[1]})
+    x = torch.randn(5, 4)
+    step(model, optimizer, x)
+    step(restored, restored_optimizer, x)
+    assert all(torch.equal(v, restored.state_dict()[k]) for k, v in model.state_dict().items())
+
+
 def test_what_runs_in_workers_and_trials_cannot_write_to_mlflow() -> None:
     """Workers and trials report to Ray; only the driver writes MLflow records: the modules whose
     functions Ray runs in workers and trials do not even import MLflow."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from raylens.trainer.loop import EpochSoFar, TrainState
 
@@ -31,10 +31,81 @@ CHECKPOINT_FILE = "checkpoint.pt"
 SHARDED_FILE = "sharded.json"
 """Marks a sharded checkpoint and holds its epoch (written by rank 0 beside the shards)."""
 
-_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
-_SHARDED = StateDictOptions(flatten_optimizer_state_dict=True)
-"""Each rank's own tensors; the optimizer's state keyed per parameter name, so pipeline stages
-(which hold different parameters) never write the same key."""
+
+def _holds_shards(model: nn.Module) -> bool:
+    """Whether any parameter is a DTensor (FSDP): then only torch.distributed.checkpoint's
+    state-dict functions can gather or place it. (Nothing can be a DTensor before that module
+    is imported; importing it takes a second, which a DDP or one-process run never pays.)"""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and any(isinstance(p, dtensor.DTensor) for p in model.parameters())
+
+
+StateDicts = tuple[dict[str, Any], dict[str, Any]]
+"""A model's and its optimizer's state dicts."""
+
+
+def _sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> StateDicts:
+    """Each rank's own tensors; the optimizer's state keyed per parameter name, so pipeline stages
+    (which hold different parameters) never write the same key."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(model, optimizer, options=StateDictOptions(flatten_optimizer_state_dict=True))
+
+
+def _set_sharded_state(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    model_state: dict[str, Any],
+    optim_state: dict[str, Any],
+) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=model_state,
+        optim_state_dict=optim_state,
+        options=StateDictOptions(flatten_optimizer_state_dict=True),
+    )
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _whole_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> StateDicts:
+    """The model's and optimizer's state as torch.distributed.checkpoint's full state dict has
+    it (the model's own parameter names, no DDP prefix; optimizer state keyed by those names),
+    on the CPU."""
+    if _holds_shards(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_state_dict(model, optimizer, options=full)
+    module = _unwrapped(model)
+    model_state = {k: _on_cpu(v) for k, v in module.state_dict().items()}
+    names = _parameter_names(module, optimizer)
+    plain = optimizer.state_dict()
+    optim_state = {
+        "state": {names[i]: _on_cpu(v) for i, v in plain["state"].items()},
+        "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in plain["param_groups"]],
+    }
+    return model_state, optim_state
+
+
+def _parameter_names(module: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The name of each parameter in the optimizer's own order (the indices of its state dict)."""
+    by_id = {id(p): name for name, p in module.named_parameters()}
+    return [by_id[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def _on_cpu(value: Any) -> Any:
+    # A copy: the live tensors change with the next step, the checkpoint must not.
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _on_cpu(v) for k, v in value.items()}
+    return value
 
 
 def rng_state() -> dict[str, Any]:
@@ -84,7 +155,7 @@ def gather_checkpoint(
 ) -> dict[str, Any]:
     """Full (unsharded, unwrapped) model and optimizer state, and every rank's random state. A
     collective under DDP/FSDP: every rank calls it; rank 0 gets the whole state."""
-    model_state, optim_state = get_state_dict(model, optimizer, options=_FULL)
+    model_state, optim_state = _whole_state(model, optimizer)
     rng = [rng_state()]
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         gathered: list[Any] = [None] * dist.get_world_size()
@@ -111,7 +182,7 @@ def write_checkpoint(state: TrainState, folder: Path, *, rank: int = 0) -> bool:
         return rank == 0
     import torch.distributed.checkpoint as dcp
 
-    model_state, optim_state = get_state_dict(model, optimizer, options=_SHARDED)
+    model_state, optim_state = _sharded_state(model, optimizer)
     folder.mkdir(parents=True, exist_ok=True)
     dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(folder))
     torch.save(rng_state(), folder / f"rng_{rank}.pt")
@@ -206,12 +277,10 @@ def restore(
     if "sharded" in state:
         import torch.distributed.checkpoint as dcp
 
-        model_state, optim_state = get_state_dict(model, optimizer, options=_SHARDED)
+        model_state, optim_state = _sharded_state(model, optimizer)
         shards = {"model": model_state, "optimizer": optim_state}
         dcp.load(shards, checkpoint_id=state["sharded"])
-        set_state_dict(
-            model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state, options=_SHARDED
-        )
+        _set_sharded_state(model, optimizer, model_state, optim_state)
     else:
         _restore_whole(model, optimizer, state)
     rng = state.get("rng")
@@ -221,10 +290,24 @@ def restore(
 
 
 def _restore_whole(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    set_state_dict(
-        model,
-        optimizer,
-        model_state_dict=state["model"],
-        optim_state_dict=state["optimizer"],
-        options=StateDictOptions(full_state_dict=True),
+    if _holds_shards(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(
+            model,
+            optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optimizer"],
+            options=StateDictOptions(full_state_dict=True),
+        )
+        return
+    module = _unwrapped(model)
+    module.load_state_dict(state["model"])
+    index = {name: i for i, name in enumerate(_parameter_names(module, optimizer))}
+    saved = state["optimizer"]
+    optimizer.load_state_dict(
+        {
+            "state": {index[name]: v for name, v in saved["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in saved["param_groups"]],
+        }
     )
