@@ -5,6 +5,7 @@
     python -m bench thread [--json]    the raylens loop on a secondary thread ÷ on the main thread
     python -m bench validate [--json]  seconds for `raylens validate` to answer a spec mistake
     python -m bench pipeline [--json]  a model over one worker's memory budget: pipeline x2 ÷ FSDP x2
+    python -m bench submit [--json]    `raylens submit` to a local cluster ÷ `raylens run`, launch to end
 
 Figures, with the machine they came from, are kept in BENCHMARKS.md.
 """
@@ -18,7 +19,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from bench import pipeline, startup, thread, trainer, validate
+from bench import pipeline, startup, submit, thread, trainer, validate
 
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "trainer": trainer.run,
@@ -26,6 +27,7 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "thread": thread.run,
     "validate": validate.run,
     "pipeline": pipeline.run,
+    "submit": submit.run,
 }
 
 

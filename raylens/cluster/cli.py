@@ -5,6 +5,8 @@ raylens train examples/digits.yaml      # train the spec as written (no sweep)
 raylens tune examples/digits.yaml       # the sweep alone
 raylens features build|list|show SPEC   # the feature pipeline and the offline store
 raylens ui                              # the MLflow UI on the run store, on 127.0.0.1
+raylens submit SPEC --address http://HEAD:8265 --runs-dir /mnt/shared/runs --tracking-uri URL
+raylens jobs list|status|logs|stop --address http://HEAD:8265
 """
 
 from __future__ import annotations
@@ -261,6 +263,199 @@ def tune(
     _run(spec, runs_dir, verbose, "tune", overrides, dry_run, resume=resume, address=address, train=False)
 
 
+JobsAddress = Annotated[
+    str,
+    typer.Option(
+        "--address",
+        envvar="RAY_API_SERVER_ADDRESS",
+        help="The cluster's Jobs API: its head node's dashboard URL, http://HEAD:8265 "
+        "(env RAY_API_SERVER_ADDRESS, as `ray job` reads it).",
+        show_default=False,
+    ),
+]
+Insecure = Annotated[
+    bool,
+    typer.Option(
+        "--insecure",
+        help="Call a cluster off this machine without a Ray auth token (not recommended: such a "
+        "cluster runs anyone's code).",
+    ),
+]
+
+
+@app.command(short_help="Run the spec on a Ray cluster through the Ray Jobs API")
+@user_errors
+def submit(
+    spec: SpecArg,
+    address: JobsAddress,
+    runs_dir: Annotated[
+        str | None,
+        typer.Option(
+            "--runs-dir",
+            help="Run folder on the cluster, one every node mounts (e.g. /mnt/shared/raylens-runs).",
+            show_default=False,
+        ),
+    ] = None,
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(
+            "--tracking-uri",
+            help="MLflow tracking server the cluster reaches (default: MLFLOW_TRACKING_URI); "
+            "sent in the job's environment, never logged.",
+            show_default=False,
+        ),
+    ] = None,
+    overrides: Overrides = None,
+    command: Annotated[str, typer.Option("--command", help="What the job runs: run, train or tune.")] = "run",
+    python: Annotated[
+        str,
+        typer.Option(
+            "--python",
+            help="The cluster's Python, with Ray, torch and MLflow (the training image's `python`).",
+        ),
+    ] = "python",
+    max_upload_mib: Annotated[
+        float, typer.Option("--max-upload-mib", help="Refuse a working directory larger than this.")
+    ] = 100,
+    no_wait: Annotated[
+        bool, typer.Option("--no-wait", help="Print the job id and return; do not stream its log.")
+    ] = False,
+    insecure: Insecure = False,
+) -> None:
+    """Run the spec on a Ray cluster: the spec's folder is the job's working directory, this
+    raylens goes with it, and the cluster runs `raylens run` with its own Python. The log streams
+    here; Ctrl-C detaches (the job goes on) and prints how to follow it again."""
+    from raylens.cluster.experiment import Experiment
+    from raylens.cluster.runtime import JobsEndpoint
+    from raylens.cluster.submit import JobsClient, plan_submission, reattach_hint
+
+    if command not in ("run", "train", "tune"):
+        raise UserError(f"--command {command}: give run, train or tune")
+    # The spec and overrides are checked here, before anything is uploaded.
+    experiment = Experiment.from_yaml(spec, None, overrides or ())
+    submission = plan_submission(
+        spec,
+        spec_name=experiment.spec.name,
+        runs_dir=runs_dir,
+        tracking_uri=tracking_uri,
+        overrides=overrides or (),
+        python=python,
+        command=command,
+        max_upload_mib=max_upload_mib,
+    )
+    client = JobsClient(JobsEndpoint.resolve(address, insecure=insecure))
+    job_id = client.submit(submission)
+    console.print(
+        f"submitted job [bold]{escape(job_id)}[/] to {escape(address)} "
+        f"({submission.upload_bytes / 2**20:.1f} MiB from {escape(str(submission.working_dir))})",
+        highlight=False,
+    )
+    if no_wait:
+        console.print(escape(reattach_hint(job_id, address)), highlight=False)
+        return
+    _follow(client, job_id, address)
+
+
+def _follow(client: Any, job_id: str, address: str) -> None:
+    """Stream a job's log; exit 0 if it succeeded, 1 if not. Ctrl-C detaches."""
+    from raylens.cluster.submit import reattach_hint
+
+    try:
+        info = client.follow(job_id, write=_write_out)
+    except KeyboardInterrupt:
+        errors.print(
+            f"[yellow]detached[/]: job {escape(job_id)} goes on; {escape(reattach_hint(job_id, address))}",
+            highlight=False,
+        )
+        raise typer.Exit(0) from None
+    status = str(info.status.value if hasattr(info.status, "value") else info.status)
+    if status == "SUCCEEDED":
+        console.print(f"job {escape(job_id)} succeeded", highlight=False)
+        return
+    reason = f": {info.message}" if info.message else ""
+    errors.print(
+        f"[bold red]job {escape(job_id)} {status.lower()}[/]{escape(reason)}; its log stays on the "
+        f"cluster: raylens jobs logs {escape(job_id)} --address {escape(address)}",
+        highlight=False,
+    )
+    raise typer.Exit(1)
+
+
+def _write_out(chunk: str) -> None:
+    sys.stdout.write(chunk)
+    sys.stdout.flush()
+
+
+jobs_app = typer.Typer(
+    help="Jobs submitted to a Ray cluster: list, status, logs, stop.", no_args_is_help=True
+)
+app.add_typer(jobs_app, name="jobs")
+JobId = Annotated[str, typer.Argument(metavar="JOB_ID", help="The id `raylens submit` printed.")]
+
+
+def _jobs_client(address: str, insecure: bool) -> Any:
+    from raylens.cluster.runtime import JobsEndpoint
+    from raylens.cluster.submit import JobsClient
+
+    return JobsClient(JobsEndpoint.resolve(address, insecure=insecure))
+
+
+@jobs_app.command("list")
+@user_errors
+def jobs_list(address: JobsAddress, insecure: Insecure = False) -> None:
+    """The cluster's jobs, newest first."""
+    from rich.table import Table
+
+    table = Table(box=None)
+    for column in ("job", "status", "started"):  # whole, however narrow the terminal
+        table.add_column(column, no_wrap=True, min_width=len(column))
+    table.add_column("entrypoint", overflow="fold")
+    found = sorted(_jobs_client(address, insecure).jobs(), key=lambda j: j.start_time or 0, reverse=True)
+    for job in found:
+        started = datetime_of(job.start_time)
+        table.add_row(job.submission_id or job.job_id or "", str(job.status.value), started, job.entrypoint)
+    console.print(table if found else "no jobs")
+
+
+def datetime_of(millis: int | None) -> str:
+    from datetime import datetime
+
+    return datetime.fromtimestamp(millis / 1000).strftime("%Y-%m-%d %H:%M:%S") if millis else ""
+
+
+@jobs_app.command("status")
+@user_errors
+def jobs_status(job_id: JobId, address: JobsAddress, insecure: Insecure = False) -> None:
+    """A job's status and, when it ended, why."""
+    info = _jobs_client(address, insecure).status(job_id)
+    message = f": {info.message}" if info.message else ""
+    console.print(f"{escape(job_id)} {info.status.value}{escape(message)}", highlight=False)
+
+
+@jobs_app.command("logs")
+@user_errors
+def jobs_logs(
+    job_id: JobId,
+    address: JobsAddress,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream until the job ends.")] = False,
+    insecure: Insecure = False,
+) -> None:
+    """A job's log (what `raylens submit` streamed); with --follow, streamed until it ends."""
+    client = _jobs_client(address, insecure)
+    if follow:
+        _follow(client, job_id, address)
+    else:
+        _write_out(client.logs(job_id))
+
+
+@jobs_app.command("stop")
+@user_errors
+def jobs_stop(job_id: JobId, address: JobsAddress, insecure: Insecure = False) -> None:
+    """Stop a running job (its checkpoints stay for a resume)."""
+    stopped = _jobs_client(address, insecure).stop(job_id)
+    console.print(f"{escape(job_id)}: {'stopping' if stopped else 'not running'}", highlight=False)
+
+
 @app.command(short_help="Check a spec, its data and model; start nothing")
 @user_errors
 def validate(
@@ -308,7 +503,10 @@ def predict(
     runs_dir: RunsDir = None,
     tracking_uri: Annotated[
         str | None,
-        typer.Option("--tracking-uri", help="MLflow tracking URI; default: the run folder's SQLite db."),
+        typer.Option(
+            "--tracking-uri",
+            help="MLflow tracking URI; default: MLFLOW_TRACKING_URI, else the run folder's SQLite db.",
+        ),
     ] = None,
     batch_rows: Annotated[int, typer.Option("--batch-rows", min=1, help="Rows scored at once.")] = 65_536,
     workers: Annotated[
@@ -333,7 +531,7 @@ def predict(
     from raylens.cluster.workspace import Workspace
 
     quiet_cli_process(verbose=False)
-    uri = tracking_uri or Workspace.at(runs_dir).default_tracking_uri
+    uri = tracking_uri or Workspace.at(runs_dir).tracking_uri("default")
     with Bar(console=console, transient=True) as bar:
         task = bar.add_task("predicting", total=None)
         done = predict_files(

@@ -13,6 +13,7 @@ running 2 training workers can hang with the machine idle).
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import signal
@@ -28,6 +29,8 @@ from urllib.parse import urlsplit
 from raylens.errors import UserError
 
 MIN_EMBEDDED_CPUS = 4
+SUBMITTED_JOB_VARIABLE = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+"""Set by Ray's job supervisor in the environment of a submitted job's driver."""
 TRAIN_POLL_INTERVAL_S = "0.2"
 """Ray Train's controller collects each worker's report on this poll; a report blocks until it
 is collected, so the default (2 s) adds up to 2 s to every epoch."""
@@ -62,6 +65,10 @@ class RuntimeSettings:
     """Folders Ray's workers import user code from (the spec's folder), as the driver does."""
     worker_env: Mapping[str, str] = field(default_factory=dict)
     """Environment of every Ray worker and actor of this job (Ray Train's controller included)."""
+    submitted: bool = False
+    """This process is the driver of a job submitted through the Jobs API (``raylens submit``):
+    the job's runtime environment, which the submitter built, already holds the working
+    directory and ``worker_env`` (Ray refuses a driver that sets them again)."""
 
     @classmethod
     def build(
@@ -78,7 +85,8 @@ class RuntimeSettings:
         env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": TRAIN_POLL_INTERVAL_S}
         if paths:
             env["PYTHONPATH"] = os.pathsep.join(paths)
-        return cls(address, num_cpus, verbose, tuple(code_dirs), env)
+        submitted = SUBMITTED_JOB_VARIABLE in os.environ
+        return cls(address, num_cpus, verbose, tuple(code_dirs), env, submitted)
 
     @property
     def logging_level(self) -> int:
@@ -135,6 +143,91 @@ def check_address(address: str | None, timeout_s: float = 3.0) -> None:
         ) from None
 
 
+TOKEN_SOURCES = "RAY_AUTH_TOKEN, a file named by RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token"
+
+
+def auth_token(environ: Mapping[str, str] | None = None, home: Path | None = None) -> str | None:
+    """The Ray auth token of this user, where Ray itself looks: ``RAY_AUTH_TOKEN``, the file
+    named by ``RAY_AUTH_TOKEN_PATH``, then ``~/.ray/auth_token`` (what ``ray get-auth-token
+    --generate`` writes)."""
+    environ = os.environ if environ is None else environ
+    if environ.get("RAY_AUTH_TOKEN", "").strip():
+        return environ["RAY_AUTH_TOKEN"].strip()
+    named = environ.get("RAY_AUTH_TOKEN_PATH")
+    path = Path(named).expanduser() if named else (home or Path.home()) / ".ray" / "auth_token"
+    try:
+        token = path.read_text().strip()
+    except OSError:
+        if named:
+            raise UserError(
+                f"RAY_AUTH_TOKEN_PATH names {path}, which cannot be read; point it at the "
+                "cluster's token file, or set RAY_AUTH_TOKEN"
+            ) from None
+        return None
+    return token or None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class JobsEndpoint:
+    """A Ray cluster's Jobs API (the dashboard's HTTP port), and the token sent with every call."""
+
+    url: str
+    token: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def resolve(
+        cls,
+        address: str,
+        *,
+        insecure: bool = False,
+        environ: Mapping[str, str] | None = None,
+        home: Path | None = None,
+        timeout_s: float = 3.0,
+    ) -> JobsEndpoint:
+        """Check ``address`` (http://HEAD:8265) before any call: its form, that something
+        listens there, and that a cluster off this machine is reached with a token (found by
+        ``auth_token`` in ``environ`` and ``home``, this process's by default)."""
+        parts = urlsplit(address)
+        try:
+            host, port = parts.hostname, parts.port
+        except ValueError:
+            host, port = None, None
+        if parts.scheme not in ("http", "https") or not host:
+            raise UserError(
+                f"--address: '{address}' is not a Jobs API address; give the head node's dashboard "
+                "URL, e.g. http://HEAD:8265 (`ray job` uses the same one)"
+            )
+        token = auth_token(environ, home)
+        if token is None and not is_loopback(host) and not insecure:
+            raise UserError(
+                f"--address {address}: no Ray auth token found ({TOKEN_SOURCES}). A Ray cluster "
+                "that accepts calls without one runs anyone's code (CVE-2023-48022): start it with "
+                "RAY_AUTH_MODE=token and give its token here; --insecure submits without one"
+            )
+        port = port or (443 if parts.scheme == "https" else 80)
+        try:
+            socket.create_connection((host, port), timeout=timeout_s).close()
+        except OSError as exc:
+            raise UserError(
+                f"--address: nothing answers at {address} ({exc}); check the head node is up and "
+                "its dashboard port (8265) is reachable, e.g. through `ray dashboard CLUSTER.yaml`"
+            ) from None
+        return cls(address.rstrip("/"), token)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+
 def start_ray(settings: RuntimeSettings) -> RayRuntime:
     """Connect to ``settings.address`` or start an embedded cluster; reuse one already connected.
 
@@ -146,7 +239,7 @@ def start_ray(settings: RuntimeSettings) -> RayRuntime:
 
     if ray.is_initialized():
         return RayRuntime(False, float(ray.cluster_resources().get("CPU", 0)), settings.address)
-    runtime_env = {"env_vars": dict(settings.worker_env)}
+    runtime_env = None if settings.submitted else {"env_vars": dict(settings.worker_env)}
     with _keep_sigterm_handler():
         if settings.address:
             ray.init(

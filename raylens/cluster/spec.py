@@ -29,8 +29,8 @@ class TrackingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     uri: str = "default"
-    """An MLflow tracking URI (sqlite:///abs/path.db, http://host:5000, ...); "default" is a SQLite
-    database in the run folder."""
+    """An MLflow tracking URI (sqlite:///abs/path.db, http://host:5000, ...); "default" is
+    MLFLOW_TRACKING_URI when that is set, else a SQLite database in the run folder."""
     experiment: str | None = None
     """MLflow experiment name; defaults to the spec's name."""
     register_as: str | None = None

@@ -9,6 +9,8 @@ raylens-runs/
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,8 +42,14 @@ class Workspace:
         # Absolute: Ray workers run in other folders, and a relative URI would give each its own db.
         return f"sqlite:///{self.root / 'mlflow.db'}"
 
-    def tracking_uri(self, configured: str) -> str:
-        return self.default_tracking_uri if configured == "default" else configured
+    def tracking_uri(self, configured: str, environ: Mapping[str, str] | None = None) -> str:
+        """The spec's tracking URI; for "default", MLflow's own ``MLFLOW_TRACKING_URI`` when set
+        (how a submitted job gets its server's address without the address, which may carry
+        credentials, entering the spec, its params or artifacts), else the run folder's SQLite."""
+        if configured != "default":
+            return configured
+        from_env = (os.environ if environ is None else environ).get("MLFLOW_TRACKING_URI", "").strip()
+        return from_env or self.default_tracking_uri
 
     def ensure(self) -> None:
         for folder in (self.root, self.feature_store, self.ray_storage, self.artifact_root):
