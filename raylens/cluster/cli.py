@@ -321,13 +321,16 @@ def submit(
         bool, typer.Option("--no-wait", help="Print the job id and return; do not stream its log.")
     ] = False,
     insecure: Insecure = False,
+    verbose: Verbose = False,
 ) -> None:
     """Run the spec on a Ray cluster: the spec's folder is the job's working directory, this
     raylens goes with it, and the cluster runs `raylens run` with its own Python. The log streams
     here; Ctrl-C detaches (the job goes on) and prints how to follow it again."""
     from raylens.cluster.experiment import Experiment
-    from raylens.cluster.runtime import JobsEndpoint
+    from raylens.cluster.runtime import JobsEndpoint, quiet_cli_process
     from raylens.cluster.submit import JobsClient, plan_submission, reattach_hint
+
+    quiet_cli_process(verbose)
 
     if command not in ("run", "train", "tune"):
         raise UserError(f"--command {command}: give run, train or tune")
@@ -349,9 +352,10 @@ def submit(
         f"submitted job [bold]{escape(job_id)}[/] to {escape(address)} "
         f"({submission.upload_bytes / 2**20:.1f} MiB from {escape(str(submission.working_dir))})",
         highlight=False,
+        soft_wrap=True,  # one line, whatever the terminal's width: the id is copied from it
     )
     if no_wait:
-        console.print(escape(reattach_hint(job_id, address)), highlight=False)
+        console.print(escape(reattach_hint(job_id, address)), highlight=False, soft_wrap=True)
         return
     _follow(client, job_id, address)
 
@@ -366,6 +370,7 @@ def _follow(client: Any, job_id: str, address: str) -> None:
         errors.print(
             f"[yellow]detached[/]: job {escape(job_id)} goes on; {escape(reattach_hint(job_id, address))}",
             highlight=False,
+            soft_wrap=True,
         )
         raise typer.Exit(0) from None
     status = str(info.status.value if hasattr(info.status, "value") else info.status)
@@ -377,6 +382,7 @@ def _follow(client: Any, job_id: str, address: str) -> None:
         f"[bold red]job {escape(job_id)} {status.lower()}[/]{escape(reason)}; its log stays on the "
         f"cluster: raylens jobs logs {escape(job_id)} --address {escape(address)}",
         highlight=False,
+        soft_wrap=True,
     )
     raise typer.Exit(1)
 
@@ -394,8 +400,10 @@ JobId = Annotated[str, typer.Argument(metavar="JOB_ID", help="The id `raylens su
 
 
 def _jobs_client(address: str, insecure: bool) -> Any:
-    from raylens.cluster.runtime import JobsEndpoint
+    from raylens.cluster.runtime import JobsEndpoint, quiet_cli_process
     from raylens.cluster.submit import JobsClient
+
+    quiet_cli_process(verbose=False)
 
     return JobsClient(JobsEndpoint.resolve(address, insecure=insecure))
 

@@ -3,6 +3,7 @@ records to a real `mlflow server` on 127.0.0.1; the Jobs API refuses calls witho
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import urllib.error
@@ -58,25 +59,44 @@ def _raylens(*args: str, token: str | None, timeout: float = 600) -> subprocess.
 def test_a_submitted_spec_trains_on_the_cluster_and_registers_its_model(
     head: RayHead, tracking: str, tmp_path: Path
 ) -> None:
+    """Submitted, its log streamed here; Ctrl-C detaches while the job goes on; `jobs logs
+    --follow` reattaches and ends with the job."""
     spec = _project(tmp_path / "project")
     runs_dir = tmp_path / "shared" / "raylens-runs"
-    done = _raylens(
-        "submit",
-        str(spec),
-        "--address",
-        head.dashboard,
-        "--runs-dir",
-        str(runs_dir),
-        "--tracking-uri",
-        tracking,
-        "--python",
-        sys.executable,
-        token=head.token,
+    env = {**clean_environment(), "RAY_AUTH_TOKEN": head.token}
+    submitting = subprocess.Popen(
+        [
+            RAYLENS,
+            "submit",
+            str(spec),
+            "--address",
+            head.dashboard,
+            "--runs-dir",
+            str(runs_dir),
+            "--tracking-uri",
+            tracking,
+            "--python",
+            sys.executable,
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    job_id = done.stdout.split("submitted job ")[1].split()[0]
-    assert f"job {job_id} succeeded" in done.stdout
-    assert "test_accuracy" in done.stdout  # the cluster's run summary, streamed here
+    assert submitting.stdout is not None
+    submitted = submitting.stdout.readline()
+    assert submitted.startswith("submitted job "), submitted
+    job_id = submitted.split()[2]
+    assert submitting.stdout.readline()  # the job's own log has started to stream
+    submitting.send_signal(signal.SIGINT)
+    rest, detached = submitting.communicate(timeout=60)
+    assert submitting.returncode == 0, rest + detached
+    assert "detached" in detached and f"raylens jobs logs {job_id} --follow" in detached, detached
+
+    followed = _raylens("jobs", "logs", job_id, "--follow", "--address", head.dashboard, token=head.token)
+    assert followed.returncode == 0, followed.stdout[-3000:] + followed.stderr[-3000:]
+    assert f"job {job_id} succeeded" in followed.stdout
+    assert "test_accuracy" in followed.stdout  # the cluster's run summary
 
     client = mlflow.MlflowClient(tracking)
     (version,) = client.search_model_versions("name='submitted-iris'")
