@@ -63,12 +63,13 @@ def check_experiment(
     code_dirs: Sequence[Path] = (),
     address: str | None = None,
     tracking_uri: str | None = None,
+    runs_dir_given: bool = True,
 ) -> CheckReport:
     """Check ``spec`` (model parameters, every configuration its sweep may sample), its data (read
     and prepared in memory, nothing written), the model on a real batch, the sweep's metric, and
     ``address`` and ``tracking_uri`` when given. ``tune=False`` leaves the sweep out. A user's
     model factory is imported from ``code_dirs`` (the spec's folder, the working one)."""
-    from raylens.cluster.runtime import check_address
+    from raylens.cluster.runtime import check_address, check_remote_settings
     from raylens.features import plan_feature_set
     from raylens.trainer import importable_from
 
@@ -97,6 +98,8 @@ def check_experiment(
     if address is None:
         problems.check(lambda: _check_fits_embedded(spec, tune=tune))
     problems.check(lambda: check_address(address))
+    sweeps = tune and spec.tune is not None
+    problems.check(lambda: check_remote_settings(address, runs_dir_given=runs_dir_given, sweeps=sweeps))
     if tracking_uri is not None:
         from raylens.trainer.tracking import check_tracking_uri
 

@@ -155,6 +155,7 @@ class Experiment:
             code_dirs=self.code_dirs,
             address=address,
             tracking_uri=None if uri == self.workspace.default_tracking_uri else uri,
+            runs_dir_given=self.workspace.given,
         )
 
     def run(

@@ -20,10 +20,12 @@ DEFAULT_ROOT = Path("raylens-runs")
 @dataclass(frozen=True)
 class Workspace:
     root: Path
+    given: bool = True
+    """Whether the user named the folder (--runs-dir), or it is the default in the working one."""
 
     @classmethod
     def at(cls, root: Path | None = None) -> Workspace:
-        return cls((root or DEFAULT_ROOT).expanduser().resolve())
+        return cls((root or DEFAULT_ROOT).expanduser().resolve(), given=root is not None)
 
     @property
     def feature_store(self) -> Path:

@@ -1,8 +1,19 @@
 """What raylens asks of Ray: the settings value handed to ray.init (no Ray started here)."""
 
 import os
+from pathlib import Path
 
-from raylens.cluster.runtime import RuntimeSettings, embedded_cpus
+import pytest
+
+from raylens.cluster.runtime import (
+    SUBMITTED_JOB_VARIABLE,
+    RuntimeSettings,
+    check_remote_settings,
+    embedded_cpus,
+    remote_host,
+)
+from raylens.cluster.workspace import Workspace
+from raylens.errors import UserError
 
 
 def test_workers_get_the_fast_report_poll_and_nothing_else_is_tuned() -> None:
@@ -15,3 +26,30 @@ def test_workers_get_the_fast_report_poll_and_nothing_else_is_tuned() -> None:
 def test_embedded_ray_gets_more_logical_cpus_than_the_machine_has_cores() -> None:
     assert embedded_cpus() > (os.cpu_count() or 1)
     assert embedded_cpus() >= 4
+
+
+def test_a_submitted_jobs_driver_leaves_the_runtime_environment_to_its_job(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(SUBMITTED_JOB_VARIABLE, raising=False)
+    assert not RuntimeSettings.build().submitted
+    monkeypatch.setenv(SUBMITTED_JOB_VARIABLE, "{}")  # what Ray's job supervisor sets
+    assert RuntimeSettings.build().submitted
+
+
+def test_a_cluster_off_this_machine_needs_a_shared_run_folder_and_a_driver_there_for_sweeps() -> None:
+    assert remote_host("10.0.0.5:6379") == "10.0.0.5" and remote_host("ray://head:10001") == "head"
+    assert remote_host(None) is remote_host("auto") is remote_host("127.0.0.1:6379") is None
+
+    for local in (None, "auto", "127.0.0.1:6379", "ray://localhost:10001"):
+        check_remote_settings(local, runs_dir_given=False, sweeps=True)
+    with pytest.raises(UserError, match=r"here \./raylens-runs on this machine.*--runs-dir"):
+        check_remote_settings("10.0.0.5:6379", runs_dir_given=False, sweeps=False)
+    check_remote_settings("10.0.0.5:6379", runs_dir_given=True, sweeps=True)  # the driver is here
+    with pytest.raises(UserError, match=r"through Ray Client a sweep's trial tracking.*raylens submit"):
+        check_remote_settings("ray://10.0.0.5:10001", runs_dir_given=True, sweeps=True)
+    check_remote_settings("ray://10.0.0.5:10001", runs_dir_given=True, sweeps=False)
+
+
+def test_the_default_run_folder_is_known_as_the_default() -> None:
+    assert not Workspace.at(None).given and Workspace.at(Path("runs")).given
