@@ -167,13 +167,21 @@ def check_address(address: str | None, timeout_s: float = 3.0) -> None:
             f"--address: '{address}' is not an address; write ray://HOST:10001 (Ray Client) "
             "or HOST:6379 (the head node's GCS), or 'auto'"
         )
+    refused = _unreachable(host, port, timeout_s)
+    if refused:
+        raise UserError(
+            f"--address: no Ray cluster answers at {address} ({refused}); check the head node is up "
+            "and the port is reachable, or leave --address out to run embedded"
+        )
+
+
+def _unreachable(host: str, port: int, timeout_s: float) -> str | None:
+    """Why nothing accepts a connection at ``host:port`` within ``timeout_s``; None if something does."""
     try:
         socket.create_connection((host, port), timeout=timeout_s).close()
     except OSError as exc:
-        raise UserError(
-            f"--address: no Ray cluster answers at {address} ({exc}); check the head node is up "
-            "and the port is reachable, or leave --address out to run embedded"
-        ) from None
+        return str(exc)
+    return None
 
 
 TOKEN_SOURCES = "RAY_AUTH_TOKEN, a file named by RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token"
@@ -247,13 +255,12 @@ class JobsEndpoint:
                 "RAY_AUTH_MODE=token and give its token here; --insecure submits without one"
             )
         port = port or (443 if parts.scheme == "https" else 80)
-        try:
-            socket.create_connection((host, port), timeout=timeout_s).close()
-        except OSError as exc:
+        refused = _unreachable(host, port, timeout_s)
+        if refused:
             raise UserError(
-                f"--address: nothing answers at {address} ({exc}); check the head node is up and "
+                f"--address: nothing answers at {address} ({refused}); check the head node is up and "
                 "its dashboard port (8265) is reachable, e.g. through `ray dashboard CLUSTER.yaml`"
-            ) from None
+            )
         return cls(address.rstrip("/"), token)
 
     @property

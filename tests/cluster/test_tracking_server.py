@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from raylens.cluster.spec import parse_spec
 from raylens.cluster.workspace import Workspace
 from raylens.features.sources import load_source
 from raylens.features.splits import split_rows
+from tests.servers import free_port
 
 BIN = Path(sys.executable).parent
 
@@ -48,12 +48,6 @@ def process_state() -> dict[str, object]:
         "MLflow registry URI": mlflow.get_registry_uri(),
         "log levels": {n: logging.getLogger(n).level for n in ("ray", "mlflow", "raylens", "py.warnings")},
     }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_for_http(url: str, process: subprocess.Popen[bytes], seconds: float = 90) -> None:
