@@ -339,6 +339,7 @@ def submit(
     submission = plan_submission(
         spec,
         spec_name=experiment.spec.name,
+        data_source=experiment.spec.data.source,
         runs_dir=runs_dir,
         tracking_uri=tracking_uri,
         overrides=overrides or (),

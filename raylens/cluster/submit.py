@@ -64,6 +64,7 @@ def plan_submission(
     spec: Path,
     *,
     spec_name: str,
+    data_source: str | None = None,
     runs_dir: str | None,
     tracking_uri: str | None,
     overrides: Sequence[str] = (),
@@ -93,6 +94,8 @@ def plan_submission(
             "URL, e.g. --tracking-uri http://MLFLOW-HOST:5000 (or set MLFLOW_TRACKING_URI)"
         )
     working_dir = spec.resolve().parent
+    if data_source is not None:
+        _check_data_travels(data_source, working_dir)
     size, largest = upload_size(working_dir)
     if size > max_upload_mib * 2**20:
         biggest = ", ".join(f"{path} ({nbytes / 2**20:.0f} MiB)" for path, nbytes in largest)
@@ -131,6 +134,18 @@ def plan_submission(
         upload_bytes=size,
         tracking_uri=uri,
     )
+
+
+def _check_data_travels(source: str, working_dir: Path) -> None:
+    """A data file given relative to the spec must be inside the folder that is uploaded (an
+    absolute path is read on the cluster: shared storage)."""
+    if ":" in source.split("/")[0] or Path(source).is_absolute():  # sklearn:, synthetic:, s3://
+        return
+    if not (working_dir / source).resolve().is_relative_to(working_dir):
+        raise UserError(
+            f"data.source {source} lies outside {working_dir}, the folder uploaded with the job; "
+            "move the data into it, or give an absolute path on storage every node mounts"
+        )
 
 
 def upload_size(folder: Path) -> tuple[int, list[tuple[str, int]]]:

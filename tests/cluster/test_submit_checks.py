@@ -131,3 +131,12 @@ def test_a_working_directory_over_the_limit_is_refused_naming_its_largest_entrie
             spec, spec_name="x", runs_dir="/mnt/s", tracking_uri="http://m:5000", max_upload_mib=2
         )
     assert size > 3 * 2**20
+
+
+def test_data_outside_the_uploaded_folder_is_refused_before_the_upload(tmp_path: Path) -> None:
+    spec = _project(tmp_path / "project")
+    settings = {"spec_name": "x", "runs_dir": "/mnt/s", "tracking_uri": "http://m:5000"}
+    with pytest.raises(UserError, match=r"data.source \.\./rows.csv lies outside .*project, the folder"):
+        plan_submission(spec, data_source="../rows.csv", **settings)
+    for travels in ("data.csv", "sub/../data.csv", "/mnt/shared/rows.parquet", "sklearn:iris"):
+        plan_submission(spec, data_source=travels, **settings)
