@@ -1,0 +1,112 @@
+"""`raylens run --address` on a two-node cluster (``ray.cluster_utils.Cluster``): the sweep's
+trials and a 2-worker DDP training run on it, with the run folder on storage that is not the
+driver's working folder, and the registered model predicts.
+
+The cluster lives in a subprocess (this module run as a script), as in the node-loss test: the
+test session's own Ray cluster stays as it is. Both nodes share this machine's file system, as
+nodes share an NFS mount: what it proves is that everything the cluster reads and writes goes
+through the run folder given, not the driver's working folder. (Ray places the workers; that a
+DDP group spans two nodes is shown by ``tests/faults/test_node_loss.py``, whose run had a worker
+on each.)
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from sklearn.datasets import load_iris
+
+from tests.cli import RAYLENS
+from tests.servers import clean_environment
+
+SPEC = """
+name: two-nodes
+data: {source: iris.csv, target: target, split: {valid: 0.2, test: 0.2, seed: 3}}
+features: {transforms: [{standardize: "*"}]}
+model: {name: mlp, params: {hidden: [16]}}
+train:
+  epochs: 3
+  batch_size: 16
+  optimizer: {lr: 0.05}
+  scaling: {workers: 2, strategy: ddp}
+tune:
+  trials: 2
+  concurrency: 2
+  scheduler: fifo
+  epochs: 1
+  space: {train.optimizer.lr: "choice([0.02, 0.05])"}
+tracking: {register_as: two-nodes}
+"""
+
+
+def _run_on_two_nodes(folder: Path) -> dict[str, object]:
+    from ray.cluster_utils import Cluster
+
+    project, runs, elsewhere = folder / "project", folder / "shared" / "runs", folder / "elsewhere"
+    for made in (project, elsewhere):
+        made.mkdir(parents=True)
+    (project / "spec.yaml").write_text(SPEC)
+    load_iris(as_frame=True).frame.to_csv(project / "iris.csv", index=False)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    try:
+        done = subprocess.run(
+            [
+                RAYLENS,
+                "run",
+                str(project / "spec.yaml"),
+                "--address",
+                cluster.address,
+                "--runs-dir",
+                str(runs),
+            ],
+            cwd=elsewhere,
+            env=clean_environment(),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    finally:
+        cluster.shutdown()
+    return {"returncode": done.returncode, "output": done.stdout[-3000:] + done.stderr[-3000:]}
+
+
+def test_a_sweep_and_a_two_worker_run_on_a_two_node_cluster(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    script = subprocess.run(
+        [sys.executable, "-m", "tests.cluster.test_two_nodes", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=Path(__file__).parents[2],
+    )
+    assert script.returncode == 0, script.stderr[-3000:]
+    result = json.loads(script.stdout.strip().splitlines()[-1])
+    assert result["returncode"] == 0, result["output"]
+
+    runs = tmp_path / "shared" / "runs"
+    assert list((tmp_path / "elsewhere").iterdir()) == []  # nothing in the driver's working folder
+    assert (runs / "features").is_dir() and (runs / "ray").is_dir()
+    client = mlflow.MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    trials = client.search_runs(
+        [client.get_experiment_by_name("two-nodes").experiment_id], "tags.`raylens.role` = 'trial'"
+    )
+    assert len(trials) == 2 and all(t.info.status == "FINISHED" for t in trials)
+    (version,) = client.search_model_versions("name='two-nodes'")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{runs / 'mlflow.db'}")
+    model = mlflow.pyfunc.load_model(f"models:/two-nodes/{version.version}")
+    iris = load_iris(as_frame=True).frame
+    predicted = model.predict(pd.DataFrame(iris.drop(columns="target")))
+    assert len(predicted) == len(iris)
+
+
+if __name__ == "__main__":
+    print(json.dumps(_run_on_two_nodes(Path(sys.argv[1]))))
