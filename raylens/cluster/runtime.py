@@ -282,12 +282,20 @@ def start_ray(settings: RuntimeSettings) -> RayRuntime:
     runtime_env = None if settings.submitted else {"env_vars": dict(settings.worker_env)}
     with _keep_sigterm_handler():
         if settings.address:
-            ray.init(
-                address=settings.address,
-                runtime_env=runtime_env,
-                logging_level=settings.logging_level,
-                log_to_driver=settings.verbose,
-            )
+            try:
+                ray.init(
+                    address=settings.address,
+                    runtime_env=runtime_env,
+                    logging_level=settings.logging_level,
+                    log_to_driver=settings.verbose,
+                )
+            except ConnectionError as exc:
+                raise UserError(
+                    f"--address {settings.address}: Ray did not let this process join the cluster "
+                    f"({exc}). A cluster with token auth (RAY_AUTH_MODE=token on its nodes) needs "
+                    f"RAY_AUTH_MODE=token here too, and its token ({TOKEN_SOURCES}); otherwise check "
+                    "that this machine runs the cluster's Ray and Python versions"
+                ) from None
         else:
             ray.init(
                 address="local",

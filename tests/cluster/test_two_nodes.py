@@ -1,6 +1,7 @@
-"""`raylens run --address` on a two-node cluster (``ray.cluster_utils.Cluster``): the sweep's
-trials and a 2-worker DDP training run on it, with the run folder on storage that is not the
-driver's working folder, and the registered model predicts.
+"""`raylens run --address` on a two-node cluster (``ray.cluster_utils.Cluster``, token auth on):
+the sweep's trials and a 2-worker DDP training run on it, with the run folder on storage that is
+not the driver's working folder, and the registered model predicts. Without token mode the run is
+refused with what to set.
 
 The cluster lives in a subprocess (this module run as a script), as in the node-loss test: the
 test session's own Ray cluster stays as it is. Both nodes share this machine's file system, as
@@ -13,6 +14,8 @@ on each.)
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +49,10 @@ tracking: {register_as: two-nodes}
 
 
 def _run_on_two_nodes(folder: Path) -> dict[str, object]:
+    # Token auth on with a token of this cluster's own, set before Ray is imported (it reads the
+    # token once); the run is handed the same, as a user of a secured cluster would be.
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    os.environ.update(auth)
     from ray.cluster_utils import Cluster
 
     project, runs, elsewhere = folder / "project", folder / "shared" / "runs", folder / "elsewhere"
@@ -57,10 +64,10 @@ def _run_on_two_nodes(folder: Path) -> dict[str, object]:
     cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()
     try:
-        done = subprocess.run(
+        refused = subprocess.run(  # no token mode here: Ray refuses the driver
             [
                 RAYLENS,
-                "run",
+                "train",
                 str(project / "spec.yaml"),
                 "--address",
                 cluster.address,
@@ -73,9 +80,29 @@ def _run_on_two_nodes(folder: Path) -> dict[str, object]:
             text=True,
             timeout=600,
         )
+        done = subprocess.run(
+            [
+                RAYLENS,
+                "run",
+                str(project / "spec.yaml"),
+                "--address",
+                cluster.address,
+                "--runs-dir",
+                str(runs),
+            ],
+            cwd=elsewhere,
+            env={**clean_environment(), **auth},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
     finally:
         cluster.shutdown()
-    return {"returncode": done.returncode, "output": done.stdout[-3000:] + done.stderr[-3000:]}
+    return {
+        "returncode": done.returncode,
+        "output": done.stdout[-3000:] + done.stderr[-3000:],
+        "refused": [refused.returncode, refused.stdout + refused.stderr],
+    }
 
 
 def test_a_sweep_and_a_two_worker_run_on_a_two_node_cluster(
@@ -90,6 +117,9 @@ def test_a_sweep_and_a_two_worker_run_on_a_two_node_cluster(
     )
     assert script.returncode == 0, script.stderr[-3000:]
     result = json.loads(script.stdout.strip().splitlines()[-1])
+    code, said = result["refused"]
+    assert code == 2 and "needs RAY_AUTH_MODE=token here too" in " ".join(said.split()), said
+    assert "Traceback" not in said
     assert result["returncode"] == 0, result["output"]
 
     runs = tmp_path / "shared" / "runs"
