@@ -34,8 +34,8 @@ data: {source: iris.csv, target: target, split: {valid: 0.2, test: 0.2, seed: 3}
 features: {transforms: [{standardize: "*"}]}
 model: {name: mlp, params: {hidden: [16]}}
 train:
-  epochs: 3
-  batch_size: 16
+  epochs: 1
+  batch_size: 32
   optimizer: {lr: 0.05}
   scaling: {workers: 2, strategy: ddp}
 tune:
