@@ -64,38 +64,15 @@ def _run_on_two_nodes(folder: Path) -> dict[str, object]:
     cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()
     try:
-        refused = subprocess.run(  # no token mode here: Ray refuses the driver
-            [
-                RAYLENS,
-                "train",
-                str(project / "spec.yaml"),
-                "--address",
-                cluster.address,
-                "--runs-dir",
-                str(runs),
-            ],
-            cwd=elsewhere,
-            env=clean_environment(),
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        done = subprocess.run(
-            [
-                RAYLENS,
-                "run",
-                str(project / "spec.yaml"),
-                "--address",
-                cluster.address,
-                "--runs-dir",
-                str(runs),
-            ],
-            cwd=elsewhere,
-            env={**clean_environment(), **auth},
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+
+        def raylens(command: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+            args = [str(project / "spec.yaml"), "--address", cluster.address, "--runs-dir", str(runs)]
+            return subprocess.run(
+                [RAYLENS, command, *args], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600
+            )
+
+        refused = raylens("train", clean_environment())  # no token mode here: Ray refuses the driver
+        done = raylens("run", {**clean_environment(), **auth})
     finally:
         cluster.shutdown()
     return {
