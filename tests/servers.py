@@ -5,6 +5,7 @@ with everything it started (`ray stop` would stop every Ray cluster on the machi
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import signal
@@ -64,12 +65,11 @@ class RayHead:
     token: str
 
 
-@contextlib.contextmanager
-def ray_head(folder: Path, num_cpus: int = 4) -> Iterator[RayHead]:
-    """`ray start --head --block` on loopback with RAY_AUTH_MODE=token and a new token."""
-    token = secrets.token_hex(16)
-    port, dashboard_port = free_port(), free_port()
-    process = subprocess.Popen(
+def _start_head(
+    folder: Path, port: int, num_cpus: int, token: str, *options: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """`ray start --head --block` on loopback, its GCS on ``port``, with RAY_AUTH_MODE=token."""
+    return subprocess.Popen(
         [
             str(BIN / "ray"),
             "start",
@@ -77,17 +77,31 @@ def ray_head(folder: Path, num_cpus: int = 4) -> Iterator[RayHead]:
             "--block",
             "--node-ip-address=127.0.0.1",
             f"--port={port}",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dashboard_port}",
-            "--include-dashboard=true",
             f"--num-cpus={num_cpus}",
             "--disable-usage-stats",
+            *options,
         ],
-        env={**clean_environment(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token},
+        env={**clean_environment(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, **(env or {})},
         cwd=folder,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
+    )
+
+
+@contextlib.contextmanager
+def ray_head(folder: Path, num_cpus: int = 4) -> Iterator[RayHead]:
+    """`ray start --head` on loopback with RAY_AUTH_MODE=token, a new token and the dashboard."""
+    token = secrets.token_hex(16)
+    port, dashboard_port = free_port(), free_port()
+    process = _start_head(
+        folder,
+        port,
+        num_cpus,
+        token,
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard_port}",
+        "--include-dashboard=true",
     )
     url = f"http://127.0.0.1:{dashboard_port}"
     try:
@@ -97,6 +111,85 @@ def ray_head(folder: Path, num_cpus: int = 4) -> Iterator[RayHead]:
     finally:
         # `ray start --block` takes Ctrl-C as the word to stop its cluster (in seconds; a
         # SIGTERM leaves it waiting until it is killed).
+        stop_session(process, signal.SIGINT)
+
+
+def autoscaling_config(
+    gcs_address: str, head_cpus: int, worker_cpus: int, max_workers: int
+) -> dict[str, object]:
+    """A cluster launcher config for Ray's fake multi-node provider: its "nodes" are raylets
+    started on this machine by the head's autoscaler, which adds and removes them as a cloud
+    provider would. (What ``ray.cluster_utils.AutoscalingCluster`` starts, without its
+    ``ray stop --force``, which would stop every Ray cluster on the machine, and without the
+    base file it reads, which the 2.60 wheel does not ship.)"""
+    return {
+        "cluster_name": "fake-autoscaling",
+        "max_workers": max_workers,
+        "upscaling_speed": 1.0,
+        "idle_timeout_minutes": 0.1,
+        "provider": {
+            # `external` names the provider's class: the `fake_multinode` type would read the
+            # missing base file for its defaults.
+            "type": "external",
+            "module": "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider",
+            "gcs_address": gcs_address,
+            # The autoscaler knows a fake node's raylet by its node id, not by an address.
+            "use_node_id_as_ip": True,
+            "disable_node_updaters": True,
+            "disable_launch_config_check": True,
+        },
+        "head_node_type": "ray.head.default",
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": head_cpus}, "node_config": {}, "max_workers": 0},
+            "ray.worker.cpu": {
+                "resources": {"CPU": worker_cpus},
+                "node_config": {},
+                "min_workers": 0,
+                "max_workers": max_workers,
+            },
+        },
+        **{key: {} for key in ("docker", "file_mounts", "auth")},
+        **{
+            key: []
+            for key in (
+                "initialization_commands",
+                "setup_commands",
+                "head_setup_commands",
+                "worker_setup_commands",
+                "head_start_ray_commands",
+                "worker_start_ray_commands",
+                "cluster_synced_files",
+                "rsync_exclude",
+                "rsync_filter",
+            )
+        },
+        "file_mounts_sync_continuously": False,
+    }
+
+
+@contextlib.contextmanager
+def autoscaling_ray_head(
+    folder: Path, head_cpus: int, worker_cpus: int, max_workers: int, token: str
+) -> Iterator[str]:
+    """A head whose autoscaler adds nodes of ``worker_cpus`` CPUs (at most ``max_workers``) when
+    work waits for resources and removes them once idle for 6 s; yields its GCS address."""
+    port = free_port()
+    config = folder / "autoscaling.json"
+    config.write_text(
+        json.dumps(autoscaling_config(f"127.0.0.1:{port}", head_cpus, worker_cpus, max_workers))
+    )
+    process = _start_head(
+        folder,
+        port,
+        head_cpus,
+        token,
+        f"--autoscaling-config={config}",
+        "--include-dashboard=false",
+        env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"},
+    )
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
         stop_session(process, signal.SIGINT)
 
 
