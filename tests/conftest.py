@@ -17,6 +17,7 @@ import pytest
 
 from raylens.features import DataConfig, FeaturesConfig, FeatureSet, build_feature_set
 from tests.cli import CliRun, make_project, other_ray_cluster, raylens
+from tests.servers import S3Server, s3_server
 
 REPO = Path(__file__).parents[1]
 # Tests send nothing beyond this machine: no usage reports from MLflow or Ray (subprocesses inherit it).
@@ -167,3 +168,10 @@ def reference_run(tmp_path_factory: pytest.TempPathFactory) -> CliRun:
         done = raylens(folder, "run", "spec.yaml")
     assert done.returncode == 0, done.stdout + done.stderr
     return CliRun(folder, done)
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """An S3 API on 127.0.0.1 (moto's server) with a bucket ``raylens``; ``s3.env`` reaches it."""
+    with s3_server(tmp_path_factory.mktemp("s3")) as server:
+        yield server

@@ -1,6 +1,7 @@
 """Real servers on 127.0.0.1 for tests and benchmarks: a Ray cluster as `ray start --head` makes
-one, with token auth, and an `mlflow server`. Each runs in a session of its own and is stopped
-with everything it started (`ray stop` would stop every Ray cluster on the machine)."""
+one, with token auth, an `mlflow server`, and an S3 API (moto's server). Each runs in a session of
+its own and is stopped with everything it started (`ray stop` would stop every Ray cluster on the
+machine)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -90,8 +93,9 @@ def _start_head(
 
 
 @contextlib.contextmanager
-def ray_head(folder: Path, num_cpus: int = 4) -> Iterator[RayHead]:
-    """`ray start --head` on loopback with RAY_AUTH_MODE=token, a new token and the dashboard."""
+def ray_head(folder: Path, num_cpus: int = 4, env: dict[str, str] | None = None) -> Iterator[RayHead]:
+    """`ray start --head` on loopback with RAY_AUTH_MODE=token, a new token and the dashboard;
+    ``env``: more of its environment (a node's cloud credentials, say)."""
     token = secrets.token_hex(16)
     port, dashboard_port = free_port(), free_port()
     process = _start_head(
@@ -102,6 +106,7 @@ def ray_head(folder: Path, num_cpus: int = 4) -> Iterator[RayHead]:
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dashboard_port}",
         "--include-dashboard=true",
+        env=env,
     )
     url = f"http://127.0.0.1:{dashboard_port}"
     try:
@@ -178,6 +183,9 @@ def autoscaling_ray_head(
     config.write_text(
         json.dumps(autoscaling_config(f"127.0.0.1:{port}", head_cpus, worker_cpus, max_workers))
     )
+    # A short folder of its own (socket paths must stay under 108 bytes): the fake nodes are
+    # started by the autoscaler, outside the head's session, and found by it when stopping.
+    temp = Path(tempfile.mkdtemp(prefix="rl-fake-"))
     process = _start_head(
         folder,
         port,
@@ -185,12 +193,22 @@ def autoscaling_ray_head(
         token,
         f"--autoscaling-config={config}",
         "--include-dashboard=false",
+        f"--temp-dir={temp}",
         env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"},
     )
     try:
         yield f"127.0.0.1:{port}"
     finally:
         stop_session(process, signal.SIGINT)
+        _kill_processes_naming(str(temp))  # fake nodes the autoscaler had not removed yet
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _kill_processes_naming(text: str) -> None:
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError, ValueError):
+            if text in cmdline.read_bytes().decode(errors="replace"):
+                os.kill(int(cmdline.parent.name), signal.SIGKILL)
 
 
 @contextlib.contextmanager
@@ -222,5 +240,46 @@ def mlflow_server(folder: Path) -> Iterator[str]:
     try:
         wait_until_answered(f"{url}/health", process)
         yield url
+    finally:
+        stop_session(process)
+
+
+@dataclass(frozen=True)
+class S3Server:
+    endpoint: str
+    """host:port of the S3 API"""
+    env: dict[str, str]
+    """What a process needs to reach it: test credentials, a region, no instance metadata lookups."""
+
+    def uri(self, bucket: str, key: str = "") -> str:
+        """``s3://bucket/key`` as raylens takes it, the endpoint in pyarrow's query options."""
+        return f"s3://{bucket}/{key}?endpoint_override={self.endpoint}&scheme=http"
+
+
+@contextlib.contextmanager
+def s3_server(folder: Path, buckets: tuple[str, ...] = ("raylens",)) -> Iterator[S3Server]:
+    """moto's S3 server on loopback with ``buckets`` made; stopped with everything it started."""
+    port = free_port()
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",  # never ask 169.254.169.254 for credentials
+    }
+    process = subprocess.Popen(
+        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        cwd=folder,
+        env={**clean_environment(), **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until_answered(f"{url}/moto-api/", process)
+        for bucket in buckets:
+            made = urllib.request.Request(f"{url}/{bucket}", method="PUT")
+            urllib.request.urlopen(made, timeout=10).close()
+        yield S3Server(f"127.0.0.1:{port}", env)
     finally:
         stop_session(process)

@@ -68,9 +68,13 @@ errors = Console(stderr=True)
 
 SpecArg = Annotated[Path, typer.Argument(metavar="SPEC", help="Experiment spec (YAML).", show_default=False)]
 RunsDir = Annotated[
-    Path | None,
+    str | None,
     typer.Option(
-        "--runs-dir", help="Run folder: feature store, checkpoints, MLflow db.  [default: ./raylens-runs]"
+        "--runs-dir",
+        metavar="PATH|URI",
+        help="Run folder: feature store, checkpoints, MLflow db. A path, or object storage "
+        "(s3://bucket/folder, gs://bucket/folder; runs then tracked on an MLflow server).  "
+        "[default: ./raylens-runs]",
     ),
 ]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show Ray's and MLflow's own logs.")]
@@ -138,7 +142,7 @@ def user_errors(command: F) -> F:
 
 def _run(
     spec: Path,
-    runs_dir: Path | None,
+    runs_dir: str | None,
     verbose: bool,
     command: str,
     overrides: list[str] | None,
@@ -654,6 +658,11 @@ def ui(
 
     workspace = Workspace.at(runs_dir)
     backend = uri or workspace.default_tracking_uri
+    if backend is None:
+        raise UserError(
+            f"--runs-dir {workspace.root} is object storage: its runs are on the MLflow server they were "
+            "tracked on; open that server's UI, or serve it here with --uri http://HOST:5000"
+        )
     if uri is None and not (workspace.root / "mlflow.db").exists():
         raise UserError(f"no runs in {workspace.root} yet: run `raylens run SPEC` first, or pass --runs-dir")
     mlflow_cli = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"

@@ -69,7 +69,8 @@ class RunSummary:
     best_metrics: dict[str, float] = field(default_factory=dict)
     trials: int = 0
     concurrency: ConcurrencyPlan | None = None
-    best_spec: Path | None = None
+    best_spec: Path | str | None = None
+    """A path, or on object storage its URI."""
     """The sweep's best configuration as a spec for ``raylens train`` (``best.yaml``)."""
 
 
@@ -91,7 +92,7 @@ class Experiment:
     def from_yaml(
         cls,
         path: str | Path,
-        runs_dir: Path | None = None,
+        runs_dir: str | Path | None = None,
         overrides: Sequence[str] = (),
         best_from: str | None = None,
     ) -> Experiment:
@@ -117,7 +118,7 @@ class Experiment:
 
     @classmethod
     def from_dict(
-        cls, raw: Mapping[str, Any], *, base_dir: str | Path | None = None, runs_dir: Path | None = None
+        cls, raw: Mapping[str, Any], *, base_dir: str | Path | None = None, runs_dir: str | Path | None = None
     ) -> Experiment:
         """A spec given as a mapping (what the YAML file would hold); relative paths in it are
         read from ``base_dir`` (default: the working folder)."""

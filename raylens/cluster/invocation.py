@@ -8,12 +8,12 @@ the feature set, the run folder and MLflow runs written.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -34,6 +34,7 @@ from raylens.cluster.runtime import RayRuntime, RuntimeSettings, start_ray, stop
 from raylens.cluster.spec import best_spec
 from raylens.errors import UserError
 from raylens.features import FeatureSet, PlannedFeatureSet, publish_feature_set
+from raylens.storage import Location
 from raylens.trainer import ModelConfig, TrainConfig, TrainJob
 from raylens.trainer.run import TrainRunResult, node_layout, train_and_record
 from raylens.trainer.tracking import MlflowTracker, ended_status, git_commit, redact
@@ -86,7 +87,7 @@ class Invocation:
         self.lock: RunLock | None = None
 
     @property
-    def spec_folder(self) -> Path:
+    def spec_folder(self) -> Location:
         return self.workspace.ray_storage / self.spec.name
 
     def run(self, *, verbose: bool, address: str | None) -> RunSummary:
@@ -153,11 +154,11 @@ class Invocation:
     def _open_tracker(self) -> MlflowTracker:
         uri = self.experiment.tracking_uri
         if uri == self.workspace.default_tracking_uri:
-            self.workspace.root.mkdir(parents=True, exist_ok=True)
+            self.workspace.root.mkdir()
         return MlflowTracker(
             uri,
             self.spec.tracking.experiment or self.spec.name,
-            self.workspace.artifact_root if uri.startswith("sqlite:") else None,
+            self.workspace.artifact_root if uri.startswith("sqlite:") and self.workspace.root.local else None,
         )
 
     def _auto_trains_in_one(self, planned: PlannedFeatureSet) -> bool:
@@ -186,7 +187,7 @@ class Invocation:
             )
         run_name = marker.read_text().strip()
         folder = self.workspace.ray_storage / run_name
-        record = RunRecord.load(folder)
+        record = replace(RunRecord.load(folder), host=socket.gethostname())
         if record.status is Status.FINISHED:
             raise UserError(f"nothing to resume: run {run_name} finished; start a new run without --resume")
         if record.command != self.command:
@@ -220,7 +221,13 @@ class Invocation:
         folder = self.workspace.ray_storage / run_name
         self.lock = RunLock(folder).acquire(run_name)
         record = RunRecord(
-            run_name, self.command, spec_hash, spec_flat, planned.source_fingerprint, planned.version
+            run_name,
+            self.command,
+            spec_hash,
+            spec_flat,
+            planned.source_fingerprint,
+            planned.version,
+            host=socket.gethostname(),
         )
         record.save(folder)
         (self.spec_folder / LATEST).write_text(run_name)
@@ -312,7 +319,7 @@ class Stages:
                         best_metrics=record.best_metrics or {},
                         trials=len(record.trial_runs),
                         concurrency=plan,
-                        best_spec=self.folder / BEST_SPEC,
+                        best_spec=(self.folder / BEST_SPEC).native,
                     )
                 if self.invocation.command != "tune":
                     summary = replace(summary, final=self.train(root, model_config, train_config))

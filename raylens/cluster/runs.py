@@ -7,6 +7,10 @@ the ids of its MLflow runs; ``.lock`` is held by the live process working on it.
 
 A resume refuses, naming what changed, when the spec or the data are not what the run started
 with, and when another live process holds the run.
+
+The run folder may be on object storage (``raylens.storage``), which has no file locks: there the
+lock is a file on the local machine, named after the run, and a run is judged abandoned only by
+the host that ran it (a process id means nothing on another host, whose run may be alive).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import hashlib
 import json
 import os
 import socket
+import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
@@ -23,6 +28,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from raylens.errors import UserError
+from raylens.storage import Location
 from raylens.trainer.tracking import flatten, redact
 
 RECORD = "run.json"
@@ -58,15 +64,24 @@ class RunRecord:
     final_run_id: str | None = None
     best_config: dict[str, Any] | None = None
     best_metrics: dict[str, float] | None = None
+    host: str = ""
+    """The host of the process that last worked on the run."""
 
-    def save(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        staged = folder / f".{RECORD}.{os.getpid()}"
-        staged.write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
-        os.replace(staged, folder / RECORD)  # a crash leaves the old record or the new, never half
+    def save(self, folder: Path | Location) -> None:
+        folder = Location.of(folder)
+        text = json.dumps(asdict(self), indent=2, sort_keys=True)
+        if not folder.local:
+            (folder / RECORD).write_text(text)  # an object is written whole or not at all
+            return
+        local = folder.local_path
+        local.mkdir(parents=True, exist_ok=True)
+        staged = local / f".{RECORD}.{os.getpid()}"
+        staged.write_text(text)
+        os.replace(staged, local / RECORD)  # a crash leaves the old record or the new, never half
 
     @classmethod
-    def load(cls, folder: Path) -> RunRecord:
+    def load(cls, folder: Path | Location) -> RunRecord:
+        folder = Location.of(folder)
         path = folder / RECORD
         try:
             data = json.loads(path.read_text())
@@ -110,13 +125,18 @@ class RunLock:
     killer), so a stale lock never blocks a resume; a live holder always does.
     """
 
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
+    def __init__(self, folder: Path | Location) -> None:
+        folder = Location.of(folder)
+        if folder.local:
+            self.path = folder.local_path / LOCK
+        else:
+            key = hashlib.sha256(str(folder).encode()).hexdigest()[:24]
+            self.path = Path(tempfile.gettempdir()) / "raylens-locks" / f"{key}{LOCK}"
         self.handle: IO[str] | None = None
 
     def try_acquire(self) -> bool:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        handle = (self.folder / LOCK).open("a+")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = self.path.open("a+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -131,7 +151,7 @@ class RunLock:
 
     def acquire(self, run_name: str) -> RunLock:
         if not self.try_acquire():
-            holder = (self.folder / LOCK).read_text().strip() or "unknown"
+            holder = self.path.read_text().strip() or "unknown"
             raise UserError(
                 f"run {run_name} is in use by another raylens process (host and pid: {holder}); "
                 "wait for it to end, or stop it (Ctrl-C) and resume again"
@@ -145,18 +165,20 @@ class RunLock:
             self.handle = None
 
 
-def abandoned_runs(spec_folder: Path) -> Iterator[tuple[Path, RunRecord]]:
+def abandoned_runs(spec_folder: Path | Location) -> Iterator[tuple[Location, RunRecord]]:
     """Runs of a spec whose record says RUNNING but whose process is gone (killed by SIGKILL,
     the OOM killer, a lost machine): their MLflow runs are still RUNNING and must be closed."""
-    if not spec_folder.is_dir():
-        return
-    for folder in sorted(p for p in spec_folder.iterdir() if (p / RECORD).is_file()):
+    for folder in Location.of(spec_folder).folders():
+        if not (folder / RECORD).is_file():
+            continue
         try:
             record = RunRecord.load(folder)
         except UserError:
             continue
         if record.status is not Status.RUNNING:
             continue
+        if not folder.local and record.host != socket.gethostname():
+            continue  # its lock is on another host's disk
         lock = RunLock(folder)
         if lock.try_acquire():
             lock.release()

@@ -25,6 +25,7 @@ from typing import Any
 import raylens
 from raylens.cluster.runtime import TRAIN_POLL_INTERVAL_S, JobsEndpoint
 from raylens.errors import UserError
+from raylens.storage import check_uri, is_uri
 
 UPLOAD_EXCLUDES = (
     ".git",
@@ -80,11 +81,8 @@ def plan_submission(
             "node of the cluster can read them; give a folder they all mount (an absolute path such "
             "as /mnt/shared/raylens-runs), not a folder of this machine"
         )
-    if "://" in runs_dir:
-        raise UserError(
-            f"--runs-dir {runs_dir}: object storage is not yet a run folder; give a shared file "
-            "system path every node mounts (e.g. an NFS or EFS mount point)"
-        )
+    if is_uri(runs_dir):
+        check_uri(runs_dir)  # the cluster reaches the storage, with its own credentials
     uri = (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")).strip()
     if not uri or uri.startswith(LOCAL_TRACKING):
         raise UserError(

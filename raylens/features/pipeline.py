@@ -25,6 +25,7 @@ from raylens.features.sources import load_source
 from raylens.features.splits import split_rows
 from raylens.features.store import FeatureSet, SplitArrays, versioned_manifest, write_feature_set
 from raylens.features.transforms import apply_all, fit_standardize
+from raylens.storage import Location
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 """A feature-set name becomes a folder of the store: the spec's rule for names."""
@@ -136,7 +137,7 @@ def plan_feature_set(
     return PlannedFeatureSet(versioned_manifest(manifest, splits), splits)
 
 
-def publish_feature_set(planned: PlannedFeatureSet, store_root: Path) -> FeatureSet:
+def publish_feature_set(planned: PlannedFeatureSet, store_root: Path | str | Location) -> FeatureSet:
     """Write a planned feature set to the offline store (atomically) and return its handle.
 
     A version already stored is kept as it is (with its own ``created_at``) and returned.
@@ -148,7 +149,7 @@ def build_feature_set(
     name: str,
     data: DataConfig,
     features: FeaturesConfig,
-    store_root: Path,
+    store_root: Path | str | Location,
     base_dir: Path | None = None,
 ) -> FeatureSet:
     """Plan and publish in one call. Every check runs before the first byte is written, so bad

@@ -6,10 +6,15 @@ Layout::
     <root>/<feature set name>/<version>/manifest.json
 
 A version id is the content hash of the rows and the fitted transforms, so the same data and spec
-always give the same version, and a version never changes once written. Writes are atomic: the
-version is written into a hidden folder beside it and published with one ``rename``; a crash
-leaves only a hidden folder that readers never list and that the next writer on the same host
-removes. A version folder without a manifest is not published: readers skip it, writers replace it.
+always give the same version, and a version never changes once written. A version folder without
+a manifest is not published: readers skip it, writers replace it.
+
+The store is a folder on a local or network file system or on object storage
+(``raylens.storage``). Writes are atomic either way. On a file system, the version is written into
+a hidden folder beside it and published with one ``rename``; a crash leaves only a hidden folder
+that readers never list and that the next writer on the same host removes. Object storage has no
+rename: the splits are written into the version's folder and the manifest, written last, publishes
+it (an object appears whole or not at all).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raylens.errors import UserError, did_you_mean
+from raylens.storage import Location
 
 SPLITS = ("train", "valid", "test")
 MANIFEST = "manifest.json"
@@ -52,7 +58,7 @@ class SplitArrays:
 class FeatureSet:
     """A handle to one stored feature-set version: cheap to pass to trials and workers."""
 
-    path: Path
+    path: Location
     manifest: dict[str, Any]
 
     @property
@@ -82,7 +88,11 @@ class FeatureSet:
 
     def read(self, split: str) -> SplitArrays:
         """Read one split as a float32 feature matrix and the encoded target (memory-mapped)."""
-        table = pq.read_table(self.path / f"{split}.parquet", memory_map=True)
+        file = self.path / f"{split}.parquet"
+        if self.path.local:
+            table = pq.read_table(file.path, memory_map=True)
+        else:
+            table = pq.read_table(file.path, filesystem=file.filesystem)
         columns = [table.column(c).to_numpy() for c in self.feature_columns]
         x = np.stack(columns, axis=1).astype(np.float32, copy=False) if columns else np.empty((0, 0))
         return SplitArrays(np.ascontiguousarray(x), table.column(TARGET).to_numpy())
@@ -102,7 +112,7 @@ def versioned_manifest(manifest: dict[str, Any], splits: Mapping[str, SplitArray
 
 
 def write_feature_set(
-    root: Path,
+    root: Path | str | Location,
     manifest: dict[str, Any],
     feature_columns: list[str],
     splits: Mapping[str, SplitArrays],
@@ -115,20 +125,21 @@ def write_feature_set(
     if "version" not in manifest or "rows" not in manifest:
         raise ValueError("write_feature_set takes a manifest from versioned_manifest (with version and rows)")
     name, version = str(manifest["name"]), str(manifest["version"])
-    target_dir = root / name / version
-    if (target_dir / MANIFEST).exists():
-        return open_feature_set(root, name, version)
+    store = Location.of(root)
+    if (store / name / version / MANIFEST).is_file():
+        return open_feature_set(store, name, version)
+    if not store.local:
+        _write_by_manifest_last(store / name / version, manifest, feature_columns, splits)
+        return open_feature_set(store, name, version)
+    target_dir = store.local_path / name / version
     target_dir.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_staging(target_dir.parent)
     staging = target_dir.parent / _staging_name(version)
     staging.mkdir()
     try:
         for split in SPLITS:
-            arrays = splits[split]
-            columns = {column: pa.array(arrays.x[:, i]) for i, column in enumerate(feature_columns)}
-            columns[TARGET] = pa.array(arrays.y)
             path = staging / f"{split}.parquet"
-            pq.write_table(pa.table(columns), path)
+            pq.write_table(_split_table(splits[split], feature_columns), path)
             _fsync(path)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         _fsync(staging / MANIFEST)
@@ -137,7 +148,26 @@ def write_feature_set(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return open_feature_set(root, name, version)
+    return open_feature_set(store, name, version)
+
+
+def _split_table(arrays: SplitArrays, feature_columns: list[str]) -> pa.Table:
+    columns = {column: pa.array(arrays.x[:, i]) for i, column in enumerate(feature_columns)}
+    columns[TARGET] = pa.array(arrays.y)
+    return pa.table(columns)
+
+
+def _write_by_manifest_last(
+    target: Location, manifest: dict[str, Any], feature_columns: list[str], splits: Mapping[str, SplitArrays]
+) -> None:
+    """Publish on object storage: the splits first (replacing what an unpublished attempt left),
+    then the manifest. Writers of the same version write the same bytes, so a race is harmless;
+    a crash before the manifest leaves a version that readers skip and the next writer replaces."""
+    target.mkdir()
+    for split in SPLITS:
+        file = target / f"{split}.parquet"
+        pq.write_table(_split_table(splits[split], feature_columns), file.path, filesystem=file.filesystem)
+    (target / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
 
 
 def _publish(staging: Path, target_dir: Path) -> None:
@@ -233,21 +263,17 @@ def content_version(manifest: dict[str, Any], splits: Mapping[str, SplitArrays])
     return digest.hexdigest()[:16]
 
 
-def list_feature_sets(root: Path, name: str | None = None) -> list[FeatureSet]:
+def list_feature_sets(root: Path | str | Location, name: str | None = None) -> list[FeatureSet]:
     """Every published version under ``root`` (of ``name`` if given), oldest first.
 
     Folders that are not a published version (no manifest, an unreadable one, a stray file) are
     skipped, never raised on: listing must work on a store a crash or a user left untidy.
     """
-    if not root.is_dir():
-        return []
-    names = [name] if name else sorted(p.name for p in root.iterdir() if p.is_dir())
+    store = Location.of(root)
+    sets = [store / name] if name else store.folders()
     found = []
-    for set_name in names:
-        folder = root / set_name
-        if not folder.is_dir():
-            continue
-        for version_dir in folder.iterdir():
+    for folder in sets:
+        for version_dir in folder.folders():
             if version_dir.name.startswith("."):
                 continue
             manifest = _read_manifest(version_dir)
@@ -256,9 +282,10 @@ def list_feature_sets(root: Path, name: str | None = None) -> list[FeatureSet]:
     return sorted(found, key=lambda fs: (fs.name, fs.manifest.get("created_at", "")))
 
 
-def open_feature_set(root: Path, name: str, version: str) -> FeatureSet:
+def open_feature_set(root: Path | str | Location, name: str, version: str) -> FeatureSet:
+    root = Location.of(root)
     folder = root / name / version
-    if not (folder / MANIFEST).exists():
+    if not (folder / MANIFEST).is_file():
         known = [fs.version for fs in list_feature_sets(root, name)]
         raise UserError(
             f"feature set '{name}' has no version '{version}'{did_you_mean(version, known)}; "
@@ -273,7 +300,7 @@ def open_feature_set(root: Path, name: str, version: str) -> FeatureSet:
     return FeatureSet(folder, manifest)
 
 
-def _read_manifest(version_dir: Path) -> dict[str, Any] | None:
+def _read_manifest(version_dir: Location) -> dict[str, Any] | None:
     """The manifest in ``version_dir``, or None when it is missing, unreadable or not a manifest."""
     try:
         manifest = json.loads((version_dir / MANIFEST).read_text())

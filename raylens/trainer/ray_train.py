@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow.fs
 import ray
@@ -52,6 +52,7 @@ from ray.util.queue import Empty, Queue
 
 from raylens.features import FeatureSet
 from raylens.interrupts import deferred_interrupts
+from raylens.storage import Location, ray_storage
 from raylens.trainer.config import BestCheckpointConfig
 from raylens.trainer.job import TrainingFailed, TrainJob, raise_if_failed, run_worker
 from raylens.trainer.loop import Action, TrainState
@@ -68,6 +69,10 @@ from raylens.trainer.ray_controller import CONTROLLER, EPOCH, FAILED, NOTICE, ST
 from raylens.trainer.watchdog import Stall, StallWatch, report_grace
 
 logger = logging.getLogger(__name__)
+
+
+Kept = TypeVar("Kept")
+"""A kept checkpoint: a folder, or a ``ray.train.Checkpoint`` of the storage."""
 
 
 @dataclass(frozen=True)
@@ -146,7 +151,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     job: TrainJob = config["job"]
     queue: Queue | None = config.get("queue")
     torch.set_num_threads(worker_threads(job))
-    feature_set = FeatureSet(Path(config["feature_set_path"]), config["manifest"])
+    feature_set = FeatureSet(Location.of(config["feature_set_path"]), config["manifest"])
     resume_from = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -230,7 +235,7 @@ def train_distributed(
     feature_set: FeatureSet,
     *,
     run_name: str,
-    storage_path: Path,
+    storage_path: Path | str | Location,
     on_epoch: Callable[[dict[str, float]], None] = lambda metrics: None,
     on_notice: Callable[[str], None] = logger.warning,
     embedded: bool = False,
@@ -239,22 +244,26 @@ def train_distributed(
     checkpoint under ``storage_path`` already. ``on_epoch`` hears each epoch once, in order.
 
     ``embedded``: the Ray cluster is this machine alone, started by this process; then a
-    1-worker CPU job trains in this process instead (``trains_in_driver``)."""
-    if trains_in_driver(job, embedded=embedded):
-        return _train_in_driver(job, feature_set, storage_path / run_name, on_epoch, on_notice)
+    1-worker CPU job trains in this process instead (``trains_in_driver``), when the storage is
+    a local folder: Ray Train's workers write to object storage, the driver does not.
+
+    The outcome's checkpoints are local folders: on object storage, copies of the ones kept there."""
+    storage_path = Location.of(storage_path)
+    if trains_in_driver(job, embedded=embedded) and storage_path.local:
+        return _train_in_driver(job, feature_set, storage_path.local_path / run_name, on_epoch, on_notice)
     queue = Queue(actor_options=_beside_the_driver())
     trainer = ray.train.torch.TorchTrainer(
         _train_loop_per_worker,
         train_loop_config={
             "job": job,
-            "feature_set_path": str(feature_set.path),
+            "feature_set_path": feature_set.path.uri,
             "manifest": feature_set.manifest,
             "queue": queue,
         },
         scaling_config=scaling_config(job),
         run_config=ray.train.RunConfig(
             name=run_name,
-            storage_path=str(storage_path),
+            **ray_storage(storage_path),
             checkpoint_config=_checkpoint_config(job),
             failure_config=ray.train.FailureConfig(max_failures=job.train.max_failures),
             callbacks=[ControllerHandle(queue)],  # type: ignore[list-item]  # Ray accepts controller callbacks
@@ -317,13 +326,20 @@ def train_distributed(
     result = outcome["result"]
     if result.checkpoint is None:
         raise RuntimeError(f"training run '{run_name}' finished without a checkpoint")
-    kept = [(Path(c.path), dict(m)) for c, m in (result.best_checkpoints or [])]
+    best = _best(job, [(c, dict(m)) for c, m in (result.best_checkpoints or [])])
     return TrainOutcome(
-        Path(result.checkpoint.path),
+        _local(result.checkpoint),
         [history[e] for e in sorted(history)],
         str(result.path),
-        _best(job, kept),
+        None if best is None else (_local(best[0]), best[1]),
     )
+
+
+def _local(checkpoint: ray.train.Checkpoint) -> Path:
+    """A persisted checkpoint as a local folder: itself on a local file system, else a copy."""
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        return Path(checkpoint.path)
+    return Path(checkpoint.to_directory(tempfile.mkdtemp(prefix="raylens-checkpoint-")))
 
 
 def _checkpoint_config(job: TrainJob) -> ray.train.CheckpointConfig:
@@ -337,7 +353,7 @@ def _checkpoint_config(job: TrainJob) -> ray.train.CheckpointConfig:
     )
 
 
-def _best(job: TrainJob, kept: list[tuple[Path, dict[str, float]]]) -> tuple[Path, dict[str, float]] | None:
+def _best(job: TrainJob, kept: list[tuple[Kept, dict[str, float]]]) -> tuple[Kept, dict[str, float]] | None:
     """The best of the ``kept`` checkpoints by ``train.best_checkpoint`` (the earliest of ties)."""
     best = job.train.best_checkpoint
     scored = [(path, metrics) for path, metrics in kept if best is not None and best.metric in metrics]

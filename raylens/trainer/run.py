@@ -19,6 +19,7 @@ from torch import nn
 from raylens.features import FeatureSet, SplitArrays
 from raylens.interrupts import deferred_interrupts
 from raylens.interrupts import pending as interrupt_pending
+from raylens.storage import Location
 from raylens.trainer.artifacts import log_model
 from raylens.trainer.job import TrainJob
 from raylens.trainer.loop import Batches, evaluate, predict_proba
@@ -118,7 +119,7 @@ def train_and_record(
     *,
     tracker: Tracker,
     run_name: str,
-    storage_path: Path,
+    storage_path: Path | str | Location,
     params: Mapping[str, Any],
     tags: Mapping[str, str],
     register_as: str | None = None,

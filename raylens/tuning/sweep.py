@@ -28,6 +28,7 @@ from ray.tune.search import BasicVariantGenerator
 from raylens.errors import UserError
 from raylens.features import FeatureSet, SplitArrays
 from raylens.interrupts import Interrupted
+from raylens.storage import Location, ray_storage
 from raylens.trainer import ModelConfig, TrainConfig, TrainJob, TrainState, run_worker
 from raylens.trainer.job import raise_if_failed
 from raylens.trainer.parallel import gather_checkpoint, load_checkpoint, save_checkpoint
@@ -120,7 +121,7 @@ def _distributed_trial(
         trial_job,
         feature_set,
         run_name=f"{context.get_experiment_name()}-{context.get_trial_id()}",
-        storage_path=Path(storage),
+        storage_path=Location.of(storage),
         on_epoch=lambda metrics: tune.report(metrics),
     )
 
@@ -133,7 +134,7 @@ def run_sweep(
     *,
     tracker: Tracker,
     parent_run_id: str,
-    storage_path: Path,
+    storage_path: Path | str | Location,
     run_name: str,
     resume: bool = False,
     on_event: Callable[[TrialEvent], None] = lambda event: None,
@@ -147,6 +148,7 @@ def run_sweep(
     ``known_runs`` (trial id → run id; ``on_run_created`` hears each new one). A SIGINT or SIGTERM
     stops the sweep the way Tune saves it for a resume, then raises ``Interrupted``.
     """
+    storage_path = Location.of(storage_path)
     space = tune_space(config)
     workers = config.workers_per_trial
     plan = plan_concurrency(
@@ -180,7 +182,7 @@ def run_sweep(
                 _distributed_trial,
                 job=trial_job,
                 feature_set=feature_set,
-                storage=str(storage_path / "trials"),
+                storage=(storage_path / "trials").uri,
             ),
             {"cpu": 0.01},
         )
@@ -198,7 +200,7 @@ def run_sweep(
     recorder = TrialRecorder(tracker, parent_run_id, epochs, on_event, known_runs, on_run_created)
     run_config = tune.RunConfig(
         name=run_name,
-        storage_path=str(storage_path),
+        **ray_storage(storage_path),
         verbose=0,
         # Each trial's results in its folder (result.json), whatever loggers Tune is told to add:
         # the halving rule judges from them, on a resume too.
@@ -206,9 +208,11 @@ def run_sweep(
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
     )
     try:
-        if resume and tune.Tuner.can_restore(str(experiment_path)):
+        where = ray_storage(experiment_path)
+        restorable = {"path": where.pop("storage_path"), **where}
+        if resume and tune.Tuner.can_restore(**restorable):
             tuner = tune.Tuner.restore(
-                str(experiment_path), trainable=trainable, resume_errored=True, param_space=space
+                **restorable, trainable=trainable, resume_errored=True, param_space=space
             )
         else:
             tuner = tune.Tuner(

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import socket
+from dataclasses import replace
 from pathlib import Path
 
+import pytest
+
+from raylens.cluster.experiment import Experiment
 from raylens.cluster.runs import RunLock, RunRecord, Status, abandoned_runs, spec_changes, spec_fingerprint
+from raylens.errors import UserError
+from raylens.storage import Location
 from raylens.trainer.tracking import MlflowTracker
+from tests.servers import S3Server
 
 
 def record(name: str, status: Status = Status.RUNNING) -> RunRecord:
@@ -51,3 +59,39 @@ def test_spec_changes_name_each_key() -> None:
     assert spec_changes(before, after) == ["train.epochs: 10 → 11"]
     _, secret = spec_fingerprint({"tracking": {"uri": "postgresql://me:hunter2@db/x"}})
     assert "hunter2" not in str(secret)
+
+
+def test_on_object_storage_records_round_trip_and_only_this_hosts_dead_runs_are_abandoned(
+    s3: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key, value in s3.env.items():
+        monkeypatch.setenv(key, value)
+    spec_folder = Location.of(s3.uri("raylens", "records/spec"))
+    here, elsewhere = socket.gethostname(), "another-host"
+    for name, host in [("dead", here), ("live", here), ("other-host", elsewhere)]:
+        replace(record(name), host=host).save(spec_folder / name)
+    assert RunRecord.load(spec_folder / "dead") == replace(record("dead"), host=here)
+
+    # No file locks on object storage: the lock is a file of this machine, named after the run.
+    holder = RunLock(spec_folder / "live")
+    assert holder.try_acquire() and not RunLock(spec_folder / "live").try_acquire()
+    assert not holder.path.is_relative_to(Path.cwd())
+    # A run of another host may be alive there: only this host's runs are judged.
+    assert [r.run_name for _, r in abandoned_runs(spec_folder)] == ["spec/dead"]
+    holder.release()
+
+
+def test_a_run_folder_on_object_storage_is_tracked_on_a_server_not_in_sqlite(
+    s3: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key, value in s3.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("name: x\ndata: {source: 'sklearn:iris', target: target}\n")
+    runs = s3.uri("raylens", "no-tracking")
+    with pytest.raises(UserError, match="object storage, where no SQLite tracking store can live; give an"):
+        Experiment.from_yaml(spec, runs).run()
+    assert not Location.of(runs).exists()  # refused before anything was written
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert Experiment.from_yaml(spec, runs).tracking_uri == "http://127.0.0.1:5999"

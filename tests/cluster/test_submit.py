@@ -1,5 +1,7 @@
 """`raylens submit` to a real Ray cluster (`ray start --head` on 127.0.0.1, token auth on) that
-records to a real `mlflow server` on 127.0.0.1; the Jobs API refuses calls without the token."""
+records to a real `mlflow server` on 127.0.0.1, its run folder on object storage (moto's S3 API on
+127.0.0.1, the credentials in the cluster's environment only); the Jobs API refuses calls without
+the token."""
 
 from __future__ import annotations
 
@@ -15,8 +17,9 @@ import mlflow
 import pytest
 from sklearn.datasets import load_iris
 
+from raylens.storage import Location
 from tests.cli import RAYLENS
-from tests.servers import RayHead, clean_environment, mlflow_server, ray_head
+from tests.servers import RayHead, S3Server, clean_environment, mlflow_server, ray_head
 
 pytestmark = pytest.mark.e2e
 
@@ -31,8 +34,8 @@ tracking: {register_as: submitted-iris}
 
 
 @pytest.fixture(scope="module")
-def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
-    with ray_head(tmp_path_factory.mktemp("ray-head")) as running:
+def head(tmp_path_factory: pytest.TempPathFactory, s3: S3Server) -> Iterator[RayHead]:
+    with ray_head(tmp_path_factory.mktemp("ray-head"), env=s3.env) as running:
         yield running
 
 
@@ -57,12 +60,12 @@ def _raylens(*args: str, token: str | None, timeout: float = 600) -> subprocess.
 
 
 def test_a_submitted_spec_trains_on_the_cluster_and_registers_its_model(
-    head: RayHead, tracking: str, tmp_path: Path
+    head: RayHead, tracking: str, s3: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Submitted, its log streamed here; Ctrl-C detaches while the job goes on; `jobs logs
     --follow` reattaches and ends with the job."""
     spec = _project(tmp_path / "project")
-    runs_dir = tmp_path / "shared" / "raylens-runs"
+    runs_dir = s3.uri("raylens", "team/raylens-runs")
     env = {**clean_environment(), "RAY_AUTH_TOKEN": head.token}
     submitting = subprocess.Popen(
         [
@@ -72,7 +75,7 @@ def test_a_submitted_spec_trains_on_the_cluster_and_registers_its_model(
             "--address",
             head.dashboard,
             "--runs-dir",
-            str(runs_dir),
+            runs_dir,
             "--tracking-uri",
             tracking,
             "--python",
@@ -106,8 +109,16 @@ def test_a_submitted_spec_trains_on_the_cluster_and_registers_its_model(
     assert len(epochs) == 2, epochs  # both epochs trained on the cluster and were recorded
     # The tracking server's address went in the job's environment, not into what was logged.
     assert not [k for k, v in run.data.params.items() if tracking.split("//")[1] in v]
-    # Features and checkpoints went to the run folder given, on the cluster.
-    assert (runs_dir / "features").is_dir() and (runs_dir / "ray").is_dir()
+    # Features, checkpoints and the run's record went to the object storage given, and were read
+    # back from it (the final training's workers, the evaluation of its checkpoint).
+    for key, value in s3.env.items():
+        monkeypatch.setenv(key, value)
+    runs = Location.of(runs_dir)
+    (feature_set,) = (runs / "features" / "submitted").folders()
+    assert (feature_set / "manifest.json").is_file() and (feature_set / "train.parquet").is_file()
+    (run,) = (runs / "ray" / "submitted").folders()
+    assert '"status": "finished"' in (run / "run.json").read_text()
+    assert [c.name for c in (run / "final").folders() if c.name.startswith("checkpoint_")]
     assert not (tmp_path / "project" / "raylens-runs").exists()
 
     logs = _raylens("jobs", "logs", job_id, "--address", head.dashboard, token=head.token)

@@ -100,7 +100,7 @@ def test_a_submission_runs_raylens_on_the_cluster_with_the_tracking_uri_in_its_e
     [
         (None, "http://mlflow:5000", "--runs-dir: a submitted run writes .* every node"),
         ("raylens-runs", "http://mlflow:5000", "--runs-dir: .*absolute path"),
-        ("s3://bucket/runs", "http://mlflow:5000", "object storage is not yet a run folder"),
+        ("s3://bucket/runs?secret_key=hunter2", "http://mlflow:5000", "credentials do not go in the URI"),
         ("/mnt/shared", None, "--tracking-uri: .*MLflow tracking server the cluster can reach"),
         ("/mnt/shared", "sqlite:////tmp/mlflow.db", "--tracking-uri: .*SQLite file"),
     ],
@@ -114,8 +114,17 @@ def test_a_submission_that_would_lose_its_results_is_refused(
 ) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     spec = _project(tmp_path / "project")
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(UserError, match=message) as refused:
         plan_submission(spec, spec_name="x", runs_dir=runs_dir, tracking_uri=tracking_uri)
+    assert "hunter2" not in str(refused.value)
+
+
+def test_object_storage_is_a_run_folder_the_cluster_reaches_with_its_own_credentials(tmp_path: Path) -> None:
+    spec = _project(tmp_path / "project")
+    uri = "s3://team-bucket/raylens-runs?region=eu-west-1"
+    job = plan_submission(spec, spec_name="x", runs_dir=uri, tracking_uri="http://mlflow:5000")
+    assert f"--runs-dir '{uri}'" in job.entrypoint  # quoted: the options' `&` stays in the argument
+    assert not [k for k in job.runtime_env["env_vars"] if k.startswith("AWS_")]
 
 
 def test_a_working_directory_over_the_limit_is_refused_naming_its_largest_entries(tmp_path: Path) -> None:

@@ -83,7 +83,6 @@ def ui_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     run below logs to over HTTP (an MLflow UI is a tracking server). The last test of this module
     stops it with SIGTERM, as a user or a scheduler would."""
     runs_dir = tmp_path_factory.mktemp("ui-runs")
-    Workspace.at(runs_dir).ensure()
     client = mlflow.MlflowClient(Workspace.at(runs_dir).default_tracking_uri)
     seeded = client.create_run(client.create_experiment("seeded", str(runs_dir / "artifacts")))
     client.log_metric(seeded.info.run_id, "valid_accuracy", 0.875, step=3)

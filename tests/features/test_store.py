@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from raylens.errors import UserError
@@ -17,6 +18,8 @@ from raylens.features import (
     publish_feature_set,
 )
 from raylens.features import store as store_module
+from raylens.storage import Location
+from tests.servers import S3Server
 
 DATA = DataConfig(source="sklearn:wine", target="target")
 FEATURES = FeaturesConfig(transforms=[{"standardize": "*"}])
@@ -132,7 +135,7 @@ def test_a_version_folder_without_manifest_is_replaced(tmp_path: Path) -> None:
     (broken / "train.parquet").write_text("half a copy")
     assert list_feature_sets(tmp_path) == []
     fs = publish_feature_set(planned, tmp_path)
-    assert fs.path == broken and fs.manifest == planned.manifest
+    assert fs.path.local_path == broken and fs.manifest == planned.manifest
     assert sorted(p.name for p in broken.iterdir()) == [
         "manifest.json",
         "test.parquet",
@@ -170,3 +173,37 @@ def test_listing_skips_what_is_not_a_published_version(tmp_path: Path) -> None:
     assert list_feature_sets(tmp_path / "stray-file") == []
     with pytest.raises(UserError, match=r"bad-manifest.*is not a readable manifest; remove the folder"):
         open_feature_set(tmp_path, "wine", "bad-manifest")
+
+
+def test_on_object_storage_a_version_is_published_by_its_manifest_and_reads_back_the_same(
+    s3: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key, value in s3.env.items():
+        monkeypatch.setenv(key, value)
+    store = s3.uri("raylens", "object-store")
+    planned = plan_feature_set("wine", DATA, FEATURES)
+    version = Location.of(store) / "wine" / planned.version
+    # What a writer that crashed before its manifest leaves: readers skip it, the next write replaces it.
+    (version / "train.parquet").write_text("half a copy")
+    assert list_feature_sets(store) == []
+
+    stored = publish_feature_set(planned, store)
+    assert not stored.path.local and stored.path.uri.startswith("s3://raylens/object-store/wine/")
+    local = publish_feature_set(planned, tmp_path)
+    for split in ("train", "valid", "test"):
+        remote_split, local_split = stored.read(split), local.read(split)
+        assert np.array_equal(remote_split.x, local_split.x) and np.array_equal(remote_split.y, local_split.y)
+    assert [fs.version for fs in list_feature_sets(store)] == [planned.version]
+    assert open_feature_set(store, "wine", planned.version).manifest == local.manifest
+    file = version / "train.parquet"
+    assert pq.read_table(file.path, filesystem=file.filesystem).num_rows == 125
+    # Publishing again writes nothing: the stored version is returned as it is.
+    assert publish_feature_set(planned, store).manifest == stored.manifest
+    with pytest.raises(UserError, match=f"stored versions: {planned.version}"):
+        open_feature_set(store, "wine", "0000")
+
+
+def test_credentials_in_a_storage_uri_are_refused_naming_the_environment_variables() -> None:
+    with pytest.raises(UserError, match="AWS_ACCESS_KEY_ID") as refused:
+        Location.of("s3://bucket/runs?region=eu-west-1&secret_key=hunter2")
+    assert "hunter2" not in str(refused.value)
