@@ -26,13 +26,13 @@ def resource_shortfall(
         asked = scaling.min_workers * scaling.cpus_per_worker
         if asked > cpus + 1e-9:
             problems.append(
-                f"train.scaling asks for {asked:g} CPUs ({scaling.min_workers} workers x "
-                f"{scaling.cpus_per_worker:g} cpus_per_worker) and the cluster has {cpus:g}"
+                f"train.scaling asks for {_count(asked, 'CPU')} ({_count(scaling.min_workers, 'worker')} "
+                f"x {scaling.cpus_per_worker:g} cpus_per_worker) and the cluster has {cpus:g}"
             )
         if scaling.use_gpu and scaling.min_workers > gpus:
             problems.append(
-                f"train.scaling.use_gpu asks for {scaling.min_workers} GPUs (one per worker) and the "
-                f"cluster has {gpus:g}"
+                f"train.scaling.use_gpu asks for {_count(scaling.min_workers, 'GPU')} (one per worker) "
+                f"and the cluster has {gpus:g}"
             )
     if tune is not None:
         workers = tune.workers_per_trial
@@ -43,3 +43,7 @@ def resource_shortfall(
                 f"{TRIAL_HEADROOM_CPUS:g} of them kept free beside the trials"
             )
     return "; ".join(problems) if problems else None
+
+
+def _count(number: float, noun: str) -> str:
+    return f"{number:g} {noun}" + ("" if number == 1 else "s")

@@ -14,6 +14,8 @@ def test_the_final_training_and_a_trial_are_measured_against_the_cluster() -> No
     too_many = TrainConfig(scaling={"workers": 16})
     message = resource_shortfall(too_many, None, cpus=4, gpus=0, trains=True)
     assert message == "train.scaling asks for 16 CPUs (16 workers x 1 cpus_per_worker) and the cluster has 4"
+    one = resource_shortfall(TrainConfig(), None, cpus=0, gpus=0, trains=True)
+    assert one == "train.scaling asks for 1 CPU (1 worker x 1 cpus_per_worker) and the cluster has 0"
     assert resource_shortfall(too_many, None, cpus=4, gpus=0, trains=False) is None  # `tune` trains nothing
     gpus = TrainConfig(scaling={"workers": 2, "use_gpu": True})
     assert "asks for 2 GPUs (one per worker) and the cluster has 0" in str(
