@@ -98,8 +98,7 @@ def check_experiment(
     if address is None:
         problems.check(lambda: _check_fits_embedded(spec, tune=tune))
     problems.check(lambda: check_address(address))
-    sweeps = tune and spec.tune is not None
-    problems.check(lambda: check_remote_settings(address, runs_dir_given=runs_dir_given, sweeps=sweeps))
+    problems.check(lambda: check_remote_settings(address, runs_dir_given=runs_dir_given))
     if tracking_uri is not None:
         from raylens.trainer.tracking import check_tracking_uri
 

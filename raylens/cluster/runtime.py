@@ -124,24 +124,17 @@ def remote_host(address: str | None) -> str | None:
     return host if host and not is_loopback(host) else None
 
 
-def check_remote_settings(address: str | None, *, runs_dir_given: bool, sweeps: bool) -> None:
+def check_remote_settings(address: str | None, *, runs_dir_given: bool) -> None:
     """What a cluster off this machine needs of the run: a run folder its nodes share (they read
-    the feature set and write checkpoints there), and with Ray Client a driver on the cluster for
-    a sweep (Tune then runs the sweep's loop, and its trial tracking, on the cluster)."""
-    host = remote_host(address)
-    if host is None:
+    the feature set and write checkpoints there)."""
+    if remote_host(address) is None:
         return
     if not runs_dir_given:
         raise UserError(
             f"--address {address}: the cluster's nodes read the feature set and write checkpoints in "
             "the run folder, here ./raylens-runs on this machine, which they cannot reach; give "
-            "--runs-dir on storage this machine and every node mount, or run it with `raylens submit`"
-        )
-    if sweeps and address is not None and address.startswith("ray://"):
-        raise UserError(
-            f"--address {address}: through Ray Client a sweep's trial tracking runs on the cluster, "
-            "away from this process, and its trials would not be recorded; run the sweep with "
-            "`raylens submit` (its driver then runs on the cluster), or `raylens train` here"
+            "--runs-dir on storage this machine and every node reach (a shared mount, s3://, gs://), "
+            "or run it with `raylens submit`"
         )
 
 

@@ -24,6 +24,7 @@ from ray import tune
 from ray.tune.logger import JsonLoggerCallback
 from ray.tune.schedulers import FIFOScheduler
 from ray.tune.search import BasicVariantGenerator
+from ray.util.queue import Empty, Queue
 
 from raylens.errors import UserError
 from raylens.features import FeatureSet, SplitArrays
@@ -198,13 +199,16 @@ def run_sweep(
     )
     experiment_path = storage_path / run_name
     recorder = TrialRecorder(tracker, parent_run_id, epochs, on_event, known_runs, on_run_created)
+    # Through Ray Client, Tune's loop (and so this callback) runs on the cluster: trial events come
+    # back over a queue to the recorder here, the one writer to MLflow.
+    relay = Queue(actor_options={"num_cpus": 0}) if ray.util.client.ray.is_connected() else None
     run_config = tune.RunConfig(
         name=run_name,
         **ray_storage(storage_path),
         verbose=0,
         # Each trial's results in its folder (result.json), whatever loggers Tune is told to add:
         # the halving rule judges from them, on a resume too.
-        callbacks=[SweepTracking(str(experiment_path), recorder), JsonLoggerCallback()],
+        callbacks=[SweepTracking(str(experiment_path), recorder, relay), JsonLoggerCallback()],
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
     )
     try:
@@ -228,7 +232,7 @@ def run_sweep(
                 ),
                 run_config=run_config,
             )
-        with _stop_gracefully_on_signals():
+        with _stop_gracefully_on_signals(here=relay is None), _recorded_from(relay, recorder):
             grid = tuner.fit()
     finally:
         recorder.close_open_runs()
@@ -299,7 +303,47 @@ def best_trial(finished: list[TrialSummary], metric: str, mode: str) -> TrialSum
 
 
 @contextmanager
-def _stop_gracefully_on_signals() -> Iterator[None]:
+def _recorded_from(relay: Queue | None, recorder: TrialRecorder) -> Iterator[None]:
+    """While ``fit`` blocks this thread, another records the trial events ``relay`` brings; the
+    rest once it returns. A failure to record is raised here, not lost in the thread."""
+    if relay is None:
+        yield
+        return
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def record_arrivals() -> None:
+        while not done.is_set():
+            try:
+                note = relay.get(timeout=0.5)
+            except Empty:
+                continue
+            try:
+                recorder.record(note)
+            except BaseException as exc:  # raised in the caller's thread below
+                errors.append(exc)
+                return
+
+    thread = threading.Thread(target=record_arrivals, name="raylens-trial-events", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        try:
+            while not errors:
+                recorder.record(relay.get_nowait())
+        except Empty:
+            pass
+        finally:
+            relay.shutdown()
+    if errors:
+        raise errors[0]
+
+
+@contextmanager
+def _stop_gracefully_on_signals(here: bool = True) -> Iterator[None]:
     """Turn SIGINT and SIGTERM during ``Tuner.fit`` into Tune's own graceful stop, then raise.
 
     On SIGINT Tune's handler stops the loop, saves the sweep (running trials stay resumable)
@@ -307,10 +351,15 @@ def _stop_gracefully_on_signals() -> Iterator[None]:
     back, which is how the stop is recognised here. Tune leaves SIGTERM alone: it is forwarded
     to Tune's SIGUSR1 handler, the same graceful stop. Tune's handlers are removed afterwards
     (it leaves them installed), so a later Ctrl-C is not swallowed.
+
+    Unless Tune's loop runs ``here``: through Ray Client it runs on the cluster, and a signal stops
+    this driver as any other step does (a resume goes on from the state Tune saved last).
     """
-    if threading.current_thread() is not threading.main_thread() or os.environ.get(
-        "TUNE_DISABLE_SIGINT_HANDLER", "0"
-    ) not in ("", "0"):
+    if (
+        not here
+        or threading.current_thread() is not threading.main_thread()
+        or os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") not in ("", "0")
+    ):
         yield
         return
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}

@@ -36,6 +36,32 @@ def trial_metrics(result: dict[str, Any]) -> dict[str, float]:
     }
 
 
+@dataclass(frozen=True)
+class TrialNote:
+    """A trial event as plain values, as the sweep's callback sends it to the recorder: from the
+    same process, or (through Ray Client, where Tune's loop runs on the cluster) over a queue."""
+
+    kind: str
+    """started, result, completed or failed"""
+    trial_id: str
+    config: dict[str, Any]
+    result: dict[str, Any] = field(default_factory=dict)
+    """The reported result; for ``completed``, the last one."""
+    error: str = ""
+
+    @classmethod
+    def of(cls, kind: str, trial: Any, result: dict[str, Any] | None = None) -> TrialNote:
+        if kind == "completed":
+            result = trial.last_result
+        return cls(
+            kind,
+            trial.trial_id,
+            dict(trial.config),
+            dict(result or {}),
+            _error_text(trial) if kind == "failed" else "",
+        )
+
+
 class TrialRecorder:
     """Mirrors trials into nested MLflow runs and tells the front end; lives in the driver only."""
 
@@ -58,51 +84,59 @@ class TrialRecorder:
         self.run_ids: dict[str, str] = {}
         self.last_epoch: dict[str, int] = {}
 
-    def started(self, trial: Any) -> None:
-        run_id = self.known_runs.get(trial.trial_id)
+    def record(self, note: TrialNote) -> None:
+        handlers = {
+            "started": self._started,
+            "result": self._result,
+            "completed": self._completed,
+            "failed": self._failed,
+        }
+        handlers[note.kind](note)
+
+    def _started(self, note: TrialNote) -> None:
+        run_id = self.known_runs.get(note.trial_id)
         if run_id is not None:
             # A trial of a resumed sweep goes on in its own run: same id, no duplicate epochs.
             self.tracker.reopen_run(run_id)
             logged = self.tracker.metric_history(run_id)
-            self.last_epoch[trial.trial_id] = max((int(m.get("epoch", 0)) for m in logged), default=0)
+            self.last_epoch[note.trial_id] = max((int(m.get("epoch", 0)) for m in logged), default=0)
         else:
             run_id = self.tracker.start_run(
-                f"trial-{trial.trial_id}",
+                f"trial-{note.trial_id}",
                 parent_run_id=self.parent_run_id,
-                tags={"raylens.role": "trial", "raylens.trial_id": trial.trial_id},
+                tags={"raylens.role": "trial", "raylens.trial_id": note.trial_id},
             )
-            self.tracker.log_params(run_id, trial.config)
-            self.known_runs[trial.trial_id] = run_id
-            self.on_run_created(trial.trial_id, run_id)
-        self.run_ids[trial.trial_id] = run_id
-        self.on_event(TrialEvent("started", trial.trial_id, dict(trial.config)))
+            self.tracker.log_params(run_id, note.config)
+            self.known_runs[note.trial_id] = run_id
+            self.on_run_created(note.trial_id, run_id)
+        self.run_ids[note.trial_id] = run_id
+        self.on_event(TrialEvent("started", note.trial_id, note.config))
 
-    def result(self, trial: Any, result: dict[str, Any]) -> None:
-        metrics = trial_metrics(result)
-        epoch = int(metrics.get("epoch", result.get("training_iteration", 0)))
-        run_id = self.run_ids.get(trial.trial_id)
-        if run_id and epoch > self.last_epoch.get(trial.trial_id, 0):  # one value per epoch
+    def _result(self, note: TrialNote) -> None:
+        metrics = trial_metrics(note.result)
+        epoch = int(metrics.get("epoch", note.result.get("training_iteration", 0)))
+        run_id = self.run_ids.get(note.trial_id)
+        if run_id and epoch > self.last_epoch.get(note.trial_id, 0):  # one value per epoch
             self.tracker.log_metrics(run_id, metrics, step=epoch)
-        self.last_epoch[trial.trial_id] = max(epoch, self.last_epoch.get(trial.trial_id, 0))
-        self.on_event(TrialEvent("result", trial.trial_id, dict(trial.config), metrics))
+        self.last_epoch[note.trial_id] = max(epoch, self.last_epoch.get(note.trial_id, 0))
+        self.on_event(TrialEvent("result", note.trial_id, note.config, metrics))
 
-    def completed(self, trial: Any) -> None:
-        stopped_early = self.last_epoch.get(trial.trial_id, 0) < self.max_epochs
-        self._close(trial, "FINISHED", {"raylens.stopped_early": str(stopped_early).lower()})
-        metrics = trial_metrics(trial.last_result or {})
-        self.on_event(TrialEvent("completed", trial.trial_id, dict(trial.config), metrics, stopped_early))
+    def _completed(self, note: TrialNote) -> None:
+        stopped_early = self.last_epoch.get(note.trial_id, 0) < self.max_epochs
+        self._close(note.trial_id, "FINISHED", {"raylens.stopped_early": str(stopped_early).lower()})
+        metrics = trial_metrics(note.result)
+        self.on_event(TrialEvent("completed", note.trial_id, note.config, metrics, stopped_early))
 
-    def failed(self, trial: Any) -> None:
+    def _failed(self, note: TrialNote) -> None:
         """The trial's error stays with its run: a tag with its last line, the whole text as a file."""
-        error = _error_text(trial)
-        run_id = self.run_ids.get(trial.trial_id)
-        if run_id and error:
-            self.tracker.log_text(run_id, error, "error.txt")
-        self._close(trial, "FAILED", {"raylens.error": error_line(error)[:4000]})
-        self.on_event(TrialEvent("failed", trial.trial_id, dict(trial.config)))
+        run_id = self.run_ids.get(note.trial_id)
+        if run_id and note.error:
+            self.tracker.log_text(run_id, note.error, "error.txt")
+        self._close(note.trial_id, "FAILED", {"raylens.error": error_line(note.error)[:4000]})
+        self.on_event(TrialEvent("failed", note.trial_id, note.config))
 
-    def _close(self, trial: Any, status: str, tags: dict[str, str]) -> None:
-        run_id = self.run_ids.pop(trial.trial_id, None)
+    def _close(self, trial_id: str, status: str, tags: dict[str, str]) -> None:
+        run_id = self.run_ids.pop(trial_id, None)
         if run_id:
             self.tracker.set_tags(run_id, tags)
             self.tracker.end_run(run_id, status)
@@ -143,39 +177,41 @@ finds the resuming driver's recorder here."""
 
 
 class SweepTracking(Callback):
-    """The Tune callback (it runs in the driver) that forwards trial events to the recorder."""
+    """The Tune callback that forwards trial events to the driver's recorder: directly when Tune's
+    loop runs in the driver, else over ``queue`` (Ray Client runs the loop on the cluster)."""
 
-    def __init__(self, sweep_path: str, recorder: TrialRecorder) -> None:
+    def __init__(self, sweep_path: str, recorder: TrialRecorder, queue: Any = None) -> None:
         self.sweep_path = sweep_path
+        self.queue = queue
         _RECORDERS[sweep_path] = recorder
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"sweep_path": self.sweep_path}
+        return {"sweep_path": self.sweep_path, "queue": self.queue}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.sweep_path = state["sweep_path"]
+        self.queue = state.get("queue")
 
-    @property
-    def recorder(self) -> TrialRecorder | None:
-        return _RECORDERS.get(self.sweep_path)
+    def _send(self, kind: str, trial: Any, result: dict[str, Any] | None = None) -> None:
+        recorder = _RECORDERS.get(self.sweep_path)
+        if recorder is not None:
+            recorder.record(TrialNote.of(kind, trial, result))
+        elif self.queue is not None:
+            self.queue.put(TrialNote.of(kind, trial, result))
 
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        if self.recorder:
-            self.recorder.started(trial)
+        self._send("started", trial)
 
     def on_trial_result(
         self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any
     ) -> None:
-        if self.recorder:
-            self.recorder.result(trial, result)
+        self._send("result", trial, result)
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        if self.recorder:
-            self.recorder.completed(trial)
+        self._send("completed", trial)
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        if self.recorder:
-            self.recorder.failed(trial)
+        self._send("failed", trial)
 
 
 def release(sweep_path: str) -> None:

@@ -37,18 +37,16 @@ def test_a_submitted_jobs_driver_leaves_the_runtime_environment_to_its_job(
     assert RuntimeSettings.build().submitted
 
 
-def test_a_cluster_off_this_machine_needs_a_shared_run_folder_and_a_driver_there_for_sweeps() -> None:
+def test_a_cluster_off_this_machine_needs_a_shared_run_folder() -> None:
     assert remote_host("10.0.0.5:6379") == "10.0.0.5" and remote_host("ray://head:10001") == "head"
     assert remote_host(None) is remote_host("auto") is remote_host("127.0.0.1:6379") is None
 
     for local in (None, "auto", "127.0.0.1:6379", "ray://localhost:10001"):
-        check_remote_settings(local, runs_dir_given=False, sweeps=True)
-    with pytest.raises(UserError, match=r"here \./raylens-runs on this machine.*--runs-dir"):
-        check_remote_settings("10.0.0.5:6379", runs_dir_given=False, sweeps=False)
-    check_remote_settings("10.0.0.5:6379", runs_dir_given=True, sweeps=True)  # the driver is here
-    with pytest.raises(UserError, match=r"through Ray Client a sweep's trial tracking.*raylens submit"):
-        check_remote_settings("ray://10.0.0.5:10001", runs_dir_given=True, sweeps=True)
-    check_remote_settings("ray://10.0.0.5:10001", runs_dir_given=True, sweeps=False)
+        check_remote_settings(local, runs_dir_given=False)
+    for remote in ("10.0.0.5:6379", "ray://10.0.0.5:10001"):
+        with pytest.raises(UserError, match=r"here \./raylens-runs on this machine.*--runs-dir"):
+            check_remote_settings(remote, runs_dir_given=False)
+        check_remote_settings(remote, runs_dir_given=True)
 
 
 def test_the_default_run_folder_is_known_as_the_default() -> None:

@@ -1,7 +1,8 @@
-"""`raylens run --address` on a two-node cluster (``ray.cluster_utils.Cluster``, token auth on):
-the sweep's trials and a 2-worker DDP training run on it, with the run folder on storage that is
-not the driver's working folder, and the registered model predicts. Without token mode the run is
-refused with what to set.
+"""`raylens run --address ray://…` on a two-node cluster (``ray.cluster_utils.Cluster``, token auth
+on), through Ray Client: the sweep's trials and a 2-worker DDP training run on it, with the run
+folder on storage that is not the driver's working folder, and the registered model predicts.
+Through Ray Client, Tune's loop runs on the cluster: every trial must still be tracked in MLflow
+by the driver here. Without token mode the run is refused with what to set.
 
 The cluster lives in a subprocess (this module run as a script), as in the node-loss test: the
 test session's own Ray cluster stays as it is. Both nodes share this machine's file system, as
@@ -26,7 +27,7 @@ import pytest
 from sklearn.datasets import load_iris
 
 from tests.cli import RAYLENS
-from tests.servers import clean_environment
+from tests.servers import clean_environment, free_port
 
 SPEC = """
 name: two-nodes
@@ -60,19 +61,22 @@ def _run_on_two_nodes(folder: Path) -> dict[str, object]:
         made.mkdir(parents=True)
     (project / "spec.yaml").write_text(SPEC)
     load_iris(as_frame=True).frame.to_csv(project / "iris.csv", index=False)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    client_port = free_port()
+    head = {"num_cpus": 2, "ray_client_server_port": client_port}
+    cluster = Cluster(initialize_head=True, head_node_args=head)
     cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()
     try:
 
-        def raylens(command: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-            args = [str(project / "spec.yaml"), "--address", cluster.address, "--runs-dir", str(runs)]
+        def raylens(command: str, address: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+            args = [str(project / "spec.yaml"), "--address", address, "--runs-dir", str(runs)]
             return subprocess.run(
                 [RAYLENS, command, *args], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600
             )
 
-        refused = raylens("train", clean_environment())  # no token mode here: Ray refuses the driver
-        done = raylens("run", {**clean_environment(), **auth})
+        refused = raylens("train", cluster.address, clean_environment())  # no token: Ray refuses the driver
+        # Through Ray Client: Tune's loop runs on the cluster, the trials are still tracked here.
+        done = raylens("run", f"ray://127.0.0.1:{client_port}", {**clean_environment(), **auth})
     finally:
         cluster.shutdown()
     return {
