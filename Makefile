@@ -33,7 +33,9 @@ pytest: $(BIN)/raylens
 	$(BIN)/pytest -m "not e2e" --durations=20
 	$(BIN)/pytest -m e2e --durations=10
 
-test: lint typecheck pytest
+# The type check runs beside the tests: it is one process on one core, the tests mostly wait.
+test: lint
+	$(MAKE) --no-print-directory -j2 typecheck pytest
 
 bench: $(BIN)/raylens
 	$(BIN)/python -m bench trainer --json

@@ -20,8 +20,23 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 BIN = Path(sys.executable).parent
+
+
+def run_as_script(module: str, folder: Path, timeout: float) -> dict[str, Any]:
+    """``python -m module folder``: a test whose Ray cluster must live in a process of its own
+    (the test session's cluster stays as it is); returns the JSON its last line prints."""
+    script = subprocess.run(
+        [sys.executable, "-m", module, str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=Path(__file__).parents[1],
+    )
+    assert script.returncode == 0, script.stderr[-3000:]
+    return dict(json.loads(script.stdout.strip().splitlines()[-1]))
 
 
 def free_port() -> int:
@@ -131,7 +146,7 @@ def autoscaling_config(
         "cluster_name": "fake-autoscaling",
         "max_workers": max_workers,
         "upscaling_speed": 1.0,
-        "idle_timeout_minutes": 0.1,
+        "idle_timeout_minutes": 0.05,
         "provider": {
             # `external` names the provider's class: the `fake_multinode` type would read the
             # missing base file for its defaults.
@@ -177,7 +192,7 @@ def autoscaling_ray_head(
     folder: Path, head_cpus: int, worker_cpus: int, max_workers: int, token: str
 ) -> Iterator[str]:
     """A head whose autoscaler adds nodes of ``worker_cpus`` CPUs (at most ``max_workers``) when
-    work waits for resources and removes them once idle for 6 s; yields its GCS address."""
+    work waits for resources and removes them once idle for 3 s; yields its GCS address."""
     port = free_port()
     config = folder / "autoscaling.json"
     config.write_text(

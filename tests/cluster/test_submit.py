@@ -149,6 +149,15 @@ def test_the_jobs_api_refuses_calls_without_the_token(head: RayHead, tmp_path: P
     assert missing.returncode == 2 and "refused the missing auth token" in missing.stderr, missing.stderr
 
 
+def test_an_unknown_job_id_is_answered_with_where_to_find_the_jobs(head: RayHead) -> None:
+    # `status`, `logs` and `stop` answer through the same client call (JobsClient._answers).
+    unknown = _raylens("jobs", "status", "raylens-no-such-job", "--address", head.dashboard, token=head.token)
+    said = " ".join(unknown.stderr.split())
+    assert unknown.returncode == 2, unknown.stdout + unknown.stderr
+    assert f"no job 'raylens-no-such-job' on {head.dashboard}; `raylens jobs list --address" in said, said
+    assert "Traceback" not in unknown.stderr
+
+
 def test_a_job_that_fails_on_the_cluster_exits_non_zero_and_keeps_its_log(
     head: RayHead, tracking: str, tmp_path: Path
 ) -> None:

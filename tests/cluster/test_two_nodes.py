@@ -19,6 +19,7 @@ import os
 import secrets
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlflow
@@ -27,7 +28,7 @@ import pytest
 from sklearn.datasets import load_iris
 
 from tests.cli import RAYLENS
-from tests.servers import clean_environment, free_port
+from tests.servers import clean_environment, free_port, run_as_script
 
 SPEC = """
 name: two-nodes
@@ -74,9 +75,12 @@ def _run_on_two_nodes(folder: Path) -> dict[str, object]:
                 [RAYLENS, command, *args], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600
             )
 
-        refused = raylens("train", cluster.address, clean_environment())  # no token: Ray refuses the driver
-        # Through Ray Client: Tune's loop runs on the cluster, the trials are still tracked here.
-        done = raylens("run", f"ray://127.0.0.1:{client_port}", {**clean_environment(), **auth})
+        # Side by side: one without the token (Ray refuses the driver, in seconds), and through Ray
+        # Client one with it (Tune's loop runs on the cluster, the trials are still tracked here).
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            refusing = pool.submit(raylens, "train", cluster.address, clean_environment())
+            done = raylens("run", f"ray://127.0.0.1:{client_port}", {**clean_environment(), **auth})
+            refused = refusing.result()
     finally:
         cluster.shutdown()
     return {
@@ -89,15 +93,7 @@ def _run_on_two_nodes(folder: Path) -> dict[str, object]:
 def test_a_sweep_and_a_two_worker_run_on_a_two_node_cluster(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    script = subprocess.run(
-        [sys.executable, "-m", "tests.cluster.test_two_nodes", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=Path(__file__).parents[2],
-    )
-    assert script.returncode == 0, script.stderr[-3000:]
-    result = json.loads(script.stdout.strip().splitlines()[-1])
+    result = run_as_script("tests.cluster.test_two_nodes", tmp_path, timeout=900)
     code, said = result["refused"]
     assert code == 2 and "needs RAY_AUTH_MODE=token here too" in " ".join(said.split()), said
     assert "Traceback" not in said
