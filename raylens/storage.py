@@ -24,7 +24,11 @@ if TYPE_CHECKING:
     import pyarrow.fs as pafs
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-_CREDENTIALS = re.compile(r"(^|&)(access_key|secret_key|session_token|access_token|credentials)=", re.I)
+_CREDENTIALS = re.compile(
+    r"(^|&)(access_key|secret_key|session_token|access_token|credentials|client_secret|account_key|"
+    r"sas_token|password|token)=",
+    re.I,
+)
 
 
 def is_uri(where: str | os.PathLike[str]) -> bool:
@@ -33,8 +37,10 @@ def is_uri(where: str | os.PathLike[str]) -> bool:
 
 
 def check_uri(where: str) -> None:
-    """Refuse credentials in a storage URI (without reaching the storage)."""
-    if _CREDENTIALS.search(where.partition("?")[2]):
+    """Refuse credentials in a storage URI (without reaching the storage): in its options, or as
+    ``user:secret@`` before the bucket, both of which pyarrow would use."""
+    base, _, options = where.partition("?")
+    if _CREDENTIALS.search(options) or ":" in base.partition("://")[2].split("/", 1)[0].rpartition("@")[0]:
         raise UserError(
             f"storage '{_without_query(where)}': credentials do not go in the URI, where logs and "
             "Ray's stored state would keep them; set them in the environment (AWS_ACCESS_KEY_ID and "
@@ -74,19 +80,25 @@ class Location:
             ) from None
         if isinstance(filesystem, pafs.LocalFileSystem):  # file:///path
             return cls.of(path)
-        return cls(text.rstrip("/") if "?" not in text else text, path.rstrip("/"), filesystem)
+        base, _, query = text.partition("?")
+        return cls(base.rstrip("/") + (f"?{query}" if query else ""), path.rstrip("/"), filesystem)
 
     def __truediv__(self, name: str) -> Location:
+        path = f"{self.path.rstrip('/')}/{name}"
+        if self.local:  # a local path may hold a '?': it has no options
+            return Location(path, path)
         base, _, query = self.uri.partition("?")
-        child_uri = f"{base.rstrip('/')}/{name}" + (f"?{query}" if query else "")
-        return Location(child_uri, f"{self.path.rstrip('/')}/{name}", self.remote_filesystem)
+        return Location(f"{base}/{name}" + (f"?{query}" if query else ""), path, self.remote_filesystem)
+
+    def __repr__(self) -> str:
+        return f"Location({str(self)!r})"  # never the options, which name endpoints and the like
 
     def __reduce__(self) -> tuple[Any, tuple[str]]:
         # The filesystem is found again from the URI where it is unpickled: see the module's docstring.
         return (Location.of, (self.uri,))
 
     def __str__(self) -> str:
-        return _without_query(self.uri)
+        return self.uri if self.local else _without_query(self.uri)
 
     @property
     def name(self) -> str:
@@ -157,8 +169,12 @@ class Location:
 
 
 def _without_query(uri: str) -> str:
-    # Options may carry secrets (pyarrow reads access_key= and secret_key= there): never shown.
-    return uri.partition("?")[0]
+    # Options and a user part may carry secrets (pyarrow reads keys there): never shown.
+    scheme, sep, rest = uri.partition("?")[0].partition("://")
+    if not sep:
+        return scheme
+    host, slash, path = rest.partition("/")
+    return f"{scheme}://{host.rpartition('@')[2]}{slash}{path}"
 
 
 def ray_storage(location: Location) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import contextlib
 import functools
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -170,11 +171,12 @@ def _run(
             summary = experiment.run(progress=progress, verbose=verbose, **kwargs)
         except KeyboardInterrupt as exc:
             stop = _as_interrupted(exc)
-            again = " ".join(
-                [f"raylens {command} {spec}"]
-                + ([f"--best-from {best_from}"] if best_from else [])
-                + [f"--set {item}" for item in overrides or ()]
-                + ([f"--runs-dir {runs_dir}"] if runs_dir else [])
+            # Quoted as a shell takes it: a storage URI's options hold '&' and '?'.
+            again = shlex.join(
+                ["raylens", command, str(spec)]
+                + (["--best-from", best_from] if best_from else [])
+                + [part for item in overrides or () for part in ("--set", item)]
+                + (["--runs-dir", runs_dir] if runs_dir else [])
                 + ["--resume"]
             )
             errors.print(
@@ -185,7 +187,7 @@ def _run(
             )
             raise typer.Exit(stop.exit_code) from None
     console.print(summary_table(summary, command))
-    ui = "raylens ui" + (f" --runs-dir {runs_dir}" if runs_dir else "")
+    ui = shlex.join(["raylens", "ui"] + (["--runs-dir", runs_dir] if runs_dir else []))
     if summary.tracking_uri.startswith("sqlite:"):
         console.print(f"Open the runs with [bold]{escape(ui)}[/] (MLflow UI on http://127.0.0.1:5000)")
 
@@ -296,7 +298,8 @@ def submit(
         str | None,
         typer.Option(
             "--runs-dir",
-            help="Run folder on the cluster, one every node mounts (e.g. /mnt/shared/raylens-runs).",
+            help="Run folder on the cluster: one every node mounts (e.g. /mnt/shared/raylens-runs), "
+            "or object storage the nodes reach with their own credentials (s3://bucket/folder).",
             show_default=False,
         ),
     ] = None,

@@ -70,8 +70,8 @@ class RunSummary:
     trials: int = 0
     concurrency: ConcurrencyPlan | None = None
     best_spec: Path | str | None = None
-    """A path, or on object storage its URI."""
-    """The sweep's best configuration as a spec for ``raylens train`` (``best.yaml``)."""
+    """The sweep's best configuration as a spec for ``raylens train`` (``best.yaml``): a path, or
+    on object storage its URI (``--best-from`` with the sweep's run id takes it from there)."""
 
 
 def command_name(tune: bool, train: bool) -> str:

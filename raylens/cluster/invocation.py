@@ -108,7 +108,14 @@ class Invocation:
             # `train` of one CPU worker, embedded, trains in this process: no Ray to start (seconds).
             scaling = self.spec.train.scaling
             one_worker = scaling.max_workers == 1 or (address is None and self._auto_trains_in_one(planned))
-            needs_ray = self.command != "train" or address is not None or not one_worker or scaling.use_gpu
+            # On object storage, checkpoints are written by Ray Train's workers, not by this process.
+            needs_ray = (
+                self.command != "train"
+                or address is not None
+                or not one_worker
+                or scaling.use_gpu
+                or not self.workspace.root.local
+            )
             if needs_ray:
                 self.progress.stage("Starting Ray")
             # Opening (on first use, creating) the tracking store takes seconds; so does starting Ray.
@@ -187,7 +194,16 @@ class Invocation:
             )
         run_name = marker.read_text().strip()
         folder = self.workspace.ray_storage / run_name
-        record = replace(RunRecord.load(folder), host=socket.gethostname())
+        record = RunRecord.load(folder)
+        here = socket.gethostname()
+        if not folder.local and record.status is Status.RUNNING and record.host not in ("", here):
+            # Object storage holds no lock another host can see (runs.RunLock): the record is all.
+            raise UserError(
+                f"run {run_name} is running on {record.host}, as far as its record says; a run folder "
+                f"on object storage cannot tell whether that process still lives. Resume it on "
+                f"{record.host}, or start a new run without --resume"
+            )
+        record = replace(record, host=here)
         if record.status is Status.FINISHED:
             raise UserError(f"nothing to resume: run {run_name} finished; start a new run without --resume")
         if record.command != self.command:

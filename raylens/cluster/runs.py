@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import socket
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
@@ -130,12 +129,15 @@ class RunLock:
         if folder.local:
             self.path = folder.local_path / LOCK
         else:
-            key = hashlib.sha256(str(folder).encode()).hexdigest()[:24]
-            self.path = Path(tempfile.gettempdir()) / "raylens-locks" / f"{key}{LOCK}"
+            # Named after the whole URI: its options (an endpoint) tell stores with the same bucket
+            # apart, and hold no credentials (refused in storage URIs). One folder per user, in
+            # /tmp as every process of the user sees it.
+            key = hashlib.sha256(folder.uri.encode()).hexdigest()[:24]
+            self.path = Path("/tmp") / f"raylens-locks-{os.getuid()}" / f"{key}{LOCK}"
         self.handle: IO[str] | None = None
 
     def try_acquire(self) -> bool:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         handle = self.path.open("a+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

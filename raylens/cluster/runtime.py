@@ -19,11 +19,13 @@ import os
 import signal
 import socket
 import threading
+import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from raylens.errors import UserError
@@ -276,12 +278,7 @@ def start_ray(settings: RuntimeSettings) -> RayRuntime:
     with _keep_sigterm_handler():
         if settings.address:
             try:
-                ray.init(
-                    address=settings.address,
-                    runtime_env=runtime_env,
-                    logging_level=settings.logging_level,
-                    log_to_driver=settings.verbose,
-                )
+                _join(settings, runtime_env)
             except ConnectionError as exc:
                 raise UserError(
                     f"--address {settings.address}: Ray did not let this process join the cluster "
@@ -299,6 +296,27 @@ def start_ray(settings: RuntimeSettings) -> RayRuntime:
                 log_to_driver=settings.verbose,
             )
     return RayRuntime(True, float(ray.cluster_resources().get("CPU", 0)), settings.address)
+
+
+def _join(settings: RuntimeSettings, runtime_env: dict[str, Any] | None, attempts: int = 3) -> None:
+    """``ray.init`` at the settings' address. Through Ray Client, the cluster's proxy starts a
+    server for this driver, which at times dies as it starts (forked while gRPC threads run: Ray
+    logs "skipping fork() handlers"); that failure is tried again, any other is raised."""
+    import ray
+
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(
+                address=settings.address,
+                runtime_env=runtime_env,
+                logging_level=settings.logging_level,
+                log_to_driver=settings.verbose,
+            )
+            return
+        except ConnectionError as exc:
+            if attempt == attempts or "Initialization failure from server" not in str(exc):
+                raise
+            time.sleep(2.0)
 
 
 @contextmanager

@@ -251,7 +251,7 @@ def train_distributed(
     storage_path = Location.of(storage_path)
     if trains_in_driver(job, embedded=embedded) and storage_path.local:
         return _train_in_driver(job, feature_set, storage_path.local_path / run_name, on_epoch, on_notice)
-    queue = Queue(actor_options=_beside_the_driver())
+    queue = Queue(actor_options=beside_the_driver())
     trainer = ray.train.torch.TorchTrainer(
         _train_loop_per_worker,
         train_loop_config={
@@ -363,7 +363,7 @@ def _best(job: TrainJob, kept: list[tuple[Kept, dict[str, float]]]) -> tuple[Kep
     return min(scored, key=lambda item: (sign * item[1][best.metric], item[1].get("epoch", 0.0)))
 
 
-def _beside_the_driver() -> dict[str, Any]:
+def beside_the_driver() -> dict[str, Any]:
     """Actor options that keep the run's queue on the driver's node: anywhere else the loss of
     that node (one the run survives, restarting its workers) would take the queue, and the run
     with it. Not soft: Ray places a soft-affine actor elsewhere at times, with room to spare."""

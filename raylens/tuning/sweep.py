@@ -13,7 +13,7 @@ import signal
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from raylens.storage import Location, ray_storage
 from raylens.trainer import ModelConfig, TrainConfig, TrainJob, TrainState, run_worker
 from raylens.trainer.job import raise_if_failed
 from raylens.trainer.parallel import gather_checkpoint, load_checkpoint, save_checkpoint
-from raylens.trainer.ray_train import train_distributed
+from raylens.trainer.ray_train import beside_the_driver, train_distributed
 from raylens.trainer.tracking import Tracker
 from raylens.tuning.config import TuneConfig
 from raylens.tuning.halving import (
@@ -50,6 +50,7 @@ from raylens.tuning.tracking import (
     TrialEvent,
     TrialRecorder,
     error_line,
+    relay_name,
     release,
     trial_metrics,
 )
@@ -199,16 +200,16 @@ def run_sweep(
     )
     experiment_path = storage_path / run_name
     recorder = TrialRecorder(tracker, parent_run_id, epochs, on_event, known_runs, on_run_created)
-    # Through Ray Client, Tune's loop (and so this callback) runs on the cluster: trial events come
+    # Through Ray Client, Tune's loop (and so its callbacks) runs on the cluster: trial events come
     # back over a queue to the recorder here, the one writer to MLflow.
-    relay = Queue(actor_options={"num_cpus": 0}) if ray.util.client.ray.is_connected() else None
+    remote_loop = ray.util.client.ray.is_connected()
     run_config = tune.RunConfig(
         name=run_name,
         **ray_storage(storage_path),
         verbose=0,
         # Each trial's results in its folder (result.json), whatever loggers Tune is told to add:
         # the halving rule judges from them, on a resume too.
-        callbacks=[SweepTracking(str(experiment_path), recorder, relay), JsonLoggerCallback()],
+        callbacks=[SweepTracking(str(experiment_path), recorder), JsonLoggerCallback()],
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
     )
     try:
@@ -232,7 +233,8 @@ def run_sweep(
                 ),
                 run_config=run_config,
             )
-        with _stop_gracefully_on_signals(here=relay is None), _recorded_from(relay, recorder):
+        relayed = _recorded_from(str(experiment_path), recorder) if remote_loop else nullcontext()
+        with _stop_gracefully_on_signals(here=not remote_loop), relayed:
             grid = tuner.fit()
     finally:
         recorder.close_open_runs()
@@ -303,14 +305,13 @@ def best_trial(finished: list[TrialSummary], metric: str, mode: str) -> TrialSum
 
 
 @contextmanager
-def _recorded_from(relay: Queue | None, recorder: TrialRecorder) -> Iterator[None]:
-    """While ``fit`` blocks this thread, another records the trial events ``relay`` brings; the
-    rest once it returns. A failure to record is raised here, not lost in the thread."""
-    if relay is None:
-        yield
-        return
+def _recorded_from(sweep_path: str, recorder: TrialRecorder) -> Iterator[None]:
+    """The sweep's named queue (``relay_name``) beside this driver; while ``fit`` blocks this
+    thread, another records the trial events it brings, and the rest once ``fit`` returns. A
+    failure to record is raised here, not lost in the thread."""
+    relay = Queue(actor_options={**beside_the_driver(), "name": relay_name(sweep_path)})
     done = threading.Event()
-    errors: list[BaseException] = []
+    errors: list[Exception] = []
 
     def record_arrivals() -> None:
         while not done.is_set():
@@ -318,9 +319,12 @@ def _recorded_from(relay: Queue | None, recorder: TrialRecorder) -> Iterator[Non
                 note = relay.get(timeout=0.5)
             except Empty:
                 continue
+            except Exception as exc:  # the queue's actor is gone: raised below
+                errors.append(exc)
+                return
             try:
                 recorder.record(note)
-            except BaseException as exc:  # raised in the caller's thread below
+            except Exception as exc:  # MLflow refused the write: raised below
                 errors.append(exc)
                 return
 
@@ -336,8 +340,11 @@ def _recorded_from(relay: Queue | None, recorder: TrialRecorder) -> Iterator[Non
                 recorder.record(relay.get_nowait())
         except Empty:
             pass
+        except Exception as exc:
+            errors.append(exc)
         finally:
-            relay.shutdown()
+            with suppress(Exception):  # gone with its node: nothing left to stop
+                relay.shutdown()
     if errors:
         raise errors[0]
 

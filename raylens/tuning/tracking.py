@@ -3,6 +3,7 @@ driver (the one writer), and closed with the status the trial ended in."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -176,28 +177,45 @@ and unpickles them on ``Tuner.restore``; the pickled callback keeps only the swe
 finds the resuming driver's recorder here."""
 
 
+def relay_name(sweep_path: str) -> str:
+    """The named queue that brings a sweep's trial events to its driver through Ray Client. Named
+    after the sweep, so the callback Tune restores from the sweep's saved state finds the queue
+    of the driver resuming it."""
+    return "raylens-trial-events-" + hashlib.sha256(sweep_path.encode()).hexdigest()[:16]
+
+
 class SweepTracking(Callback):
     """The Tune callback that forwards trial events to the driver's recorder: directly when Tune's
-    loop runs in the driver, else over ``queue`` (Ray Client runs the loop on the cluster)."""
+    loop runs in the driver, else over the sweep's named queue (``relay_name``: through Ray
+    Client the loop runs on the cluster)."""
 
-    def __init__(self, sweep_path: str, recorder: TrialRecorder, queue: Any = None) -> None:
+    def __init__(self, sweep_path: str, recorder: TrialRecorder) -> None:
         self.sweep_path = sweep_path
-        self.queue = queue
+        self._relay: Any = None
         _RECORDERS[sweep_path] = recorder
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"sweep_path": self.sweep_path, "queue": self.queue}
+        return {"sweep_path": self.sweep_path}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.sweep_path = state["sweep_path"]
-        self.queue = state.get("queue")
+        self._relay = None
 
     def _send(self, kind: str, trial: Any, result: dict[str, Any] | None = None) -> None:
         recorder = _RECORDERS.get(self.sweep_path)
         if recorder is not None:
             recorder.record(TrialNote.of(kind, trial, result))
-        elif self.queue is not None:
-            self.queue.put(TrialNote.of(kind, trial, result))
+            return
+        if self._relay is None:
+            import ray
+
+            try:
+                self._relay = ray.get_actor(relay_name(self.sweep_path))
+            except ValueError:  # no driver listens: nothing can record the trial
+                self._relay = False
+        if self._relay:
+            # One caller's calls reach an actor in order: the events arrive as they happened.
+            self._relay.put.remote(TrialNote.of(kind, trial, result))
 
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self._send("started", trial)

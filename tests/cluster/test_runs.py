@@ -95,3 +95,21 @@ def test_a_run_folder_on_object_storage_is_tracked_on_a_server_not_in_sqlite(
     assert not Location.of(runs).exists()  # refused before anything was written
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
     assert Experiment.from_yaml(spec, runs).tracking_uri == "http://127.0.0.1:5999"
+
+
+def test_on_object_storage_a_run_another_host_is_running_is_not_resumed_here(
+    s3: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key, value in s3.env.items():
+        monkeypatch.setenv(key, value)
+    spec = tmp_path / "spec.yaml"
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec.write_text(
+        f"name: x\ndata: {{source: 'sklearn:iris', target: target}}\ntracking: {{uri: '{tracking}'}}\n"
+    )
+    runs = Location.of(s3.uri("raylens", "elsewhere-runs"))
+    (runs / "ray" / "x" / "LATEST").write_text("x/1")
+    replace(record("1"), run_name="x/1", host="another-host").save(runs / "ray" / "x" / "1")
+    with pytest.raises(UserError, match=r"run x/1 is running on another-host.*Resume it on another-host"):
+        Experiment.from_yaml(spec, runs.uri).run(resume=True)
+    assert RunRecord.load(runs / "ray" / "x" / "1").host == "another-host"  # nothing rewritten

@@ -69,7 +69,9 @@ def _run_on_two_nodes(folder: Path) -> dict[str, object]:
     cluster.wait_for_nodes()
     try:
 
-        def raylens(command: str, address: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        def raylens(
+            command: str, address: str, env: dict[str, str], runs: Path = runs
+        ) -> subprocess.CompletedProcess[str]:
             args = [str(project / "spec.yaml"), "--address", address, "--runs-dir", str(runs)]
             return subprocess.run(
                 [RAYLENS, command, *args], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600
@@ -77,8 +79,9 @@ def _run_on_two_nodes(folder: Path) -> dict[str, object]:
 
         # Side by side: one without the token (Ray refuses the driver, in seconds), and through Ray
         # Client one with it (Tune's loop runs on the cluster, the trials are still tracked here).
+        # Each its own run folder: both create their MLflow store as Ray starts.
         with ThreadPoolExecutor(max_workers=2) as pool:
-            refusing = pool.submit(raylens, "train", cluster.address, clean_environment())
+            refusing = pool.submit(raylens, "train", cluster.address, clean_environment(), folder / "refused")
             done = raylens("run", f"ray://127.0.0.1:{client_port}", {**clean_environment(), **auth})
             refused = refusing.result()
     finally:

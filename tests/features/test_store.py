@@ -204,6 +204,11 @@ def test_on_object_storage_a_version_is_published_by_its_manifest_and_reads_back
 
 
 def test_credentials_in_a_storage_uri_are_refused_naming_the_environment_variables() -> None:
-    with pytest.raises(UserError, match="AWS_ACCESS_KEY_ID") as refused:
-        Location.of("s3://bucket/runs?region=eu-west-1&secret_key=hunter2")
-    assert "hunter2" not in str(refused.value)
+    for uri in (
+        "s3://bucket/runs?region=eu-west-1&secret_key=hunter2",
+        "s3://AKIA:hunter2@bucket/runs",
+        "abfs://account@container/runs?client_secret=hunter2&tenant_id=t",
+    ):
+        with pytest.raises(UserError, match="AWS_ACCESS_KEY_ID") as refused:
+            Location.of(uri)
+        assert "hunter2" not in str(refused.value)
