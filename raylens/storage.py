@@ -177,6 +177,28 @@ def _without_query(uri: str) -> str:
     return f"{scheme}://{host.rpartition('@')[2]}{slash}{path}"
 
 
+def check_reachable(location: Location) -> None:
+    """On object storage: the bucket exists and this machine's credentials reach it. Said before
+    anything is written, as what to fix, rather than as pyarrow's error once writing starts."""
+    if location.local:
+        return
+    bucket = location.path.split("/", 1)[0]
+    try:
+        found = location.filesystem.get_file_info(bucket).type.name
+    except OSError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"storage '{location}': cannot reach it ({reason}); check this machine's credentials "
+            "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS) and the "
+            "URI's options"
+        ) from None
+    if found == "NotFound":
+        raise UserError(
+            f"storage '{location}': there is no bucket '{bucket}' (or these credentials cannot see "
+            "it); create it, or give another --runs-dir"
+        )
+
+
 def ray_storage(location: Location) -> dict[str, Any]:
     """``storage_path`` (and ``storage_filesystem``) for Ray's ``RunConfig``, ``Tuner.restore``
     and ``Tuner.can_restore``: the URI's options live in the filesystem, not in the path."""

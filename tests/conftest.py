@@ -175,3 +175,11 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """An S3 API on 127.0.0.1 (moto's server) with a bucket ``raylens``; ``s3.env`` reaches it."""
     with s3_server(tmp_path_factory.mktemp("s3")) as server:
         yield server
+
+
+@pytest.fixture
+def s3_env(s3: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
+    """``s3``, with this process's environment set to reach it (as a node's would be)."""
+    for key, value in s3.env.items():
+        monkeypatch.setenv(key, value)
+    return s3

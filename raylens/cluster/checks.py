@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from raylens.cluster.spec import ExperimentSpec, check_model_params
 from raylens.errors import UserError, did_you_mean
+from raylens.storage import Location, check_reachable
 
 if TYPE_CHECKING:
     from raylens.features import PlannedFeatureSet
@@ -64,6 +65,7 @@ def check_experiment(
     address: str | None = None,
     tracking_uri: str | None = None,
     runs_dir_given: bool = True,
+    storage: Location | None = None,
 ) -> CheckReport:
     """Check ``spec`` (model parameters, every configuration its sweep may sample), its data (read
     and prepared in memory, nothing written), the model on a real batch, the sweep's metric, and
@@ -99,6 +101,8 @@ def check_experiment(
         problems.check(lambda: _check_fits_embedded(spec, tune=tune))
     problems.check(lambda: check_address(address))
     problems.check(lambda: check_remote_settings(address, runs_dir_given=runs_dir_given))
+    if storage is not None:
+        problems.check(lambda: check_reachable(storage))
     if tracking_uri is not None:
         from raylens.trainer.tracking import check_tracking_uri
 

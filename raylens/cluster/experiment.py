@@ -157,6 +157,7 @@ class Experiment:
             address=address,
             tracking_uri=None if uri == self.workspace.default_tracking_uri else uri,
             runs_dir_given=self.workspace.given,
+            storage=self.workspace.root,
         )
 
     def run(

@@ -62,11 +62,9 @@ def test_spec_changes_name_each_key() -> None:
 
 
 def test_on_object_storage_records_round_trip_and_only_this_hosts_dead_runs_are_abandoned(
-    s3: S3Server, monkeypatch: pytest.MonkeyPatch
+    s3_env: S3Server,
 ) -> None:
-    for key, value in s3.env.items():
-        monkeypatch.setenv(key, value)
-    spec_folder = Location.of(s3.uri("raylens", "records/spec"))
+    spec_folder = Location.of(s3_env.uri("raylens", "records/spec"))
     here, elsewhere = socket.gethostname(), "another-host"
     for name, host in [("dead", here), ("live", here), ("other-host", elsewhere)]:
         replace(record(name), host=host).save(spec_folder / name)
@@ -82,14 +80,12 @@ def test_on_object_storage_records_round_trip_and_only_this_hosts_dead_runs_are_
 
 
 def test_a_run_folder_on_object_storage_is_tracked_on_a_server_not_in_sqlite(
-    s3: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    s3_env: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for key, value in s3.env.items():
-        monkeypatch.setenv(key, value)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     spec = tmp_path / "spec.yaml"
     spec.write_text("name: x\ndata: {source: 'sklearn:iris', target: target}\n")
-    runs = s3.uri("raylens", "no-tracking")
+    runs = s3_env.uri("raylens", "no-tracking")
     with pytest.raises(UserError, match="object storage, where no SQLite tracking store can live; give an"):
         Experiment.from_yaml(spec, runs).run()
     assert not Location.of(runs).exists()  # refused before anything was written
@@ -97,19 +93,33 @@ def test_a_run_folder_on_object_storage_is_tracked_on_a_server_not_in_sqlite(
     assert Experiment.from_yaml(spec, runs).tracking_uri == "http://127.0.0.1:5999"
 
 
-def test_on_object_storage_a_run_another_host_is_running_is_not_resumed_here(
-    s3: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    for key, value in s3.env.items():
-        monkeypatch.setenv(key, value)
-    spec = tmp_path / "spec.yaml"
-    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def _spec_tracked_in(folder: Path) -> Path:
+    """A spec whose runs are tracked in a SQLite file of ``folder`` (not in the run folder)."""
+    spec = folder / "spec.yaml"
+    tracking = f"sqlite:///{folder / 'mlflow.db'}"
     spec.write_text(
         f"name: x\ndata: {{source: 'sklearn:iris', target: target}}\ntracking: {{uri: '{tracking}'}}\n"
     )
-    runs = Location.of(s3.uri("raylens", "elsewhere-runs"))
+    return spec
+
+
+def test_on_object_storage_a_run_another_host_is_running_is_not_resumed_here(
+    s3_env: S3Server, tmp_path: Path
+) -> None:
+    spec = _spec_tracked_in(tmp_path)
+    runs = Location.of(s3_env.uri("raylens", "elsewhere-runs"))
     (runs / "ray" / "x" / "LATEST").write_text("x/1")
     replace(record("1"), run_name="x/1", host="another-host").save(runs / "ray" / "x" / "1")
     with pytest.raises(UserError, match=r"run x/1 is running on another-host.*Resume it on another-host"):
         Experiment.from_yaml(spec, runs.uri).run(resume=True)
     assert RunRecord.load(runs / "ray" / "x" / "1").host == "another-host"  # nothing rewritten
+
+
+def test_a_run_folder_in_a_bucket_that_does_not_exist_is_refused_before_anything_is_written(
+    s3_env: S3Server, tmp_path: Path
+) -> None:
+    spec = _spec_tracked_in(tmp_path)
+    with pytest.raises(UserError, match=r"there is no bucket 'no-such-bucket'.*create it, or give another"):
+        Experiment.from_yaml(spec, s3_env.uri("no-such-bucket", "runs")).run()
+    assert not (tmp_path / "mlflow.db").exists()
+    assert Experiment.from_yaml(spec, s3_env.uri("raylens", "runs")).validate().ok

@@ -176,11 +176,9 @@ def test_listing_skips_what_is_not_a_published_version(tmp_path: Path) -> None:
 
 
 def test_on_object_storage_a_version_is_published_by_its_manifest_and_reads_back_the_same(
-    s3: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    s3_env: S3Server, tmp_path: Path
 ) -> None:
-    for key, value in s3.env.items():
-        monkeypatch.setenv(key, value)
-    store = s3.uri("raylens", "object-store")
+    store = s3_env.uri("raylens", "object-store")
     planned = plan_feature_set("wine", DATA, FEATURES)
     version = Location.of(store) / "wine" / planned.version
     # What a writer that crashed before its manifest leaves: readers skip it, the next write replaces it.
