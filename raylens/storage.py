@@ -163,10 +163,6 @@ class Location:
     def mkdir(self) -> None:
         self.filesystem.create_dir(self.path, recursive=True)
 
-    def remove_tree(self) -> None:
-        if self.exists():
-            self.filesystem.delete_dir(self.path)
-
 
 def _without_query(uri: str) -> str:
     # Options and a user part may carry secrets (pyarrow reads keys there): never shown.
