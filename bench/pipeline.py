@@ -21,7 +21,7 @@ from typing import Any
 from bench.data import synthetic_feature_set
 from raylens.cluster.runtime import RuntimeSettings, start_ray, stop_ray
 from raylens.features import FeatureSet
-from raylens.trainer import ModelConfig, TrainConfig, TrainJob, build_model
+from raylens.trainer import TorchModelConfig, TrainConfig, TrainJob, build_model
 from raylens.trainer.parallel.plan import STATE_BYTES_PER_PARAMETER
 from raylens.trainer.ray_train import train_distributed
 
@@ -46,7 +46,7 @@ def _run(fs: FeatureSet, strategy: str, epochs: int, storage: Path) -> float:
             "pipeline": {"microbatches": MICROBATCHES, "schedule": "1f1b"},
         },
     )
-    job = TrainJob.for_feature_set(ModelConfig(params={"hidden": HIDDEN}), train, fs)
+    job = TrainJob.for_feature_set(TorchModelConfig(params={"hidden": HIDDEN}), train, fs)
     ends: list[float] = []
     train_distributed(
         job,
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows, epochs, repeats = (4_000, 3, 1) if args.quick else (12_000, 4, 2)
     with tempfile.TemporaryDirectory() as tmp:
         fs = synthetic_feature_set(rows, Path(tmp) / "features")
-        model = build_model(ModelConfig(params={"hidden": HIDDEN}), 64, fs.num_outputs)
+        model = build_model(TorchModelConfig(params={"hidden": HIDDEN}), 64, fs.num_outputs)
         parameters = sum(p.numel() for p in model.parameters())
         state = parameters * STATE_BYTES_PER_PARAMETER
         if not state > BUDGET >= state / 2:

@@ -21,7 +21,7 @@ import torch
 from bench.data import synthetic_feature_set
 from bench.trainer import BATCH, HIDDEN, LR
 from raylens.features import FeatureSet
-from raylens.trainer import ModelConfig, TrainConfig, TrainJob, TrainState, run_worker
+from raylens.trainer import TorchModelConfig, TrainConfig, TrainJob, TrainState, run_worker
 
 
 class _Rates:
@@ -38,7 +38,7 @@ def _loop(fs: FeatureSet, threads: int, epochs: int, on_secondary_thread: bool) 
     def train() -> None:
         torch.set_num_threads(threads)
         train_config = TrainConfig(epochs=epochs, batch_size=BATCH, optimizer={"lr": LR})
-        job = TrainJob.for_feature_set(ModelConfig(params={"hidden": HIDDEN}), train_config, fs)
+        job = TrainJob.for_feature_set(TorchModelConfig(params={"hidden": HIDDEN}), train_config, fs)
         run_worker(job, fs.read("train"), fs.read("valid"), rates)
 
     if on_secondary_thread:

@@ -28,10 +28,10 @@ import torch
 from bench.data import synthetic_feature_set
 from raylens.cluster.runtime import RuntimeSettings, start_ray, stop_ray
 from raylens.features import FeatureSet
-from raylens.trainer import ModelConfig, TaskSpec, TrainConfig, TrainJob, build_model
+from raylens.trainer import TaskSpec, TorchModelConfig, TrainConfig, TrainJob, build_model
 from raylens.trainer.ray_train import train_distributed
-from raylens.trainer.run import node_layout
 from raylens.trainer.task import loss_fn
+from raylens.trainer.torch_family import node_layout
 
 HIDDEN = [256, 256]
 BATCH = 256
@@ -74,7 +74,7 @@ def bare_loop(fs: FeatureSet, threads: int, epochs: int) -> float:
     x_valid, y_valid = torch.from_numpy(valid.x.copy()), torch.from_numpy(valid.y.copy())
     task = TaskSpec("classification", num_classes=fs.num_outputs)
     torch.manual_seed(0)
-    model = build_model(ModelConfig(params={"hidden": HIDDEN}), x.shape[1], task.out_features)
+    model = build_model(TorchModelConfig(params={"hidden": HIDDEN}), x.shape[1], task.out_features)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
     ends = [time.perf_counter()]
     for epoch in range(epochs):
@@ -114,7 +114,7 @@ def raylens_run(fs: FeatureSet, name: str, cores: int, epochs: int, storage: Pat
         scaling={**scaling, "cpus_per_worker": cores / workers},
     )
     job, _ = node_layout(
-        TrainJob.for_feature_set(ModelConfig(params={"hidden": HIDDEN}), train, fs), embedded=True
+        TrainJob.for_feature_set(TorchModelConfig(params={"hidden": HIDDEN}), train, fs), embedded=True
     )
     ends: list[float] = []
     ranks = job.train.scaling.max_workers

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from raylens.cluster.spec import ExperimentSpec, check_model_params
 from raylens.errors import UserError, did_you_mean
 from raylens.storage import Location, check_reachable
+from raylens.trainer import TorchModelConfig
 
 if TYPE_CHECKING:
     from raylens.features import PlannedFeatureSet
@@ -84,7 +85,7 @@ def check_experiment(
         )
         if planned is not None and params_ok:
             problems.check(lambda: _check_model_on_data(spec, planned, tune=tune))
-            if spec.train.scaling.strategy == "pipeline":
+            if spec.train.scaling.strategy == "pipeline" and isinstance(spec.model, TorchModelConfig):
                 problems.check(lambda: _check_pipeline(spec, planned))
         if planned is not None:
             problems.check(lambda: _check_class_weights(spec, planned))
@@ -112,19 +113,17 @@ def check_experiment(
 
 def _check_model_on_data(spec: ExperimentSpec, planned: PlannedFeatureSet, *, tune: bool) -> None:
     """The model, and each configuration the sweep may sample, built and run on real rows."""
-    import torch
-
-    from raylens.trainer import check_model_runs
+    from raylens.trainer.family import family_of
     from raylens.tuning import parse_space, sample_configs
 
-    rows = torch.from_numpy(planned.sample(2))
-    check_model_runs(spec.model, rows, planned.num_outputs)
+    rows = planned.sample(2)
+    family_of(spec.model).check_on_rows(spec.model, rows, planned.num_outputs)
     if not tune or spec.tune is None:
         return
     space = parse_space(spec.tune.space)
     for values, model, _ in sample_configs(space, spec.model, spec.train, spec.tune.seed):
         try:
-            check_model_runs(model, rows, planned.num_outputs)
+            family_of(model).check_on_rows(model, rows, planned.num_outputs)
         except UserError as exc:
             drawn = ", ".join(f"{k}={v!r}" for k, v in values.items())
             raise UserError(
@@ -148,6 +147,7 @@ def _check_pipeline(spec: ExperimentSpec, planned: PlannedFeatureSet) -> None:
             f"({batch_size}), and a pipeline trains whole batches only: lower train.batch_size"
         )
     rows = torch.from_numpy(planned.sample(batch_size // scaling.pipeline.microbatches))
+    assert isinstance(spec.model, TorchModelConfig)
     model = build_model(spec.model, rows.shape[1], planned.num_outputs)
     try:
         check_cut(model, rows, scaling.max_workers, scaling.pipeline)

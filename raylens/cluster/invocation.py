@@ -35,8 +35,9 @@ from raylens.cluster.spec import best_spec
 from raylens.errors import UserError
 from raylens.features import FeatureSet, PlannedFeatureSet, publish_feature_set
 from raylens.storage import Location
-from raylens.trainer import ModelConfig, TrainConfig, TrainJob
-from raylens.trainer.run import TrainRunResult, node_layout, train_and_record
+from raylens.trainer import AnyModelConfig, TorchModelConfig, TrainConfig, TrainJob
+from raylens.trainer.family import family_of
+from raylens.trainer.run import TrainRunResult, train_and_record
 from raylens.trainer.tracking import MlflowTracker, ended_status, git_commit, redact
 from raylens.tuning import ConcurrencyPlan, with_overrides
 from raylens.tuning.sweep import SweepResult, run_sweep
@@ -170,13 +171,16 @@ class Invocation:
 
     def _auto_trains_in_one(self, planned: PlannedFeatureSet) -> bool:
         """Whether ``auto`` trains the spec's several CPU workers as one process on this machine
-        (``raylens.trainer.run.node_layout``, which decides the same for the run)."""
+        (``raylens.trainer.torch_family.node_layout``, which decides the same for the run); a
+        family other than torch fits in one process."""
         import torch
 
         from raylens.trainer import build_model
         from raylens.trainer.parallel.plan import one_process_reason, worker_memory
 
         scaling = self.spec.train.scaling
+        if not isinstance(self.spec.model, TorchModelConfig):
+            return True
         if scaling.strategy != "auto" or scaling.use_gpu or not isinstance(scaling.workers, int):
             return False
         model = build_model(self.spec.model, planned.sample(0).shape[1], planned.num_outputs)
@@ -393,13 +397,13 @@ class Stages:
         self.save(best_config=sweep.best_config, best_metrics=sweep.best_metrics, stage="tuned")
         return sweep.plan
 
-    def train(self, root_run: str, model: ModelConfig, train: TrainConfig) -> TrainRunResult:
+    def train(self, root_run: str, model: AnyModelConfig, train: TrainConfig) -> TrainRunResult:
         spec = self.spec
         self.progress.stage("Training")
-        job, plan = node_layout(
+        job, layout = family_of(model).layout(
             TrainJob.for_feature_set(model, train, self.feature_set), embedded=self.embedded
         )
-        self.progress.training_started(train.epochs, job.train.scaling.max_workers, plan.reason)
+        self.progress.training_started(train.epochs, job.train.scaling.max_workers, layout)
         params = {
             "data": spec.data.model_dump(),
             "features": spec.features.model_dump(),
@@ -421,7 +425,7 @@ class Stages:
             on_epoch=self.progress.epoch,
             on_notice=self.progress.notice,
             embedded=self.embedded,
-            plan=plan,
+            layout=layout,
         )
         self.progress.training_finished()
         self.tracker.log_metrics(root_run, final.test_metrics)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import re
+import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from raylens.errors import UserError, did_you_mean
 from raylens.features import DataConfig, FeaturesConfig
-from raylens.trainer import ModelConfig, TrainConfig
+from raylens.trainer import ModelConfig, SklearnModelConfig, TorchModelConfig, TrainConfig
+from raylens.trainer.config import FAMILIES
 from raylens.tuning import TuneConfig, check_space, parse_space, sample_configs
 
 
@@ -46,7 +48,7 @@ class ExperimentSpec(BaseModel):
     """Where the rows come from, the target, the split (raylens/features/config.py)."""
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)
     """The feature pipeline's transforms."""
-    model: ModelConfig = Field(default_factory=ModelConfig)
+    model: ModelConfig = Field(default_factory=TorchModelConfig)
     """The model family, architecture and its parameters (raylens/trainer/config.py)."""
     train: TrainConfig = Field(default_factory=TrainConfig)
     """The final training: epochs, batch size, optimizer, scaling, checkpoints."""
@@ -143,9 +145,9 @@ def parse_spec(raw: Mapping[str, Any], source: str = "spec") -> ExperimentSpec:
 def check_model_params(spec: ExperimentSpec) -> None:
     """The model's parameters, and those of every configuration the sweep may sample, against the
     model's constructor: imports the model's code (and torch), so it is not part of parsing."""
-    from raylens.trainer import check_params
+    from raylens.trainer.family import family_of
 
-    check_params(spec.model)
+    family_of(spec.model).check_params(spec.model)
     if spec.tune is not None:
         check_space(parse_space(spec.tune.space), spec.model, spec.train, spec.tune.seed)
 
@@ -154,8 +156,15 @@ def _describe(error: Any, raw: dict[str, Any]) -> str:
     loc = [str(p) for p in error["loc"]]
     # Pydantic names the union member or list index in the path; keep only the user's keys.
     loc = [p for p in loc if not p.endswith("Step") and p not in ("TuneConfig",)]
+    loc = _without_family_tags(loc)
     where = ".".join(loc) or "spec"
     kind, value = error["type"], error.get("input")
+    if kind == "model_family":
+        family = value.get("family") if isinstance(value, dict) else value
+        return (
+            f"{where}.family: {family!r} is not one of {', '.join(FAMILIES)}"
+            f"{did_you_mean(str(family), FAMILIES)}"
+        )
     if kind == "extra_forbidden":
         valid = _valid_keys(loc[:-1])
         hint = did_you_mean(loc[-1], valid)
@@ -172,10 +181,20 @@ def _describe(error: Any, raw: dict[str, Any]) -> str:
     return f"{where}: {message}{shown}"
 
 
+def _without_family_tags(loc: list[str]) -> list[str]:
+    """``model.sklearn.params`` → ``model.params``: pydantic names the family a model section was
+    validated as (its tag) after the section's key."""
+    return [p for i, p in enumerate(loc) if not (p in FAMILIES and i > 0 and loc[i - 1] == "model")]
+
+
 def _valid_keys(loc: list[str]) -> list[str]:
     model: Any = ExperimentSpec
     for key in loc:
         if key.isdigit():  # an item of a list: its type was taken at the list's key
+            continue
+        if key == "model" and model is ExperimentSpec:
+            # Every family's keys (their families share family, name and params today).
+            model = TorchModelConfig
             continue
         field = (
             model.model_fields.get(key) if isinstance(model, type) and issubclass(model, BaseModel) else None
@@ -224,6 +243,17 @@ def _reference_rows(model: type[BaseModel], prefix: str) -> list[str]:
     rows = []
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
+        families = _family_configs(field.annotation)
+        if families:
+            rows.append(f"| `{key}` | section | | {_cell(field.description)} |")
+            for family in families:
+                # Each family's keys, their meaning saying which family they describe.
+                said = f"({_family_name(family)}) "
+                rows += [
+                    row[: row.rindex("| ", 0, -2) + 2] + said + row[row.rindex("| ", 0, -2) + 2 :]
+                    for row in _reference_rows(family, f"{key}.")
+                ]
+            continue
         nested = _config_model(field.annotation)
         if nested is not None:
             listed = getattr(field.annotation, "__origin__", None) is list
@@ -238,6 +268,16 @@ def _reference_rows(model: type[BaseModel], prefix: str) -> list[str]:
             f"| `{key}` | {_cell(_type_name(field.annotation))} | {default} | {_cell(field.description)} |"
         )
     return rows
+
+
+def _family_configs(annotation: Any) -> list[type[BaseModel]]:
+    """The configs of a section chosen by a ``family`` key (the model section), else none."""
+    members = [typing.get_args(a)[0] if typing.get_args(a) else a for a in typing.get_args(annotation)]
+    return [m for m in (TorchModelConfig, SklearnModelConfig) if m in members]
+
+
+def _family_name(config: type[BaseModel]) -> str:
+    return str(config.model_fields["family"].default)
 
 
 def _config_model(annotation: Any) -> type[BaseModel] | None:

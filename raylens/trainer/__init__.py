@@ -10,7 +10,16 @@ from typing import TYPE_CHECKING
 from raylens.lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from raylens.trainer.config import ModelConfig, OptimizerConfig, ScalingConfig, TrainConfig
+    from raylens.trainer.config import (
+        AnyModelConfig,
+        ModelConfig,
+        OptimizerConfig,
+        ScalingConfig,
+        SklearnModelConfig,
+        TorchModelConfig,
+        TrainConfig,
+        parse_model_config,
+    )
     from raylens.trainer.job import TrainJob, run_worker, shard_rows
     from raylens.trainer.loop import Batches, Reporter, TrainState, evaluate, fit, predict
     from raylens.trainer.models import build_model, check_model_runs, check_params, importable_from
@@ -19,7 +28,16 @@ if TYPE_CHECKING:
 __getattr__, __all__ = lazy_exports(
     __name__,
     {
-        "raylens.trainer.config": ["ModelConfig", "OptimizerConfig", "ScalingConfig", "TrainConfig"],
+        "raylens.trainer.config": [
+            "AnyModelConfig",
+            "ModelConfig",
+            "OptimizerConfig",
+            "ScalingConfig",
+            "SklearnModelConfig",
+            "TorchModelConfig",
+            "TrainConfig",
+            "parse_model_config",
+        ],
         "raylens.trainer.job": ["TrainJob", "run_worker", "shard_rows"],
         "raylens.trainer.loop": [
             "Batches",

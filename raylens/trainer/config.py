@@ -3,35 +3,105 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    TypeAdapter,
+    field_validator,
+    model_validator,
+)
 
 BUILTIN_MODELS = ("mlp", "cnn1d")
+BUILTIN_ESTIMATORS = (
+    "logistic_regression",
+    "linear_regression",
+    "random_forest",
+    "hist_gradient_boosting",
+    "svm",
+    "knn",
+    "sgd",
+)
+"""scikit-learn estimators known by a short name; each picks its classifier or regressor from
+the feature set's task (raylens/trainer/sklearn_family.py)."""
+FAMILIES = ("torch", "sklearn")
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
-class ModelConfig(_Strict):
-    """Which network to train."""
+class TorchModelConfig(_Strict):
+    """A PyTorch module trained by raylens' loop, distributed by Ray Train."""
 
     family: Literal["torch"] = "torch"
-    """Model family; PyTorch modules today."""
+    """Model family: torch (a PyTorch module) or sklearn (a scikit-learn estimator)."""
     name: str = "mlp"
     """A built-in model (mlp, cnn1d) or a user factory as "package.module:function"."""
     params: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments of the model's constructor (e.g. hidden: [128, 64])."""
 
     @model_validator(mode="after")
-    def _known_model(self) -> ModelConfig:
+    def _known_model(self) -> TorchModelConfig:
         if self.name not in BUILTIN_MODELS and ":" not in self.name:
             raise ValueError(
                 f"'{self.name}' is neither a built-in model ({', '.join(BUILTIN_MODELS)}) "
                 "nor a factory written as 'package.module:function'"
             )
         return self
+
+
+class SklearnModelConfig(_Strict):
+    """A scikit-learn estimator fitted in one process on the feature set's training split."""
+
+    family: Literal["sklearn"] = "sklearn"
+    """Model family: torch (a PyTorch module) or sklearn (a scikit-learn estimator)."""
+    name: str = "random_forest"
+    """A built-in estimator (logistic_regression, linear_regression, random_forest,
+    hist_gradient_boosting, svm, knn, sgd: the classifier or regressor the task needs) or any
+    estimator class as "package.module:Class" (e.g. sklearn.ensemble:ExtraTreesClassifier)."""
+    params: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments of the estimator (e.g. max_depth: 8); random_state is train.seed unless given."""
+
+    @model_validator(mode="after")
+    def _known_estimator(self) -> SklearnModelConfig:
+        if self.name not in BUILTIN_ESTIMATORS and ":" not in self.name:
+            raise ValueError(
+                f"'{self.name}' is neither a built-in estimator ({', '.join(BUILTIN_ESTIMATORS)}) "
+                "nor an estimator class written as 'package.module:Class'"
+            )
+        return self
+
+
+def _family_of(value: Any) -> str:
+    """The family a model section names; torch when it names none (specs written before there
+    were families). An unknown family is left to fail with the valid ones listed."""
+    family = value.get("family", "torch") if isinstance(value, dict) else getattr(value, "family", "torch")
+    return str(family)
+
+
+ModelConfig = Annotated[
+    Annotated[TorchModelConfig, Tag("torch")] | Annotated[SklearnModelConfig, Tag("sklearn")],
+    Discriminator(
+        _family_of,
+        custom_error_type="model_family",
+        custom_error_message=f"model.family must be one of {', '.join(FAMILIES)}",
+    ),
+]
+"""The model section: one config per family, chosen by its ``family`` key."""
+AnyModelConfig = TorchModelConfig | SklearnModelConfig
+"""What a ``ModelConfig`` validates to."""
+
+_MODEL_ADAPTER: TypeAdapter[AnyModelConfig] = TypeAdapter(ModelConfig)
+
+
+def parse_model_config(raw: Any) -> AnyModelConfig:
+    """A model section (a mapping, or a config already) validated as its family's config."""
+    return _MODEL_ADAPTER.validate_python(raw)
 
 
 class OptimizerConfig(_Strict):

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from raylens.errors import UserError
 from raylens.features import FeatureSet, SplitArrays
-from raylens.trainer.config import ModelConfig, TrainConfig
+from raylens.trainer.config import AnyModelConfig, TorchModelConfig, TrainConfig
 from raylens.trainer.loop import (
     Action,
     Batches,
@@ -44,13 +44,13 @@ from raylens.trainer.task import TaskSpec, task_spec
 
 @dataclass(frozen=True)
 class TrainJob:
-    model: ModelConfig
+    model: AnyModelConfig
     train: TrainConfig
     task: TaskSpec
     in_features: int
 
     @classmethod
-    def for_feature_set(cls, model: ModelConfig, train: TrainConfig, feature_set: FeatureSet) -> TrainJob:
+    def for_feature_set(cls, model: AnyModelConfig, train: TrainConfig, feature_set: FeatureSet) -> TrainJob:
         task = task_spec(feature_set, train.class_weights)
         return cls(model, train, task, len(feature_set.feature_columns))
 
@@ -141,6 +141,7 @@ def run_worker(
     """Train ``job`` on this worker's share of ``train``; every rank of a run calls it."""
     device = device or torch.device("cpu")
     torch.manual_seed(job.train.seed)  # every rank starts from the same weights
+    assert isinstance(job.model, TorchModelConfig), "run_worker trains torch models"
     model = build_model(job.model, job.in_features, job.task.out_features)
     plan = ParallelPlan.from_config(
         job.train.scaling.strategy,

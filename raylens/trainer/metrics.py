@@ -17,9 +17,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from raylens.trainer.family import Predictor
+    from raylens.trainer.task import TaskSpec
 
 POSITIVE = 1
 """Index of the positive class of a binary task: the second of the sorted classes."""
@@ -159,6 +164,56 @@ def classification_test_metrics(
         per_class[f"precision_{label}"] = float(precision[i])
         per_class[f"recall_{label}"] = float(recall[i])
     return overall, per_class
+
+
+def predicted_metrics(predictor: Predictor, x: np.ndarray, y: np.ndarray, task: TaskSpec) -> dict[str, float]:
+    """Loss and the task's metrics of ``predictor`` on rows ``x`` with targets ``y``, named and
+    defined as the loop's validation reports them, whatever the family: the loss is the
+    class-weighted cross-entropy of the predicted probabilities, or the mean squared error in
+    the target's units. Empty when there are no rows."""
+    if not len(y):
+        return {}
+    if task.kind == "classification":
+        probabilities = predictor.predict_proba(x)
+        predicted = probabilities.argmax(axis=1)
+        weights = np.asarray(task.class_weights, dtype=np.float64)[y] if task.class_weights else None
+        picked = np.clip(probabilities[np.arange(len(y)), y.astype(np.int64)], 1e-300, None)
+        losses = -np.log(picked)
+        loss_sum = float(np.sum(losses * weights) if weights is not None else np.sum(losses))
+        weight = float(weights.sum()) if weights is not None else None
+        summary = summarize(y, predicted, loss_sum, task.kind, task.num_classes, loss_weight=weight)
+    else:
+        predicted = predictor.predict(x)
+        loss_sum = float(np.sum((predicted.astype(np.float64) - y.astype(np.float64)) ** 2))
+        summary = summarize(y, predicted, loss_sum, task.kind, 0, task.target_mean)
+    return metrics_from_summary(summary, task.kind, task.num_classes)
+
+
+@dataclass(frozen=True)
+class SplitScores:
+    """A model's metrics on the test split, named as the run logs them (``test_...``)."""
+
+    overall: dict[str, float]
+    """Loss and metrics of the whole split: the run's, and the registered version's tags."""
+    per_class: dict[str, float]
+    """Precision and recall of each class (more than two classes only): the run's."""
+    confusion: np.ndarray | None
+    """The confusion matrix (classification with test rows)."""
+
+
+def score_test_split(
+    predictor: Predictor, x: np.ndarray, y: np.ndarray, task: TaskSpec, classes: Sequence[Any] | None
+) -> SplitScores:
+    """``predicted_metrics`` on the test rows, and for classification scikit-learn's scores of the
+    class probabilities (``classification_test_metrics``) and the confusion matrix."""
+    overall = {f"test_{k}": v for k, v in predicted_metrics(predictor, x, y, task).items()}
+    if task.kind != "classification" or not len(y):
+        return SplitScores(overall, {}, None)
+    probabilities = predictor.predict_proba(x)
+    scored, per_class = classification_test_metrics(y, probabilities, classes or [])
+    overall.update({f"test_{k}": v for k, v in scored.items()})
+    matrix = confusion_matrix(y, probabilities.argmax(axis=1), task.num_classes)
+    return SplitScores(overall, {f"test_{k}": v for k, v in per_class.items()}, matrix)
 
 
 def metric_labels(classes: Sequence[Any]) -> list[str]:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from raylens.errors import UserError, did_you_mean
-from raylens.trainer.config import ModelConfig
+from raylens.trainer.config import TorchModelConfig
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -113,7 +113,7 @@ def resolve_factory(name: str) -> Callable[..., nn.Module]:
     return factory
 
 
-def check_params(config: ModelConfig) -> None:
+def check_params(config: TorchModelConfig) -> None:
     """Fail early, naming the parameter, when ``model.params`` does not fit the constructor."""
     factory = resolve_factory(config.name)
     signature = inspect.signature(factory)
@@ -127,7 +127,7 @@ def check_params(config: ModelConfig) -> None:
             )
 
 
-def build_model(config: ModelConfig, in_features: int, out_features: int) -> nn.Module:
+def build_model(config: TorchModelConfig, in_features: int, out_features: int) -> nn.Module:
     factory = resolve_factory(config.name)
     try:
         model = factory(in_features=in_features, out_features=out_features, **config.params)
@@ -139,7 +139,7 @@ def build_model(config: ModelConfig, in_features: int, out_features: int) -> nn.
 
 
 def check_model_runs(
-    config: ModelConfig, rows: torch.Tensor, out_features: int, where: str = "model"
+    config: TorchModelConfig, rows: torch.Tensor, out_features: int, where: str = "model"
 ) -> None:
     """Build the model and run one forward pass on a few real rows, before any worker starts:
     a parameter the constructor takes but cannot use (``hidden: 64``) or a factory whose layers

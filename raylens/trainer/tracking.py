@@ -15,12 +15,19 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from matplotlib.figure import Figure
 
 from raylens.errors import UserError
 from raylens.interrupts import deferred_interrupts
+from raylens.interrupts import pending as interrupt_pending
+
+if TYPE_CHECKING:
+    from raylens.features import FeatureSet
+    from raylens.trainer.family import Trained
+    from raylens.trainer.job import TrainJob
+    from raylens.trainer.registry import LoggedModel
 
 MAX_PARAM_LENGTH = 6000
 _URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
@@ -41,6 +48,21 @@ class Tracker(Protocol):
     def end_run(self, run_id: str, status: str = "FINISHED") -> None: ...
     @contextmanager
     def active(self, run_id: str) -> Iterator[None]: ...
+    def log_model(
+        self,
+        run_id: str,
+        trained: Trained,
+        job: TrainJob,
+        feature_set: FeatureSet,
+        *,
+        x_sample: Any,
+        register_as: str | None = None,
+        lineage: Mapping[str, str] | None = None,
+        headline: Mapping[str, float] | None = None,
+    ) -> LoggedModel | None:
+        """Log the run's model and register it as ``register_as`` (``raylens.trainer.registry``);
+        ``None`` when this tracker records no models."""
+        ...
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -192,6 +214,34 @@ class MlflowTracker:
                 closed += 1
         return closed
 
+    def log_model(
+        self,
+        run_id: str,
+        trained: Trained,
+        job: TrainJob,
+        feature_set: FeatureSet,
+        *,
+        x_sample: Any,
+        register_as: str | None = None,
+        lineage: Mapping[str, str] | None = None,
+        headline: Mapping[str, float] | None = None,
+    ) -> LoggedModel:
+        """Log and register (``raylens.trainer.registry``). Logging and registering is many
+        writes: a stop signal waits for them, and then a version registered now is taken back, so
+        an interrupted run never leaves a registered model."""
+        from dataclasses import replace
+
+        from raylens.trainer.registry import log_model
+
+        with deferred_interrupts():
+            logged = log_model(
+                self, run_id, trained, job, feature_set, x_sample, register_as, lineage or {}, headline
+            )
+            if register_as and logged.version and logged.registered_now and interrupt_pending():
+                self.client.delete_model_version(register_as, logged.version)
+                logged = replace(logged, version=None, registered_now=False)
+        return logged
+
     @contextmanager
     def active(self, run_id: str) -> Iterator[None]:
         """Make ``run_id`` the fluent API's active run (``log_model`` takes no run id), on this
@@ -257,6 +307,20 @@ class NullTracker:
     @contextmanager
     def active(self, run_id: str) -> Iterator[None]:
         yield
+
+    def log_model(
+        self,
+        run_id: str,
+        trained: Trained,
+        job: TrainJob,
+        feature_set: FeatureSet,
+        *,
+        x_sample: Any,
+        register_as: str | None = None,
+        lineage: Mapping[str, str] | None = None,
+        headline: Mapping[str, float] | None = None,
+    ) -> LoggedModel | None:
+        return None
 
 
 def git_commit(folder: Path) -> str | None:

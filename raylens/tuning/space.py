@@ -15,7 +15,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from raylens.errors import UserError
-from raylens.trainer import ModelConfig, TrainConfig
+from raylens.trainer import AnyModelConfig, TrainConfig, parse_model_config
+from raylens.trainer.config import FAMILIES
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
 TUNABLE_ROOTS = ("model", "train")
@@ -102,8 +103,8 @@ def parse_space(space: dict[str, str]) -> dict[str, Distribution]:
 
 
 def with_overrides(
-    model: ModelConfig, train: TrainConfig, overrides: dict[str, Any]
-) -> tuple[ModelConfig, TrainConfig]:
+    model: AnyModelConfig, train: TrainConfig, overrides: dict[str, Any]
+) -> tuple[AnyModelConfig, TrainConfig]:
     """New configs with each dotted path set to its value, validated again."""
     trees = {"model": model.model_dump(), "train": train.model_dump()}
     for path, value in overrides.items():
@@ -118,11 +119,11 @@ def with_overrides(
             node = child
         node[keys[-1]] = value
     try:
-        return ModelConfig(**trees["model"]), TrainConfig(**trees["train"])
+        return parse_model_config(trees["model"]), TrainConfig(**trees["train"])
     except ValidationError as exc:
         error = exc.errors()[0]
         root = "train" if exc.title == TrainConfig.__name__ else "model"
-        where = ".".join([root, *(str(p) for p in error["loc"])])
+        where = ".".join([root, *(str(p) for p in error["loc"] if p not in FAMILIES)])
         raise UserError(
             f"tune.space: a value sampled for {where} does not fit: "
             f"{error['msg']} (got {error.get('input')!r})"
@@ -130,8 +131,8 @@ def with_overrides(
 
 
 def sample_configs(
-    space: dict[str, Distribution], model: ModelConfig, train: TrainConfig, seed: int = 0, count: int = 3
-) -> list[tuple[dict[str, Any], ModelConfig, TrainConfig]]:
+    space: dict[str, Distribution], model: AnyModelConfig, train: TrainConfig, seed: int = 0, count: int = 3
+) -> list[tuple[dict[str, Any], AnyModelConfig, TrainConfig]]:
     """A few configurations drawn from the space (without Ray), validated: for checks at load."""
     rng = random.Random(seed)
     drawn = []
@@ -142,11 +143,11 @@ def sample_configs(
 
 
 def check_space(
-    space: dict[str, Distribution], model: ModelConfig, train: TrainConfig, seed: int = 0
+    space: dict[str, Distribution], model: AnyModelConfig, train: TrainConfig, seed: int = 0
 ) -> None:
     """Draw from every distribution a few times and validate the configs they make, the model's
     parameters against its constructor (which imports the model's code, and so torch)."""
-    from raylens.trainer import check_params
+    from raylens.trainer.family import family_of
 
     for _, sampled_model, _ in sample_configs(space, model, train, seed):
-        check_params(sampled_model)
+        family_of(sampled_model).check_params(sampled_model)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext, suppress
@@ -30,9 +29,8 @@ from raylens.errors import UserError
 from raylens.features import FeatureSet, SplitArrays
 from raylens.interrupts import Interrupted
 from raylens.storage import Location, ray_storage
-from raylens.trainer import ModelConfig, TrainConfig, TrainJob, TrainState, run_worker
-from raylens.trainer.job import raise_if_failed
-from raylens.trainer.parallel import gather_checkpoint, load_checkpoint, save_checkpoint
+from raylens.trainer import AnyModelConfig, TrainConfig, TrainJob
+from raylens.trainer.family import family_of
 from raylens.trainer.ray_train import beside_the_driver, train_distributed
 from raylens.trainer.tracking import Tracker
 from raylens.tuning.config import TuneConfig
@@ -74,18 +72,10 @@ class SweepResult:
     plan: ConcurrencyPlan
 
 
-class TuneReporter:
-    """Reports a trial's epoch to Tune with a checkpoint, so a resumed sweep continues trials."""
-
-    def report(self, metrics: dict[str, float], state: TrainState) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            save_checkpoint(
-                gather_checkpoint(
-                    state.model, state.optimizer, state.epoch, step=state.step, so_far=state.so_far
-                ),
-                Path(tmp),
-            )
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+def report_to_tune(metrics: dict[str, float], folder: Path | None) -> None:
+    """A trial's epoch to Tune, with the state the family saved in ``folder`` as its checkpoint,
+    so a resumed sweep continues trials (and schedulers that need checkpoints have them)."""
+    tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder) if folder is not None else None)
 
 
 def _trial_job(job: TrainJob, config: dict[str, Any]) -> TrainJob:
@@ -105,13 +95,14 @@ def _trial(
 ) -> None:
     torch.set_num_threads(threads)
     trial_job = _trial_job(job, config)
-    resume_from = None
+    family = family_of(trial_job.model)
     checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            resume_from = load_checkpoint(Path(folder))
     # A diverged trial fails with its reason (the trial's error); the sweep goes on.
-    raise_if_failed(run_worker(trial_job, train, valid, TuneReporter(), resume_from=resume_from))
+    if checkpoint is None:
+        family.run_trial(trial_job, train, valid, report_to_tune, None)
+        return
+    with checkpoint.as_directory() as folder:
+        family.run_trial(trial_job, train, valid, report_to_tune, Path(folder))
 
 
 def _distributed_trial(
@@ -130,7 +121,7 @@ def _distributed_trial(
 
 def run_sweep(
     config: TuneConfig,
-    model: ModelConfig,
+    model: AnyModelConfig,
     train: TrainConfig,
     feature_set: FeatureSet,
     *,

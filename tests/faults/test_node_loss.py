@@ -26,7 +26,7 @@ def _lose_a_node_mid_run(folder: Path) -> dict[str, object]:
     import ray
     from ray.cluster_utils import Cluster
 
-    from raylens.trainer import ModelConfig, TrainConfig, TrainJob
+    from raylens.trainer import TorchModelConfig, TrainConfig, TrainJob
     from raylens.trainer.parallel import load_checkpoint
     from raylens.trainer.ray_train import checkpoint_folders, train_distributed
     from tests.conftest import iris_feature_set
@@ -41,7 +41,9 @@ def _lose_a_node_mid_run(folder: Path) -> dict[str, object]:
     try:
         iris = iris_feature_set(folder / "features")
         job = TrainJob.for_feature_set(
-            ModelConfig(name="tests.faults.slow_models:build", params={"hidden": [16], "step_seconds": 0.2}),
+            TorchModelConfig(
+                name="tests.faults.slow_models:build", params={"hidden": [16], "step_seconds": 0.2}
+            ),
             TrainConfig(
                 epochs=EPOCHS,
                 batch_size=8,

@@ -17,7 +17,7 @@ import ray.train
 import torch
 
 from raylens.features import FeatureSet
-from raylens.trainer import ModelConfig, TrainConfig, TrainJob
+from raylens.trainer import TorchModelConfig, TrainConfig, TrainJob
 from raylens.trainer.parallel import CorruptCheckpoint, gather_checkpoint, load_checkpoint, save_checkpoint
 from raylens.trainer.ray_train import restore_point, train_distributed
 from raylens.trainer.run import TrainRunResult, train_and_record
@@ -25,7 +25,7 @@ from raylens.trainer.tracking import MlflowTracker
 from raylens.trainer.watchdog import BACKWARD, FORWARD, Stall, StallWatch
 from tests.trainer.gloo import Ranks, run_ranks
 
-SLOW_MLP = ModelConfig(
+SLOW_MLP = TorchModelConfig(
     name="tests.faults.slow_models:build", params={"hidden": [16], "dropout": 0.2, "step_seconds": 0.05}
 )
 
@@ -172,7 +172,7 @@ def test_a_stalled_step_fails_the_attempt_naming_the_rank_and_the_run_goes_on(
     all-reduce. Both watches fire after train.step_timeout_s; the notice names rank 1, and the
     restarted group (the hang does not recur) finishes from epoch 1's checkpoint."""
     stalling = TrainJob.for_feature_set(
-        ModelConfig(
+        TorchModelConfig(
             name="tests.faults.slow_models:stalls_once",
             params={"hidden": [16], "marker": str(tmp_path / "stalled"), "at": 8, "rank": 1, "seconds": 600},
         ),

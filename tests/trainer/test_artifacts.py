@@ -40,10 +40,12 @@ from raylens.features import (
     transforms_from_dicts,
 )
 from raylens.features.splits import split_rows
-from raylens.trainer import Batches, ModelConfig, TrainConfig, TrainJob, TrainState, build_model, fit
-from raylens.trainer.artifacts import log_model, pip_requirements
+from raylens.trainer import Batches, TorchModelConfig, TrainConfig, TrainJob, TrainState, build_model, fit
+from raylens.trainer.artifacts import pip_requirements
+from raylens.trainer.family import Trained
 from raylens.trainer.loop import make_optimizer, predict
-from raylens.trainer.run import SplitScores, score_test_split
+from raylens.trainer.metrics import SplitScores, score_test_split
+from raylens.trainer.torch_family import TorchPredictor
 from raylens.trainer.tracking import MlflowTracker
 from tests.conftest import ModelVenv
 
@@ -75,7 +77,7 @@ def train_and_log(
     fs: FeatureSet, folder: Path, *, epochs: int, register_as: str | None, **train: Any
 ) -> Logged:
     job = TrainJob.for_feature_set(
-        ModelConfig(params={"hidden": [16]}),
+        TorchModelConfig(params={"hidden": [16]}),
         TrainConfig(epochs=epochs, batch_size=16, optimizer={"lr": 0.01}, **train),
         fs,
     )
@@ -96,8 +98,17 @@ def train_and_log(
     tracker = MlflowTracker(tracking_uri, "artifacts-test", folder / "mlartifacts")
     run_id = tracker.start_run("train")
     import_path = list(sys.path)
-    scores = score_test_split(model, test, job, fs.classes)
-    logged = log_model(tracker, run_id, model, job, fs, test.x, register_as, {}, scores.overall)
+    predictor = TorchPredictor(model, job.task)
+    scores = score_test_split(predictor, test.x, test.y, job.task, fs.classes)
+    logged = tracker.log_model(
+        run_id,
+        Trained(predictor, [], folder),
+        job,
+        fs,
+        x_sample=test.x,
+        register_as=register_as,
+        headline=scores.overall,
+    )
     model_uri, version = logged.uri, logged.version
     assert sys.path == import_path, "logging the model changed this process's import path"
     tracker.end_run(run_id)

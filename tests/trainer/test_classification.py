@@ -17,12 +17,13 @@ from sklearn.utils.class_weight import compute_class_weight
 
 from raylens.errors import UserError
 from raylens.features import DataConfig, FeaturesConfig, FeatureSet, build_feature_set
-from raylens.trainer import Batches, ModelConfig, TrainConfig, TrainJob, TrainState, build_model, fit
+from raylens.trainer import Batches, TorchModelConfig, TrainConfig, TrainJob, TrainState, build_model, fit
 from raylens.trainer.job import run_worker
 from raylens.trainer.loop import evaluate, predict_proba
+from raylens.trainer.metrics import score_test_split
 from raylens.trainer.parallel import gather_checkpoint
-from raylens.trainer.run import score_test_split
 from raylens.trainer.task import resolve_class_weights
+from raylens.trainer.torch_family import TorchPredictor
 
 
 class KeepLast:
@@ -47,7 +48,7 @@ def cancer(tmp_path: Path) -> FeatureSet:
 
 def trained(fs: FeatureSet, epochs: int, **train: object) -> tuple[TrainJob, torch.nn.Module, KeepLast]:
     job = TrainJob.for_feature_set(
-        ModelConfig(params={"hidden": [16]}),
+        TorchModelConfig(params={"hidden": [16]}),
         TrainConfig(epochs=epochs, batch_size=32, optimizer={"lr": 0.01}, **train),  # type: ignore[arg-type]
         fs,
     )
@@ -62,7 +63,7 @@ def test_binary_test_metrics_are_scikit_learns_on_the_networks_probabilities(can
     job, model, reporter = trained(cancer, epochs=10)
     assert {"valid_precision", "valid_recall"} <= set(reporter.metrics)
     test = cancer.read("test")
-    scores = score_test_split(model, test, job, cancer.classes)
+    scores = score_test_split(TorchPredictor(model, job.task), test.x, test.y, job.task, cancer.classes)
 
     logits = model(torch.from_numpy(test.x)).detach().double()
     probabilities = torch.softmax(logits, dim=1).numpy()
@@ -89,7 +90,7 @@ def test_multi_class_test_metrics_are_per_class_and_named_as_mlflow_accepts(tmp_
     wine = bundled("wine", tmp_path)
     job, model, _ = trained(wine, epochs=10)
     test = wine.read("test")
-    scores = score_test_split(model, test, job, wine.classes)
+    scores = score_test_split(TorchPredictor(model, job.task), test.x, test.y, job.task, wine.classes)
     probabilities = predict_proba(model, torch.from_numpy(test.x), job.task)
     predicted = probabilities.argmax(axis=1)
     precision, recall, _, _ = sk.precision_recall_fscore_support(
@@ -117,8 +118,8 @@ def test_balanced_and_explicit_class_weights_resolve_to_one_weight_per_class(can
     spec = yaml.safe_load("epochs: 1\nclass_weights:\n  1: 3.5\n")
     config = TrainConfig(**spec)
     assert resolve_class_weights(config.class_weights, cancer.classes, labels) == (1.0, 3.5)
-    assert TrainJob.for_feature_set(ModelConfig(), config, cancer).task.class_weights == (1.0, 3.5)
-    assert TrainJob.for_feature_set(ModelConfig(), TrainConfig(), cancer).task.class_weights == ()
+    assert TrainJob.for_feature_set(TorchModelConfig(), config, cancer).task.class_weights == (1.0, 3.5)
+    assert TrainJob.for_feature_set(TorchModelConfig(), TrainConfig(), cancer).task.class_weights == ()
 
     with pytest.raises(UserError) as unknown:
         resolve_class_weights({"2": 1.0}, cancer.classes, labels)
@@ -136,7 +137,7 @@ def test_class_weights_weigh_the_training_loss_as_torchs_cross_entropy(cancer: F
     then exactly the weighted cross-entropy of the whole training split, however it was batched."""
     train = cancer.read("train")
     job = TrainJob.for_feature_set(
-        ModelConfig(params={"hidden": [8]}), TrainConfig(class_weights="balanced"), cancer
+        TorchModelConfig(params={"hidden": [8]}), TrainConfig(class_weights="balanced"), cancer
     )
     torch.manual_seed(0)
     model = build_model(job.model, job.in_features, job.task.out_features)
@@ -166,7 +167,7 @@ def test_class_weights_weigh_the_training_loss_as_torchs_cross_entropy(cancer: F
     )
     # The test log loss is scikit-learn's, unweighted, whatever the training weighed.
     test = cancer.read("test")
-    scores = score_test_split(model, test, job, cancer.classes)
+    scores = score_test_split(TorchPredictor(model, job.task), test.x, test.y, job.task, cancer.classes)
     probabilities = predict_proba(model, torch.from_numpy(test.x), job.task)
     assert scores.overall["test_log_loss"] == pytest.approx(sk.log_loss(test.y, probabilities))
     assert scores.overall["test_loss"] != pytest.approx(scores.overall["test_log_loss"])
@@ -175,13 +176,13 @@ def test_class_weights_weigh_the_training_loss_as_torchs_cross_entropy(cancer: F
 def test_class_weights_on_a_regression_are_refused(tmp_path: Path) -> None:
     diabetes = bundled("diabetes", tmp_path)
     with pytest.raises(UserError, match=r"remove train\.class_weights"):
-        TrainJob.for_feature_set(ModelConfig(), TrainConfig(class_weights={"1": 2.0}), diabetes)
+        TrainJob.for_feature_set(TorchModelConfig(), TrainConfig(class_weights={"1": 2.0}), diabetes)
 
 
 def test_the_regression_train_loss_is_the_mse_in_the_targets_units(tmp_path: Path) -> None:
     diabetes = bundled("diabetes", tmp_path)
     train = diabetes.read("train")
-    job = TrainJob.for_feature_set(ModelConfig(params={"hidden": [8]}), TrainConfig(), diabetes)
+    job = TrainJob.for_feature_set(TorchModelConfig(params={"hidden": [8]}), TrainConfig(), diabetes)
     assert job.task.target_std > 50  # the diabetes target spreads over hundreds: units matter
     torch.manual_seed(0)
     model = build_model(job.model, job.in_features, job.task.out_features)

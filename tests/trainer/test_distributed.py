@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from raylens.features import FeatureSet, SplitArrays
-from raylens.trainer import ModelConfig, TrainConfig, TrainJob, run_worker
+from raylens.trainer import TorchModelConfig, TrainConfig, TrainJob, run_worker
 from raylens.trainer.job import shard_rows
 from raylens.trainer.loop import GO_ON, Action, Decision, StepView
 from tests.conftest import iris_feature_set
@@ -35,7 +35,7 @@ def make_job(
     that (2 microbatches), so every strategy steps over the same rows."""
     pipelined = strategy == "pipeline"
     return TrainJob.for_feature_set(
-        ModelConfig(params={"hidden": [16, 16], "dropout": dropout}),
+        TorchModelConfig(params={"hidden": [16, 16], "dropout": dropout}),
         TrainConfig(
             epochs=epochs,
             batch_size=batch_size * 2 if pipelined else batch_size,

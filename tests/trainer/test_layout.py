@@ -4,14 +4,16 @@ replica fits (no Ray needed to decide it)."""
 from __future__ import annotations
 
 from raylens.features import FeatureSet
-from raylens.trainer import ModelConfig, TrainConfig, TrainJob
+from raylens.trainer import TorchModelConfig, TrainConfig, TrainJob
 from raylens.trainer.parallel.plan import one_process_reason
-from raylens.trainer.run import node_layout
+from raylens.trainer.torch_family import node_layout
 
 
 def test_auto_trains_small_models_in_one_process_on_one_machine(iris: FeatureSet) -> None:
     asked = TrainJob.for_feature_set(
-        ModelConfig(params={"hidden": [8]}), TrainConfig(scaling={"workers": 2, "cpus_per_worker": 1.5}), iris
+        TorchModelConfig(params={"hidden": [8]}),
+        TrainConfig(scaling={"workers": 2, "cpus_per_worker": 1.5}),
+        iris,
     )
     job, plan = node_layout(asked, embedded=True)
     assert (job.train.scaling.workers, job.train.scaling.cpus_per_worker) == (1, 3.0)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from raylens.features import FeatureSet
-from raylens.trainer import ModelConfig, TrainConfig, TrainJob, TrainState, run_worker
+from raylens.trainer import TorchModelConfig, TrainConfig, TrainJob, TrainState, run_worker
 from raylens.trainer.loop import GO_ON, Action, Decision, StepView
 from raylens.trainer.parallel import gather_checkpoint
 
@@ -26,7 +26,7 @@ class Collect:
 
 def job(fs: FeatureSet, epochs: int, dropout: float = 0.0) -> TrainJob:
     return TrainJob.for_feature_set(
-        ModelConfig(params={"hidden": [16], "dropout": dropout}),
+        TorchModelConfig(params={"hidden": [16], "dropout": dropout}),
         TrainConfig(epochs=epochs, batch_size=16, optimizer={"lr": 0.01}),
         fs,
     )

@@ -7,21 +7,21 @@ import pytest
 import torch
 from torch import nn
 
-from raylens.trainer import ModelConfig, TrainConfig
+from raylens.trainer import TorchModelConfig, TrainConfig
 from raylens.trainer.config import PipelineConfig
 from raylens.trainer.models import build_model
 from raylens.trainer.parallel.pipeline import PipelineError, check_cut, split_points
 
 
 def mlp(hidden: list[int]) -> nn.Module:
-    return build_model(ModelConfig(params={"hidden": hidden}), 4, 3)
+    return build_model(TorchModelConfig(params={"hidden": hidden}), 4, 3)
 
 
 def test_built_in_models_declare_where_stages_may_begin() -> None:
     assert mlp([8, 8, 8]).pipeline_split_points == ["net.2", "net.4", "net.6"]
-    dropout = build_model(ModelConfig(params={"hidden": [8, 8], "dropout": 0.1}), 4, 3)
+    dropout = build_model(TorchModelConfig(params={"hidden": [8, 8], "dropout": 0.1}), 4, 3)
     assert dropout.pipeline_split_points == ["net.3", "net.6"]
-    cnn = build_model(ModelConfig(name="cnn1d", params={"channels": [4, 8]}), 12, 3)
+    cnn = build_model(TorchModelConfig(name="cnn1d", params={"channels": [4, 8]}), 12, 3)
     assert cnn.pipeline_split_points == ["features.2", "head"]
 
 

@@ -17,14 +17,16 @@ import torch
 from torch import nn
 
 from raylens.features import FeatureSet
-from raylens.trainer import ModelConfig, TrainConfig, TrainJob
+from raylens.trainer import TorchModelConfig, TrainConfig, TrainJob
 from raylens.trainer.config import ScalingConfig
 from raylens.trainer.job import TrainingFailed
 from raylens.trainer.loop import Batches, evaluate
+from raylens.trainer.metrics import predicted_metrics
 from raylens.trainer.models import MLP, build_model
 from raylens.trainer.parallel import load_checkpoint, load_model_weights, rng_state
 from raylens.trainer.ray_train import TrainOutcome, checkpoint_folders, train_distributed, trains_in_driver
 from raylens.trainer.run import train_and_record
+from raylens.trainer.torch_family import TorchPredictor
 from raylens.trainer.tracking import MlflowTracker
 
 EPOCHS = 5
@@ -56,7 +58,7 @@ def job(
 ) -> TrainJob:
     """Dropout, so a resume that lost the random state would end with other weights."""
     return TrainJob.for_feature_set(
-        ModelConfig(
+        TorchModelConfig(
             name=f"{__name__}:fails_once",
             params={"hidden": [16], "dropout": 0.2, "marker": str(marker), "fail_at": fail_at},
         ),
@@ -186,7 +188,7 @@ def test_an_error_of_the_listener_is_not_a_training_failure(iris: FeatureSet, tm
 
 def diverging(workers: int, iris: FeatureSet) -> TrainJob:
     return TrainJob.for_feature_set(
-        ModelConfig(params={"hidden": [16]}),
+        TorchModelConfig(params={"hidden": [16]}),
         TrainConfig(
             epochs=20,
             batch_size=8,
@@ -229,7 +231,7 @@ def test_an_elastic_run_starts_with_the_workers_the_cluster_has_room_for(
     """workers: [2, 16] on the session's 4-CPU cluster: Ray Train starts as many as fit, at least 2;
     the checkpoint holds one random state per rank, so it says how many trained."""
     job = TrainJob.for_feature_set(
-        ModelConfig(params={"hidden": [8]}),
+        TorchModelConfig(params={"hidden": [8]}),
         TrainConfig(epochs=2, batch_size=16, scaling={"workers": [2, 16], "strategy": "ddp"}),
         iris,
     )
@@ -247,7 +249,7 @@ def test_a_pipeline_on_ray_train_saves_sharded_checkpoints_and_trains_what_one_p
     folder (nothing gathered on rank 0), the driver reads the whole model from the shards, and
     the losses are those of one process stepping over the same batches."""
     pipelined = TrainJob.for_feature_set(
-        ModelConfig(params={"hidden": [16, 16]}),
+        TorchModelConfig(params={"hidden": [16, 16]}),
         TrainConfig(
             epochs=3,
             batch_size=18,
@@ -286,7 +288,7 @@ def test_the_best_checkpoints_by_a_metric_are_kept_beside_the_latest_in_the_driv
     """A learning rate high enough for valid_loss to go up and down: the 2 best epochs by it are
     kept, with the newest (a resume starts from it), and the best is the one to register."""
     noisy = TrainJob.for_feature_set(
-        ModelConfig(params={"hidden": [16]}),
+        TorchModelConfig(params={"hidden": [16]}),
         TrainConfig(
             epochs=8,
             batch_size=8,
@@ -310,7 +312,7 @@ def test_the_run_tests_and_logs_the_best_checkpoints_model(iris: FeatureSet, tmp
     """With best_checkpoint, the test split is scored with the best checkpoint's weights, not the
     last epoch's, and the run says which epoch they are from."""
     noisy = TrainJob.for_feature_set(
-        ModelConfig(params={"hidden": [16]}),
+        TorchModelConfig(params={"hidden": [16]}),
         TrainConfig(
             epochs=6,
             batch_size=8,
@@ -342,5 +344,7 @@ def test_the_run_tests_and_logs_the_best_checkpoints_model(iris: FeatureSet, tmp
     model = build_model(noisy.model, 4, 3)
     load_model_weights(model, folder)
     test = iris.read("test")
-    expected = evaluate(model, Batches.from_numpy(test.x, test.y), noisy.task)["loss"]
+    expected = predicted_metrics(TorchPredictor(model, noisy.task), test.x, test.y, noisy.task)["loss"]
     assert result.test_metrics["test_loss"] == pytest.approx(expected, rel=1e-9)
+    whole = evaluate(model, Batches.from_numpy(test.x, test.y), noisy.task)["loss"]  # the loop's, in float32
+    assert result.test_metrics["test_loss"] == pytest.approx(whole, rel=1e-5)

@@ -21,7 +21,7 @@ from sklearn.datasets import load_diabetes
 from raylens.features import DataConfig, FeaturesConfig, build_feature_set, invert_all, transforms_from_dicts
 from raylens.trainer import (
     Batches,
-    ModelConfig,
+    TorchModelConfig,
     TrainConfig,
     TrainJob,
     build_model,
@@ -29,8 +29,9 @@ from raylens.trainer import (
     predict,
     run_worker,
 )
-from raylens.trainer.artifacts import log_model
+from raylens.trainer.family import Trained
 from raylens.trainer.parallel import gather_checkpoint
+from raylens.trainer.torch_family import TorchPredictor
 from raylens.trainer.tracking import MlflowTracker
 
 
@@ -55,7 +56,7 @@ def test_diabetes_trains_scores_like_scikit_learn_and_serves_in_target_units(
     )
     assert fs.task == "regression"  # a float target
     job = TrainJob.for_feature_set(
-        ModelConfig(params={"hidden": [32]}),
+        TorchModelConfig(params={"hidden": [32]}),
         TrainConfig(epochs=20, batch_size=32, optimizer={"lr": 0.01}),
         fs,
     )
@@ -83,7 +84,8 @@ def test_diabetes_trains_scores_like_scikit_learn_and_serves_in_target_units(
 
     tracker = MlflowTracker(f"sqlite:///{tmp_path}/mlflow.db", "diabetes", tmp_path / "artifacts")
     run_id = tracker.start_run("final")
-    model_uri = log_model(tracker, run_id, model, job, fs, test.x, None, {}).uri
+    trained = Trained(TorchPredictor(model, job.task), [], tmp_path)
+    model_uri = tracker.log_model(run_id, trained, job, fs, x_sample=test.x).uri
     tracker.end_run(run_id)
     monkeypatch.setattr(sys, "path", list(sys.path))  # loading puts the model's code folder first
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")

@@ -3,7 +3,7 @@
 import pytest
 
 from raylens.features import FeatureSet
-from raylens.trainer import ModelConfig, TrainConfig, TrainJob
+from raylens.trainer import TorchModelConfig, TrainConfig, TrainJob
 from raylens.trainer.config import PipelineConfig
 from raylens.trainer.parallel import ParallelPlan
 from raylens.trainer.ray_train import scaling_config
@@ -11,7 +11,7 @@ from raylens.trainer.ray_train import scaling_config
 
 def test_workers_cpus_and_gpus_per_worker_reach_ray_train(iris: FeatureSet) -> None:
     train = TrainConfig(scaling={"workers": 3, "cpus_per_worker": 1.5, "use_gpu": True})
-    config = scaling_config(TrainJob.for_feature_set(ModelConfig(), train, iris))
+    config = scaling_config(TrainJob.for_feature_set(TorchModelConfig(), train, iris))
     assert (config.num_workers, config.use_gpu) == (3, True)
     assert config.resources_per_worker == {"CPU": 1.5}
 
@@ -38,7 +38,7 @@ def test_the_plan_says_what_it_chose_and_why() -> None:
 
 def test_an_elastic_range_reaches_ray_train_and_is_checked(iris: FeatureSet) -> None:
     elastic = TrainConfig(scaling={"workers": [2, 4]})
-    assert scaling_config(TrainJob.for_feature_set(ModelConfig(), elastic, iris)).num_workers == (2, 4)
+    assert scaling_config(TrainJob.for_feature_set(TorchModelConfig(), elastic, iris)).num_workers == (2, 4)
     assert (elastic.scaling.min_workers, elastic.scaling.max_workers) == (2, 4)
     assert elastic.scaling.shown_workers == "2-4 (elastic)"
     assert TrainConfig(scaling={"workers": [3, 3]}).scaling.workers == 3

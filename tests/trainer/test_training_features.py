@@ -12,7 +12,7 @@ import torch
 from pydantic import ValidationError
 
 from raylens.features import FeatureSet
-from raylens.trainer import ModelConfig, TrainConfig, TrainJob, TrainState, build_model, run_worker
+from raylens.trainer import TorchModelConfig, TrainConfig, TrainJob, TrainState, build_model, run_worker
 from raylens.trainer.config import EarlyStoppingConfig, ScheduleConfig
 from raylens.trainer.job import shard_rows
 from raylens.trainer.monitors import EarlyStopping
@@ -22,7 +22,7 @@ from tests.trainer.test_loop import Collect
 
 def job(fs: FeatureSet, **train: object) -> TrainJob:
     settings: dict = {"epochs": 4, "batch_size": 16, "optimizer": {"lr": 0.05}, **train}
-    return TrainJob.for_feature_set(ModelConfig(params={"hidden": [16]}), TrainConfig(**settings), fs)
+    return TrainJob.for_feature_set(TorchModelConfig(params={"hidden": [16]}), TrainConfig(**settings), fs)
 
 
 class Snapshots(Collect):

@@ -3,7 +3,7 @@ import random
 import pytest
 
 from raylens.errors import UserError
-from raylens.trainer import ModelConfig, TrainConfig
+from raylens.trainer import TorchModelConfig, TrainConfig
 from raylens.tuning import check_space, parse_space, with_overrides
 from raylens.tuning.space import parse_distribution
 
@@ -43,7 +43,7 @@ def test_only_model_and_train_paths_are_tunable() -> None:
 
 def test_overrides_make_new_validated_configs() -> None:
     model, train = with_overrides(
-        ModelConfig(), TrainConfig(), {"train.optimizer.lr": 0.05, "model.params.hidden": [8]}
+        TorchModelConfig(), TrainConfig(), {"train.optimizer.lr": 0.05, "model.params.hidden": [8]}
     )
     assert train.optimizer.lr == 0.05 and model.params == {"hidden": [8]}
     assert TrainConfig().optimizer.lr == 1e-3  # the originals are untouched
@@ -51,8 +51,10 @@ def test_overrides_make_new_validated_configs() -> None:
 
 def test_space_that_samples_invalid_values_fails_at_load() -> None:
     with pytest.raises(UserError, match=r"train\.batch_size does not fit"):
-        check_space(parse_space({"train.batch_size": "uniform(8, 64)"}), ModelConfig(), TrainConfig())
+        check_space(parse_space({"train.batch_size": "uniform(8, 64)"}), TorchModelConfig(), TrainConfig())
     with pytest.raises(UserError, match="takes no parameter 'width'"):
-        check_space(parse_space({"model.params.width": "choice([8])"}), ModelConfig(), TrainConfig())
+        check_space(parse_space({"model.params.width": "choice([8])"}), TorchModelConfig(), TrainConfig())
     with pytest.raises(UserError, match=r"train\.optimizer\.lrr does not fit"):
-        check_space(parse_space({"train.optimizer.lrr": "uniform(0.1, 0.2)"}), ModelConfig(), TrainConfig())
+        check_space(
+            parse_space({"train.optimizer.lrr": "uniform(0.1, 0.2)"}), TorchModelConfig(), TrainConfig()
+        )

@@ -9,7 +9,7 @@ from ray.tune.experiment import Experiment
 
 from raylens.errors import UserError
 from raylens.features import FeatureSet
-from raylens.trainer import Batches, ModelConfig, TrainConfig, TrainJob, build_model, evaluate
+from raylens.trainer import Batches, TorchModelConfig, TrainConfig, TrainJob, build_model, evaluate
 from raylens.trainer.parallel import load_checkpoint
 from raylens.trainer.tracking import MlflowTracker
 from raylens.tuning import TuneConfig
@@ -25,7 +25,7 @@ def sweep(  # type: ignore[no-untyped-def]
     tmp_path: Path,
     tune: TuneConfig,
     train: TrainConfig,
-    model: ModelConfig = ModelConfig(params={"hidden": [8]}),
+    model: TorchModelConfig = TorchModelConfig(params={"hidden": [8]}),
 ):
     tmp_path.mkdir(parents=True, exist_ok=True)
     tracker = MlflowTracker(f"sqlite:///{tmp_path}/mlflow.db", "sweep-test", tmp_path / "artifacts")
@@ -63,7 +63,9 @@ DIVERGING = TuneConfig(
 and 1 start together; trial 1, better and fast, reaches each milestone first. Ray's own ASHA,
 judging by arrival, stops trial 0 at its first milestone; judged in trial order, trial 0 (the
 first) trains to the end, and the two diverging trials are stopped."""
-SLOW_MLP = ModelConfig(name="tests.faults.slow_models:build", params={"hidden": [8], "step_seconds": 0.0})
+SLOW_MLP = TorchModelConfig(
+    name="tests.faults.slow_models:build", params={"hidden": [8], "step_seconds": 0.0}
+)
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +130,7 @@ def test_a_trial_with_several_workers_is_a_ray_train_run_of_its_own(iris: Featur
         space={"train.optimizer.lr": "choice([0.02])"},
     )
     train = TrainConfig(epochs=3, batch_size=8, checkpoints_to_keep=2)
-    result, events, *_ = sweep(iris, tmp_path, tune, train, ModelConfig(params={"hidden": [16]}))
+    result, events, *_ = sweep(iris, tmp_path, tune, train, TorchModelConfig(params={"hidden": [16]}))
     (trial,) = result.trials
     assert trial.status == "completed"
     reported = [e.metrics for e in events if e.kind == "result"]
@@ -142,7 +144,7 @@ def test_a_trial_with_several_workers_is_a_ray_train_run_of_its_own(iris: Featur
     state = load_checkpoint(kept[-1])
     assert state["epoch"] == 3 and state["model"]["net.0.weight"].shape == torch.Size([16, 4])
     assert not any(key.startswith("module.") for key in state["model"])
-    job = TrainJob.for_feature_set(ModelConfig(params={"hidden": [16]}), train, iris)
+    job = TrainJob.for_feature_set(TorchModelConfig(params={"hidden": [16]}), train, iris)
     model = build_model(job.model, job.in_features, job.task.out_features)
     model.load_state_dict(state["model"])
     valid = iris.read("valid")
