@@ -114,21 +114,23 @@ def check_experiment(
 def _check_model_on_data(spec: ExperimentSpec, planned: PlannedFeatureSet, *, tune: bool) -> None:
     """The model, and each configuration the sweep may sample, built and run on real rows."""
     from raylens.trainer.family import family_of
-    from raylens.tuning import parse_space, sample_configs
+    from raylens.tuning import sampled_configs
 
     rows = planned.sample(2)
-    family_of(spec.model).check_on_rows(spec.model, rows, planned.num_outputs)
+    family_of(spec.model).check_on_rows(spec.model, rows, planned.task, planned.num_outputs)
     if not tune or spec.tune is None:
         return
-    space = parse_space(spec.tune.space)
-    for values, model, _ in sample_configs(space, spec.model, spec.train, spec.tune.seed):
+    for name, values, model, _ in sampled_configs(spec.tune, spec.model, spec.train):
         try:
-            family_of(model).check_on_rows(model, rows, planned.num_outputs)
+            family_of(model).check_on_rows(model, rows, planned.task, planned.num_outputs)
         except UserError as exc:
             drawn = ", ".join(f"{k}={v!r}" for k, v in values.items())
-            raise UserError(
-                f"tune.space: a configuration the sweep may sample ({drawn}) fails: {exc}"
-            ) from None
+            where = (
+                f"tune.candidates: a configuration of {name}"
+                if spec.tune.candidates
+                else ("tune.space: a configuration")
+            )
+            raise UserError(f"{where} the sweep may sample ({drawn}) fails: {exc}") from None
 
 
 def _check_pipeline(spec: ExperimentSpec, planned: PlannedFeatureSet) -> None:

@@ -186,6 +186,10 @@ def _run(
                 highlight=False,
             )
             raise typer.Exit(stop.exit_code) from None
+    if summary.leaderboard is not None:
+        from raylens.cluster.console import leaderboard_table
+
+        console.print(leaderboard_table(summary.leaderboard))
     console.print(summary_table(summary, command))
     ui = shlex.join(["raylens", "ui"] + (["--runs-dir", runs_dir] if runs_dir else []))
     if summary.tracking_uri.startswith("sqlite:"):
@@ -563,6 +567,40 @@ def predict(
             on_batch=lambda rows: bar.advance(task, rows),
         )
     console.print(f"{done.rows} rows → {escape(str(done.out))} (columns: {escape(', '.join(done.columns))})")
+
+
+@app.command(short_help="The leaderboard of a sweep: trials ranked, with their costs")
+@user_errors
+def leaderboard(
+    run_id: Annotated[
+        str,
+        typer.Argument(
+            metavar="RUN_ID",
+            help="The sweep run id that `raylens tune` or `raylens run` printed.",
+            show_default=False,
+        ),
+    ],
+    runs_dir: RunsDir = None,
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(
+            "--tracking-uri",
+            help="MLflow tracking URI; default: MLFLOW_TRACKING_URI, else the run folder's SQLite db.",
+        ),
+    ] = None,
+) -> None:
+    """Print a finished sweep's leaderboard: its completed trials ranked on the sweep's metric,
+    each with its training time, one row's prediction latency (p50, p95), model size and peak
+    memory, the Pareto front of metric against latency, each candidate's top permutation
+    importances, and which trials meet tune.constraints."""
+    from raylens.cluster.console import leaderboard_table
+    from raylens.cluster.invocation import leaderboard_of_run
+    from raylens.cluster.runtime import quiet_cli_process
+    from raylens.cluster.workspace import Workspace
+
+    quiet_cli_process(verbose=False)
+    uri = tracking_uri or Workspace.at(runs_dir).tracking_uri("default")
+    console.print(leaderboard_table(leaderboard_of_run(uri, run_id), f"leaderboard of run {run_id}"))
 
 
 @app.command("spec", short_help="Every spec key with its type, default and meaning")

@@ -14,6 +14,7 @@ from rich.text import Text
 from raylens.cluster.checks import CheckReport
 from raylens.cluster.experiment import Experiment, RunSummary
 from raylens.features import FeatureSet, PlannedFeatureSet
+from raylens.tuning.leaderboard import Leaderboard
 
 
 def _bar(console: Console) -> Progress:
@@ -157,6 +158,48 @@ def summary_table(summary: RunSummary, command: str = "run") -> Table:
         row("run id", final.run_id)
     row("tracking", summary.tracking_uri)
     return table
+
+
+def leaderboard_table(board: Leaderboard, title: str = "leaderboard") -> Group:
+    """The leaderboard: ranked trials with their costs, then each candidate's top permutation
+    importances and the verdict on the constraints. Narrow enough for 80 columns."""
+    table = Table(title=Text(title), title_justify="left", caption=Text(_LEGEND), caption_justify="left")
+    table.add_column("#", justify="right")
+    table.add_column("candidate", overflow="fold")
+    table.add_column(board.metric.removeprefix("valid_"), justify="right")
+    for name in ("train s", "p50/p95 ms", "MB", "RSS MB"):
+        table.add_column(name, justify="right")
+    table.add_column("", overflow="fold")
+
+    def number(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.3g}"
+
+    for rank, row in enumerate(board.rows, 1):
+        costs = row.costs
+        notes = (["Pareto"] if row.pareto else []) + row.misses
+        table.add_row(
+            str(rank),
+            Text(f"{row.candidate} {row.trial_id}"),
+            f"{row.score:.4g}",
+            number(costs.train_seconds),
+            f"{number(costs.predict_p50_ms)}/{number(costs.predict_p95_ms)}",
+            number(costs.model_mb),
+            number(costs.peak_rss_mb),
+            Text("; ".join(notes)),
+        )
+    parts: list[Any] = [table]
+    for row in board.rows:
+        if row.importances:
+            top = ", ".join(f"{name} {drop:.3g}" for name, drop in row.importances)
+            parts.append(Text(f"{row.candidate} {row.trial_id}, top permutation importances: {top}"))
+    parts.append(Text(board.verdict()))
+    return Group(*parts)
+
+
+_LEGEND = (
+    "train s: training time; p50/p95 ms: one row's prediction; MB: model size; RSS MB: trial "
+    "memory; Pareto: no trial is both better and faster"
+)
 
 
 def dry_run_table(experiment: Experiment, report: CheckReport, command: str) -> Table:

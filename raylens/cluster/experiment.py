@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from raylens.features import FeatureSet, PlannedFeatureSet
     from raylens.trainer.run import TrainRunResult
     from raylens.tuning import ConcurrencyPlan
+    from raylens.tuning.leaderboard import Leaderboard
 
 
 class Progress(Protocol):
@@ -69,6 +70,8 @@ class RunSummary:
     best_metrics: dict[str, float] = field(default_factory=dict)
     trials: int = 0
     concurrency: ConcurrencyPlan | None = None
+    leaderboard: Leaderboard | None = None
+    """The sweep's, when it ran in this invocation (``raylens leaderboard RUN_ID`` shows it later)."""
     best_spec: Path | str | None = None
     """The sweep's best configuration as a spec for ``raylens train`` (``best.yaml``): a path, or
     on object storage its URI (``--best-from`` with the sweep's run id takes it from there)."""

@@ -39,7 +39,8 @@ from raylens.trainer import AnyModelConfig, TorchModelConfig, TrainConfig, Train
 from raylens.trainer.family import family_of
 from raylens.trainer.run import TrainRunResult, train_and_record
 from raylens.trainer.tracking import MlflowTracker, ended_status, git_commit, redact
-from raylens.tuning import ConcurrencyPlan, with_overrides
+from raylens.tuning import with_overrides
+from raylens.tuning.leaderboard import LEADERBOARD, Leaderboard
 from raylens.tuning.sweep import SweepResult, run_sweep
 
 NO_RAY = RayRuntime(started_here=False, cpus=0.0, address=None)
@@ -53,6 +54,17 @@ BEST_CONFIG = "best_config.json"
 
 def best_config_of(tracking_uri: str, run_id: str) -> dict[str, Any]:
     """The best configuration the sweep of MLflow run ``run_id`` (its root run) found."""
+    return dict(_sweep_artifact(tracking_uri, run_id, BEST_CONFIG, "best configuration", "--best-from: "))
+
+
+def leaderboard_of_run(tracking_uri: str, run_id: str) -> Leaderboard:
+    """The leaderboard the sweep of MLflow run ``run_id`` (its root run) logged."""
+    return Leaderboard.from_dict(_sweep_artifact(tracking_uri, run_id, LEADERBOARD, "leaderboard"))
+
+
+def _sweep_artifact(tracking_uri: str, run_id: str, artifact: str, what: str, said: str = "") -> Any:
+    """A JSON artifact a finished sweep logged to its root run ``run_id``; ``UserError`` naming
+    what to pass instead when there is no such run or artifact."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -62,17 +74,17 @@ def best_config_of(tracking_uri: str, run_id: str) -> dict[str, Any]:
         run = mlflow.MlflowClient(tracking_uri).get_run(run_id)
     except MlflowException:
         raise UserError(
-            f"--best-from: no MLflow run '{run_id}' in {redact(tracking_uri)}; give the id of a sweep's "
+            f"{said}no MLflow run '{run_id}' in {redact(tracking_uri)}; give the id of a sweep's "
             "run (the 'sweep run id' row of `raylens tune` or `raylens run`), with the same --runs-dir"
         ) from None
     try:
-        best = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/{BEST_CONFIG}")
+        return mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/{artifact}")
     except Exception:  # no such artifact: each artifact store says so its own way
         raise UserError(
-            f"--best-from: run '{run_id}' holds no best configuration (it is not the root run of a "
-            "finished sweep); give the 'sweep run id' that `raylens tune` or `raylens run` printed"
+            f"{said}run '{run_id}' holds no {what} (it is not "
+            "the root run of a finished sweep); give the 'sweep run id' that `raylens tune` or "
+            "`raylens run` printed"
         ) from None
-    return dict(best)
 
 
 class Invocation:
@@ -324,8 +336,8 @@ class Stages:
                 )
                 model_config, train_config = spec.model, spec.train
                 if self.invocation.command != "train" and spec.tune is not None:
-                    plan = self.sweep(root) if record.best_config is None else None
-                    if plan is None:
+                    swept = self.sweep(root) if record.best_config is None else None
+                    if swept is None:
                         self.progress.notice(
                             "the sweep finished before the interruption: using its best config"
                         )
@@ -338,7 +350,8 @@ class Stages:
                         best_config=record.best_config,
                         best_metrics=record.best_metrics or {},
                         trials=len(record.trial_runs),
-                        concurrency=plan,
+                        concurrency=swept.plan if swept else None,
+                        leaderboard=swept.leaderboard if swept else None,
                         best_spec=(self.folder / BEST_SPEC).native,
                     )
                 if self.invocation.command != "tune":
@@ -361,7 +374,7 @@ class Stages:
             raise
         self.tracker.end_run(root, "FINISHED")
 
-    def sweep(self, root_run: str) -> ConcurrencyPlan:
+    def sweep(self, root_run: str) -> SweepResult:
         spec = self.spec
         assert spec.tune is not None
         self.progress.stage("Tuning")
@@ -395,7 +408,7 @@ class Stages:
         self.tracker.log_dict(root_run, best, BEST_SPEC)
         self.tracker.log_dict(root_run, sweep.best_config, BEST_CONFIG)
         self.save(best_config=sweep.best_config, best_metrics=sweep.best_metrics, stage="tuned")
-        return sweep.plan
+        return sweep
 
     def train(self, root_run: str, model: AnyModelConfig, train: TrainConfig) -> TrainRunResult:
         spec = self.spec

@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from raylens.errors import UserError, did_you_mean
 from raylens.features import DataConfig, FeaturesConfig
 from raylens.trainer import ModelConfig, SklearnModelConfig, TorchModelConfig, TrainConfig
 from raylens.trainer.config import FAMILIES
-from raylens.tuning import TuneConfig, check_space, parse_space, sample_configs
+from raylens.tuning import TuneConfig, candidates_of, check_space, sampled_configs
 
 
 class TrackingConfig(BaseModel):
@@ -56,6 +56,29 @@ class ExperimentSpec(BaseModel):
     """A sweep before the final training (raylens/tuning/config.py); none: train as written."""
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     """Where MLflow records go and the registered model's name."""
+
+    @model_validator(mode="after")
+    def _one_process_for_sklearn(self) -> ExperimentSpec:
+        if self.model.family != "sklearn":
+            return self
+        scaling = self.train.scaling
+        if scaling.max_workers > 1 or scaling.use_gpu or scaling.strategy not in ("auto",):
+            raise ValueError(
+                "model.family sklearn: a scikit-learn estimator fits in one process on CPUs; remove "
+                "train.scaling.workers, strategy and use_gpu (give it threads with cpus_per_worker)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _one_process_per_sklearn_trial(self) -> ExperimentSpec:
+        models = [self.model, *(c.model for c in self.tune.candidates)] if self.tune is not None else []
+        sklearn = any(model.family == "sklearn" for model in models)
+        if sklearn and self.tune is not None and self.tune.workers_per_trial > 1:
+            raise ValueError(
+                "model.family sklearn: a trial fits one estimator in one process; set "
+                "tune.workers_per_trial to 1 (give it threads with tune.cpus_per_trial)"
+            )
+        return self
 
 
 def load_spec(path: Path, overrides: Sequence[str] = ()) -> ExperimentSpec:
@@ -135,10 +158,7 @@ def parse_spec(raw: Mapping[str, Any], source: str = "spec") -> ExperimentSpec:
         lines = [_describe(error, dict(raw)) for error in exc.errors()]
         raise UserError(f"{source} is not a valid experiment spec:\n  " + "\n  ".join(lines)) from None
     if spec.tune is not None:
-        space = parse_space(spec.tune.space)
-        if not space:
-            raise UserError("tune.space: a sweep needs at least one path to tune, e.g. train.optimizer.lr")
-        sample_configs(space, spec.model, spec.train, spec.tune.seed)
+        sampled_configs(spec.tune, spec.model, spec.train)
     return spec
 
 
@@ -149,7 +169,8 @@ def check_model_params(spec: ExperimentSpec) -> None:
 
     family_of(spec.model).check_params(spec.model)
     if spec.tune is not None:
-        check_space(parse_space(spec.tune.space), spec.model, spec.train, spec.tune.seed)
+        for candidate in candidates_of(spec.tune, spec.model):
+            check_space(candidate.space, candidate.model, spec.train, spec.tune.seed)
 
 
 def _describe(error: Any, raw: dict[str, Any]) -> str:

@@ -45,14 +45,15 @@ class TorchModelConfig(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments of the model's constructor (e.g. hidden: [128, 64])."""
 
-    @model_validator(mode="after")
-    def _known_model(self) -> TorchModelConfig:
-        if self.name not in BUILTIN_MODELS and ":" not in self.name:
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        if name not in BUILTIN_MODELS and ":" not in name:
             raise ValueError(
-                f"'{self.name}' is neither a built-in model ({', '.join(BUILTIN_MODELS)}) "
+                f"'{name}' is neither a built-in model ({', '.join(BUILTIN_MODELS)}) "
                 "nor a factory written as 'package.module:function'"
             )
-        return self
+        return name
 
 
 class SklearnModelConfig(_Strict):
@@ -67,14 +68,15 @@ class SklearnModelConfig(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments of the estimator (e.g. max_depth: 8); random_state is train.seed unless given."""
 
-    @model_validator(mode="after")
-    def _known_estimator(self) -> SklearnModelConfig:
-        if self.name not in BUILTIN_ESTIMATORS and ":" not in self.name:
+    @field_validator("name")
+    @classmethod
+    def _known_estimator(cls, name: str) -> str:
+        if name not in BUILTIN_ESTIMATORS and ":" not in name:
             raise ValueError(
-                f"'{self.name}' is neither a built-in estimator ({', '.join(BUILTIN_ESTIMATORS)}) "
+                f"'{name}' is neither a built-in estimator ({', '.join(BUILTIN_ESTIMATORS)}) "
                 "nor an estimator class written as 'package.module:Class'"
             )
-        return self
+        return name
 
 
 def _family_of(value: Any) -> str:

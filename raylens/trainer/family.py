@@ -77,9 +77,9 @@ class ModelFamily(Protocol):
         """``UserError`` naming the parameter when ``config.params`` does not fit the model."""
         ...
 
-    def check_on_rows(self, config: AnyModelConfig, rows: np.ndarray, num_outputs: int) -> None:
-        """``UserError`` naming the parameter when the model cannot be built for, or run on, a
-        few real feature rows: before any worker starts."""
+    def check_on_rows(self, config: AnyModelConfig, rows: np.ndarray, task: str, num_outputs: int) -> None:
+        """``UserError`` naming the parameter when the model cannot be built for ``task``
+        (classification, regression) or run on a few real feature rows: before any worker starts."""
         ...
 
     def layout(self, job: TrainJob, *, embedded: bool) -> tuple[TrainJob, str]:
@@ -113,6 +113,10 @@ class ModelFamily(Protocol):
         monitor fails it."""
         ...
 
+    def trial_predictor(self, job: TrainJob, checkpoint: Path) -> Predictor:
+        """The model a trial's checkpoint (``run_trial``'s report folder) holds."""
+        ...
+
     def model_files(self, trained: Trained, config: AnyModelConfig, folder: Path) -> ModelFiles:
         """Write the registered model's files of ``trained`` into ``folder``."""
         ...
@@ -126,6 +130,16 @@ class ModelFamily(Protocol):
 
 _MODULES = {"torch": "raylens.trainer.torch_family", "sklearn": "raylens.trainer.sklearn_family"}
 assert set(_MODULES) == set(FAMILIES)
+
+
+def user_code(path: str) -> list[str]:
+    """The module or package of a user's "package.module:attr", for the model to carry — unless it
+    is installed (in site-packages), where it belongs in the environment, not in the model."""
+    module = importlib.import_module(path.partition(":")[0].split(".")[0])
+    source = Path(module.__file__ or "")
+    if not module.__file__ or "site-packages" in source.parts:
+        return []
+    return [str(source.parent if source.name == "__init__.py" else source)]
 
 
 def family_of(config: AnyModelConfig | str) -> ModelFamily:

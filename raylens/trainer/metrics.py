@@ -177,7 +177,8 @@ def predicted_metrics(predictor: Predictor, x: np.ndarray, y: np.ndarray, task: 
         probabilities = predictor.predict_proba(x)
         predicted = probabilities.argmax(axis=1)
         weights = np.asarray(task.class_weights, dtype=np.float64)[y] if task.class_weights else None
-        picked = np.clip(probabilities[np.arange(len(y)), y.astype(np.int64)], 1e-300, None)
+        # Clipped as scikit-learn's log_loss clips: a hard 0 (a forest's vote) costs -log(eps), not inf.
+        picked = np.clip(probabilities[np.arange(len(y)), y.astype(np.int64)], np.finfo(np.float64).eps, None)
         losses = -np.log(picked)
         loss_sum = float(np.sum(losses * weights) if weights is not None else np.sum(losses))
         weight = float(weights.sum()) if weights is not None else None

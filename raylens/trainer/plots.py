@@ -42,3 +42,22 @@ def learning_curves_figure(history: Sequence[dict[str, float]]) -> Figure:
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+def pareto_figure(points: Sequence[tuple[str, float, float, bool]], metric: str, title: str) -> Figure:
+    """Trials as (label, p95 latency ms, metric, on the front): the front joined by a line."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    labels = sorted({label for label, *_ in points})
+    for label in labels:
+        mine = [(lat, score) for name, lat, score, _ in points if name == label]
+        ax.scatter(*zip(*mine, strict=True), label=label, alpha=0.7)
+    front = sorted((lat, score) for _, lat, score, on_front in points if on_front)
+    if front:
+        ax.plot(*zip(*front, strict=True), color="black", linewidth=1, label="Pareto front")
+    ax.set_xscale("log")
+    ax.set_xlabel("prediction latency p95 (ms per row)")
+    ax.set_ylabel(metric)
+    ax.set_title(title)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig

@@ -5,7 +5,6 @@ Loading a registered torch model imports this module: Ray is imported only insid
 
 from __future__ import annotations
 
-import importlib
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -17,7 +16,7 @@ import torch
 from torch import nn
 
 from raylens.trainer.config import AnyModelConfig, TorchModelConfig
-from raylens.trainer.family import ModelFiles, Trained, TrialReport
+from raylens.trainer.family import ModelFiles, Trained, TrialReport, user_code
 from raylens.trainer.loop import TrainState, predict, predict_proba
 from raylens.trainer.models import build_model, check_model_runs, check_params
 from raylens.trainer.task import TaskSpec
@@ -117,7 +116,7 @@ class TorchFamily:
     def check_params(self, config: AnyModelConfig) -> None:
         check_params(_torch_config(config))
 
-    def check_on_rows(self, config: AnyModelConfig, rows: np.ndarray, num_outputs: int) -> None:
+    def check_on_rows(self, config: AnyModelConfig, rows: np.ndarray, task: str, num_outputs: int) -> None:
         check_model_runs(_torch_config(config), torch.from_numpy(rows), num_outputs)
 
     def layout(self, job: TrainJob, *, embedded: bool) -> tuple[TrainJob, str]:
@@ -169,6 +168,13 @@ class TorchFamily:
         state = load_checkpoint(resume_from) if resume_from is not None else None
         raise_if_failed(run_worker(job, train, valid, _FolderReporter(report), resume_from=state))
 
+    def trial_predictor(self, job: TrainJob, checkpoint: Path) -> TorchPredictor:
+        from raylens.trainer.parallel import load_model_weights
+
+        model = build_model(_torch_config(job.model), job.in_features, job.task.out_features)
+        load_model_weights(model, checkpoint)
+        return TorchPredictor(model, job.task)
+
     def model_files(self, trained: Trained, config: AnyModelConfig, folder: Path) -> ModelFiles:
         predictor = trained.predictor
         assert isinstance(predictor, TorchPredictor)
@@ -178,7 +184,10 @@ class TorchFamily:
             name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes()
             for name, tensor in sorted(state.items())
         )
-        return ModelFiles({WEIGHTS: str(folder / "weights.pt")}, content, user_code(_torch_config(config)))
+        name = _torch_config(config).name
+        return ModelFiles(
+            {WEIGHTS: str(folder / "weights.pt")}, content, user_code(name) if ":" in name else []
+        )
 
     def load_predictor(
         self, artifacts: Mapping[str, str], config: AnyModelConfig, task: TaskSpec, in_features: int
@@ -186,18 +195,6 @@ class TorchFamily:
         model = build_model(_torch_config(config), in_features, task.out_features)
         model.load_state_dict(torch.load(artifacts[WEIGHTS], map_location="cpu", weights_only=True))
         return TorchPredictor(model, task)
-
-
-def user_code(config: TorchModelConfig) -> list[str]:
-    """A user factory's ("my_models:build") module or package, unless it is installed (in
-    site-packages), where it belongs in the environment, not in the model."""
-    if ":" not in config.name:
-        return []
-    module = importlib.import_module(config.name.partition(":")[0].split(".")[0])
-    source = Path(module.__file__ or "")
-    if not module.__file__ or "site-packages" in source.parts:
-        return []
-    return [str(source.parent if source.name == "__init__.py" else source)]
 
 
 FAMILY = TorchFamily()

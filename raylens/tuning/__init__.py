@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from raylens.lazy import lazy_exports
 
 if TYPE_CHECKING:
+    from raylens.tuning.candidates import Candidate, candidates_of, sampled_configs
     from raylens.tuning.config import TuneConfig
     from raylens.tuning.plan import ConcurrencyPlan, plan_concurrency
     from raylens.tuning.space import Distribution, check_space, parse_space, sample_configs, with_overrides
@@ -15,6 +16,7 @@ if TYPE_CHECKING:
 __getattr__, __all__ = lazy_exports(
     __name__,
     {
+        "raylens.tuning.candidates": ["Candidate", "candidates_of", "sampled_configs"],
         "raylens.tuning.config": ["TuneConfig"],
         "raylens.tuning.plan": ["ConcurrencyPlan", "plan_concurrency"],
         "raylens.tuning.space": [

@@ -4,7 +4,38 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from raylens.trainer.config import ModelConfig
+
+
+class CandidateConfig(BaseModel):
+    """One model a sweep selects among: its model section and the space searched for it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    """How the leaderboard and the trials name it; default: family.name (e.g. sklearn.random_forest)."""
+    model: ModelConfig
+    """The model section, as the spec's model section is written (family, name, params)."""
+    space: dict[str, str] = Field(default_factory=dict)
+    """This candidate's own paths to distributions (model.params..., train...), searched only
+    in its trials; tune.space's train paths are searched for every candidate."""
+
+    @property
+    def label(self) -> str:
+        return self.name or f"{self.model.family}.{self.model.name}"
+
+
+class ConstraintsConfig(BaseModel):
+    """What the winner of an algorithm selection must meet; trials that miss are ranked, not chosen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    predict_p95_ms: float | None = Field(None, gt=0)
+    """The 95th percentile of one row's prediction time, in milliseconds."""
+    model_mb: float | None = Field(None, gt=0)
+    """The fitted model's size (weights, or the pickled estimator), in MB."""
 
 
 class TuneConfig(BaseModel):
@@ -16,11 +47,15 @@ class TuneConfig(BaseModel):
     """Number of configurations sampled from the space."""
     concurrency: int = Field(2, ge=1)
     """Trials running at once (upper bound: raylens lowers it to what the cluster can hold)."""
-    search: Literal["random"] = "random"
-    """Search algorithm: random sampling from the space, seeded."""
-    scheduler: Literal["asha", "fifo"] = "asha"
+    search: Literal["random", "grid", "tpe"] = "random"
+    """random: sampling from the space, seeded; grid: every combination of the choice() values
+    once (tune.trials is not used); tpe: Optuna's Tree-structured Parzen Estimator (through Ray
+    Tune's OptunaSearch), seeded, which samples where earlier trials scored well."""
+    scheduler: Literal["asha", "hyperband", "median", "fifo"] = "asha"
     """asha: stop trials that trail their peers at epoch milestones, judged in trial order so the
-    same seed stops the same trials (raylens/tuning/halving.py); fifo: run every trial to the end."""
+    same seed stops the same trials (raylens/tuning/halving.py); hyperband: Ray Tune's HyperBand
+    brackets; median: stop a trial whose best result trails the median of the others at the same
+    epoch (Ray Tune's median stopping rule); fifo: run every trial to the end."""
     metric: str = "valid_loss"
     """Metric the sweep optimizes, as reported each epoch (valid_loss, valid_accuracy, ...)."""
     mode: Literal["min", "max"] = "min"
@@ -39,3 +74,24 @@ class TuneConfig(BaseModel):
     """1: a trial trains in its own process; more: each trial launches a Ray Train run of that size."""
     space: dict[str, str] = Field(default_factory=dict)
     """Dotted spec paths to distributions, e.g. train.optimizer.lr: "loguniform(1e-4, 1e-1)"."""
+    candidates: list[CandidateConfig] = Field(default_factory=list)
+    """Algorithm selection: the models one sweep chooses among (each with its own space), e.g.
+    scikit-learn estimators beside a torch network; empty: the spec's model section alone."""
+    constraints: ConstraintsConfig | None = None
+    """Limits the chosen model must meet (prediction latency, size); the leaderboard says which
+    trials meet them."""
+    trial_retries: int = Field(0, ge=0)
+    """Times a trial that fails (an error, a lost worker) is retried from its last checkpoint
+    before it is recorded failed; the sweep goes on either way."""
+    time_budget_s: float | None = Field(None, gt=0)
+    """Stop starting trials after this many seconds (running ones stop too); the best so far wins."""
+
+    @model_validator(mode="after")
+    def _distinct_candidates(self) -> TuneConfig:
+        labels = [c.label for c in self.candidates]
+        twice = sorted({label for label in labels if labels.count(label) > 1})
+        if twice:
+            raise ValueError(
+                f"tune.candidates: {', '.join(twice)} named twice; give each candidate its own name"
+            )
+        return self

@@ -110,10 +110,19 @@ class HalvingRule:
         return decisions
 
 
-def trial_number(trial_id: str) -> int:
-    """Tune numbers the trials of a sweep in the order the searcher created them
-    (``<prefix>_00003``); that order is what the rule follows."""
-    return int(trial_id.rsplit("_", 1)[-1])
+def trial_number(trial_id: str, experiment_tag: str = "", default: int = 0) -> int:
+    """The order in which the searcher created a trial: what the rule follows. Tune's own
+    searcher numbers trial ids (``<prefix>_00003``); others' ids are random, and the trial's
+    experiment tag (``3_lr=0.01``) counts them; ``default`` where neither says."""
+    prefix, _, number = trial_id.rpartition("_")
+    if prefix and number.isdigit():
+        return int(number)
+    counted = experiment_tag.split("_", 1)[0]
+    return int(counted) if counted.isdigit() else default
+
+
+def _number(trial: Any) -> int:
+    return trial_number(trial.trial_id, getattr(trial, "experiment_tag", ""))
 
 
 class OrderedHalvingScheduler(FIFOScheduler):
@@ -135,26 +144,26 @@ class OrderedHalvingScheduler(FIFOScheduler):
     def _record(self, trial: Any, result: Mapping[str, Any]) -> None:
         value, iteration = result.get(self.metric_name), result.get(self.time_attr)
         if isinstance(value, int | float) and isinstance(iteration, int):
-            self.scores.setdefault(trial_number(trial.trial_id), {})[iteration] = score(value, self.mode)
+            self.scores.setdefault(_number(trial), {})[iteration] = score(value, self.mode)
 
     def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
         # Known from now on: later trials' judgements wait for its first results.
-        self.scores.setdefault(trial_number(trial.trial_id), {})
+        self.scores.setdefault(_number(trial), {})
         # A resumed sweep hands back its trials with the results they reported before.
         for result in _reported_before(trial):
             self._record(trial, result)
         if trial.status in ("TERMINATED", "ERROR"):
-            self.ended.add(trial_number(trial.trial_id))
+            self.ended.add(_number(trial))
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
         self._record(trial, result)
-        decision = self.rule.decide(self.scores, self.ended).get(trial_number(trial.trial_id))
+        decision = self.rule.decide(self.scores, self.ended).get(_number(trial))
         if decision is not None and decision.stopped_at is not None:
             return str(TrialScheduler.STOP)
         return str(TrialScheduler.CONTINUE)
 
     def _end(self, trial: Any) -> None:
-        self.ended.add(trial_number(trial.trial_id))
+        self.ended.add(_number(trial))
 
     def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> None:
         if result:

@@ -49,8 +49,8 @@ class Distribution:
         return rng.uniform(low, high)
 
 
-def parse_distribution(path: str, text: str) -> Distribution:
-    where = f"tune.space.{path}"
+def parse_distribution(path: str, text: str, section: str = "tune.space") -> Distribution:
+    where = f"{section}.{path}"
     try:
         call = ast.parse(text.strip(), mode="eval").body
     except SyntaxError:
@@ -87,18 +87,19 @@ def parse_distribution(path: str, text: str) -> Distribution:
     return Distribution(kind, (low, high))
 
 
-def parse_space(space: dict[str, str]) -> dict[str, Distribution]:
+def parse_space(space: dict[str, str], where: str = "tune.space") -> dict[str, Distribution]:
+    """The distributions of a space section (``where`` names it in errors)."""
     parsed = {}
     for path, text in space.items():
         root = path.split(".", 1)[0]
         if root not in TUNABLE_ROOTS or "." not in path:
             raise UserError(
-                f"tune.space.{path}: only paths under model. and train. can be tuned "
+                f"{where}.{path}: only paths under model. and train. can be tuned "
                 "(e.g. train.optimizer.lr, model.params.hidden)"
             )
         if path in FIXED_PATHS:
-            raise UserError(f"tune.space.{path}: {FIXED_PATHS[path]}")
-        parsed[path] = parse_distribution(path, text)
+            raise UserError(f"{where}.{path}: {FIXED_PATHS[path]}")
+        parsed[path] = parse_distribution(path, text, where)
     return parsed
 
 
@@ -109,6 +110,9 @@ def with_overrides(
     trees = {"model": model.model_dump(), "train": train.model_dump()}
     for path, value in overrides.items():
         root, *keys = path.split(".")
+        if not keys:  # a whole section (a candidate's model)
+            trees[root] = dict(value)
+            continue
         node = trees[root]
         for key in keys[:-1]:
             child = node.get(key)

@@ -8,7 +8,9 @@ launches a Ray Train run of that size, through the same bridge the final trainin
 
 from __future__ import annotations
 
+import math
 import os
+import resource
 import signal
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -21,7 +23,7 @@ import ray
 import torch
 from ray import tune
 from ray.tune.logger import JsonLoggerCallback
-from ray.tune.schedulers import FIFOScheduler
+from ray.tune.schedulers import FIFOScheduler, HyperBandScheduler, MedianStoppingRule
 from ray.tune.search import BasicVariantGenerator
 from ray.util.queue import Empty, Queue
 
@@ -31,8 +33,17 @@ from raylens.interrupts import Interrupted
 from raylens.storage import Location, ray_storage
 from raylens.trainer import AnyModelConfig, TrainConfig, TrainJob
 from raylens.trainer.family import family_of
+from raylens.trainer.plots import pareto_figure
 from raylens.trainer.ray_train import beside_the_driver, train_distributed
 from raylens.trainer.tracking import Tracker
+from raylens.tuning.candidates import (
+    Candidate,
+    DefineByRun,
+    candidate_named,
+    candidates_of,
+    check_search,
+    spec_values,
+)
 from raylens.tuning.config import TuneConfig
 from raylens.tuning.halving import (
     HalvingRule,
@@ -41,8 +52,21 @@ from raylens.tuning.halving import (
     score,
     trial_number,
 )
+from raylens.tuning.leaderboard import (
+    LEADERBOARD,
+    Costs,
+    Leaderboard,
+    Row,
+    latency_ms,
+    misses,
+    model_mb,
+    pareto_front,
+    permutation_importances,
+    raise_without_winner,
+    ranked,
+)
 from raylens.tuning.plan import ConcurrencyPlan, plan_concurrency
-from raylens.tuning.space import parse_space, with_overrides
+from raylens.tuning.space import with_overrides
 from raylens.tuning.tracking import (
     SweepTracking,
     TrialEvent,
@@ -62,26 +86,34 @@ class TrialSummary:
     status: str
     """completed | stopped (by the halving rule, at epoch ``stopped_at``) | failed"""
     stopped_at: int | None = None
+    order: int = 0
+    """The order in which the searcher created the trial (ties go to the earlier one)."""
 
 
 @dataclass(frozen=True)
 class SweepResult:
     best_config: dict[str, Any]
+    """The winner's values as spec paths (with several candidates, ``model`` first)."""
     best_metrics: dict[str, float]
     trials: list[TrialSummary]
     plan: ConcurrencyPlan
+    leaderboard: Leaderboard | None = None
 
 
 def report_to_tune(metrics: dict[str, float], folder: Path | None) -> None:
     """A trial's epoch to Tune, with the state the family saved in ``folder`` as its checkpoint,
-    so a resumed sweep continues trials (and schedulers that need checkpoints have them)."""
-    tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder) if folder is not None else None)
+    so a resumed sweep continues trials (and the leaderboard measures the model), and the trial
+    process's resident memory (``train_rss_mb``, a cost the leaderboard shows as its largest)."""
+    tune.report(
+        {**metrics, "train_rss_mb": resident_mb()},
+        checkpoint=tune.Checkpoint.from_directory(folder) if folder is not None else None,
+    )
 
 
-def _trial_job(job: TrainJob, config: dict[str, Any]) -> TrainJob:
-    """The job with a trial's sampled values; validated after epochs only, as the halving rule
-    counts its rungs in reports."""
-    model, train_config = with_overrides(job.model, job.train, config)
+def _trial_job(job: TrainJob, config: dict[str, Any], candidates: list[Candidate]) -> TrainJob:
+    """The job with a trial's candidate and sampled values; validated after epochs only, as the
+    halving rule counts its rungs in reports."""
+    model, train_config = with_overrides(job.model, job.train, spec_values(config, candidates))
     return replace(job, model=model, train=train_config.model_copy(update={"eval_every_steps": None}))
 
 
@@ -89,12 +121,13 @@ def _trial(
     config: dict[str, Any],
     *,
     job: TrainJob,
+    candidates: list[Candidate],
     train: SplitArrays,
     valid: SplitArrays,
     threads: int,
 ) -> None:
     torch.set_num_threads(threads)
-    trial_job = _trial_job(job, config)
+    trial_job = _trial_job(job, config, candidates)
     family = family_of(trial_job.model)
     checkpoint = tune.get_checkpoint()
     # A diverged trial fails with its reason (the trial's error); the sweep goes on.
@@ -106,9 +139,14 @@ def _trial(
 
 
 def _distributed_trial(
-    config: dict[str, Any], *, job: TrainJob, feature_set: FeatureSet, storage: str
+    config: dict[str, Any],
+    *,
+    job: TrainJob,
+    candidates: list[Candidate],
+    feature_set: FeatureSet,
+    storage: str,
 ) -> None:
-    trial_job = _trial_job(job, config)
+    trial_job = _trial_job(job, config, candidates)
     context = tune.get_context()
     train_distributed(
         trial_job,
@@ -142,7 +180,9 @@ def run_sweep(
     stops the sweep the way Tune saves it for a resume, then raises ``Interrupted``.
     """
     storage_path = Location.of(storage_path)
-    space = tune_space(config)
+    candidates = candidates_of(config, model)
+    check_search(config, candidates)
+    space = tune_space(config, candidates)
     workers = config.workers_per_trial
     plan = plan_concurrency(
         config.concurrency,
@@ -162,6 +202,7 @@ def run_sweep(
             tune.with_parameters(
                 _trial,
                 job=trial_job,
+                candidates=candidates,
                 train=feature_set.read("train"),
                 valid=feature_set.read("valid"),
                 threads=max(1, round(config.cpus_per_trial)),
@@ -174,6 +215,7 @@ def run_sweep(
             tune.with_parameters(
                 _distributed_trial,
                 job=trial_job,
+                candidates=candidates,
                 feature_set=feature_set,
                 storage=(storage_path / "trials").uri,
             ),
@@ -183,11 +225,6 @@ def run_sweep(
         HalvingRule.for_budget(epochs, min(config.grace_period, epochs), config.reduction_factor)
         if config.scheduler == "asha"
         else HalvingRule((), config.reduction_factor)
-    )
-    scheduler: Any = (
-        OrderedHalvingScheduler(rule, config.metric, config.mode)
-        if config.scheduler == "asha"
-        else FIFOScheduler()
     )
     experiment_path = storage_path / run_name
     recorder = TrialRecorder(tracker, parent_run_id, epochs, on_event, known_runs, on_run_created)
@@ -202,6 +239,7 @@ def run_sweep(
         # the halving rule judges from them, on a resume too.
         callbacks=[SweepTracking(str(experiment_path), recorder), JsonLoggerCallback()],
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        failure_config=tune.FailureConfig(max_failures=config.trial_retries),
     )
     try:
         where = ray_storage(experiment_path)
@@ -217,21 +255,26 @@ def run_sweep(
                 tune_config=tune.TuneConfig(
                     metric=config.metric,
                     mode=config.mode,
-                    num_samples=config.trials,
+                    num_samples=1 if config.search == "grid" else config.trials,
                     max_concurrent_trials=plan.concurrency,
-                    scheduler=scheduler,
-                    search_alg=searcher(config),
+                    scheduler=scheduler(config, rule, epochs),
+                    search_alg=searcher(config, candidates),
+                    time_budget_s=config.time_budget_s,
+                    # A trial's process is kept for the next one with the same resources: no
+                    # second or more of start-up (imports of torch, scikit-learn) per trial.
+                    reuse_actors=True,
                 ),
                 run_config=run_config,
             )
         relayed = _recorded_from(str(experiment_path), recorder) if remote_loop else nullcontext()
-        with _stop_gracefully_on_signals(here=not remote_loop), relayed:
+        with _stop_gracefully_on_signals(here=not remote_loop), relayed, _quiet_optuna():
             grid = tuner.fit()
     finally:
         recorder.close_open_runs()
         release(str(experiment_path))
     results = [grid[i] for i in range(len(grid))]
-    trials = _summaries(results, rule, config.metric, config.mode)
+    ends_early = config.scheduler not in ("asha", "fifo") and train.early_stopping is None
+    trials = _summaries(results, rule, config.metric, config.mode, epochs if ends_early else None)
     for trial in trials:  # the rule's verdict, which a live view may have seen late
         run_id = recorder.known_runs.get(trial.trial_id)
         if run_id and trial.status != "failed":
@@ -246,53 +289,233 @@ def run_sweep(
         raise UserError(
             f"tune: no trial reported '{config.metric}'{hint}{'; errors: ' + errors if errors else ''}"
         )
-    best = best_trial(finished, config.metric, config.mode)
-    return SweepResult(best.config, best.metrics, trials, plan)
+    board = leaderboard_of(results, finished, candidates, trial_job, feature_set, config)
+    _record_leaderboard(tracker, parent_run_id, board, recorder.known_runs)
+    raise_without_winner(board)
+    winner = board.winner
+    assert winner is not None
+    best = next(t for t in finished if t.trial_id == winner.trial_id)
+    return SweepResult(winner.config, best.metrics, trials, plan, board)
 
 
-def tune_space(config: TuneConfig) -> dict[str, Any]:
-    """The spec's space as Tune's sampling domains, keyed by dotted spec path."""
-    return {path: dist.to_tune() for path, dist in parse_space(config.space).items()}
+def leaderboard_of(
+    results: list[Any],
+    finished: list[TrialSummary],
+    candidates: list[Candidate],
+    job: TrainJob,
+    feature_set: FeatureSet,
+    config: TuneConfig,
+) -> Leaderboard:
+    """The completed trials ranked, each model's costs measured from its last checkpoint."""
+    by_id = {str((r.metrics or {}).get("trial_id", "")): r for r in results}
+    valid = feature_set.read("valid")
+    rows: list[Row] = []
+    best_of: dict[str, tuple[Row, Any, TrainJob]] = {}
+    for trial in sorted(finished, key=lambda t: t.order):
+        result = by_id[trial.trial_id]
+        trial_job = _trial_job(job, trial.config, candidates)
+        family = family_of(trial_job.model)
+        costs = Costs(
+            train_seconds=float((result.metrics or {}).get("time_total_s", math.nan)),
+            peak_rss_mb=_largest(result.path, result.filesystem, "train_rss_mb"),
+        )
+        predictor = None
+        if result.checkpoint is not None:
+            with result.checkpoint.as_directory() as folder:
+                predictor = family.trial_predictor(trial_job, Path(folder))
+            p50, p95 = latency_ms(predictor, valid.x)
+            costs = replace(
+                costs,
+                predict_p50_ms=p50,
+                predict_p95_ms=p95,
+                model_mb=model_mb(family, predictor, trial_job.model),
+            )
+        candidate = candidate_named(trial.config, candidates).name
+        row = Row(
+            trial.trial_id,
+            candidate,
+            trial.metrics[config.metric],
+            costs,
+            spec_values(trial.config, candidates),
+            misses=misses(costs, config.constraints),
+        )
+        rows.append(row)
+        kept = best_of.get(candidate)
+        if predictor is not None and (
+            kept is None or score(row.score, config.mode) > score(kept[0].score, config.mode)
+        ):
+            best_of[candidate] = (row, predictor, trial_job)
+    order = {t.trial_id: t.order for t in finished}
+    front = pareto_front(rows, config.mode)
+    importances = {
+        row.trial_id: permutation_importances(
+            predictor,
+            valid.x,
+            valid.y,
+            trial_job.task,
+            config.metric,
+            config.mode,
+            feature_set.feature_columns,
+        )
+        for row, predictor, trial_job in best_of.values()
+    }
+    rows = [
+        replace(row, pareto=row.trial_id in front, importances=importances.get(row.trial_id, []))
+        for row in rows
+    ]
+    constraints = config.constraints.model_dump(exclude_none=True) if config.constraints else {}
+    return Leaderboard(config.metric, config.mode, ranked(rows, config.mode, order), constraints)
 
 
-def searcher(config: TuneConfig) -> BasicVariantGenerator:
-    """The sweep's seeded random search: the same seed draws the same configurations, in order."""
-    return BasicVariantGenerator(random_state=config.seed)
+def _largest(path: str, filesystem: Any, key: str) -> float | None:
+    """The largest value of ``key`` a trial reported (from its result.json)."""
+    values = [
+        float(r[key]) for r in reported_results(path, filesystem) if isinstance(r.get(key), int | float)
+    ]
+    return max(values) if values else None
 
 
-def _summaries(results: list[Any], rule: HalvingRule, metric: str, mode: str) -> list[TrialSummary]:
+def _record_leaderboard(
+    tracker: Tracker, parent_run_id: str, board: Leaderboard, known_runs: Mapping[str, str]
+) -> None:
+    """The leaderboard as the sweep run's table and Pareto plot; the winner's run tagged."""
+    tracker.log_dict(parent_run_id, board.to_dict(), LEADERBOARD)
+    points = [
+        (row.candidate, row.costs.predict_p95_ms, row.score, row.pareto)
+        for row in board.rows
+        if row.costs.predict_p95_ms is not None
+    ]
+    if points:
+        tracker.log_figure(
+            parent_run_id,
+            pareto_figure(points, board.metric, "trials: metric against prediction latency"),
+            "plots/pareto_front.png",
+        )
+    winner = board.winner
+    if winner is not None and winner.trial_id in known_runs:
+        tracker.set_tags(known_runs[winner.trial_id], {"raylens.best_trial": "true"})
+
+
+def resident_mb() -> float:
+    """This process's resident memory now, in MB: what a reused trial actor holds for its trial
+    (its lifetime peak would carry earlier trials' peaks)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 1e6
+    except (OSError, ValueError, IndexError):  # not Linux: the lifetime peak
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _optuna_searches(config: TuneConfig, candidates: list[Candidate]) -> bool:
+    """TPE, and any search across candidates (a conditional space), run through Optuna."""
+    return config.search == "tpe" or len(candidates) > 1
+
+
+def tune_space(config: TuneConfig, candidates: list[Candidate]) -> dict[str, Any]:
+    """The space as Tune's sampling domains, keyed by dotted spec path: random draws, or grid
+    values; none where Optuna holds the space (``define_by_run``)."""
+    if _optuna_searches(config, candidates):
+        return {}
+    (only,) = candidates
+    if config.search == "grid":
+        return {path: tune.grid_search(list(dist.args[0])) for path, dist in only.space.items()}
+    return {path: dist.to_tune() for path, dist in only.space.items()}
+
+
+def searcher(config: TuneConfig, candidates: list[Candidate]) -> Any:
+    """The sweep's seeded search: the same seed draws the same configurations, in order (TPE: in
+    the order results arrive). Random search of one model is Tune's own; TPE, and random search
+    across candidates, are Optuna's samplers through Ray Tune's OptunaSearch."""
+    if not _optuna_searches(config, candidates):
+        return BasicVariantGenerator(random_state=config.seed)
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    sampler = (
+        optuna.samplers.TPESampler(seed=config.seed)
+        if config.search == "tpe"
+        else optuna.samplers.RandomSampler(seed=config.seed)
+    )
+    with _quiet_optuna():  # its study's creation is logged at INFO
+        return OptunaSearch(
+            space=DefineByRun(candidates), sampler=sampler, metric=config.metric, mode=config.mode
+        )
+
+
+def scheduler(config: TuneConfig, rule: HalvingRule, epochs: int) -> Any:
+    """The trial scheduler ``tune.scheduler`` names, counting time in epochs (reports)."""
+    if config.scheduler == "asha":
+        return OrderedHalvingScheduler(rule, config.metric, config.mode)
+    if config.scheduler == "hyperband":
+        return HyperBandScheduler(
+            time_attr="training_iteration", max_t=epochs, reduction_factor=config.reduction_factor
+        )
+    if config.scheduler == "median":
+        return MedianStoppingRule(
+            time_attr="training_iteration", grace_period=config.grace_period, min_samples_required=3
+        )
+    return FIFOScheduler()
+
+
+def _summaries(
+    results: list[Any], rule: HalvingRule, metric: str, mode: str, epochs: int | None = None
+) -> list[TrialSummary]:
     """Each trial's outcome, judged again by ``rule`` over its whole history once every trial
     has ended: a trial the rule stops is ``stopped`` even if its stop arrived after its last
-    epoch, so the outcome never depends on the order results arrived."""
+    epoch, so the outcome never depends on the order results arrived. With ``epochs`` (a
+    scheduler of Ray Tune's, no early stopping of its own) a trial that ended sooner was
+    stopped by the scheduler."""
     ids = [str((r.metrics or {}).get("trial_id", "")) for r in results]
+    numbers = {  # the grid lists trials in the order they were created: the fallback
+        trial_id: trial_number(trial_id, str((result.metrics or {}).get("experiment_tag", "")), index + 1)
+        for index, (trial_id, result) in enumerate(zip(ids, results, strict=True))
+        if trial_id
+    }
     scores: dict[int, dict[int, float]] = {}
     for trial_id, result in zip(ids, results, strict=True):
         if trial_id:
-            scores[trial_number(trial_id)] = {
+            scores[numbers[trial_id]] = {
                 int(reported["training_iteration"]): score(float(reported[metric]), mode)
                 for reported in reported_results(result.path, result.filesystem)
                 if isinstance(reported.get(metric), int | float) and "training_iteration" in reported
             }
-    decisions = rule.decide(scores, {trial_number(t) for t in ids if t})
+    decisions = rule.decide(scores, set(numbers.values()))
     summaries = []
     for trial_id, result in zip(ids, results, strict=True):
-        decision = decisions.get(trial_number(trial_id)) if trial_id else None
+        decision = decisions.get(numbers[trial_id]) if trial_id else None
         stopped_at = decision.stopped_at if decision else None
+        last = int((result.metrics or {}).get("training_iteration", 0))
+        if epochs is not None and not result.error and 0 < last < epochs:
+            stopped_at = last
         status = "failed" if result.error else "stopped" if stopped_at is not None else "completed"
         summaries.append(
             TrialSummary(
-                trial_id, dict(result.config or {}), trial_metrics(result.metrics or {}), status, stopped_at
+                trial_id,
+                dict(result.config or {}),
+                trial_metrics(result.metrics or {}),
+                status,
+                stopped_at,
+                numbers.get(trial_id, 0),
             )
         )
     return summaries
 
 
-def best_trial(finished: list[TrialSummary], metric: str, mode: str) -> TrialSummary:
-    """The completed trial with the best last-reported ``metric`` (failed trials and trials
-    the halving rule stopped never count); ties go to the lowest trial id, so the choice does
-    not depend on timing."""
-    ordered = sorted(finished, key=lambda t: trial_number(t.trial_id))
-    return max(ordered, key=lambda t: score(t.metrics[metric], mode))
+@contextmanager
+def _quiet_optuna() -> Iterator[None]:
+    """Optuna logs a line per trial at INFO to its own handler: warnings only while the sweep
+    runs, its verbosity put back after (it is the process's setting)."""
+    try:
+        import optuna
+    except ImportError:
+        yield
+        return
+    before = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(before)
 
 
 @contextmanager

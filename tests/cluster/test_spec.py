@@ -116,3 +116,33 @@ def test_bad_overrides_name_the_key_and_the_fix(tmp_path: Path) -> None:
     assert "--set train.epoch=3 --set train.batch_size=-1 is not a valid experiment spec" in message
     assert "train.epoch: unknown key 'epoch' (did you mean 'epochs'?)" in message
     assert "train.batch_size:" in message
+
+
+def test_the_model_section_is_validated_as_its_family_names_it() -> None:
+    assert parse_spec(spec_with(model={"name": "cnn1d"})).model.family == "torch"  # no family: torch
+    forest = parse_spec(
+        spec_with(model={"family": "sklearn", "name": "random_forest", "params": {"max_depth": 4}})
+    )
+    assert forest.model.family == "sklearn" and forest.model.params == {"max_depth": 4}
+    with pytest.raises(UserError) as error:
+        parse_spec(spec_with(model={"family": "sklern"}))
+    assert "model.family: 'sklern' is not one of torch, sklearn (did you mean 'sklearn'?)" in str(error.value)
+    with pytest.raises(UserError) as error:
+        parse_spec(spec_with(model={"family": "sklearn", "name": "forest"}))
+    assert "model.name: 'forest' is neither a built-in estimator" in str(error.value)
+    with pytest.raises(UserError) as error:
+        parse_spec(spec_with(model={"family": "sklearn", "hidden": [3]}))
+    assert "model.hidden: unknown key 'hidden'; valid keys here: family, name, params" in str(error.value)
+
+
+def test_an_estimator_is_not_given_workers_it_cannot_use() -> None:
+    sklearn = {"family": "sklearn", "name": "knn"}
+    with pytest.raises(UserError, match="a scikit-learn estimator fits in one process"):
+        parse_spec(spec_with(model=sklearn, train={"scaling": {"workers": 2}}))
+    with pytest.raises(UserError, match=r"set tune\.workers_per_trial to 1"):
+        parse_spec(
+            spec_with(
+                model=sklearn,
+                tune={"workers_per_trial": 2, "space": {"model.params.n_neighbors": "randint(1, 9)"}},
+            )
+        )

@@ -12,7 +12,7 @@ from raylens.features import FeatureSet
 from raylens.trainer import Batches, TorchModelConfig, TrainConfig, TrainJob, build_model, evaluate
 from raylens.trainer.parallel import load_checkpoint
 from raylens.trainer.tracking import MlflowTracker
-from raylens.tuning import TuneConfig
+from raylens.tuning import TuneConfig, candidates_of
 from raylens.tuning.sweep import run_sweep, searcher, tune_space
 from raylens.tuning.tracking import TrialEvent
 from tests.conftest import iris_feature_set
@@ -106,9 +106,10 @@ def test_another_seed_samples_other_configurations() -> None:
     def planned(seed: int) -> list[dict[str, float]]:
         """The configurations the sweep's own searcher draws, in trial order."""
         config = DIVERGING.model_copy(update={"seed": seed})
-        search = searcher(config)
+        candidates = candidates_of(config, TorchModelConfig())
+        search = searcher(config, candidates)
         search.add_configurations(
-            [Experiment("plan", lambda c: None, config=tune_space(config), num_samples=4)]
+            [Experiment("plan", lambda c: None, config=tune_space(config, candidates), num_samples=4)]
         )
         trials = iter(search.next_trial, None)
         return [trial.config for trial in trials]

@@ -1,0 +1,77 @@
+"""Candidates and searchers: a space that does not fit its searcher is refused before any trial."""
+
+import pytest
+
+from raylens.cluster.spec import parse_spec
+from raylens.errors import UserError
+from raylens.trainer import SklearnModelConfig, TorchModelConfig
+from raylens.tuning import TuneConfig, candidates_of
+from raylens.tuning.candidates import spec_values
+
+BASE = {"name": "cancer", "data": {"source": "sklearn:breast_cancer", "target": "target"}}
+FOREST = {"family": "sklearn", "name": "random_forest"}
+
+
+def tuned(**tune: object) -> dict:
+    return {**BASE, "tune": tune}
+
+
+def test_a_trial_of_a_candidate_becomes_that_candidates_model_and_values() -> None:
+    config = TuneConfig(
+        space={"train.seed": "randint(0, 3)"},
+        candidates=[
+            {"model": FOREST, "space": {"model.params.max_depth": "randint(2, 9)"}},
+            {
+                "name": "net",
+                "model": {"name": "mlp"},
+                "space": {"train.optimizer.lr": "loguniform(1e-4, 1e-1)"},
+            },
+        ],
+    )
+    forest, net = candidates_of(config, TorchModelConfig())
+    assert (forest.name, net.name) == ("sklearn.random_forest", "net")
+    assert set(forest.space) == {"train.seed", "model.params.max_depth"}
+    drawn = {"candidate": "sklearn.random_forest", "sklearn.random_forest:model.params.max_depth": 4}
+    values = spec_values({**drawn, "sklearn.random_forest:train.seed": 2}, [forest, net])
+    assert values == {
+        "model": SklearnModelConfig(name="random_forest").model_dump(),
+        "model.params.max_depth": 4,
+        "train.seed": 2,
+    }
+
+
+@pytest.mark.parametrize(
+    ("tune", "message"),
+    [
+        (
+            {"search": "tpe", "space": {"model.params.hidden": "choice([[64], [128, 64]])"}},
+            r"tune\.space\.model\.params\.hidden: Optuna .* chooses among numbers, strings, booleans",
+        ),
+        (
+            {"search": "grid", "space": {"train.optimizer.lr": "loguniform(1e-4, 1e-1)"}},
+            r"tune\.space\.train\.optimizer\.lr: grid search tries listed values only; write choice",
+        ),
+        (
+            {"space": {"model.params.max_depth": "randint(2, 5)"}, "candidates": [{"model": FOREST}]},
+            r"tune\.space\.model\.params\.max_depth: with tune\.candidates, tune\.space holds the train",
+        ),
+        (
+            {"candidates": [{"model": FOREST, "space": {"model.params.max_depth": "randint(5, 2)"}}]},
+            r"tune\.candidates\[0\]\.space\.model\.params\.max_depth: randint needs low < high",
+        ),
+        (
+            {"candidates": [{"model": FOREST}, {"model": FOREST}]},
+            r"sklearn\.random_forest named twice",
+        ),
+        ({"candidates": [{"model": {"family": "xgboost"}}]}, r"'xgboost' is not one of torch, sklearn"),
+        ({"space": {}}, r"a sweep needs at least one path to tune"),
+    ],
+)
+def test_a_space_that_does_not_fit_is_refused_naming_the_path(tune: dict, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        parse_spec(tuned(**tune))
+
+
+def test_candidates_of_fixed_models_need_no_space() -> None:
+    spec = parse_spec(tuned(candidates=[{"model": FOREST}, {"model": {"family": "sklearn", "name": "knn"}}]))
+    assert spec.tune is not None and len(spec.tune.candidates) == 2

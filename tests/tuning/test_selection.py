@@ -1,0 +1,166 @@
+"""Algorithm selection on real Ray Tune and MLflow: one sweep across scikit-learn and torch
+candidates, ranked on a leaderboard with measured costs; Optuna's TPE, grid search and Tune's
+schedulers; constraints that leave no winner."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from raylens.errors import UserError
+from raylens.features import FeatureSet
+from raylens.trainer import SklearnModelConfig, TorchModelConfig, TrainConfig
+from raylens.trainer.tracking import MlflowTracker
+from raylens.tuning import TuneConfig
+from raylens.tuning.leaderboard import LEADERBOARD, Leaderboard
+from raylens.tuning.sweep import SweepResult, run_sweep
+from tests.cli import RAYLENS
+from tests.trainer.test_classification import bundled
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+LOGISTIC = {"family": "sklearn", "name": "logistic_regression"}
+WIDE = {**os.environ, "COLUMNS": "200"}
+"""A terminal wide enough that the table prints each trial id on one line."""
+
+
+@pytest.fixture(scope="module")
+def cancer(tmp_path_factory: pytest.TempPathFactory) -> FeatureSet:
+    return bundled("breast_cancer", tmp_path_factory.mktemp("cancer"))
+
+
+def sweep(
+    fs: FeatureSet, folder: Path, tune: TuneConfig, model: Any = None, epochs: int = 2
+) -> tuple[SweepResult, MlflowTracker, str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    tracker = MlflowTracker(f"sqlite:///{folder}/mlflow.db", "selection", folder / "artifacts")
+    parent = tracker.start_run("sweep")
+    try:
+        result = run_sweep(
+            tune,
+            model or TorchModelConfig(params={"hidden": [8]}),
+            TrainConfig(epochs=epochs, batch_size=32),
+            fs,
+            tracker=tracker,
+            parent_run_id=parent,
+            storage_path=folder / "ray",
+            run_name="sweep",
+        )
+    finally:
+        tracker.end_run(parent)
+    return result, tracker, parent
+
+
+def test_one_sweep_ranks_scikit_learn_and_torch_candidates_with_their_costs(
+    cancer: FeatureSet, tmp_path: Path
+) -> None:
+    tune = TuneConfig(
+        trials=6,
+        concurrency=2,
+        scheduler="fifo",
+        metric="valid_accuracy",
+        mode="max",
+        candidates=[
+            {"model": LOGISTIC, "space": {"model.params.C": "loguniform(0.01, 10)"}},
+            {
+                "model": {"family": "sklearn", "name": "random_forest", "params": {"n_estimators": 10}},
+                "space": {"model.params.max_depth": "randint(2, 6)"},
+            },
+            {
+                "name": "mlp",
+                "model": {"name": "mlp", "params": {"hidden": [16]}},
+                "space": {"train.optimizer.lr": "loguniform(1e-3, 3e-2)"},
+            },
+        ],
+    )
+    result, tracker, parent = sweep(cancer, tmp_path, tune)
+    board = result.leaderboard
+    assert board is not None and len(board.rows) == 6
+    scores = [row.score for row in board.rows]
+    assert scores == sorted(scores, reverse=True)
+    assert {row.candidate for row in board.rows} >= {"sklearn.logistic_regression", "sklearn.random_forest"}
+    for row in board.rows:
+        costs = row.costs
+        assert costs.train_seconds > 0 and costs.peak_rss_mb and costs.peak_rss_mb > 0
+        assert costs.predict_p50_ms and 0 < costs.predict_p50_ms <= costs.predict_p95_ms  # type: ignore[operator]
+        assert costs.model_mb and costs.model_mb > 0
+    # Each candidate's best has its permutation importances, named by feature column.
+    explained = [row for row in board.rows if row.importances]
+    assert len(explained) == len({row.candidate for row in board.rows})
+    assert all(name in cancer.feature_columns for row in explained for name, _ in row.importances)
+    assert any(row.pareto for row in board.rows) and board.rows[0].pareto  # the best is never beaten
+    winner = board.winner
+    assert winner is board.rows[0] and result.best_config == winner.config
+    family = {"mlp": "torch"}.get(winner.candidate, "sklearn")
+    assert next(iter(result.best_config)) == "model" and result.best_config["model"]["family"] == family
+
+    # The leaderboard is a value of the sweep's run; the winner's trial run is tagged.
+    logged = Path(tracker.client.download_artifacts(parent, LEADERBOARD, str(tmp_path)))
+    assert Leaderboard.from_dict(json.loads(logged.read_text())) == board
+    artifacts = {a.path for a in tracker.client.list_artifacts(parent, "plots")}
+    assert "plots/pareto_front.png" in artifacts
+    tagged = tracker.client.search_runs([tracker.experiment_id], "tags.`raylens.best_trial` = 'true'")
+    assert len(tagged) == 1 and tagged[0].data.tags["mlflow.parentRunId"] == parent
+
+    # `raylens leaderboard RUN_ID` prints it again; a run that is not a sweep's is named.
+    uri = ["--tracking-uri", tracker.tracking_uri]
+    shown = subprocess.run([RAYLENS, "leaderboard", parent, *uri], capture_output=True, text=True, env=WIDE)
+    assert shown.returncode == 0, shown.stderr
+    assert f"winner: {winner.candidate} (trial {winner.trial_id})" in shown.stdout
+    assert all(row.trial_id in shown.stdout for row in board.rows) and shown.stderr == ""
+    wrong = subprocess.run(
+        [RAYLENS, "leaderboard", tagged[0].info.run_id, *uri], capture_output=True, text=True
+    )
+    assert (
+        wrong.returncode == 2
+        and "holds no leaderboard (it is not the root run of a finished sweep)" in wrong.stderr
+    )
+
+
+def test_constraints_no_trial_meets_leave_no_winner_and_name_the_closest(
+    cancer: FeatureSet, tmp_path: Path
+) -> None:
+    tune = TuneConfig(
+        trials=1,
+        concurrency=1,
+        scheduler="fifo",
+        space={"model.params.C": "loguniform(0.01, 10)"},
+        constraints={"model_mb": 1e-6},
+    )
+    with pytest.raises(UserError, match=r"no trial meets tune\.constraints \(model_mb ≤ 1e-06\); closest: "):
+        sweep(cancer, tmp_path, tune, SklearnModelConfig(**LOGISTIC))
+
+
+def test_tpe_with_median_stopping_and_grid_search_run_their_trials(
+    cancer: FeatureSet, tmp_path: Path
+) -> None:
+    tpe = TuneConfig(
+        trials=4,
+        concurrency=2,
+        search="tpe",
+        scheduler="median",
+        space={
+            "model.params.max_depth": "randint(1, 6)",
+            "model.params.criterion": "choice(['gini', 'entropy'])",
+        },
+    )
+    forest = SklearnModelConfig(name="random_forest", params={"n_estimators": 8})
+    result, *_ = sweep(cancer, tmp_path / "tpe", tpe, forest, epochs=4)
+    assert len(result.trials) == 4 and all(t.status in ("completed", "stopped") for t in result.trials)
+    assert set(result.best_config) == {"model.params.max_depth", "model.params.criterion"}
+
+    grid = TuneConfig(
+        trials=99,  # grid search tries every combination once
+        concurrency=2,
+        search="grid",
+        scheduler="fifo",
+        space={"model.params.C": "choice([0.1, 1.0])", "model.params.fit_intercept": "choice([True, False])"},
+    )
+    result, *_ = sweep(cancer, tmp_path / "grid", grid, SklearnModelConfig(**LOGISTIC))
+    tried = sorted(
+        (t.config["model.params.C"], t.config["model.params.fit_intercept"]) for t in result.trials
+    )
+    assert tried == [(0.1, False), (0.1, True), (1.0, False), (1.0, True)]
