@@ -6,6 +6,8 @@
     python -m bench validate [--json]  seconds for `raylens validate` to answer a spec mistake
     python -m bench pipeline [--json]  a model over one worker's memory budget: pipeline x2 ÷ FSDP x2
     python -m bench submit [--json]    `raylens submit` to a local cluster ÷ `raylens run`, launch to end
+    python -m bench sweep [--json]     32 one-second trials, 2 at a time: raylens (tracked) ÷ ideal 16 s
+    python -m bench asha [--json]      epochs to a target score: ASHA ÷ random search; TPE's trials ÷ random's
 
 Figures, with the machine they came from, are kept in BENCHMARKS.md.
 """
@@ -19,7 +21,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from bench import pipeline, startup, submit, thread, trainer, validate
+from bench import asha, pipeline, startup, submit, sweep, thread, trainer, validate
 
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "trainer": trainer.run,
@@ -28,6 +30,8 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "validate": validate.run,
     "pipeline": pipeline.run,
     "submit": submit.run,
+    "sweep": sweep.run,
+    "asha": asha.run,
 }
 
 

@@ -23,6 +23,8 @@ from pathlib import Path
 from mlflow import MlflowClient
 from sklearn.datasets import load_iris
 
+from tests.servers import free_port
+
 RAYLENS = str(Path(sys.executable).parent / "raylens")
 SPEC = """
 name: faults
@@ -138,9 +140,7 @@ def other_ray_cluster() -> Iterator[str]:
     (`ray stop` would end every Ray process on the machine)."""
     address_file = Path("/tmp/ray/ray_current_cluster")
     existed = address_file.exists()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     head = subprocess.Popen(
         [
             str(Path(sys.executable).parent / "ray"),
@@ -148,6 +148,7 @@ def other_ray_cluster() -> Iterator[str]:
             "--head",
             "--block",
             f"--port={port}",
+            f"--ray-client-server-port={free_port()}",  # not the default: other tests' heads run beside
             "--num-cpus=1",
             "--include-dashboard=false",
             "--node-ip-address=127.0.0.1",

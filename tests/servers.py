@@ -95,6 +95,8 @@ def _start_head(
             "--block",
             "--node-ip-address=127.0.0.1",
             f"--port={port}",
+            # Not Ray's default 10001: heads of tests running side by side each get their own.
+            f"--ray-client-server-port={free_port()}",
             f"--num-cpus={num_cpus}",
             "--disable-usage-stats",
             *options,

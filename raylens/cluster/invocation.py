@@ -40,6 +40,7 @@ from raylens.trainer.family import family_of
 from raylens.trainer.run import TrainRunResult, train_and_record
 from raylens.trainer.tracking import MlflowTracker, ended_status, git_commit, redact
 from raylens.tuning import with_overrides
+from raylens.tuning.candidates import EarlierTrial
 from raylens.tuning.leaderboard import LEADERBOARD, Leaderboard
 from raylens.tuning.sweep import SweepResult, run_sweep
 
@@ -98,6 +99,29 @@ class Invocation:
         self.resume = resume
         self.progress = progress
         self.lock: RunLock | None = None
+        self.warm_start: list[EarlierTrial] | None = None
+
+    def _warm_start(self) -> list[EarlierTrial] | None:
+        """The finished trials of the sweep ``tune.warm_start`` names, read before anything is
+        written: ``UserError`` when there is no such sweep or it optimized another metric."""
+        tune = self.spec.tune
+        if tune is None or tune.warm_start is None:
+            return None
+        uri = self.experiment.tracking_uri
+        default = self.workspace.default_tracking_uri
+        if uri == default and not (self.workspace.root / "mlflow.db").exists():  # opening would create it
+            raise UserError(
+                f"tune.warm_start: no MLflow run '{tune.warm_start}': {self.workspace.root} holds no "
+                "tracking store yet; give the sweep run id of an earlier sweep, with the same --runs-dir"
+            )
+        board = _sweep_artifact(uri, tune.warm_start, LEADERBOARD, "leaderboard", "tune.warm_start: ")
+        earlier = Leaderboard.from_dict(board)
+        if earlier.metric != tune.metric:
+            raise UserError(
+                f"tune.warm_start: sweep {tune.warm_start} optimized {earlier.metric}, this one "
+                f"{tune.metric}; scores of different metrics cannot seed the search"
+            )
+        return [EarlierTrial(row.candidate, row.config, row.score) for row in earlier.rows]
 
     @property
     def spec_folder(self) -> Location:
@@ -112,6 +136,7 @@ class Invocation:
         report.raise_problems()
         planned = report.planned
         assert planned is not None
+        self.warm_start = self._warm_start() if self.command != "train" else None
         spec_hash, spec_flat = spec_fingerprint(self.experiment.spec_dump())
         try:
             record = self._resumable(planned, spec_hash, spec_flat) if self.resume else None
@@ -397,6 +422,8 @@ class Stages:
             on_event=self.progress.trial,
             known_runs=dict(self.record.trial_runs),
             on_run_created=remember,
+            warm_start=self.invocation.warm_start,
+            on_notice=self.progress.notice,
         )
         self.progress.sweep_finished()
         self.tracker.log_params(root_run, {f"best.{k}": v for k, v in sweep.best_config.items()})

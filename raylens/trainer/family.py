@@ -16,10 +16,11 @@ import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from raylens.errors import UserError
 from raylens.trainer.config import FAMILIES, AnyModelConfig
 
 if TYPE_CHECKING:
@@ -130,6 +131,20 @@ class ModelFamily(Protocol):
 
 _MODULES = {"torch": "raylens.trainer.torch_family", "sklearn": "raylens.trainer.sklearn_family"}
 assert set(_MODULES) == set(FAMILIES)
+
+
+def import_named(path: str) -> Any:
+    """The attribute a user's "package.module:attr" names (None if the module lacks it);
+    ``UserError`` naming ``model.name`` when the module cannot be imported."""
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UserError(
+            f"model.name: cannot import '{module_name}' ({exc}); make it importable "
+            "(install it, or run from the folder that holds it)"
+        ) from None
+    return getattr(module, attr, None)
 
 
 def user_code(path: str) -> list[str]:

@@ -168,6 +168,10 @@ def run_worker(
     if resume_from:
         start_epoch = restore(parallel.module, optimizer, resume_from, rank=rank, world_size=world_size)
         start_step, so_far = resume_position(resume_from)
+        # The optimizer's values are the job's, not the checkpoint's: the same on a resume, new
+        # where a scheduler (PBT) goes on from another trial's checkpoint with perturbed values.
+        for group in optimizer.param_groups:
+            group.update(lr=job.train.optimizer.lr, weight_decay=job.train.optimizer.weight_decay)
     combine = all_reduce_sum if world_size > 1 else local
     valid_rows = parallel.validation_rows(len(valid), rank, world_size)
     sums_validation = (

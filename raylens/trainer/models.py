@@ -8,7 +8,6 @@ Models hold no distributed code: strategies wrap them from outside.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -20,6 +19,7 @@ from torch import nn
 
 from raylens.errors import UserError, did_you_mean
 from raylens.trainer.config import TorchModelConfig
+from raylens.trainer.family import import_named
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -100,14 +100,7 @@ def resolve_factory(name: str) -> Callable[..., nn.Module]:
     if name in BUILTIN:
         return BUILTIN[name]
     module_name, _, attr = name.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise UserError(
-            f"model.name: cannot import '{module_name}' ({exc}); make it importable "
-            "(install it, or run from the folder that holds it)"
-        ) from None
-    factory = getattr(module, attr, None)
+    factory = import_named(name)
     if not callable(factory):
         raise UserError(f"model.name: '{module_name}' has no callable '{attr}'")
     return factory

@@ -61,3 +61,47 @@ def pareto_figure(points: Sequence[tuple[str, float, float, bool]], metric: str,
     ax.legend(fontsize="small")
     fig.tight_layout()
     return fig
+
+
+def trials_figure(curves: dict[str, list[tuple[float, float]]], metric: str) -> Figure:
+    """Every trial's metric by epoch, one line each: where the sweep's trials were stopped and
+    which kept improving."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, points in curves.items():
+        if points:
+            ax.plot(*zip(*points, strict=True), marker=".", linewidth=1, alpha=0.8, label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} of every trial")
+    if len(curves) <= 12:
+        ax.legend(fontsize="x-small")
+    fig.tight_layout()
+    return fig
+
+
+def parallel_coordinates_figure(rows: Sequence[dict[str, float]], axes: Sequence[str], metric: str) -> Figure:
+    """One line per trial across its numeric values (each axis scaled to its own range, log where
+    the values span more than two decades) and the metric, coloured by the metric."""
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * (len(axes) + 1)), 4))
+    names = [*axes, metric]
+    columns = []
+    for name in names:
+        values = np.array([row.get(name, np.nan) for row in rows], dtype=np.float64)
+        finite = values[np.isfinite(values)]
+        if finite.size and finite.min() > 0 and finite.max() / finite.min() > 100:
+            values = np.log10(values)
+            finite = np.log10(finite)
+        low, high = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
+        columns.append((values - low) / (high - low) if high > low else np.full_like(values, 0.5))
+    scaled = np.column_stack(columns) if columns else np.empty((0, 0))
+    scores = np.array([row.get(metric, np.nan) for row in rows], dtype=np.float64)
+    colours = plt.get_cmap("viridis")(
+        (scores - np.nanmin(scores)) / (np.ptp(scores[np.isfinite(scores)]) or 1)
+    )
+    for line, colour in zip(scaled, colours, strict=True):
+        ax.plot(range(len(names)), line, color=colour, alpha=0.8)
+    ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize="small")
+    ax.set_yticks([])
+    ax.set_title("trials: values and metric (each axis scaled to its range)")
+    fig.tight_layout()
+    return fig

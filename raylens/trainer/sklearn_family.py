@@ -15,7 +15,6 @@ fitted once, reported as epoch 1.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import io
 import json
@@ -33,7 +32,7 @@ import numpy as np
 
 from raylens.errors import UserError, did_you_mean
 from raylens.trainer.config import AnyModelConfig, SklearnModelConfig
-from raylens.trainer.family import ModelFiles, Trained, TrialReport, user_code
+from raylens.trainer.family import ModelFiles, Trained, TrialReport, import_named, user_code
 from raylens.trainer.metrics import predicted_metrics
 from raylens.trainer.task import TaskSpec
 
@@ -92,15 +91,8 @@ def estimator_path(config: SklearnModelConfig, task: str) -> str:
 
 
 def estimator_class(path: str) -> type:
+    cls = import_named(path)
     module_name, _, attr = path.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise UserError(
-            f"model.name: cannot import '{module_name}' ({exc}); make it importable "
-            "(install it, or run from the folder that holds it)"
-        ) from None
-    cls = getattr(module, attr, None)
     if not isinstance(cls, type) or not callable(getattr(cls, "fit", None)):
         raise UserError(
             f"model.name: '{module_name}' has no estimator class '{attr}' (a class with fit, as "

@@ -79,6 +79,27 @@ def candidate_named(config: dict[str, Any], candidates: list[Candidate]) -> Cand
     raise UserError(f"a trial names candidate {name!r}, which tune.candidates does not hold")
 
 
+def _check_pbt(config: TuneConfig, candidates: list[Candidate]) -> None:
+    """PBT goes on from another trial's checkpoint with values perturbed: values a checkpoint can
+    take (the train. paths), of torch models, whose trials report checkpoints."""
+    if len(candidates) > 1 or candidates[0].model.family != "torch":
+        raise UserError(
+            "tune.scheduler: pbt perturbs a torch model's training values between epochs; a scikit-learn "
+            "estimator or a choice among candidates has none to perturb: use asha, hyperband or median"
+        )
+    if config.workers_per_trial > 1:
+        raise UserError(
+            "tune.scheduler: pbt needs every trial's checkpoints, and trials of several workers keep "
+            "theirs in their own Ray Train run; set tune.workers_per_trial to 1, or use asha"
+        )
+    for path in candidates[0].space:
+        if not path.startswith("train."):
+            raise UserError(
+                f"tune.space.{path}: pbt goes on from another trial's checkpoint, whose model must be the "
+                "same: tune only train. paths with pbt (e.g. train.optimizer.lr), or use asha"
+            )
+
+
 class DefineByRun:
     """The space as Optuna's define-by-run function: a candidate, then its values. A class, not a
     closure: Tune pickles the searcher with the sweep's state, for a resume."""
@@ -117,7 +138,15 @@ def check_search(config: TuneConfig, candidates: list[Candidate]) -> None:
                     f"tune.space.{path}: grid search tries listed values only; write "
                     f"choice([a, b, ...]) instead of {dist.kind}(...)"
                 )
-    if config.search == "tpe" or len(candidates) > 1:
+    if config.scheduler == "pbt":
+        _check_pbt(config, candidates)
+    optuna = config.search == "tpe" or len(candidates) > 1
+    if config.warm_start is not None and not optuna:
+        raise UserError(
+            "tune.warm_start: earlier trials seed Optuna's searcher; set tune.search: tpe (random and "
+            "grid search draw without looking at results)"
+        )
+    if optuna:
         for candidate in candidates:
             for path, dist in candidate.space.items():
                 if dist.kind == "choice" and not all(isinstance(v, SCALARS) for v in dist.args[0]):
@@ -144,3 +173,89 @@ def sampled_configs(
             candidate.space, candidate.model, train, config.seed
         )
     ]
+
+
+@dataclass(frozen=True)
+class EarlierTrial:
+    """A finished trial of an earlier sweep, as its leaderboard keeps it: a warm start's seed."""
+
+    candidate: str
+    values: dict[str, Any]
+    """Its values as spec paths (with several candidates, ``model`` too, which is not searched)."""
+    score: float
+
+
+WARM_STUDY = "raylens-warm-start"
+
+
+def seeded_study(
+    earlier: list[EarlierTrial], candidates: list[Candidate], mode: str
+) -> tuple[Any, list[str]]:
+    """Optuna storage holding study ``WARM_STUDY``, whose finished trials are ``earlier`` in this
+    sweep's space, for TPE to model from its first trial; and notes on what was dropped: trials
+    of a candidate this sweep does not have, and values outside the space (a value inside a
+    widened space is kept)."""
+    import optuna
+
+    storage = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(
+        storage=storage, study_name=WARM_STUDY, direction="minimize" if mode == "min" else "maximize"
+    )
+    notes: list[str] = []
+    dropped_values: dict[str, int] = {}
+    absent = 0
+    for trial in earlier:
+        chosen = next((c for c in candidates if c.name == trial.candidate), None)
+        if chosen is None:
+            absent += 1
+            continue
+        params: dict[str, Any] = {}
+        distributions: dict[str, Any] = {}
+        if len(candidates) > 1:
+            params[CANDIDATE] = chosen.name
+            distributions[CANDIDATE] = optuna.distributions.CategoricalDistribution(
+                [c.name for c in candidates]
+            )
+        for path, dist in chosen.space.items():
+            if path not in trial.values:
+                continue
+            key = chosen.key(path) if len(candidates) > 1 else path
+            value = trial.values[path]
+            if not within(dist, value):
+                dropped_values[path] = dropped_values.get(path, 0) + 1
+                continue
+            params[key], distributions[key] = value, optuna_distribution(dist)
+        study.add_trial(
+            optuna.trial.create_trial(params=params, distributions=distributions, value=trial.score)
+        )
+    if absent:
+        notes.append(
+            f"warm start: {absent} earlier trial(s) of candidates this sweep does not have were left out"
+        )
+    for path, count in sorted(dropped_values.items()):
+        notes.append(
+            f"warm start: {count} earlier value(s) of {path} outside this sweep's space were dropped"
+        )
+    return storage, notes
+
+
+def within(dist: Distribution, value: Any) -> bool:
+    """Whether ``dist`` can draw ``value``."""
+    if dist.kind == "choice":
+        return any(value == v and type(value) is type(v) for v in dist.args[0])
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    low, high = dist.args
+    if dist.kind == "randint":
+        return isinstance(value, int) and low <= value < high
+    return bool(low <= value <= high)
+
+
+def optuna_distribution(dist: Distribution) -> Any:
+    import optuna.distributions as od
+
+    if dist.kind == "choice":
+        return od.CategoricalDistribution(dist.args[0])
+    if dist.kind == "randint":
+        return od.IntDistribution(dist.args[0], dist.args[1] - 1)
+    return od.FloatDistribution(dist.args[0], dist.args[1], log=dist.kind == "loguniform")

@@ -50,12 +50,16 @@ class TuneConfig(BaseModel):
     search: Literal["random", "grid", "tpe"] = "random"
     """random: sampling from the space, seeded; grid: every combination of the choice() values
     once (tune.trials is not used); tpe: Optuna's Tree-structured Parzen Estimator (through Ray
-    Tune's OptunaSearch), seeded, which samples where earlier trials scored well."""
-    scheduler: Literal["asha", "hyperband", "median", "fifo"] = "asha"
+    Tune's OptunaSearch), seeded, which samples where earlier trials scored well after random
+    starts (a quarter of tune.trials, 2 to 10)."""
+    scheduler: Literal["asha", "hyperband", "median", "pbt", "fifo"] = "asha"
     """asha: stop trials that trail their peers at epoch milestones, judged in trial order so the
     same seed stops the same trials (raylens/tuning/halving.py); hyperband: Ray Tune's HyperBand
     brackets; median: stop a trial whose best result trails the median of the others at the same
-    epoch (Ray Tune's median stopping rule); fifo: run every trial to the end."""
+    epoch (Ray Tune's median stopping rule); pbt: population based training (Ray Tune's): every
+    grace_period epochs the trailing quarter of the trials go on from a leading trial's
+    checkpoint with its train. values perturbed (torch models, one worker per trial); fifo: run
+    every trial to the end."""
     metric: str = "valid_loss"
     """Metric the sweep optimizes, as reported each epoch (valid_loss, valid_accuracy, ...)."""
     mode: Literal["min", "max"] = "min"
@@ -83,6 +87,11 @@ class TuneConfig(BaseModel):
     trial_retries: int = Field(0, ge=0)
     """Times a trial that fails (an error, a lost worker) is retried from its last checkpoint
     before it is recorded failed; the sweep goes on either way."""
+    warm_start: str | None = None
+    """The sweep run id of an earlier sweep (as `raylens tune` printed it): its finished trials
+    seed the searcher (tune.search: tpe, or tune.candidates), so this sweep starts where that
+    one left off; values outside this sweep's space are dropped with a note (a widened space
+    keeps them all). The metric must be the same."""
     time_budget_s: float | None = Field(None, gt=0)
     """Stop starting trials after this many seconds (running ones stop too); the best so far wins."""
 

@@ -23,7 +23,12 @@ import ray
 import torch
 from ray import tune
 from ray.tune.logger import JsonLoggerCallback
-from ray.tune.schedulers import FIFOScheduler, HyperBandScheduler, MedianStoppingRule
+from ray.tune.schedulers import (
+    FIFOScheduler,
+    HyperBandScheduler,
+    MedianStoppingRule,
+    PopulationBasedTraining,
+)
 from ray.tune.search import BasicVariantGenerator
 from ray.util.queue import Empty, Queue
 
@@ -33,15 +38,18 @@ from raylens.interrupts import Interrupted
 from raylens.storage import Location, ray_storage
 from raylens.trainer import AnyModelConfig, TrainConfig, TrainJob
 from raylens.trainer.family import family_of
-from raylens.trainer.plots import pareto_figure
+from raylens.trainer.plots import parallel_coordinates_figure, pareto_figure, trials_figure
 from raylens.trainer.ray_train import beside_the_driver, train_distributed
 from raylens.trainer.tracking import Tracker
 from raylens.tuning.candidates import (
+    WARM_STUDY,
     Candidate,
     DefineByRun,
+    EarlierTrial,
     candidate_named,
     candidates_of,
     check_search,
+    seeded_study,
     spec_values,
 )
 from raylens.tuning.config import TuneConfig
@@ -171,6 +179,8 @@ def run_sweep(
     on_event: Callable[[TrialEvent], None] = lambda event: None,
     known_runs: Mapping[str, str] | None = None,
     on_run_created: Callable[[str, str], None] = lambda trial_id, run_id: None,
+    warm_start: list[EarlierTrial] | None = None,
+    on_notice: Callable[[str], None] = lambda text: None,
 ) -> SweepResult:
     """Run the sweep on the connected Ray cluster and return the best completed configuration.
 
@@ -178,6 +188,8 @@ def run_sweep(
     are kept, interrupted ones continue from their last checkpoint, in the MLflow runs named by
     ``known_runs`` (trial id → run id; ``on_run_created`` hears each new one). A SIGINT or SIGTERM
     stops the sweep the way Tune saves it for a resume, then raises ``Interrupted``.
+    ``warm_start``: an earlier sweep's finished trials, which seed an Optuna searcher
+    (``on_notice`` hears what of them did not fit this sweep's space).
     """
     storage_path = Location.of(storage_path)
     candidates = candidates_of(config, model)
@@ -227,7 +239,15 @@ def run_sweep(
         else HalvingRule((), config.reduction_factor)
     )
     experiment_path = storage_path / run_name
-    recorder = TrialRecorder(tracker, parent_run_id, epochs, on_event, known_runs, on_run_created)
+    recorder = TrialRecorder(
+        tracker,
+        parent_run_id,
+        epochs,
+        on_event,
+        known_runs,
+        on_run_created,
+        describe=lambda trial_config: _described(candidate_named(trial_config, candidates)),
+    )
     # Through Ray Client, Tune's loop (and so its callbacks) runs on the cluster: trial events come
     # back over a queue to the recorder here, the one writer to MLflow.
     remote_loop = ray.util.client.ray.is_connected()
@@ -238,7 +258,9 @@ def run_sweep(
         # Each trial's results in its folder (result.json), whatever loggers Tune is told to add:
         # the halving rule judges from them, on a resume too.
         callbacks=[SweepTracking(str(experiment_path), recorder), JsonLoggerCallback()],
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        # PBT clones another trial from the checkpoint it reported, which must then outlive that
+        # trial's next one: a sweep under PBT keeps every checkpoint.
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=None if config.scheduler == "pbt" else 1),
         failure_config=tune.FailureConfig(max_failures=config.trial_retries),
     )
     try:
@@ -257,8 +279,8 @@ def run_sweep(
                     mode=config.mode,
                     num_samples=1 if config.search == "grid" else config.trials,
                     max_concurrent_trials=plan.concurrency,
-                    scheduler=scheduler(config, rule, epochs),
-                    search_alg=searcher(config, candidates),
+                    scheduler=scheduler(config, rule, epochs, candidates),
+                    search_alg=searcher(config, candidates, warm_start, on_notice),
                     time_budget_s=config.time_budget_s,
                     # A trial's process is kept for the next one with the same resources: no
                     # second or more of start-up (imports of torch, scikit-learn) per trial.
@@ -291,6 +313,7 @@ def run_sweep(
         )
     board = leaderboard_of(results, finished, candidates, trial_job, feature_set, config)
     _record_leaderboard(tracker, parent_run_id, board, recorder.known_runs)
+    _record_trial_plots(tracker, parent_run_id, results, trials, candidates, config.metric)
     raise_without_winner(board)
     winner = board.winner
     assert winner is not None
@@ -367,6 +390,48 @@ def leaderboard_of(
     return Leaderboard(config.metric, config.mode, ranked(rows, config.mode, order), constraints)
 
 
+def _described(candidate: Candidate) -> dict[str, str]:
+    return {
+        "raylens.candidate": candidate.name,
+        "raylens.model_family": candidate.model.family,
+        "raylens.model": candidate.model.name,
+    }
+
+
+def _record_trial_plots(
+    tracker: Tracker,
+    parent_run_id: str,
+    results: list[Any],
+    trials: list[TrialSummary],
+    candidates: list[Candidate],
+    metric: str,
+) -> None:
+    """The sweep run's pictures of its trials: every trial's learning curve, and the values of
+    the finished ones against the metric (parallel coordinates, numeric values only)."""
+    curves = {}
+    for trial, result in zip(trials, results, strict=True):
+        reported = reported_results(result.path, result.filesystem)
+        curves[f"{candidate_named(trial.config, candidates).name} {trial.trial_id}"] = [
+            (float(r.get("epoch", r.get("training_iteration", 0))), float(r[metric]))
+            for r in reported
+            if isinstance(r.get(metric), int | float)
+        ]
+    tracker.log_figure(parent_run_id, trials_figure(curves, metric), "plots/trials_learning_curves.png")
+    finished = [t for t in trials if t.status != "failed" and metric in t.metrics]
+    rows = []
+    for trial in finished:
+        values = spec_values(trial.config, candidates)
+        numeric = {
+            k: float(v) for k, v in values.items() if isinstance(v, int | float) and not isinstance(v, bool)
+        }
+        rows.append({**numeric, metric: trial.metrics[metric]})
+    axes = sorted({key for row in rows for key in row if key != metric})
+    if rows and axes:
+        tracker.log_figure(
+            parent_run_id, parallel_coordinates_figure(rows, axes, metric), "plots/parallel_coordinates.png"
+        )
+
+
 def _largest(path: str, filesystem: Any, key: str) -> float | None:
     """The largest value of ``key`` a trial reported (from its result.json)."""
     values = [
@@ -422,33 +487,59 @@ def tune_space(config: TuneConfig, candidates: list[Candidate]) -> dict[str, Any
     return {path: dist.to_tune() for path, dist in only.space.items()}
 
 
-def searcher(config: TuneConfig, candidates: list[Candidate]) -> Any:
+def searcher(
+    config: TuneConfig,
+    candidates: list[Candidate],
+    earlier: list[EarlierTrial] | None = None,
+    on_notice: Callable[[str], None] = lambda text: None,
+) -> Any:
     """The sweep's seeded search: the same seed draws the same configurations, in order (TPE: in
     the order results arrive). Random search of one model is Tune's own; TPE, and random search
-    across candidates, are Optuna's samplers through Ray Tune's OptunaSearch."""
+    across candidates, are Optuna's samplers through Ray Tune's OptunaSearch; ``earlier``
+    trials (a warm start) are finished trials of its study before the first is drawn."""
     if not _optuna_searches(config, candidates):
         return BasicVariantGenerator(random_state=config.seed)
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
     sampler = (
-        optuna.samplers.TPESampler(seed=config.seed)
+        optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=tpe_startup_trials(config.trials))
         if config.search == "tpe"
         else optuna.samplers.RandomSampler(seed=config.seed)
     )
     with _quiet_optuna():  # its study's creation is logged at INFO
+        warm: dict[str, Any] = {}
+        if earlier:
+            storage, notes = seeded_study(earlier, candidates, config.mode)
+            warm = {"storage": storage, "study_name": WARM_STUDY}
+            for note in notes:
+                on_notice(note)
         return OptunaSearch(
-            space=DefineByRun(candidates), sampler=sampler, metric=config.metric, mode=config.mode
+            space=DefineByRun(candidates), sampler=sampler, metric=config.metric, mode=config.mode, **warm
         )
 
 
-def scheduler(config: TuneConfig, rule: HalvingRule, epochs: int) -> Any:
+def tpe_startup_trials(trials: int) -> int:
+    """Random trials TPE starts with before it models the space: Optuna's 10, or a quarter of a
+    smaller budget (at least 2), so a sweep of a dozen trials is not random search throughout."""
+    return max(2, min(10, trials // 4))
+
+
+def scheduler(config: TuneConfig, rule: HalvingRule, epochs: int, candidates: list[Candidate]) -> Any:
     """The trial scheduler ``tune.scheduler`` names, counting time in epochs (reports)."""
     if config.scheduler == "asha":
         return OrderedHalvingScheduler(rule, config.metric, config.mode)
     if config.scheduler == "hyperband":
         return HyperBandScheduler(
             time_attr="training_iteration", max_t=epochs, reduction_factor=config.reduction_factor
+        )
+    if config.scheduler == "pbt":
+        return PopulationBasedTraining(
+            time_attr="training_iteration",
+            perturbation_interval=config.grace_period,
+            hyperparam_mutations={path: dist.to_tune() for path, dist in candidates[0].space.items()},
+            quantile_fraction=0.25,
+            synch=False,  # a trial is perturbed when it reaches the interval, never waiting for the rest
         )
     if config.scheduler == "median":
         return MedianStoppingRule(

@@ -74,8 +74,11 @@ class TrialRecorder:
         on_event: Callable[[TrialEvent], None] = lambda event: None,
         known_runs: Mapping[str, str] | None = None,
         on_run_created: Callable[[str, str], None] = lambda trial_id, run_id: None,
+        describe: Callable[[dict[str, Any]], dict[str, str]] = lambda config: {},
     ) -> None:
         self.tracker = tracker
+        self.describe = describe
+        """Tags of a trial's run from its configuration (its candidate, family and model)."""
         self.parent_run_id = parent_run_id
         self.max_epochs = max_epochs
         self.on_event = on_event
@@ -105,7 +108,11 @@ class TrialRecorder:
             run_id = self.tracker.start_run(
                 f"trial-{note.trial_id}",
                 parent_run_id=self.parent_run_id,
-                tags={"raylens.role": "trial", "raylens.trial_id": note.trial_id},
+                tags={
+                    "raylens.role": "trial",
+                    "raylens.trial_id": note.trial_id,
+                    **self.describe(note.config),
+                },
             )
             self.tracker.log_params(run_id, note.config)
             self.known_runs[note.trial_id] = run_id

@@ -65,6 +65,25 @@ def test_a_trial_of_a_candidate_becomes_that_candidates_model_and_values() -> No
         ),
         ({"candidates": [{"model": {"family": "xgboost"}}]}, r"'xgboost' is not one of torch, sklearn"),
         ({"space": {}}, r"a sweep needs at least one path to tune"),
+        (
+            {"scheduler": "pbt", "space": {"model.params.dropout": "uniform(0, 0.5)"}},
+            r"tune\.space\.model\.params\.dropout: pbt goes on from another trial's checkpoint",
+        ),
+        (
+            {
+                "scheduler": "pbt",
+                "workers_per_trial": 2,
+                "space": {"train.optimizer.lr": "uniform(0.01, 0.1)"},
+            },
+            r"pbt needs every trial's checkpoints, and trials of several workers keep theirs",
+        ),
+        (
+            {
+                "scheduler": "pbt",
+                "candidates": [{"model": FOREST, "space": {"model.params.max_depth": "randint(2, 5)"}}],
+            },
+            r"pbt perturbs a torch model's training values between epochs; a scikit-learn estimator",
+        ),
     ],
 )
 def test_a_space_that_does_not_fit_is_refused_naming_the_path(tune: dict, message: str) -> None:
@@ -75,3 +94,43 @@ def test_a_space_that_does_not_fit_is_refused_naming_the_path(tune: dict, messag
 def test_candidates_of_fixed_models_need_no_space() -> None:
     spec = parse_spec(tuned(candidates=[{"model": FOREST}, {"model": {"family": "sklearn", "name": "knn"}}]))
     assert spec.tune is not None and len(spec.tune.candidates) == 2
+
+
+def test_a_warm_start_seeds_the_study_with_what_fits_this_space() -> None:
+    import optuna
+
+    from raylens.tuning.candidates import WARM_STUDY, EarlierTrial, seeded_study
+
+    config = TuneConfig(
+        search="tpe",
+        candidates=[
+            {"model": FOREST, "space": {"model.params.max_depth": "randint(2, 20)"}},  # widened from 2-9
+            {
+                "model": {"family": "sklearn", "name": "knn"},
+                "space": {"model.params.n_neighbors": "randint(1, 9)"},
+            },
+        ],
+    )
+    candidates = candidates_of(config, TorchModelConfig())
+    earlier = [
+        EarlierTrial("sklearn.random_forest", {"model": {}, "model.params.max_depth": 8}, 0.95),
+        EarlierTrial("sklearn.random_forest", {"model": {}, "model.params.max_depth": 40}, 0.93),
+        EarlierTrial("sklearn.knn", {"model": {}, "model.params.n_neighbors": 3}, 0.91),
+        EarlierTrial("sklearn.svm", {"model": {}, "model.params.C": 1.0}, 0.97),
+    ]
+    storage, notes = seeded_study(earlier, candidates, "max")
+    trials = optuna.load_study(study_name=WARM_STUDY, storage=storage).trials
+    assert [t.value for t in trials] == [0.95, 0.93, 0.91]
+    assert trials[0].params == {
+        "candidate": "sklearn.random_forest",
+        "sklearn.random_forest:model.params.max_depth": 8,
+    }
+    assert trials[1].params == {"candidate": "sklearn.random_forest"}  # its depth is outside: dropped
+    assert notes == [
+        "warm start: 1 earlier trial(s) of candidates this sweep does not have were left out",
+        "warm start: 1 earlier value(s) of model.params.max_depth outside this sweep's space were dropped",
+    ]
+    with pytest.raises(
+        UserError, match=r"tune\.warm_start: earlier trials seed Optuna's searcher; set tune\.search: tpe"
+    ):
+        parse_spec(tuned(warm_start="abc", space={"train.optimizer.lr": "loguniform(1e-4, 1e-1)"}))

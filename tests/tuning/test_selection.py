@@ -15,8 +15,10 @@ from raylens.features import FeatureSet
 from raylens.trainer import SklearnModelConfig, TorchModelConfig, TrainConfig
 from raylens.trainer.tracking import MlflowTracker
 from raylens.tuning import TuneConfig
+from raylens.tuning.candidates import EarlierTrial
 from raylens.tuning.leaderboard import LEADERBOARD, Leaderboard
 from raylens.tuning.sweep import SweepResult, run_sweep
+from raylens.tuning.tracking import TrialEvent
 from tests.cli import RAYLENS
 from tests.trainer.test_classification import bundled
 
@@ -33,7 +35,7 @@ def cancer(tmp_path_factory: pytest.TempPathFactory) -> FeatureSet:
 
 
 def sweep(
-    fs: FeatureSet, folder: Path, tune: TuneConfig, model: Any = None, epochs: int = 2
+    fs: FeatureSet, folder: Path, tune: TuneConfig, model: Any = None, epochs: int = 2, **how: Any
 ) -> tuple[SweepResult, MlflowTracker, str]:
     folder.mkdir(parents=True, exist_ok=True)
     tracker = MlflowTracker(f"sqlite:///{folder}/mlflow.db", "selection", folder / "artifacts")
@@ -48,6 +50,7 @@ def sweep(
             parent_run_id=parent,
             storage_path=folder / "ray",
             run_name="sweep",
+            **how,
         )
     finally:
         tracker.end_run(parent)
@@ -101,9 +104,15 @@ def test_one_sweep_ranks_scikit_learn_and_torch_candidates_with_their_costs(
     logged = Path(tracker.client.download_artifacts(parent, LEADERBOARD, str(tmp_path)))
     assert Leaderboard.from_dict(json.loads(logged.read_text())) == board
     artifacts = {a.path for a in tracker.client.list_artifacts(parent, "plots")}
-    assert "plots/pareto_front.png" in artifacts
+    assert {
+        "plots/pareto_front.png",
+        "plots/trials_learning_curves.png",
+        "plots/parallel_coordinates.png",
+    } <= artifacts
     tagged = tracker.client.search_runs([tracker.experiment_id], "tags.`raylens.best_trial` = 'true'")
     assert len(tagged) == 1 and tagged[0].data.tags["mlflow.parentRunId"] == parent
+    assert tagged[0].data.tags["raylens.candidate"] == winner.candidate
+    assert tagged[0].data.tags["raylens.model_family"] == family
 
     # `raylens leaderboard RUN_ID` prints it again; a run that is not a sweep's is named.
     uri = ["--tracking-uri", tracker.tracking_uri]
@@ -148,9 +157,23 @@ def test_tpe_with_median_stopping_and_grid_search_run_their_trials(
         },
     )
     forest = SklearnModelConfig(name="random_forest", params={"n_estimators": 8})
-    result, *_ = sweep(cancer, tmp_path / "tpe", tpe, forest, epochs=4)
+    earlier = [  # a warm start: an earlier sweep's trials, one of them outside this space
+        EarlierTrial(
+            "sklearn.random_forest", {"model.params.max_depth": 4, "model.params.criterion": "gini"}, 0.95
+        ),
+        EarlierTrial(
+            "sklearn.random_forest", {"model.params.max_depth": 9, "model.params.criterion": "gini"}, 0.9
+        ),
+    ]
+    notes: list[str] = []
+    result, *_ = sweep(
+        cancer, tmp_path / "tpe", tpe, forest, epochs=4, warm_start=earlier, on_notice=notes.append
+    )
     assert len(result.trials) == 4 and all(t.status in ("completed", "stopped") for t in result.trials)
     assert set(result.best_config) == {"model.params.max_depth", "model.params.criterion"}
+    assert notes == [
+        "warm start: 1 earlier value(s) of model.params.max_depth outside this sweep's space were dropped"
+    ]
 
     grid = TuneConfig(
         trials=99,  # grid search tries every combination once
@@ -164,3 +187,26 @@ def test_tpe_with_median_stopping_and_grid_search_run_their_trials(
         (t.config["model.params.C"], t.config["model.params.fit_intercept"]) for t in result.trials
     )
     assert tried == [(0.1, False), (0.1, True), (1.0, False), (1.0, True)]
+
+
+def test_pbt_goes_on_from_a_leading_trials_checkpoint_with_perturbed_values(
+    cancer: FeatureSet, tmp_path: Path
+) -> None:
+    tune = TuneConfig(
+        trials=4,
+        concurrency=2,
+        scheduler="pbt",
+        grace_period=1,
+        seed=3,
+        space={"train.optimizer.lr": "loguniform(1e-5, 1e-1)"},
+    )
+    events: list[TrialEvent] = []
+    result, *_ = sweep(
+        cancer, tmp_path, tune, TorchModelConfig(params={"hidden": [8]}), epochs=4, on_event=events.append
+    )
+    first = {e.trial_id: e.config["train.optimizer.lr"] for e in reversed(events) if e.kind == "started"}
+    last = {t.trial_id: t.config["train.optimizer.lr"] for t in result.trials}
+    assert len(first) == 4 and all(t.status == "completed" for t in result.trials)
+    exploited = [trial for trial, lr in last.items() if lr != first[trial]]
+    assert exploited, "PBT perturbed no trial"
+    assert all(last[trial] not in first.values() for trial in exploited)  # perturbed, not copied
