@@ -8,6 +8,7 @@
     python -m bench submit [--json]    `raylens submit` to a local cluster ÷ `raylens run`, launch to end
     python -m bench sweep [--json]     32 one-second trials, 2 at a time: raylens (tracked) ÷ ideal 16 s
     python -m bench asha [--json]      epochs to a target score: ASHA ÷ random search; TPE's trials ÷ random's
+    python -m bench selection [--json] one sweep across 5 candidates ÷ tuning the winner alone, and its score
 
 Figures, with the machine they came from, are kept in BENCHMARKS.md.
 """
@@ -21,7 +22,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from bench import asha, pipeline, startup, submit, sweep, thread, trainer, validate
+from bench import asha, pipeline, selection, startup, submit, sweep, thread, trainer, validate
 
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "trainer": trainer.run,
@@ -32,6 +33,7 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "submit": submit.run,
     "sweep": sweep.run,
     "asha": asha.run,
+    "selection": selection.run,
 }
 
 

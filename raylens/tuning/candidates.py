@@ -33,6 +33,8 @@ class Candidate:
     model: AnyModelConfig
     space: dict[str, Distribution]
     """Spec paths to distributions: the candidate's own and the shared ones."""
+    listed: bool = True
+    """Named in ``tune.candidates`` (its model replaces the spec's), not the spec's model itself."""
 
     def key(self, path: str) -> str:
         return f"{self.name}:{path}"
@@ -42,7 +44,7 @@ def candidates_of(config: TuneConfig, model: AnyModelConfig) -> list[Candidate]:
     """The sweep's candidates: ``tune.candidates``, or the spec's model with ``tune.space``."""
     shared = parse_space(config.space)
     if not config.candidates:
-        return [Candidate(f"{model.family}.{model.name}", model, shared)]
+        return [Candidate(f"{model.family}.{model.name}", model, shared, listed=False)]
     per_model = [p for p in shared if not p.startswith("train.")]
     if per_model:
         raise UserError(
@@ -57,15 +59,14 @@ def candidates_of(config: TuneConfig, model: AnyModelConfig) -> list[Candidate]:
 
 
 def spec_values(config: dict[str, Any], candidates: list[Candidate]) -> dict[str, Any]:
-    """A trial's configuration as spec values: with several candidates, ``model`` (the chosen
-    candidate's whole section) first, then its sampled paths."""
-    if len(candidates) == 1 and CANDIDATE not in config:
-        return {path: value for path, value in config.items() if path in candidates[0].space}
+    """A trial's configuration as spec values: for a candidate of ``tune.candidates``, ``model``
+    (its whole section) first, then its sampled paths."""
     chosen = candidate_named(config, candidates)
-    values: dict[str, Any] = {"model": chosen.model.model_dump()}
+    values: dict[str, Any] = {"model": chosen.model.model_dump()} if chosen.listed else {}
     for path in chosen.space:
-        if chosen.key(path) in config:
-            values[path] = config[chosen.key(path)]
+        key = chosen.key(path) if len(candidates) > 1 else path
+        if key in config:
+            values[path] = config[key]
     return values
 
 

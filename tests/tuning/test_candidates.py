@@ -134,3 +134,15 @@ def test_a_warm_start_seeds_the_study_with_what_fits_this_space() -> None:
         UserError, match=r"tune\.warm_start: earlier trials seed Optuna's searcher; set tune\.search: tpe"
     ):
         parse_spec(tuned(warm_start="abc", space={"train.optimizer.lr": "loguniform(1e-4, 1e-1)"}))
+
+
+def test_one_listed_candidate_replaces_the_specs_model_in_its_trials() -> None:
+    config = TuneConfig(candidates=[{"model": FOREST, "space": {"model.params.max_depth": "randint(2, 9)"}}])
+    (forest,) = candidates_of(config, TorchModelConfig())
+    values = spec_values({"model.params.max_depth": 3}, [forest])
+    assert values == {
+        "model": SklearnModelConfig(name="random_forest").model_dump(),
+        "model.params.max_depth": 3,
+    }
+    (spec_model,) = candidates_of(TuneConfig(space={"train.seed": "randint(0, 3)"}), TorchModelConfig())
+    assert spec_values({"train.seed": 1}, [spec_model]) == {"train.seed": 1}
