@@ -493,6 +493,15 @@ def validate(
     _check(Experiment.from_yaml(spec, runs_dir, overrides or ()), "run", address)
 
 
+TrackingUri = Annotated[
+    str | None,
+    typer.Option(
+        "--tracking-uri",
+        help="MLflow tracking URI; default: MLFLOW_TRACKING_URI, else the run folder's SQLite db.",
+    ),
+]
+
+
 @app.command(short_help="Score CSV/Parquet files with a registered model")
 @user_errors
 def predict(
@@ -521,13 +530,7 @@ def predict(
     ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")] = False,
     runs_dir: RunsDir = None,
-    tracking_uri: Annotated[
-        str | None,
-        typer.Option(
-            "--tracking-uri",
-            help="MLflow tracking URI; default: MLFLOW_TRACKING_URI, else the run folder's SQLite db.",
-        ),
-    ] = None,
+    tracking_uri: TrackingUri = None,
     batch_rows: Annotated[int, typer.Option("--batch-rows", min=1, help="Rows scored at once.")] = 65_536,
     workers: Annotated[
         int | None,
@@ -581,13 +584,7 @@ def leaderboard(
         ),
     ],
     runs_dir: RunsDir = None,
-    tracking_uri: Annotated[
-        str | None,
-        typer.Option(
-            "--tracking-uri",
-            help="MLflow tracking URI; default: MLFLOW_TRACKING_URI, else the run folder's SQLite db.",
-        ),
-    ] = None,
+    tracking_uri: TrackingUri = None,
 ) -> None:
     """Print a finished sweep's leaderboard: its completed trials ranked on the sweep's metric,
     each with its training time, one row's prediction latency (p50, p95), model size and peak
