@@ -148,7 +148,8 @@ def other_ray_cluster() -> Iterator[str]:
             "--head",
             "--block",
             f"--port={port}",
-            f"--ray-client-server-port={free_port()}",  # not the default: other tests' heads run beside
+            f"--ray-client-server-port={free_port()}",  # not the defaults: other tests' heads run beside
+            f"--dashboard-agent-listen-port={free_port()}",
             "--num-cpus=1",
             "--include-dashboard=false",
             "--node-ip-address=127.0.0.1",

@@ -95,8 +95,10 @@ def _start_head(
             "--block",
             "--node-ip-address=127.0.0.1",
             f"--port={port}",
-            # Not Ray's default 10001: heads of tests running side by side each get their own.
+            # Not Ray's defaults (10001, 52365): heads and the in-process tests' cluster, running
+            # side by side, each get their own (the Jobs API is served by the dashboard agent).
             f"--ray-client-server-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
             f"--num-cpus={num_cpus}",
             "--disable-usage-stats",
             *options,

@@ -539,7 +539,7 @@ def scheduler(config: TuneConfig, rule: HalvingRule, epochs: int, candidates: li
             perturbation_interval=config.grace_period,
             hyperparam_mutations={path: dist.to_tune() for path, dist in candidates[0].space.items()},
             quantile_fraction=0.25,
-            synch=False,  # a trial is perturbed when it reaches the interval, never waiting for the rest
+            synch=True,  # every trial judged at the same epochs, whatever the arrival order
         )
     if config.scheduler == "median":
         return MedianStoppingRule(

@@ -58,3 +58,22 @@ class StallsOnce(MLP):
 
 def stalls_once(in_features: int, out_features: int, **params: object) -> nn.Module:
     return StallsOnce(in_features, out_features, **params)  # type: ignore[arg-type]
+
+
+class FailsOnce(MLP):
+    """The first training forward raises unless ``marker`` exists (it is created first): a
+    failure a retried trial gets past."""
+
+    def __init__(self, in_features: int, out_features: int, marker: str, **params: object) -> None:
+        super().__init__(in_features, out_features, **params)  # type: ignore[arg-type]
+        self.marker = Path(marker)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and not self.marker.exists():
+            self.marker.touch()
+            raise RuntimeError("a failure the retry gets past")
+        return super().forward(x)
+
+
+def fails_once(in_features: int, out_features: int, **params: object) -> nn.Module:
+    return FailsOnce(in_features, out_features, **params)  # type: ignore[arg-type]

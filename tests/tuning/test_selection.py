@@ -5,11 +5,13 @@ schedulers; constraints that leave no winner."""
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from raylens.cluster.invocation import leaderboard_of_run
 from raylens.errors import UserError
 from raylens.features import FeatureSet
 from raylens.trainer import SklearnModelConfig, TorchModelConfig, TrainConfig
@@ -120,27 +122,28 @@ def test_one_sweep_ranks_scikit_learn_and_torch_candidates_with_their_costs(
     assert shown.returncode == 0, shown.stderr
     assert f"winner: {winner.candidate} (trial {winner.trial_id})" in shown.stdout
     assert all(row.trial_id in shown.stdout for row in board.rows) and shown.stderr == ""
-    wrong = subprocess.run(
-        [RAYLENS, "leaderboard", tagged[0].info.run_id, *uri], capture_output=True, text=True
-    )
-    assert (
-        wrong.returncode == 2
-        and "holds no leaderboard (it is not the root run of a finished sweep)" in wrong.stderr
-    )
+    not_a_sweep = r"holds no leaderboard \(it is not the root run of a finished sweep\)"
+    with pytest.raises(UserError, match=not_a_sweep):
+        leaderboard_of_run(tracker.tracking_uri, tagged[0].info.run_id)
 
 
-def test_constraints_no_trial_meets_leave_no_winner_and_name_the_closest(
+def test_a_failed_trial_is_retried_and_constraints_no_trial_meets_leave_no_winner(
     cancer: FeatureSet, tmp_path: Path
 ) -> None:
+    """The trial fails once and is retried (``trial_retries``), finishes, and is ranked; no trial
+    meets the constraints, so the sweep ends naming the closest one."""
+    marker = tmp_path / "failed-once"
     tune = TuneConfig(
         trials=1,
         concurrency=1,
         scheduler="fifo",
-        space={"model.params.C": "loguniform(0.01, 10)"},
+        trial_retries=1,
+        space={"model.params.marker": f"choice([{str(marker)!r}])"},
         constraints={"model_mb": 1e-6},
     )
     with pytest.raises(UserError, match=r"no trial meets tune\.constraints \(model_mb ≤ 1e-06\); closest: "):
-        sweep(cancer, tmp_path, tune, SklearnModelConfig(**LOGISTIC))
+        sweep(cancer, tmp_path, tune, TorchModelConfig(name="tests.faults.slow_models:fails_once"))
+    assert marker.exists()
 
 
 def test_tpe_with_median_stopping_and_grid_search_run_their_trials(
@@ -202,7 +205,7 @@ def test_pbt_goes_on_from_a_leading_trials_checkpoint_with_perturbed_values(
     )
     events: list[TrialEvent] = []
     result, *_ = sweep(
-        cancer, tmp_path, tune, TorchModelConfig(params={"hidden": [8]}), epochs=4, on_event=events.append
+        cancer, tmp_path, tune, TorchModelConfig(params={"hidden": [8]}), epochs=2, on_event=events.append
     )
     first = {e.trial_id: e.config["train.optimizer.lr"] for e in reversed(events) if e.kind == "started"}
     last = {t.trial_id: t.config["train.optimizer.lr"] for t in result.trials}
@@ -210,3 +213,16 @@ def test_pbt_goes_on_from_a_leading_trials_checkpoint_with_perturbed_values(
     exploited = [trial for trial, lr in last.items() if lr != first[trial]]
     assert exploited, "PBT perturbed no trial"
     assert all(last[trial] not in first.values() for trial in exploited)  # perturbed, not copied
+
+
+def test_a_time_budget_ends_the_sweep(cancer: FeatureSet, tmp_path: Path) -> None:
+    budget = TuneConfig(
+        trials=500,
+        concurrency=2,
+        scheduler="fifo",
+        time_budget_s=15,
+        space={"model.params.C": "loguniform(0.01, 10)"},
+    )
+    began = time.monotonic()
+    result, *_ = sweep(cancer, tmp_path, budget, SklearnModelConfig(**LOGISTIC), epochs=1)
+    assert 0 < len(result.trials) < 500 and time.monotonic() - began < 60
