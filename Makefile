@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU wheel of torch is pinned here so a fresh machine never pulls a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test lint typecheck pytest pytest-inprocess pytest-e2e bench clean
+.PHONY: demo test lint typecheck pytest bench clean
 
 # Byte-compiled once, on every core (pip compiles file by file on one): with
 # PYTHONDONTWRITEBYTECODE set, as on CI machines, a module left uncompiled is compiled again by
@@ -28,21 +28,16 @@ lint: $(BIN)/raylens
 typecheck: $(BIN)/raylens
 	$(BIN)/mypy
 
-# The in-process tests (one shared Ray cluster) and the tests that drive the CLI in subprocesses
-# are two sessions; each prints its slowest tests.
-pytest: pytest-inprocess pytest-e2e
-
-pytest-inprocess: $(BIN)/raylens
+# In-process tests first (one shared Ray cluster); then the tests that drive the CLI in
+# subprocesses. Not side by side: a job submitted with `--address auto` joins the cluster a
+# machine started last, and the in-process tests start clusters of their own.
+pytest: $(BIN)/raylens
 	$(BIN)/pytest -m "not e2e" --durations=20
-
-pytest-e2e: $(BIN)/raylens
 	$(BIN)/pytest -m e2e --durations=10
 
-# The type check and both test sessions run side by side, each target's output printed whole
-# when it ends: on 2 cores they mostly wait (on Ray's and MLflow's start-up, on subprocesses),
-# and together they take about two thirds of the time one after the other.
+# The type check runs beside the tests: it is one process on one core, the tests mostly wait.
 test: lint
-	$(MAKE) --no-print-directory -j3 --output-sync=target typecheck pytest-inprocess pytest-e2e
+	$(MAKE) --no-print-directory -j2 typecheck pytest
 
 bench: $(BIN)/raylens
 	$(BIN)/python -m bench trainer --json
