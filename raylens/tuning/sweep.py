@@ -13,6 +13,7 @@ import os
 import resource
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, replace
@@ -289,8 +290,10 @@ def run_sweep(
                 run_config=run_config,
             )
         relayed = _recorded_from(str(experiment_path), recorder) if remote_loop else nullcontext()
+        began = time.monotonic()
         with _stop_gracefully_on_signals(here=not remote_loop), relayed, _quiet_optuna():
             grid = tuner.fit()
+        took = time.monotonic() - began
     finally:
         recorder.close_open_runs()
         release(str(experiment_path))
@@ -308,6 +311,11 @@ def run_sweep(
         hint = (
             "" if not known or config.metric in known else f"; tune.metric must be one of {', '.join(known)}"
         )
+        if config.time_budget_s is not None and took >= config.time_budget_s:
+            hint += (
+                f"; the time budget of {config.time_budget_s:g} s ran out before a trial finished:"
+                " raise tune.time_budget_s"
+            )
         raise UserError(
             f"tune: no trial reported '{config.metric}'{hint}{'; errors: ' + errors if errors else ''}"
         )

@@ -220,9 +220,21 @@ def test_a_time_budget_ends_the_sweep(cancer: FeatureSet, tmp_path: Path) -> Non
         trials=500,
         concurrency=2,
         scheduler="fifo",
-        time_budget_s=15,
+        time_budget_s=0.5,
         space={"model.params.C": "loguniform(0.01, 10)"},
     )
+    with pytest.raises(UserError, match=r"time budget of 0\.5 s ran out before a trial finished"):
+        sweep(cancer, tmp_path / "short", budget, SklearnModelConfig(**LOGISTIC), epochs=1)
+    # Long enough for the first trials' processes to start on a slow machine; then trials take
+    # milliseconds each, so only the budget ends the sweep.
     began = time.monotonic()
-    result, *_ = sweep(cancer, tmp_path, budget, SklearnModelConfig(**LOGISTIC), epochs=1)
-    assert 0 < len(result.trials) < 500 and time.monotonic() - began < 60
+    result, *_ = sweep(
+        cancer,
+        tmp_path,
+        budget.model_copy(update={"time_budget_s": 25}),
+        SklearnModelConfig(**LOGISTIC),
+        epochs=1,
+    )
+    took = time.monotonic() - began
+    print(f"{len(result.trials)} trials in {took:.1f} s")
+    assert 0 < len(result.trials) < 500 and took < 60
