@@ -9,6 +9,7 @@
     python -m bench sweep [--json]     32 one-second trials, 2 at a time: raylens (tracked) ÷ ideal 16 s
     python -m bench asha [--json]      epochs to a target score: ASHA ÷ random search; TPE's trials ÷ random's
     python -m bench selection [--json] one sweep across 5 candidates ÷ tuning the winner alone, and its score
+    python -m bench debugger [--json]  training steps/s with the debugger on (defaults; everything) ÷ off
 
 Figures, with the machine they came from, are kept in BENCHMARKS.md.
 """
@@ -22,7 +23,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from bench import asha, pipeline, selection, startup, submit, sweep, thread, trainer, validate
+from bench import asha, debugger, pipeline, selection, startup, submit, sweep, thread, trainer, validate
 
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "trainer": trainer.run,
@@ -34,6 +35,7 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "sweep": sweep.run,
     "asha": asha.run,
     "selection": selection.run,
+    "debugger": debugger.run,
 }
 
 

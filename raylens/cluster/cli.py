@@ -20,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -27,6 +28,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.text import Text
 
 from raylens.errors import UserError
 from raylens.interrupts import Interrupted
@@ -598,6 +600,51 @@ def leaderboard(
     quiet_cli_process(verbose=False)
     uri = tracking_uri or Workspace.at(runs_dir).tracking_uri("default")
     console.print(leaderboard_table(leaderboard_of_run(uri, run_id), f"leaderboard of run {run_id}"))
+
+
+@app.command("debug", short_help="A run's debugger findings and timeline, or a sweep's rules fired")
+@user_errors
+def debug_command(
+    run_id: Annotated[
+        str,
+        typer.Argument(
+            metavar="RUN_ID",
+            help="A training run's or trial's MLflow run id; with --sweep, a sweep's run id.",
+            show_default=False,
+        ),
+    ],
+    sweep: Annotated[
+        bool, typer.Option("--sweep", help="Summarize the rules fired across the sweep's trials.")
+    ] = False,
+    html: Annotated[
+        bool,
+        typer.Option("--html", help="Also download the HTML report (plots included) and print its path."),
+    ] = False,
+    runs_dir: RunsDir = None,
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Print what the debugger found in a finished run: each rule that fired (step, rank, evidence,
+    suggested fix), then the timeline of its captures (time per batch, the share of data wait,
+    forward, backward and optimizer, memory). With --sweep, the rules fired in each trial."""
+    from raylens.cluster.console import debug_tables, sweep_debug_table
+    from raylens.cluster.invocation import debug_of_run, debug_of_sweep
+    from raylens.cluster.runtime import quiet_cli_process
+    from raylens.cluster.workspace import Workspace
+
+    quiet_cli_process(verbose=False)
+    uri = tracking_uri or Workspace.at(runs_dir).tracking_uri("default")
+    if sweep:
+        console.print(sweep_debug_table(debug_of_sweep(uri, run_id), f"debugger findings of sweep {run_id}"))
+        return
+    record = debug_of_run(uri, run_id)
+    console.print(debug_tables(record))
+    if html:
+        if record.report_uri is None:
+            raise UserError(f"run '{run_id}' holds no debugger report (train.debug was off)")
+        import mlflow
+
+        local = mlflow.artifacts.download_artifacts(record.report_uri, dst_path=tempfile.mkdtemp())
+        console.print(Text(f"report: {local}"))
 
 
 @app.command("spec", short_help="Every spec key with its type, default and meaning")

@@ -14,6 +14,7 @@ from rich.text import Text
 from raylens.cluster.checks import CheckReport
 from raylens.cluster.experiment import Experiment, RunSummary
 from raylens.features import FeatureSet, PlannedFeatureSet
+from raylens.trainer.debug.report import RunDebug, TrialDebug
 from raylens.tuning.leaderboard import Leaderboard
 
 
@@ -194,6 +195,53 @@ def leaderboard_table(board: Leaderboard, title: str = "leaderboard") -> Group:
             parts.append(Text(f"{row.candidate} {row.trial_id}, top permutation importances: {top}"))
     parts.append(Text(board.verdict()))
     return Group(*parts)
+
+
+def debug_tables(record: RunDebug) -> Group:
+    """A run's findings, then its timeline (rank 0's captures): where each batch's time went."""
+    parts: list[Any] = [Text(f"run {record.run_id}: {record.status}")]
+    if record.stopped_by:
+        parts.append(Text(f"stopped by {record.stopped_by}"))
+    if record.findings:
+        findings = Table(title=Text("findings"), title_justify="left")
+        for name in ("rule", "action", "step", "rank", "evidence and fix"):
+            findings.add_column(name, overflow="fold")
+        for f in record.findings:
+            findings.add_row(f.rule, f.action, str(f.step), str(f.rank), Text(f"{f.evidence}. {f.fix}"))
+        parts.append(findings)
+    else:
+        parts.append(Text("no rule fired"))
+    if record.timeline:
+        timeline = Table(title=Text("timeline (rank 0)"), title_justify="left")
+        for name in ("step", "epoch", "ms/batch", "data", "forward", "backward", "optimizer", "RSS MB"):
+            timeline.add_column(name, justify="right")
+        for row in record.timeline:
+            timeline.add_row(
+                str(row["step"]),
+                str(row["epoch"]),
+                f"{row['ms_per_batch']:.3g}",
+                *(f"{row[phase]:.0%}" for phase in ("data", "forward", "backward", "optimizer")),
+                f"{row['rss_mb']:.0f}",
+            )
+        parts.append(timeline)
+    else:
+        parts.append(Text("no capture kept (train.debug was off, or the model is not a torch model)"))
+    return Group(*parts)
+
+
+def sweep_debug_table(trials: list[TrialDebug], title: str) -> Table:
+    """Which rules fired in each trial of a sweep, and which trials a rule stopped."""
+    table = Table(title=Text(title), title_justify="left")
+    for name in ("trial", "status", "rules fired", "stopped by"):
+        table.add_column(name, overflow="fold")
+    for trial in trials:
+        table.add_row(
+            Text(trial.name),
+            trial.status,
+            Text(", ".join(trial.rules) or "none"),
+            Text(trial.stopped_by or ""),
+        )
+    return table
 
 
 _LEGEND = (

@@ -36,6 +36,7 @@ from raylens.errors import UserError
 from raylens.features import FeatureSet, PlannedFeatureSet, publish_feature_set
 from raylens.storage import Location
 from raylens.trainer import AnyModelConfig, TorchModelConfig, TrainConfig, TrainJob
+from raylens.trainer.debug.report import RunDebug, TrialDebug, run_debug, sweep_debug
 from raylens.trainer.family import family_of
 from raylens.trainer.run import TrainRunResult, train_and_record
 from raylens.trainer.tracking import MlflowTracker, ended_status, git_commit, redact
@@ -61,6 +62,42 @@ def best_config_of(tracking_uri: str, run_id: str) -> dict[str, Any]:
 def leaderboard_of_run(tracking_uri: str, run_id: str) -> Leaderboard:
     """The leaderboard the sweep of MLflow run ``run_id`` (its root run) logged."""
     return Leaderboard.from_dict(_sweep_artifact(tracking_uri, run_id, LEADERBOARD, "leaderboard"))
+
+
+def debug_of_run(tracking_uri: str, run_id: str) -> RunDebug:
+    """The debugger's record of MLflow run ``run_id`` (a training run or a sweep's trial)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    _run_of(client, tracking_uri, run_id)
+    return run_debug(client, run_id)
+
+
+def debug_of_sweep(tracking_uri: str, run_id: str) -> list[TrialDebug]:
+    """The debugger's findings in each trial of the sweep whose root run is ``run_id``."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    run = _run_of(client, tracking_uri, run_id)
+    trials = sweep_debug(client, run.info.experiment_id, run_id)
+    if not trials:
+        raise UserError(
+            f"run '{run_id}' has no trials (it is not the root run of a sweep); give the 'sweep run "
+            "id' that `raylens tune` or `raylens run` printed, or drop --sweep for a training run"
+        )
+    return trials
+
+
+def _run_of(client: Any, tracking_uri: str, run_id: str) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        raise UserError(
+            f"no MLflow run '{run_id}' in {redact(tracking_uri)}; give a run id that `raylens train`, "
+            "`raylens tune` or `raylens run` printed, with the same --runs-dir"
+        ) from None
 
 
 def _sweep_artifact(tracking_uri: str, run_id: str, artifact: str, what: str, said: str = "") -> Any:

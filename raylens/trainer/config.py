@@ -16,6 +16,8 @@ from pydantic import (
     model_validator,
 )
 
+from raylens.trainer.debug.settings import DebugConfig
+
 BUILTIN_MODELS = ("mlp", "cnn1d")
 BUILTIN_ESTIMATORS = (
     "logistic_regression",
@@ -314,6 +316,9 @@ class TrainConfig(_Strict):
     null: no limit."""
     early_stopping: EarlyStoppingConfig | None = None
     """Stop when the metric stops improving; the final model is the last epoch's."""
+    debug: DebugConfig | None = Field(default_factory=DebugConfig)
+    """The debugger (torch models): captures per-layer and per-step statistics every few steps
+    and judges them with rules that record, warn, stop or fail the run; null: off."""
 
     @model_validator(mode="after")
     def _microbatches_divide_the_batch(self) -> TrainConfig:

@@ -7,7 +7,7 @@ strategy, restores a checkpoint if there is one, and hands the worker's rows to 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -18,11 +18,14 @@ import torch.distributed as dist
 from raylens.errors import UserError
 from raylens.features import FeatureSet, SplitArrays
 from raylens.trainer.config import AnyModelConfig, TorchModelConfig, TrainConfig
+from raylens.trainer.debug.debugger import Debugger
+from raylens.trainer.debug.rules import Finding
 from raylens.trainer.loop import (
     Action,
     Batches,
     FitResult,
     Heartbeat,
+    Heartbeats,
     Monitor,
     Reporter,
     ShuffleRows,
@@ -79,18 +82,37 @@ def _epoch_rows(
     return lambda epoch: torch.from_numpy(shard_rows(rows, share, shares, seed, epoch)[:count]), count
 
 
-class _ShardAware:
-    """Tells the reporter whether the state it saves is sharded across ranks."""
+class _WorkerReporter:
+    """Tells the reporter whether the state it saves is sharded across ranks, and hands it the
+    files the checkpoint keeps beside the state (the debugger's; gathering them is a collective,
+    made on every rank)."""
 
-    def __init__(self, reporter: Reporter, sharded: bool) -> None:
-        self.reporter, self.sharded = reporter, sharded
+    def __init__(
+        self, reporter: Reporter, sharded: bool, attachments: Callable[[], dict[str, bytes]] = dict
+    ) -> None:
+        self.reporter, self.sharded, self.attachments = reporter, sharded, attachments
 
     def report(self, metrics: dict[str, float], state: TrainState) -> None:
-        self.reporter.report(metrics, replace(state, sharded=self.sharded))
+        self.reporter.report(metrics, replace(state, sharded=self.sharded, attachments=self.attachments()))
 
 
 class TrainingFailed(UserError):
     """A run a monitor failed (a diverged loss): the message says why and what to try."""
+
+
+class StoppedByRule(Exception):
+    """A debugger rule with action ``stop`` ended a sweep's trial: the sweep counts it stopped,
+    not failed, and goes on."""
+
+
+def stopped_by_rule(error: str) -> str | None:
+    """The finding that stopped a trial, from the text of its error (a ``StoppedByRule`` Tune
+    kept), or None when the error is another."""
+    marker = StoppedByRule.__name__ + ": "
+    for line in reversed(error.splitlines()):
+        if marker in line:
+            return line.split(marker, 1)[1].strip()
+    return None
 
 
 def raise_if_failed(result: FitResult) -> FitResult:
@@ -98,6 +120,18 @@ def raise_if_failed(result: FitResult) -> FitResult:
     if result.stopped is not None and result.stopped.action is Action.FAIL:
         raise TrainingFailed(result.stopped.reason)
     return result
+
+
+def _gather(world_size: int) -> Callable[[Any], list[Any]]:
+    if world_size == 1:
+        return lambda value: [value]
+
+    def gather(value: Any) -> list[Any]:
+        every: list[Any] = [None] * world_size
+        dist.all_gather_object(every, value)
+        return every
+
+    return gather
 
 
 def _smallest(value: int, world_size: int) -> int:
@@ -137,8 +171,11 @@ def run_worker(
     resume_from: dict[str, Any] | None = None,
     monitors: Sequence[Monitor] = (),
     heartbeat: Heartbeat | None = None,
+    on_finding: Callable[[Finding], None] | None = None,
 ) -> FitResult:
-    """Train ``job`` on this worker's share of ``train``; every rank of a run calls it."""
+    """Train ``job`` on this worker's share of ``train``; every rank of a run calls it.
+    ``on_finding``: hears the debugger's findings whose action is not ``record`` (default: a
+    warning in the log)."""
     device = device or torch.device("cpu")
     torch.manual_seed(job.train.seed)  # every rank starts from the same weights
     assert isinstance(job.model, TorchModelConfig), "run_worker trains torch models"
@@ -183,7 +220,17 @@ def run_worker(
     epoch_rows, rows_per_epoch = _epoch_rows(
         parallel, len(train), rank, world_size, job.train.seed, batch_size
     )
-    monitors = [*monitors, FiniteLoss()]
+    debugger = None
+    if job.train.debug is not None:
+        debugger = Debugger(
+            job.train.debug,
+            parallel.module,
+            optimizer,
+            rank=rank,
+            on_finding=on_finding,
+            gather=_gather(world_size),
+        )
+    monitors = [*monitors, *([debugger] if debugger is not None else []), FiniteLoss()]
     if job.train.early_stopping is not None:
         monitors.append(EarlyStopping(job.train.early_stopping))
     return fit(
@@ -194,7 +241,9 @@ def run_worker(
         epochs=job.train.epochs,
         batch_size=batch_size,
         seed=job.train.seed + rank,
-        reporter=_ShardAware(reporter, parallel.sharded_checkpoint),
+        reporter=_WorkerReporter(
+            reporter, parallel.sharded_checkpoint, debugger.files if debugger is not None else dict
+        ),
         validate=lambda: evaluate(
             parallel.eval_module, valid_batches, job.task, combine=valid_combine, forward=parallel.forward
         ),
@@ -205,7 +254,7 @@ def run_worker(
         epoch_rows=epoch_rows,
         train_step=parallel.train_step,
         clip_grad_norm=parallel.clip_grad_norm,
-        heartbeat=heartbeat,
+        heartbeat=Heartbeats(heartbeat, debugger) if debugger is not None else heartbeat,
         start_step=start_step,
         so_far=so_far if rank == 0 else None,  # sums over every rank: added once
     )

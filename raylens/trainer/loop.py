@@ -10,8 +10,8 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
@@ -79,6 +79,8 @@ class TrainState:
     """Saved mid-epoch: optimizer steps of the run so far (None: at the end of ``epoch``)."""
     so_far: EpochSoFar | None = None
     """Saved mid-epoch: the unfinished epoch's sums."""
+    attachments: Mapping[str, bytes] = field(default_factory=dict)
+    """Files kept with the checkpoint, by path within it (the debugger's capture and findings)."""
 
 
 class Reporter(Protocol):
@@ -120,6 +122,8 @@ class Decision:
 
     action: Action = Action.CONTINUE
     reason: str = ""
+    rule: str | None = None
+    """The debugger's rule that decided (``raylens.trainer.debug``), if one did."""
 
 
 GO_ON = Decision()
@@ -225,6 +229,21 @@ class Heartbeat(Protocol):
     def pause(self) -> None:
         """Validation and reporting follow."""
         ...
+
+
+class Heartbeats:
+    """Several listeners to the loop's progress, heard in order."""
+
+    def __init__(self, *beats: Heartbeat | None) -> None:
+        self.beats = [b for b in beats if b is not None]
+
+    def beat(self, epoch: int, step: int, phase: int) -> None:
+        for heartbeat in self.beats:
+            heartbeat.beat(epoch, step, phase)
+
+    def pause(self) -> None:
+        for heartbeat in self.beats:
+            heartbeat.pause()
 
 
 ClipGradNorm = Callable[[float], torch.Tensor]

@@ -12,7 +12,14 @@ import ray
 from ray.train.v2._internal.execution.callback import ControllerCallback
 from ray.util.queue import Queue
 
-EPOCH, CONTROLLER, NOTICE, FAILED, STALLED = "epoch", "controller", "notice", "failed", "stalled"
+EPOCH, CONTROLLER, NOTICE, FAILED, STALLED, STOPPED = (
+    "epoch",
+    "controller",
+    "notice",
+    "failed",
+    "stalled",
+    "stopped",
+)
 """Kinds of message on the queue from the run to the driver."""
 
 

@@ -35,7 +35,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
@@ -65,7 +65,16 @@ from raylens.trainer.parallel import (
     set_rng_state,
     write_checkpoint,
 )
-from raylens.trainer.ray_controller import CONTROLLER, EPOCH, FAILED, NOTICE, STALLED, ControllerHandle
+from raylens.trainer.parallel.checkpoint import write_attachments
+from raylens.trainer.ray_controller import (
+    CONTROLLER,
+    EPOCH,
+    FAILED,
+    NOTICE,
+    STALLED,
+    STOPPED,
+    ControllerHandle,
+)
 from raylens.trainer.watchdog import Stall, StallWatch, report_grace
 
 logger = logging.getLogger(__name__)
@@ -84,6 +93,8 @@ class TrainOutcome:
     run_path: str
     best: tuple[Path, dict[str, float]] | None = None
     """With ``train.best_checkpoint``: the best checkpoint kept, and its report's metrics."""
+    stopped_by: str | None = None
+    """Why a debugger rule stopped the run early (its finding), if one did."""
 
 
 class RayTrainReporter:
@@ -172,6 +183,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
             device=ray.train.torch.get_device(),
             resume_from=resume_from,
             heartbeat=watch,
+            on_finding=None if queue is None else lambda finding: queue.put_nowait((NOTICE, finding.said())),
         )
     finally:
         if watch is not None:
@@ -184,6 +196,8 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
             raise_if_failed(result)
         elif rank == 0:
             queue.put_nowait((FAILED, result.stopped.reason))
+    elif result.stopped is not None and result.stopped.rule is not None and rank == 0 and queue is not None:
+        queue.put_nowait((STOPPED, result.stopped.reason))
 
 
 def _report_stall(queue: Queue | None, stall: Stall) -> None:
@@ -283,6 +297,7 @@ def train_distributed(
     history: dict[float, dict[str, float]] = {}
     controller: list[Any] = []
     failed: list[str] = []
+    stopped: list[str] = []
     stalls = _StallReports(on_notice)
 
     def drain(block: bool) -> None:
@@ -297,6 +312,8 @@ def train_distributed(
                 on_notice(payload)
             elif kind == FAILED:
                 failed.append(payload)
+            elif kind == STOPPED:
+                stopped.append(payload)
             elif kind == STALLED:
                 stalls.add(payload)
             elif payload["epoch"] not in history:  # a replay after a restart: heard already
@@ -332,6 +349,7 @@ def train_distributed(
         [history[e] for e in sorted(history)],
         str(result.path),
         None if best is None else (_local(best[0]), best[1]),
+        stopped[-1] if stopped else None,
     )
 
 
@@ -408,6 +426,8 @@ def commit_checkpoint(
     keep: int,
     metrics: dict[str, float] | None = None,
     best: BestCheckpointConfig | None = None,
+    *,
+    attachments: Mapping[str, bytes] | None = None,
 ) -> Path:
     """Write ``state`` as the run's newest checkpoint and remove all but the ``keep`` newest (with
     ``best``: all but the ``keep`` best by its metric, and the newest). It is written in a
@@ -417,6 +437,7 @@ def commit_checkpoint(
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=run_folder))
     try:
         save_checkpoint(state, staging)
+        write_attachments(attachments or {}, staging)
         (staging / REPORT_FILE).write_text(json.dumps(metrics or {}))
         folder = run_folder / f"checkpoint_{datetime.now():%Y-%m-%d_%H-%M-%S.%f}"
         staging.rename(folder)
@@ -469,7 +490,9 @@ class DriverReporter:
             state.model, state.optimizer, state.epoch, step=state.step, so_far=state.so_far
         )
         with deferred_interrupts():
-            commit_checkpoint(full_state, self.run_folder, self.keep, metrics, self.best)
+            commit_checkpoint(
+                full_state, self.run_folder, self.keep, metrics, self.best, attachments=state.attachments
+            )
             try:
                 self.on_epoch(dict(metrics))
             except BaseException as exc:
@@ -511,6 +534,7 @@ def _train_in_driver(
     reporter = DriverReporter(run_folder, job.train.checkpoints_to_keep, hear, job.train.best_checkpoint)
     train, valid = feature_set.read("train"), feature_set.read("valid")
     failures = 0
+    stopped_by = None
     with _as_a_worker(job):
         while True:
             resume_from = None
@@ -519,7 +543,18 @@ def _train_in_driver(
                 if notice:
                     on_notice(notice)
             try:
-                raise_if_failed(run_worker(job, train, valid, reporter, resume_from=resume_from))
+                ended = raise_if_failed(
+                    run_worker(
+                        job,
+                        train,
+                        valid,
+                        reporter,
+                        resume_from=resume_from,
+                        on_finding=lambda finding: on_notice(finding.said()),
+                    )
+                )
+                if ended.stopped is not None and ended.stopped.rule is not None:
+                    stopped_by = ended.stopped.reason
                 break
             except TrainingFailed:
                 raise  # it would fail again from any checkpoint: not retried
@@ -535,4 +570,4 @@ def _train_in_driver(
     if not found:
         raise RuntimeError(f"training run '{run_folder.name}' finished without a checkpoint")
     best = _best(job, [(f, reported_with(f)) for f in found])
-    return TrainOutcome(found[-1], [history[e] for e in sorted(history)], str(run_folder), best)
+    return TrainOutcome(found[-1], [history[e] for e in sorted(history)], str(run_folder), best, stopped_by)

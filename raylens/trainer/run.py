@@ -15,6 +15,7 @@ from typing import Any
 
 from raylens.features import FeatureSet
 from raylens.storage import Location
+from raylens.trainer.debug.report import read_debug, record_debug
 from raylens.trainer.family import family_of
 from raylens.trainer.job import TrainJob
 from raylens.trainer.metrics import score_test_split
@@ -99,6 +100,9 @@ def train_and_record(
         history_in_order = [history[e] for e in sorted(history)]
         if trained.tags:
             tracker.set_tags(run_id, trained.tags)
+        record_debug(
+            tracker, run_id, read_debug(trained.checkpoint_dir), trained.tags.get("raylens.stopped_by")
+        )
         test = feature_set.read("test")
         scores = score_test_split(trained.predictor, test.x, test.y, job.task, feature_set.classes)
         confusion = None

@@ -99,6 +99,7 @@ class _FolderReporter:
 
     def report(self, metrics: dict[str, float], state: TrainState) -> None:
         from raylens.trainer.parallel import gather_checkpoint, save_checkpoint
+        from raylens.trainer.parallel.checkpoint import write_attachments
 
         with tempfile.TemporaryDirectory() as tmp:
             save_checkpoint(
@@ -107,6 +108,7 @@ class _FolderReporter:
                 ),
                 Path(tmp),
             )
+            write_attachments(state.attachments, Path(tmp))
             self._report(metrics, Path(tmp))
 
 
@@ -152,6 +154,8 @@ class TorchFamily:
             chosen, reported = outcome.best
             tags = {"raylens.model_epoch": f"{reported['epoch']:g}", "raylens.model_checkpoint": chosen.name}
         load_model_weights(model, chosen)
+        if outcome.stopped_by is not None:
+            tags["raylens.stopped_by"] = outcome.stopped_by[:4000]
         return Trained(TorchPredictor(model, job.task), outcome.history, outcome.checkpoint_dir, tags)
 
     def run_trial(
@@ -162,11 +166,13 @@ class TorchFamily:
         report: TrialReport,
         resume_from: Path | None,
     ) -> None:
-        from raylens.trainer.job import raise_if_failed, run_worker
+        from raylens.trainer.job import StoppedByRule, raise_if_failed, run_worker
         from raylens.trainer.parallel import load_checkpoint
 
         state = load_checkpoint(resume_from) if resume_from is not None else None
-        raise_if_failed(run_worker(job, train, valid, _FolderReporter(report), resume_from=state))
+        ended = raise_if_failed(run_worker(job, train, valid, _FolderReporter(report), resume_from=state))
+        if ended.stopped is not None and ended.stopped.rule is not None:
+            raise StoppedByRule(ended.stopped.reason)
 
     def trial_predictor(self, job: TrainJob, checkpoint: Path) -> TorchPredictor:
         from raylens.trainer.parallel import load_model_weights

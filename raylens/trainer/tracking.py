@@ -44,6 +44,7 @@ class Tracker(Protocol):
     def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None: ...
     def log_dict(self, run_id: str, data: Any, path: str) -> None: ...
     def log_text(self, run_id: str, text: str, path: str) -> None: ...
+    def log_bytes(self, run_id: str, content: bytes, path: str) -> None: ...
     def log_figure(self, run_id: str, figure: Figure, path: str) -> None: ...
     def end_run(self, run_id: str, status: str = "FINISHED") -> None: ...
     @contextmanager
@@ -188,6 +189,18 @@ class MlflowTracker:
         self.client.log_text(run_id, redact(text), path)
 
     @_uninterrupted
+    def log_bytes(self, run_id: str, content: bytes, path: str) -> None:
+        """A binary file (Parquet) as the artifact ``path``; not redacted (no text in it)."""
+        import posixpath
+        import tempfile
+
+        folder, name = posixpath.split(path)
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / name
+            local.write_bytes(content)
+            self.client.log_artifact(run_id, str(local), folder or None)
+
+    @_uninterrupted
     def log_figure(self, run_id: str, figure: Figure, path: str) -> None:
         from matplotlib import pyplot as plt
 
@@ -294,6 +307,9 @@ class NullTracker:
         pass
 
     def log_text(self, run_id: str, text: str, path: str) -> None:
+        pass
+
+    def log_bytes(self, run_id: str, content: bytes, path: str) -> None:
         pass
 
     def log_figure(self, run_id: str, figure: Figure, path: str) -> None:

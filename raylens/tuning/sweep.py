@@ -39,6 +39,7 @@ from raylens.interrupts import Interrupted
 from raylens.storage import Location, ray_storage
 from raylens.trainer import AnyModelConfig, TrainConfig, TrainJob
 from raylens.trainer.family import family_of
+from raylens.trainer.job import stopped_by_rule
 from raylens.trainer.plots import parallel_coordinates_figure, pareto_figure, trials_figure
 from raylens.trainer.ray_train import beside_the_driver, train_distributed
 from raylens.trainer.tracking import Tracker
@@ -586,7 +587,11 @@ def _summaries(
         last = int((result.metrics or {}).get("training_iteration", 0))
         if epochs is not None and not result.error and 0 < last < epochs:
             stopped_at = last
-        status = "failed" if result.error else "stopped" if stopped_at is not None else "completed"
+        by_rule = bool(result.error) and stopped_by_rule(str(result.error)) is not None
+        if by_rule:
+            stopped_at = last  # a debugger rule stopped it: the sweep goes on without it
+        failed = bool(result.error) and not by_rule
+        status = "failed" if failed else "stopped" if stopped_at is not None else "completed"
         summaries.append(
             TrialSummary(
                 trial_id,

@@ -12,6 +12,8 @@ from typing import Any
 
 from ray.tune import Callback
 
+from raylens.trainer.debug.report import read_debug, record_debug
+from raylens.trainer.job import stopped_by_rule
 from raylens.trainer.tracking import Tracker
 
 METRIC_PREFIXES = ("train_", "valid_")
@@ -49,17 +51,24 @@ class TrialNote:
     result: dict[str, Any] = field(default_factory=dict)
     """The reported result; for ``completed``, the last one."""
     error: str = ""
+    debug: dict[str, bytes] = field(default_factory=dict)
+    """For ``completed`` and ``failed``: the debugger's files in the trial's latest checkpoint."""
 
     @classmethod
     def of(cls, kind: str, trial: Any, result: dict[str, Any] | None = None) -> TrialNote:
         if kind == "completed":
             result = trial.last_result
+        debug = {}
+        checkpoint = getattr(trial, "checkpoint", None) if kind in ("completed", "failed") else None
+        if checkpoint is not None:
+            debug = read_debug(checkpoint.path, checkpoint.filesystem)
         return cls(
             kind,
             trial.trial_id,
             dict(trial.config),
             dict(result or {}),
             _error_text(trial) if kind == "failed" else "",
+            debug,
         )
 
 
@@ -131,12 +140,31 @@ class TrialRecorder:
 
     def _completed(self, note: TrialNote) -> None:
         stopped_early = self.last_epoch.get(note.trial_id, 0) < self.max_epochs
+        self._record_debug(note)
         self._close(note.trial_id, "FINISHED", {"raylens.stopped_early": str(stopped_early).lower()})
         metrics = trial_metrics(note.result)
         self.on_event(TrialEvent("completed", note.trial_id, note.config, metrics, stopped_early))
 
+    def _record_debug(self, note: TrialNote, stopped_by: str | None = None) -> None:
+        run_id = self.run_ids.get(note.trial_id)
+        if run_id and (note.debug or stopped_by):
+            record_debug(self.tracker, run_id, note.debug, stopped_by)
+
     def _failed(self, note: TrialNote) -> None:
-        """The trial's error stays with its run: a tag with its last line, the whole text as a file."""
+        """The trial's error stays with its run: a tag with its last line, the whole text as a
+        file. A trial a debugger rule stopped is no failure: its run ends FINISHED, stopped early,
+        the rule's finding its ``raylens.stopped_by`` tag."""
+        stopped_by = stopped_by_rule(note.error)
+        if stopped_by is not None:
+            self._record_debug(note, stopped_by)
+            self._close(
+                note.trial_id,
+                "FINISHED",
+                {"raylens.stopped_early": "true", "raylens.stopped_by": stopped_by[:4000]},
+            )
+            self.on_event(TrialEvent("completed", note.trial_id, note.config, {}, True))
+            return
+        self._record_debug(note)
         run_id = self.run_ids.get(note.trial_id)
         if run_id and note.error:
             self.tracker.log_text(run_id, note.error, "error.txt")

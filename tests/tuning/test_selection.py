@@ -11,10 +11,12 @@ from typing import Any
 
 import pytest
 
-from raylens.cluster.invocation import leaderboard_of_run
+from raylens.cluster.invocation import debug_of_sweep, leaderboard_of_run
 from raylens.errors import UserError
 from raylens.features import FeatureSet
 from raylens.trainer import SklearnModelConfig, TorchModelConfig, TrainConfig
+from raylens.trainer.config import OptimizerConfig
+from raylens.trainer.debug.settings import DebugConfig
 from raylens.trainer.tracking import MlflowTracker
 from raylens.tuning import TuneConfig
 from raylens.tuning.candidates import EarlierTrial
@@ -37,7 +39,13 @@ def cancer(tmp_path_factory: pytest.TempPathFactory) -> FeatureSet:
 
 
 def sweep(
-    fs: FeatureSet, folder: Path, tune: TuneConfig, model: Any = None, epochs: int = 2, **how: Any
+    fs: FeatureSet,
+    folder: Path,
+    tune: TuneConfig,
+    model: Any = None,
+    epochs: int = 2,
+    train: TrainConfig | None = None,
+    **how: Any,
 ) -> tuple[SweepResult, MlflowTracker, str]:
     folder.mkdir(parents=True, exist_ok=True)
     tracker = MlflowTracker(f"sqlite:///{folder}/mlflow.db", "selection", folder / "artifacts")
@@ -46,7 +54,7 @@ def sweep(
         result = run_sweep(
             tune,
             model or TorchModelConfig(params={"hidden": [8]}),
-            TrainConfig(epochs=epochs, batch_size=32),
+            train or TrainConfig(epochs=epochs, batch_size=32),
             fs,
             tracker=tracker,
             parent_run_id=parent,
@@ -238,3 +246,35 @@ def test_a_time_budget_ends_the_sweep(cancer: FeatureSet, tmp_path: Path) -> Non
     took = time.monotonic() - began
     print(f"{len(result.trials)} trials in {took:.1f} s")
     assert 0 < len(result.trials) < 500 and took < 60
+
+
+def test_a_debugger_rule_stops_a_trial_and_the_sweep_goes_on(cancer: FeatureSet, tmp_path: Path) -> None:
+    tune = TuneConfig(
+        trials=2,
+        concurrency=2,
+        search="grid",
+        scheduler="fifo",
+        space={"train.optimizer.lr": "choice([0.01, 1000.0])"},
+    )
+    train = TrainConfig(
+        epochs=2,
+        batch_size=32,
+        optimizer=OptimizerConfig(name="sgd", lr=0.01),
+        debug=DebugConfig(every=2, rules={"exploding_tensor": "stop"}),
+    )
+    result, tracker, parent = sweep(cancer, tmp_path, tune, train=train)
+    status = {t.config["train.optimizer.lr"]: t.status for t in result.trials}
+    assert (
+        status == {0.01: "completed", 1000.0: "stopped"} and result.best_config["train.optimizer.lr"] == 0.01
+    )
+    trials = debug_of_sweep(tracker.tracking_uri, parent)
+    stopped = next(t for t in trials if t.stopped_by)
+    assert stopped.stopped_by is not None and stopped.stopped_by.startswith("debug rule exploding_tensor")
+    assert stopped.status == "FINISHED" and stopped.rules == ["exploding_tensor"]
+    shown = subprocess.run(
+        [RAYLENS, "debug", "--sweep", parent, "--tracking-uri", tracker.tracking_uri],
+        capture_output=True,
+        text=True,
+        env=WIDE,
+    )
+    assert shown.returncode == 0 and "exploding_tensor" in shown.stdout, shown.stderr

@@ -17,6 +17,7 @@ import json
 import random
 import sys
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -179,6 +180,7 @@ def write_checkpoint(state: TrainState, folder: Path, *, rank: int = 0) -> bool:
         whole = gather_checkpoint(model, optimizer, epoch, step=state.step, so_far=state.so_far)
         if rank == 0:
             save_checkpoint(whole, folder)
+            write_attachments(state.attachments, folder)
         return rank == 0
     import torch.distributed.checkpoint as dcp
 
@@ -187,10 +189,19 @@ def write_checkpoint(state: TrainState, folder: Path, *, rank: int = 0) -> bool:
     dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(folder))
     torch.save(rng_state(), folder / f"rng_{rank}.pt")
     if rank == 0:
+        write_attachments(state.attachments, folder)
         (folder / SHARDED_FILE).write_text(
             json.dumps({"epoch": epoch, **_position(state.step, state.so_far)})
         )
     return True
+
+
+def write_attachments(attachments: Mapping[str, bytes], folder: Path) -> None:
+    """Files a checkpoint keeps beside the state (``TrainState.attachments``)."""
+    for name, content in attachments.items():
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
 
 
 def save_checkpoint(state: dict[str, Any], folder: Path) -> Path:

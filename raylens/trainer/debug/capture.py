@@ -1,0 +1,263 @@
+"""What the debugger captures, with PyTorch's own hooks, only on the steps it captures: each
+layer's gradient and weight norms and update/weight ratio (optimizer step hooks), activation
+statistics (forward hooks on sigmoid, tanh and ReLU modules), NaN/Inf counts; and on every step,
+from the loop's heartbeat, where the time went (data wait, forward, backward, optimizer)."""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+ACTIVATIONS: dict[type[nn.Module], str] = {nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.ReLU: "relu"}
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """One module at one captured step: a layer with weights, or an activation module."""
+
+    layer: str
+    kind: str
+    """weights, sigmoid, tanh or relu."""
+    grad_norm: float = math.nan
+    weight_norm: float = math.nan
+    update_ratio: float = math.nan
+    """Norm of the optimizer step's change over the weights' norm."""
+    nonfinite: int = 0
+    """NaN and Inf values among the gradients and weights."""
+    saturated: float = math.nan
+    """sigmoid, tanh: share of outputs within 1 % of their bounds."""
+    zero: float = math.nan
+    """relu: share of outputs that are zero."""
+
+
+@dataclass(frozen=True)
+class StepTimes:
+    """Where the time of the steps since the last capture went, in seconds summed over batches."""
+
+    batches: int
+    data: float
+    forward: float
+    backward: float
+    optimizer: float
+    """The optimizer step and the loop's bookkeeping until the next batch."""
+    slowest: float
+    """The slowest batch."""
+    median: float
+    """The median batch."""
+
+    @property
+    def total(self) -> float:
+        return self.data + self.forward + self.backward + self.optimizer
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The run's state at one captured step, on one rank."""
+
+    step: int
+    epoch: int
+    rank: int
+    layers: tuple[LayerStats, ...]
+    times: StepTimes | None
+    rss_mb: float
+
+
+class PhaseClock:
+    """Times each batch's phases from the loop's heartbeat (``raylens.trainer.loop.Heartbeat``):
+    a clock read per phase, nothing else, so it runs on every step."""
+
+    def __init__(self) -> None:
+        self.sums = [0.0, 0.0, 0.0, 0.0]
+        self.batches: list[float] = []
+        self.phase: int | None = None
+        self.since = self.batch_began = 0.0
+
+    def beat(self, epoch: int, step: int, phase: int) -> None:
+        now = time.perf_counter()
+        if self.phase is not None:
+            self.sums[self.phase] += now - self.since
+            if phase == 0:
+                self.batches.append(now - self.batch_began)
+        if phase == 0:
+            self.batch_began = now
+        self.phase, self.since = phase, now
+
+    def pause(self) -> None:
+        """Validation follows: the batch ends here and the pause is not timed."""
+        if self.phase is not None:
+            now = time.perf_counter()
+            self.sums[self.phase] += now - self.since
+            self.batches.append(now - self.batch_began)
+        self.phase = None
+
+    def window(self) -> StepTimes | None:
+        """The times since the last call, and a new window."""
+        if not self.batches:
+            return None
+        ordered = sorted(self.batches)
+        data, forward, backward, optimizer = self.sums
+        times = StepTimes(
+            len(ordered), data, forward, backward, optimizer, ordered[-1], ordered[len(ordered) // 2]
+        )
+        self.sums, self.batches = [0.0, 0.0, 0.0, 0.0], []
+        return times
+
+
+def _plain(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded tensor's local part (a DTensor under FSDP): each rank judges its own shard."""
+    local = getattr(tensor, "to_local", None)
+    return local() if callable(local) else tensor
+
+
+def _norm(tensor: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(_plain(tensor).detach().float()))
+
+
+def _nonfinite(tensor: torch.Tensor) -> int:
+    return int((~torch.isfinite(_plain(tensor).detach())).sum())
+
+
+def _name(name: str) -> str:
+    """The module's name as the user wrote the model (without DDP's or FSDP's wrapper prefixes)."""
+    for prefix in ("module.", "_fsdp_wrapped_module.", "_orig_mod."):
+        name = name.replace(prefix, "")
+    return name
+
+
+def check_layers(model: nn.Module, layers: Sequence[str]) -> None:
+    """Every layer named for capture (``train.debug.layers``) is one of ``model``'s modules."""
+    from raylens.errors import UserError
+
+    names = [_name(name) for name, _ in model.named_modules() if name]
+    for layer in layers:
+        if layer not in names:
+            raise UserError(
+                f"train.debug.layers: the model has no layer '{layer}'; its layers: {', '.join(names)}"
+            )
+
+
+def _chosen(name: str, layers: Sequence[str]) -> bool:
+    return not layers or any(name == layer or name.startswith(layer + ".") for layer in layers)
+
+
+@dataclass
+class Capture:
+    """Hooks armed for one optimizer step, removed once it is captured: between captures the
+    model and optimizer run as if nothing watched them."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    layers: Sequence[str] = ()
+    activations: bool = True
+    captured: dict[str, LayerStats] = field(default_factory=dict)
+    _handles: list[Any] = field(default_factory=list)
+    _before: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.weighted = {
+            _name(name): list(module.parameters(recurse=False))
+            for name, module in self.model.named_modules()
+            if _chosen(_name(name), self.layers)
+            and any(p.requires_grad for p in module.parameters(recurse=False))
+        }
+        self.activation_modules = {
+            _name(name): (module, ACTIVATIONS[type(module)])
+            for name, module in self.model.named_modules()
+            if type(module) in ACTIVATIONS and _chosen(_name(name), self.layers)
+        }
+
+    @property
+    def armed(self) -> bool:
+        return bool(self._handles)
+
+    def arm(self) -> None:
+        """Capture the next optimizer step (and the training forward before it)."""
+        if self.armed:
+            return
+        self.captured = {}
+        self._handles.append(self.optimizer.register_step_pre_hook(self._before_step))
+        self._handles.append(self.optimizer.register_step_post_hook(self._after_step))
+        if self.activations:
+            for name, (module, kind) in self.activation_modules.items():
+                self._handles.append(module.register_forward_hook(self._activation_hook(name, kind)))
+
+    def disarm(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self._before = [], {}
+
+    def _activation_hook(self, name: str, kind: str) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            if not module.training or name in self.captured or not isinstance(output, torch.Tensor):
+                return  # validation, or a later forward of the same step (accumulated batches)
+            y = _plain(output).detach().float()
+            if kind == "relu":
+                self.captured[name] = LayerStats(name, kind, zero=float((y == 0).float().mean()))
+                return
+            low, high = (-0.99, 0.99) if kind == "tanh" else (0.01, 0.99)
+            saturated = float(((y <= low) | (y >= high)).float().mean())
+            self.captured[name] = LayerStats(name, kind, saturated=saturated)
+
+        return hook
+
+    def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        # The gradients are whole here (accumulated, and all-reduced under DDP).
+        for name, params in self.weighted.items():
+            grads = [p.grad for p in params if p.grad is not None]
+            self._before[name] = [_plain(p).detach().clone() for p in params]
+            self.captured[name] = LayerStats(
+                name,
+                "weights",
+                grad_norm=math.sqrt(sum(_norm(g) ** 2 for g in grads)) if grads else math.nan,
+                nonfinite=sum(_nonfinite(g) for g in grads),
+            )
+
+    def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        for name, params in self.weighted.items():
+            before = self._before.get(name)
+            if before is None:
+                continue
+            weight = math.sqrt(sum(_norm(p) ** 2 for p in params))
+            change = math.sqrt(
+                sum(
+                    float(torch.linalg.vector_norm((_plain(p).detach() - b).float())) ** 2
+                    for p, b in zip(params, before, strict=False)
+                )
+            )
+            stats = self.captured[name]
+            self.captured[name] = LayerStats(
+                name,
+                "weights",
+                grad_norm=stats.grad_norm,
+                weight_norm=weight,
+                update_ratio=change / weight if weight > 0 else (0.0 if change == 0 else math.inf),
+                nonfinite=stats.nonfinite + sum(_nonfinite(p) for p in params),
+            )
+        self.disarm()
+
+    def taken(self) -> tuple[LayerStats, ...] | None:
+        """The last armed step's statistics, once it has been captured (None before)."""
+        if self.armed or not self.captured:
+            return None
+        taken, self.captured = tuple(self.captured.values()), {}
+        return taken
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def rss_mb() -> float:
+    """This process's resident memory (Linux: now; elsewhere: its peak so far)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * _PAGE / 2**20
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10

@@ -1,0 +1,277 @@
+"""The debugger on real PyTorch training, in this process: each rule fires on the pathology it
+names (planted in a small model or data path) and a healthy run fires none; stop and fail end
+the run with the finding as the reason."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from raylens.features import FeatureSet
+from raylens.storage import Location
+from raylens.trainer import TorchModelConfig, TrainConfig, TrainJob
+from raylens.trainer.config import OptimizerConfig
+from raylens.trainer.debug.debugger import FINDINGS_FILE, LAYERS_FILE, STEPS_FILE, Debugger, findings_of
+from raylens.trainer.debug.report import run_debug
+from raylens.trainer.debug.rules import Finding
+from raylens.trainer.debug.settings import DebugConfig
+from raylens.trainer.job import TrainingFailed
+from raylens.trainer.loop import Action, Batches, FitResult, TrainState, evaluate, fit
+from raylens.trainer.run import train_and_record
+from raylens.trainer.task import TaskSpec
+from raylens.trainer.tracking import MlflowTracker
+from tests.trainer.test_classification import bundled
+
+CLASSES = TaskSpec("classification", num_classes=2)
+
+
+class _Kept:
+    def __init__(self) -> None:
+        self.metrics: list[dict[str, float]] = []
+
+    def report(self, metrics: dict[str, float], state: TrainState) -> None:
+        self.metrics.append(metrics)
+
+
+def _data(rows: int = 512, seed: int = 0) -> Batches:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, 8, generator=generator)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long()
+    return Batches(x, y)
+
+
+def watch(
+    model: nn.Module,
+    *,
+    rules: dict[str, Any] | None = None,
+    train: Batches | None = None,
+    valid: Batches | None = None,
+    epochs: int = 3,
+    lr: float = 1e-2,
+    optimizer: str = "adam",
+    every: int = 4,
+    batch_size: int = 32,
+) -> tuple[Debugger, FitResult, list[Finding]]:
+    """Train ``model`` with the debugger watching every ``every`` steps; its findings as heard."""
+    torch.manual_seed(0)
+    train = train or _data()
+    valid = valid or _data(256, seed=1)
+    config = DebugConfig(every=every, rules=rules or {})
+    make = torch.optim.SGD if optimizer == "sgd" else torch.optim.Adam
+    opt = make(model.parameters(), lr=lr)
+    heard: list[Finding] = []
+    debugger = Debugger(config, model, opt, on_finding=heard.append)
+    result = fit(
+        model,
+        opt,
+        train,
+        CLASSES,
+        epochs=epochs,
+        batch_size=batch_size,
+        seed=0,
+        reporter=_Kept(),
+        validate=lambda: evaluate(model, valid, CLASSES),
+        monitors=[debugger],
+        heartbeat=debugger,
+    )
+    return debugger, result, heard
+
+
+def fired(debugger: Debugger) -> set[str]:
+    return {f.rule for f in debugger.findings}
+
+
+def mlp(*widths: int, act: type[nn.Module] = nn.ReLU) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for a, b in itertools.pairwise(widths):
+        layers += [nn.Linear(a, b), act()]
+    return nn.Sequential(*layers[:-1])
+
+
+def test_a_healthy_run_fires_no_rule_and_keeps_its_capture() -> None:
+    debugger, result, heard = watch(mlp(8, 32, 32, 2))
+    assert fired(debugger) == set() and heard == [] and result.stopped is None
+    files = debugger.files()
+    assert findings_of(files) == []
+    import io
+
+    import pyarrow.parquet as pq
+
+    layers = pq.read_table(io.BytesIO(files[LAYERS_FILE])).to_pylist()
+    steps = pq.read_table(io.BytesIO(files[STEPS_FILE])).to_pylist()
+    # 16 steps per epoch, 3 epochs, a capture armed every 4 steps and read 4 later.
+    assert len(steps) == 11 and {row["layer"] for row in layers} >= {"0", "1", "2", "3", "4"}
+    weights = [row for row in layers if row["kind"] == "weights"]
+    assert all(row["grad_norm"] > 0 and 1e-5 < row["update_ratio"] < 0.1 for row in weights)
+    relu = [row for row in layers if row["kind"] == "relu"]
+    assert relu and all(0.1 < row["zero"] < 0.9 for row in relu)
+    assert all(row["batches"] >= 4 and row["forward"] > 0 and row["backward"] > 0 for row in steps)
+
+
+def test_a_deep_sigmoid_stack_has_vanishing_gradients() -> None:
+    debugger, _, heard = watch(mlp(8, *[32] * 12, 2, act=nn.Sigmoid), epochs=1, optimizer="sgd")
+    assert "vanishing_gradient" in fired(debugger)
+    finding = next(f for f in heard if f.rule == "vanishing_gradient")
+    assert "0" in finding.evidence.split("smallest: ")[1] and "ReLU" in finding.fix
+
+
+def test_a_learning_rate_far_too_high_explodes() -> None:
+    debugger, *_ = watch(mlp(8, 32, 2), lr=1e4, optimizer="sgd", epochs=1)
+    assert "exploding_tensor" in fired(debugger)
+
+
+def test_large_initial_weights_saturate_tanh() -> None:
+    model = mlp(8, 64, 64, 2, act=nn.Tanh)
+    with torch.no_grad():
+        for layer in model:
+            if isinstance(layer, nn.Linear):
+                layer.weight.mul_(20)
+    debugger, *_ = watch(model, epochs=1, lr=1e-4)
+    finding = next(f for f in debugger.findings if f.rule == "saturated_activation")
+    assert "tanh" in finding.evidence
+
+
+def test_a_large_negative_bias_kills_relus() -> None:
+    model = mlp(8, 32, 32, 2)
+    first = model[0]
+    assert isinstance(first, nn.Linear)
+    with torch.no_grad():
+        first.bias.fill_(-20.0)
+    debugger, *_ = watch(model, epochs=1)
+    assert "dead_relu" in fired(debugger)
+
+
+def test_training_on_a_tiny_subset_overfits() -> None:
+    tiny = _data(24, seed=5)
+    noisy = Batches(tiny.x, torch.randint(0, 2, (24,), generator=torch.Generator().manual_seed(3)))
+    debugger, _, heard = watch(mlp(8, 256, 256, 2), train=noisy, epochs=30, lr=3e-3, batch_size=8)
+    assert "overfit" in fired(debugger)
+    assert "train.early_stopping" in next(f for f in heard if f.rule == "overfit").fix
+
+
+class _SlowRows(torch.Tensor):
+    """Rows whose gathering sleeps: a data path slower than the model."""
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        time.sleep(0.01)
+        return torch.Tensor.__getitem__(self.as_subclass(torch.Tensor), index)
+
+
+def test_a_data_path_that_sleeps_is_an_io_bottleneck() -> None:
+    data = _data(256)
+    slow = Batches(data.x.as_subclass(_SlowRows), data.y)
+    debugger, *_ = watch(mlp(8, 16, 2), train=slow, epochs=1)
+    assert "io_bottleneck" in fired(debugger)
+    assert "io_bottleneck" not in fired(watch(mlp(8, 16, 2), epochs=1)[0])
+
+
+class _Leaky(nn.Module):
+    """Keeps every batch's activations alive: memory grows with each step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = mlp(8, 16, 2)
+        self.kept: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.kept.append(torch.ones(4 * 2**20 // 4))  # 4 MiB a step
+        return self.inner(x)
+
+
+def test_a_model_that_leaks_memory_per_step_grows_memory() -> None:
+    rules = {"growing_memory": {"mb": 40, "captures": 3}}
+    debugger, *_ = watch(_Leaky(), rules=rules, epochs=2)
+    assert "growing_memory" in fired(debugger)
+
+
+def test_a_stop_rule_ends_the_run_as_stopped_and_fail_as_failed() -> None:
+    deep = lambda: mlp(8, *[32] * 12, 2, act=nn.Sigmoid)  # noqa: E731
+    _, stopped, _ = watch(deep(), rules={"vanishing_gradient": "stop"}, optimizer="sgd")
+    assert stopped.stopped is not None and stopped.stopped.action is Action.STOP
+    assert stopped.stopped.rule == "vanishing_gradient" and stopped.epochs == 0
+    _, failed, _ = watch(deep(), rules={"vanishing_gradient": "fail"}, optimizer="sgd")
+    assert failed.stopped is not None and failed.stopped.action is Action.FAIL
+    assert failed.stopped.reason.startswith("debug rule vanishing_gradient at step 5")
+    debugger, quiet, heard = watch(deep(), rules={"vanishing_gradient": "record"}, optimizer="sgd", epochs=1)
+    assert quiet.stopped is None and "vanishing_gradient" in fired(debugger)
+    assert "vanishing_gradient" not in {f.rule for f in heard}  # recorded, not said
+
+
+def test_only_the_layers_named_are_captured() -> None:
+    model = mlp(8, 16, 16, 2)
+    opt = torch.optim.Adam(model.parameters())
+    debugger = Debugger(DebugConfig(layers=["2"]), model, opt)
+    assert set(debugger.capture.weighted) == {"2"} and set(debugger.capture.activation_modules) == set()
+
+
+def test_findings_are_kept_in_the_files_of_every_report() -> None:
+    debugger, *_ = watch(mlp(8, *[32] * 12, 2, act=nn.Sigmoid), epochs=1, optimizer="sgd")
+    kept = findings_of(debugger.files())
+    assert [f.rule for f in kept] == [f.rule for f in debugger.findings] and FINDINGS_FILE.endswith(".json")
+
+
+@pytest.mark.parametrize(
+    ("rules", "says"),
+    [
+        ({"dead_relu": {"fraction": "lots"}}, "valid number"),
+        ({"overfit": "explode"}, "off"),
+        ({"update_ratio": {"low": 1, "high": 0.5}}, "below high"),
+    ],
+)
+def test_bad_rule_settings_are_refused(rules: dict[str, Any], says: str) -> None:
+    with pytest.raises(ValueError, match=says):
+        DebugConfig(rules=rules)
+
+
+def _recorded_run(
+    folder: Path, debug: DebugConfig, fs: FeatureSet, epochs: int
+) -> tuple[MlflowTracker, str, BaseException | None]:
+    folder.mkdir()
+    tracker = MlflowTracker(f"sqlite:///{folder}/mlflow.db", "debug", folder / "artifacts")
+    job = TrainJob.for_feature_set(
+        TorchModelConfig(params={"hidden": [16]}),
+        TrainConfig(epochs=epochs, batch_size=64, debug=debug, optimizer=OptimizerConfig(name="sgd", lr=1e3)),
+        fs,
+    )
+    started: list[str] = []
+    error = None
+    try:
+        train_and_record(
+            job,
+            fs,
+            tracker=tracker,
+            run_name="final",
+            storage_path=Location.of(folder / "runs"),
+            params={},
+            tags={},
+            on_run_started=started.append,
+            embedded=True,
+        )
+    except TrainingFailed as exc:
+        error = exc
+    return tracker, started[0], error
+
+
+def test_a_run_keeps_its_findings_in_mlflow_and_a_fail_rule_fails_it_with_the_finding(tmp_path: Path) -> None:
+    fs = bundled("breast_cancer", tmp_path)
+    tracker, run_id, error = _recorded_run(tmp_path / "warn", DebugConfig(every=2), fs, epochs=1)
+    assert error is None
+    run = tracker.client.get_run(run_id)
+    assert run.info.status == "FINISHED" and "exploding_tensor" in run.data.tags["raylens.debug.findings"]
+    record = run_debug(tracker.client, run_id)
+    assert record.findings[0].rule == "exploding_tensor" and record.timeline
+    assert record.report_uri is not None and all(0 <= row["data"] <= 1 for row in record.timeline)
+
+    tracker, run_id, error = _recorded_run(
+        tmp_path / "fail", DebugConfig(every=2, rules={"exploding_tensor": "fail"}), fs, epochs=2
+    )
+    assert error is not None and str(error).startswith("debug rule exploding_tensor at step 3")
+    run = tracker.client.get_run(run_id)
+    assert run.info.status == "FAILED" and run.data.tags["raylens.error"] == str(error)
