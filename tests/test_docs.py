@@ -10,6 +10,7 @@ ROOT = Path(__file__).parents[1]
 CONFIGS = [
     "raylens/features/config.py",
     "raylens/trainer/config.py",
+    "raylens/trainer/debug/settings.py",
     "raylens/tuning/config.py",
     "raylens/cluster/spec.py",
 ]

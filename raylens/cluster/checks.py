@@ -119,11 +119,13 @@ def _check_model_on_data(spec: ExperimentSpec, planned: PlannedFeatureSet, *, tu
     rows = planned.sample(2)
     family_of(spec.model).check_on_rows(spec.model, rows, planned.task, planned.num_outputs)
     debug = spec.train.debug
-    if debug is not None and debug.layers and isinstance(spec.model, TorchModelConfig):
+    if debug is not None and (debug.layers or debug.tensors) and isinstance(spec.model, TorchModelConfig):
         from raylens.trainer import build_model
         from raylens.trainer.debug.capture import check_layers
 
-        check_layers(build_model(spec.model, rows.shape[1], planned.num_outputs), debug.layers)
+        built = build_model(spec.model, rows.shape[1], planned.num_outputs)
+        check_layers(built, debug.layers, "train.debug.layers")
+        check_layers(built, debug.tensors, "train.debug.tensors")
     if not tune or spec.tune is None:
         return
     for name, values, model, _ in sampled_configs(spec.tune, spec.model, spec.train):

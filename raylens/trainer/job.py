@@ -39,6 +39,7 @@ from raylens.trainer.loop import (
 from raylens.trainer.models import build_model
 from raylens.trainer.monitors import EarlyStopping, FiniteLoss
 from raylens.trainer.parallel import Parallelized, ParallelPlan, all_reduce_sum, restore, resume_position
+from raylens.trainer.parallel.checkpoint import ATTACHMENTS
 from raylens.trainer.parallel.collectives import collective_device
 from raylens.trainer.parallel.plan import worker_memory
 from raylens.trainer.schedules import learning_rate
@@ -230,6 +231,17 @@ def run_worker(
             on_finding=on_finding,
             gather=_gather(world_size),
         )
+        if resume_from:
+            debugger.resume(resume_from.get(ATTACHMENTS, {}))
+        else:
+            counts = None
+            if job.task.kind == "classification":
+                labels, rows = np.unique(train.y, return_counts=True)
+                counts = {str(int(k)): int(c) for k, c in zip(labels, rows, strict=True)}
+            verdict = debugger.judge_start(counts)
+            if verdict.action is not Action.CONTINUE:
+                # Nothing is trained yet, nothing to keep: a stop here ends the run as a failure.
+                return FitResult(start_epoch, replace(verdict, action=Action.FAIL), 0)
     monitors = [*monitors, *([debugger] if debugger is not None else []), FiniteLoss()]
     if job.train.early_stopping is not None:
         monitors.append(EarlyStopping(job.train.early_stopping))

@@ -307,19 +307,8 @@ def run_sweep(
             tracker.set_tags(run_id, {"raylens.stopped_early": str(trial.status == "stopped").lower()})
     finished = [t for t in trials if t.status == "completed" and config.metric in t.metrics]
     if not finished:
-        errors = "; ".join(sorted({error_line(str(r.error)) for r in results if r.error}))[:2000]
-        known = sorted({k for t in trials for k in t.metrics})
-        hint = (
-            "" if not known or config.metric in known else f"; tune.metric must be one of {', '.join(known)}"
-        )
-        if config.time_budget_s is not None and took >= config.time_budget_s:
-            hint += (
-                f"; the time budget of {config.time_budget_s:g} s ran out before a trial finished:"
-                " raise tune.time_budget_s"
-            )
-        raise UserError(
-            f"tune: no trial reported '{config.metric}'{hint}{'; errors: ' + errors if errors else ''}"
-        )
+        errors = sorted({error_line(str(r.error)) for r in results if r.error})
+        raise UserError(nothing_finished(config, trials, errors, took))
     board = leaderboard_of(results, finished, candidates, trial_job, feature_set, config)
     _record_leaderboard(tracker, parent_run_id, board, recorder.known_runs)
     _record_trial_plots(tracker, parent_run_id, results, trials, candidates, config.metric)
@@ -328,6 +317,20 @@ def run_sweep(
     assert winner is not None
     best = next(t for t in finished if t.trial_id == winner.trial_id)
     return SweepResult(winner.config, best.metrics, trials, plan, board)
+
+
+def nothing_finished(config: TuneConfig, trials: list[TrialSummary], errors: list[str], took: float) -> str:
+    """Why a sweep has no winner when no trial finished with the metric: a metric no trial
+    reports, the trials' errors, or a time budget spent before the first trial finished."""
+    known = sorted({k for t in trials for k in t.metrics})
+    hint = "" if not known or config.metric in known else f"; tune.metric must be one of {', '.join(known)}"
+    if config.time_budget_s is not None and took >= config.time_budget_s:
+        hint += (
+            f"; the time budget of {config.time_budget_s:g} s ran out before a trial finished:"
+            " raise tune.time_budget_s"
+        )
+    said = "; ".join(errors)[:2000]
+    return f"tune: no trial reported '{config.metric}'{hint}{'; errors: ' + said if said else ''}"
 
 
 def leaderboard_of(

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from raylens.features import SplitArrays
 from raylens.trainer import TrainJob, TrainState, run_worker
-from raylens.trainer.loop import FitResult, Monitor
+from raylens.trainer.loop import FitResult, Heartbeat, Monitor
 from raylens.trainer.models import build_model
 from raylens.trainer.parallel import load_checkpoint, load_model_weights, write_checkpoint
 
@@ -75,7 +75,11 @@ class Ranks:
         self.runs = 0
 
     def train(
-        self, job: TrainJob, resume_from: dict[str, Any] | None = None, monitors: Sequence[Monitor] = ()
+        self,
+        job: TrainJob,
+        resume_from: dict[str, Any] | None = None,
+        monitors: Sequence[Monitor] = (),
+        heartbeat: Heartbeat | None = None,
     ) -> Collect:
         self.runs += 1  # every rank trains the same runs in the same order: the folders agree
         reporter = Collect(self.out / f"run{self.runs}")
@@ -88,6 +92,7 @@ class Ranks:
             world_size=self.world_size,
             resume_from=resume_from,
             monitors=monitors,
+            heartbeat=heartbeat,
         )
         return reporter
 

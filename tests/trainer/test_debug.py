@@ -4,25 +4,39 @@ the run with the finding as the reason."""
 
 from __future__ import annotations
 
+import io
 import itertools
+import json
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from torch import nn
 
-from raylens.features import FeatureSet
+from raylens.features import FeatureSet, SplitArrays
 from raylens.storage import Location
 from raylens.trainer import TorchModelConfig, TrainConfig, TrainJob
 from raylens.trainer.config import OptimizerConfig
-from raylens.trainer.debug.debugger import FINDINGS_FILE, LAYERS_FILE, STEPS_FILE, Debugger, findings_of
+from raylens.trainer.debug.capture import initial_scales
+from raylens.trainer.debug.debugger import (
+    FINDINGS_FILE,
+    LAYERS_FILE,
+    STEPS_FILE,
+    TENSORS_FILE,
+    TRACE_FILE,
+    Debugger,
+    findings_of,
+)
 from raylens.trainer.debug.report import run_debug
-from raylens.trainer.debug.rules import Finding
-from raylens.trainer.debug.settings import DebugConfig
-from raylens.trainer.job import TrainingFailed
+from raylens.trainer.debug.rules import Finding, class_imbalance, poor_weight_initialization
+from raylens.trainer.debug.settings import ClassImbalance, DebugConfig, PoorWeightInitialization
+from raylens.trainer.job import TrainingFailed, run_worker
 from raylens.trainer.loop import Action, Batches, FitResult, TrainState, evaluate, fit
+from raylens.trainer.parallel.checkpoint import load_checkpoint, read_attachments, write_checkpoint
 from raylens.trainer.run import train_and_record
 from raylens.trainer.task import TaskSpec
 from raylens.trainer.tracking import MlflowTracker
@@ -99,10 +113,6 @@ def test_a_healthy_run_fires_no_rule_and_keeps_its_capture() -> None:
     assert fired(debugger) == set() and heard == [] and result.stopped is None
     files = debugger.files()
     assert findings_of(files) == []
-    import io
-
-    import pyarrow.parquet as pq
-
     layers = pq.read_table(io.BytesIO(files[LAYERS_FILE])).to_pylist()
     steps = pq.read_table(io.BytesIO(files[STEPS_FILE])).to_pylist()
     # 16 steps per epoch, 3 epochs, a capture armed every 4 steps and read 4 later.
@@ -275,3 +285,120 @@ def test_a_run_keeps_its_findings_in_mlflow_and_a_fail_rule_fails_it_with_the_fi
     assert error is not None and str(error).startswith("debug rule exploding_tensor at step 3")
     run = tracker.client.get_run(run_id)
     assert run.info.status == "FAILED" and run.data.tags["raylens.error"] == str(error)
+
+
+class _Checkpoints:
+    """Writes each epoch's checkpoint (with its attachments) as a worker does."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.written = folder, []  # type: ignore[var-annotated]
+
+    def report(self, metrics: dict[str, float], state: TrainState) -> None:
+        folder = self.folder / f"epoch{state.epoch}"
+        write_checkpoint(state, folder)
+        self.written.append(folder)
+
+
+def test_a_resumed_run_keeps_the_capture_and_findings_from_before_the_interruption(tmp_path: Path) -> None:
+    fs = bundled("breast_cancer", tmp_path)
+    debug = DebugConfig(every=3, rules={"update_ratio": {"action": "record", "low": 1e-12, "high": 1e-9}})
+
+    def job(epochs: int) -> TrainJob:
+        return TrainJob.for_feature_set(
+            TorchModelConfig(params={"hidden": [16]}),
+            TrainConfig(epochs=epochs, batch_size=32, debug=debug),
+            fs,
+        )
+
+    train, valid = fs.read("train"), fs.read("valid")
+    whole = _Checkpoints(tmp_path / "whole")
+    run_worker(job(3), train, valid, whole)
+    first = _Checkpoints(tmp_path / "first")
+    run_worker(job(1), train, valid, first)
+    then = _Checkpoints(tmp_path / "then")
+    run_worker(job(3), train, valid, then, resume_from=load_checkpoint(first.written[-1]))
+
+    def kept(folder: Path) -> tuple[list[int], list[Finding]]:
+        files = read_attachments(folder)
+        steps = pq.read_table(io.BytesIO(files[STEPS_FILE])).column("step").to_pylist()
+        return steps, findings_of(files)
+
+    assert kept(then.written[-1]) == kept(whole.written[-1])
+    steps, findings = kept(then.written[-1])
+    assert steps[0] == 4 and [f.rule for f in findings] == ["update_ratio"]  # fired once, before
+
+
+def test_a_rare_class_is_a_class_imbalance_and_fail_ends_the_run_before_training(tmp_path: Path) -> None:
+    fs = bundled("breast_cancer", tmp_path)
+    train = fs.read("train")
+    rare = np.flatnonzero(train.y == 0)[:8]
+    common = np.flatnonzero(train.y == 1)
+    rows = np.concatenate([rare, common])
+    skewed = SplitArrays(train.x[rows], train.y[rows])
+    assert class_imbalance({"0": 8, "1": len(common)}, ClassImbalance()) is not None
+    job = TrainJob.for_feature_set(
+        TorchModelConfig(params={"hidden": [8]}),
+        TrainConfig(epochs=1, batch_size=32, debug=DebugConfig(rules={"class_imbalance": "fail"})),
+        fs,
+    )
+    ended = run_worker(job, skewed, fs.read("valid"), _Kept())
+    assert ended.stopped is not None and ended.stopped.action is Action.FAIL and ended.epochs == 0
+    assert (
+        ended.stopped.reason.startswith("debug rule class_imbalance")
+        and "class 0 has 8" in ended.stopped.reason
+    )
+    balanced = run_worker(job, train, fs.read("valid"), _Kept())
+    assert balanced.stopped is None
+
+
+def test_a_run_past_its_best_validation_is_overtraining() -> None:
+    tiny = _data(24, seed=5)
+    noisy = Batches(tiny.x, torch.randint(0, 2, (24,), generator=torch.Generator().manual_seed(3)))
+    debugger, *_ = watch(mlp(8, 256, 256, 2), train=noisy, epochs=30, lr=3e-3, batch_size=8)
+    assert "overtraining" in fired(debugger)
+    assert "overtraining" not in fired(watch(mlp(8, 32, 2), epochs=3)[0])
+
+
+def test_profile_steps_keep_a_torch_profiler_trace_of_those_steps() -> None:
+    model = mlp(8, 16, 2)
+    opt = torch.optim.Adam(model.parameters())
+    debugger = Debugger(DebugConfig(every=2, profile_steps=3), model, opt)
+    fit(
+        model,
+        opt,
+        _data(),
+        CLASSES,
+        epochs=1,
+        batch_size=32,
+        seed=0,
+        reporter=_Kept(),
+        monitors=[debugger],
+        heartbeat=debugger,
+    )
+    trace = json.loads(debugger.files()[TRACE_FILE])
+    steps = {e["name"] for e in trace["traceEvents"] if "Optimizer.step" in str(e.get("name"))}
+    assert steps and any("addmm" in str(e.get("name")) for e in trace["traceEvents"])
+
+
+def test_the_tensors_of_layers_asked_for_are_kept_at_every_capture() -> None:
+    model = mlp(8, 16, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    debugger = Debugger(DebugConfig(every=4, tensors=["2"]), model, opt)
+    fit(model, opt, _data(), CLASSES, epochs=1, batch_size=32, seed=0, reporter=_Kept(), monitors=[debugger])
+    kept = torch.load(io.BytesIO(debugger.files()[TENSORS_FILE]), weights_only=True)
+    assert sorted(kept) == [5, 9, 13] and set(kept[5]) == {
+        "2.weight",
+        "2.bias",
+        "2.weight.grad",
+        "2.bias.grad",
+    }
+    assert kept[5]["2.weight"].shape == (2, 16) and not torch.equal(kept[5]["2.weight"], kept[13]["2.weight"])
+
+
+def test_weights_initialized_far_too_large_are_a_poor_initialization() -> None:
+    model = mlp(8, 64, 64, 2, act=nn.Tanh)
+    assert poor_weight_initialization(initial_scales(model), PoorWeightInitialization()) is None
+    with torch.no_grad():
+        model[2].weight.mul_(20)  # type: ignore[operator]
+    found = poor_weight_initialization(initial_scales(model), PoorWeightInitialization())
+    assert found is not None and "furthest: 2 " in found

@@ -4,6 +4,7 @@ whole or sharded checkpoints — bit-identical to an uninterrupted one."""
 
 from __future__ import annotations
 
+import time
 from functools import partial
 from typing import Any
 
@@ -30,6 +31,7 @@ def make_job(
     workers: int = 2,
     schedule: str = "1f1b",
     eval_every_steps: int | None = None,
+    debug: dict[str, Any] | None = None,
 ) -> TrainJob:
     """``batch_size`` is per data-parallel rank: a pipeline's stages share one batch of twice
     that (2 microbatches), so every strategy steps over the same rows."""
@@ -46,6 +48,7 @@ def make_job(
                 "strategy": strategy,
                 "pipeline": {"microbatches": 2, "schedule": schedule},
             },
+            **({"debug": debug} if debug is not None else {}),
         ),
         fs,
     )
@@ -77,6 +80,12 @@ def scenario(ranks: Ranks, jobs: dict[str, TrainJob]) -> dict[str, Any]:
     mid_resumed = ranks.train(jobs["mid_epoch"], resume_from=shared[0])
     # Only rank 1 decides to stop, at step 5: both ranks must stop there, neither left waiting.
     stopped = ranks.train(jobs["dropout"], monitors=[StopAtStep(5 if ranks.rank == 1 else None)])
+    # Rank 1's batches take 30 ms longer to load: the debugger's load_imbalance rule stops both.
+    slow = (
+        ranks.train(jobs["slow"], heartbeat=SlowBatches(0.03 if ranks.rank == 1 else 0.0))
+        if "slow" in jobs
+        else None
+    )
     return {
         "full": _last(full, jobs["full_batch"]),
         "steps": steps.metrics,
@@ -84,12 +93,27 @@ def scenario(ranks: Ranks, jobs: dict[str, TrainJob]) -> dict[str, Any]:
         "straight": _last(straight, jobs["dropout"]),
         "resumed": _last(resumed, jobs["dropout"]),
         "stopped": stopped.result,
+        "slow": slow.result if slow is not None else None,
         "mid_epoch": {
             "at": shared[0]["step"],
             "straight": _last(mid_straight, jobs["mid_epoch"]),
             "resumed": _last(mid_resumed, jobs["mid_epoch"]),
         },
     }
+
+
+class SlowBatches:
+    """A heartbeat that sleeps as each batch is loaded: a rank with a slow data path."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def beat(self, epoch: int, step: int, phase: int) -> None:
+        if phase == 0 and self.seconds:
+            time.sleep(self.seconds)
+
+    def pause(self) -> None:
+        pass
 
 
 class StopAtStep:
@@ -138,6 +162,13 @@ def launched(iris_module: FeatureSet, tmp_path_factory: pytest.TempPathFactory):
         }
         for strategy in STRATEGIES
     }
+    jobs["ddp"]["slow"] = make_job(
+        iris_module,
+        "ddp",
+        epochs=2,
+        batch_size=8,
+        debug={"every": 2, "rules": {"load_imbalance": {"action": "stop", "factor": 3}}},
+    )
     jobs["pipeline"]["steps_gpipe"] = make_job(
         iris_module, "pipeline", epochs=3, batch_size=STEP_BATCH, schedule="gpipe"
     )
@@ -243,3 +274,11 @@ def test_a_stop_decided_on_one_rank_stops_every_rank_at_that_step(ranks) -> None
     assert (mine.stopped_at_step, other.stopped_at_step) == (5, 5)
     assert mine.stopped.reason == "step 5" and other.stopped.reason == "another worker stopped the run"
     assert mine.epochs == other.epochs == 0
+
+
+def test_a_rank_with_slow_batches_is_a_load_imbalance_that_stops_every_rank(launched) -> None:  # type: ignore[no-untyped-def]
+    _, results = launched
+    first, second = results[0]["ddp"]["slow"], results[1]["ddp"]["slow"]
+    assert first.stopped_at_step == second.stopped_at_step and first.stopped_at_step is not None
+    assert first.stopped.rule == "load_imbalance" and "rank 1 spends" in first.stopped.reason
+    assert second.stopped.reason == "another worker stopped the run"

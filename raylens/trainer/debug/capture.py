@@ -31,7 +31,7 @@ class LayerStats:
     update_ratio: float = math.nan
     """Norm of the optimizer step's change over the weights' norm."""
     nonfinite: int = 0
-    """NaN and Inf values among the gradients and weights."""
+    """1 when the gradients or weights hold a NaN or an Inf (their norm is not finite)."""
     saturated: float = math.nan
     """sigmoid, tanh: share of outputs within 1 % of their bounds."""
     zero: float = math.nan
@@ -68,6 +68,9 @@ class Snapshot:
     layers: tuple[LayerStats, ...]
     times: StepTimes | None
     rss_mb: float
+    ranks_busy: tuple[float, ...] = ()
+    """Every rank's seconds per batch outside backward (loading data, forward, the optimizer
+    step) over the window, by rank (empty on one worker)."""
 
 
 class PhaseClock:
@@ -117,12 +120,11 @@ def _plain(tensor: torch.Tensor) -> torch.Tensor:
     return local() if callable(local) else tensor
 
 
-def _norm(tensor: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(_plain(tensor).detach().float()))
-
-
-def _nonfinite(tensor: torch.Tensor) -> int:
-    return int((~torch.isfinite(_plain(tensor).detach())).sum())
+def _norms(tensors: list[torch.Tensor]) -> list[float]:
+    """Each tensor's 2-norm, computed together and read back once."""
+    if not tensors:
+        return []
+    return torch.stack(torch._foreach_norm(tensors)).tolist()
 
 
 def _name(name: str) -> str:
@@ -132,16 +134,28 @@ def _name(name: str) -> str:
     return name
 
 
-def check_layers(model: nn.Module, layers: Sequence[str]) -> None:
-    """Every layer named for capture (``train.debug.layers``) is one of ``model``'s modules."""
+def initial_scales(model: nn.Module) -> dict[str, float]:
+    """Each Linear or convolution layer's weight std x sqrt(fan-in): about 0.58 under PyTorch's
+    default initialization, 1.41 under He's, whatever the layer's width."""
+    scales = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d):
+            weight = _plain(module.weight).detach().float()
+            if weight.numel() > 1:
+                fan_in = weight[0].numel()
+                scales[_name(name)] = float(weight.std()) * math.sqrt(fan_in)
+    return scales
+
+
+def check_layers(model: nn.Module, layers: Sequence[str], key: str = "train.debug.layers") -> None:
+    """Every layer ``key`` names (``train.debug.layers``, ``train.debug.tensors``) is one of
+    ``model``'s modules."""
     from raylens.errors import UserError
 
     names = [_name(name) for name, _ in model.named_modules() if name]
     for layer in layers:
         if layer not in names:
-            raise UserError(
-                f"train.debug.layers: the model has no layer '{layer}'; its layers: {', '.join(names)}"
-            )
+            raise UserError(f"{key}: the model has no layer '{layer}'; its layers: {', '.join(names)}")
 
 
 def _chosen(name: str, layers: Sequence[str]) -> bool:
@@ -157,9 +171,14 @@ class Capture:
     optimizer: torch.optim.Optimizer
     layers: Sequence[str] = ()
     activations: bool = True
+    keep: Sequence[str] = ()
+    """Layers whose full weights and gradients are kept at each capture (``train.debug.tensors``)."""
     captured: dict[str, LayerStats] = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    """The last capture's kept tensors: ``<layer>.<param>`` (weights after the step) and
+    ``<layer>.<param>.grad``."""
     _handles: list[Any] = field(default_factory=list)
-    _before: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    _before: list[torch.Tensor] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.weighted = {
@@ -192,7 +211,7 @@ class Capture:
     def disarm(self) -> None:
         for handle in self._handles:
             handle.remove()
-        self._handles, self._before = [], {}
+        self._handles, self._before = [], []
 
     def _activation_hook(self, name: str, kind: str) -> Callable[..., None]:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
@@ -209,44 +228,65 @@ class Capture:
         return hook
 
     def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        # The gradients are whole here (accumulated, and all-reduced under DDP).
-        for name, params in self.weighted.items():
-            grads = [p.grad for p in params if p.grad is not None]
-            self._before[name] = [_plain(p).detach().clone() for p in params]
+        # The gradients are whole here (accumulated, and all-reduced under DDP). Norms are taken
+        # of every tensor at once (torch._foreach_norm) and read back once: a capture costs a
+        # few kernels, not a few per layer.
+        params = [(name, _plain(p).detach(), p.grad) for name, ps in self.weighted.items() for p in ps]
+        self.tensors = {}
+        for name, module in self.model.named_modules():
+            if self.keep and _chosen(_name(name), self.keep):
+                for param_name, p in module.named_parameters(recurse=False):
+                    if p.grad is not None:
+                        kept = _plain(p.grad).detach().cpu().clone()
+                        self.tensors[f"{_name(name)}.{param_name}.grad"] = kept
+        self._before = [p.clone() for _, p, _ in params]
+        grads = [(name, _plain(g).detach().float()) for name, _, g in params if g is not None]
+        norms = _norms([g for _, g in grads])
+        squares: dict[str, float] = {}
+        for (name, _), norm in zip(grads, norms, strict=True):
+            squares[name] = squares.get(name, 0.0) + norm * norm
+        for name in self.weighted:
+            grad = math.sqrt(squares[name]) if name in squares else math.nan
             self.captured[name] = LayerStats(
-                name,
-                "weights",
-                grad_norm=math.sqrt(sum(_norm(g) ** 2 for g in grads)) if grads else math.nan,
-                nonfinite=sum(_nonfinite(g) for g in grads),
+                name, "weights", grad_norm=grad, nonfinite=int(not math.isfinite(grad))
             )
 
     def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        for name, params in self.weighted.items():
-            before = self._before.get(name)
-            if before is None:
-                continue
-            weight = math.sqrt(sum(_norm(p) ** 2 for p in params))
-            change = math.sqrt(
-                sum(
-                    float(torch.linalg.vector_norm((_plain(p).detach() - b).float())) ** 2
-                    for p, b in zip(params, before, strict=False)
+        before = self._before
+        for name, module in self.model.named_modules():
+            if self.keep and _chosen(_name(name), self.keep):
+                for param_name, p in module.named_parameters(recurse=False):
+                    self.tensors[f"{_name(name)}.{param_name}"] = _plain(p).detach().cpu().clone()
+        params = [(name, _plain(p).detach()) for name, ps in self.weighted.items() for p in ps]
+        if len(before) == len(params):
+            after = [p for _, p in params]
+            weights = _norms([p.float() for p in after])
+            changes = _norms([d.float() for d in torch._foreach_sub(after, before)])
+            weight_sq: dict[str, float] = {}
+            change_sq: dict[str, float] = {}
+            for (name, _), weight, change in zip(params, weights, changes, strict=True):
+                weight_sq[name] = weight_sq.get(name, 0.0) + weight * weight
+                change_sq[name] = change_sq.get(name, 0.0) + change * change
+            for name, stats in list(self.captured.items()):
+                if stats.kind != "weights" or name not in weight_sq:
+                    continue
+                weight, change = math.sqrt(weight_sq[name]), math.sqrt(change_sq[name])
+                self.captured[name] = LayerStats(
+                    name,
+                    "weights",
+                    grad_norm=stats.grad_norm,
+                    weight_norm=weight,
+                    update_ratio=change / weight if weight > 0 else (0.0 if change == 0 else math.inf),
+                    nonfinite=stats.nonfinite + int(not math.isfinite(weight)),
                 )
-            )
-            stats = self.captured[name]
-            self.captured[name] = LayerStats(
-                name,
-                "weights",
-                grad_norm=stats.grad_norm,
-                weight_norm=weight,
-                update_ratio=change / weight if weight > 0 else (0.0 if change == 0 else math.inf),
-                nonfinite=stats.nonfinite + sum(_nonfinite(p) for p in params),
-            )
         self.disarm()
 
-    def taken(self) -> tuple[LayerStats, ...] | None:
-        """The last armed step's statistics, once it has been captured (None before)."""
-        if self.armed or not self.captured:
-            return None
+    def taken(self) -> tuple[LayerStats, ...]:
+        """The last armed step's statistics (empty while it has not been captured, or where this
+        rank holds none of the layers chosen)."""
+        if self.armed:
+            self.disarm()
+            self.captured = {}
         taken, self.captured = tuple(self.captured.values()), {}
         return taken
 

@@ -19,7 +19,13 @@ import pyarrow.parquet as pq
 from matplotlib import pyplot as plt
 from matplotlib.figure import Figure
 
-from raylens.trainer.debug.debugger import FINDINGS_FILE, LAYERS_FILE, STEPS_FILE
+from raylens.trainer.debug.debugger import (
+    FINDINGS_FILE,
+    LAYERS_FILE,
+    STEPS_FILE,
+    TENSORS_FILE,
+    TRACE_FILE,
+)
 from raylens.trainer.debug.rules import Finding
 from raylens.trainer.tracking import Tracker
 
@@ -32,7 +38,7 @@ def read_debug(checkpoint: Path | str, filesystem: pyarrow.fs.FileSystem | None 
     path on ``filesystem`` (a persisted Ray checkpoint's)."""
     fs = filesystem or pyarrow.fs.LocalFileSystem()
     found = {}
-    for name in (LAYERS_FILE, STEPS_FILE, FINDINGS_FILE):
+    for name in (LAYERS_FILE, STEPS_FILE, FINDINGS_FILE, TRACE_FILE, TENSORS_FILE):
         path = f"{str(checkpoint).rstrip('/')}/{name}"
         if fs.get_file_info(path).type == pyarrow.fs.FileType.File:
             with fs.open_input_stream(path) as stream:
@@ -146,7 +152,7 @@ def record_debug(
         return []
     findings = [Finding(**f) for f in json.loads(files.get(FINDINGS_FILE, b"[]"))]
     for name, content in files.items():
-        if name.endswith(".json"):
+        if name == FINDINGS_FILE:
             tracker.log_dict(run_id, json.loads(content), name)
         else:
             tracker.log_bytes(run_id, content, name)

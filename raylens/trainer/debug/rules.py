@@ -7,18 +7,22 @@ from __future__ import annotations
 import itertools
 import math
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from raylens.trainer.debug.capture import Snapshot
 from raylens.trainer.debug.settings import (
+    ClassImbalance,
     DeadRelu,
     ExplodingTensor,
     GrowingMemory,
     IoBottleneck,
+    LoadImbalance,
     LossNotDecreasing,
     Overfit,
+    Overtraining,
+    PoorWeightInitialization,
     SaturatedActivation,
     StepTimeOutlier,
     UnchangedTensor,
@@ -124,6 +128,22 @@ def io_bottleneck(snap: Snapshot, earlier: Sequence[Snapshot], rule: IoBottlenec
     return f"waiting for data took {share:.0%} of the step time over {times.batches} batches"
 
 
+def load_imbalance(snap: Snapshot, earlier: Sequence[Snapshot], rule: LoadImbalance) -> str | None:
+    busy = snap.ranks_busy
+    # Judged once (rank 0 knows every rank's), past the first capture (its warm-up varies).
+    if snap.rank != 0 or not earlier or len(busy) < 2 or min(busy) <= 0:
+        return None
+    slowest = max(range(len(busy)), key=busy.__getitem__)
+    quickest = min(range(len(busy)), key=busy.__getitem__)
+    if busy[slowest] <= rule.factor * busy[quickest] or busy[slowest] - busy[quickest] < rule.min_ms / 1000:
+        return None
+    return (
+        f"rank {slowest} spends {1000 * busy[slowest]:.3g} ms a batch outside backward (data, forward, "
+        f"optimizer step), {busy[slowest] / busy[quickest]:.1f} x rank {quickest}'s "
+        f"{1000 * busy[quickest]:.3g} ms"
+    )
+
+
 def step_time_outlier(snap: Snapshot, earlier: Sequence[Snapshot], rule: StepTimeOutlier) -> str | None:
     times = snap.times
     if times is None or times.batches < 5 or times.median <= 0:
@@ -162,6 +182,42 @@ def overfit(epochs: Sequence[dict[str, float]], rule: Overfit) -> str | None:
     return (
         f"valid_loss has not improved on {valid[best]:.4g} (epoch {best + 1}) for {since} epochs while "
         f"train_loss fell from {train[best]:.4g} to {train[-1]:.4g}"
+    )
+
+
+def overtraining(epochs: Sequence[dict[str, float]], rule: Overtraining) -> str | None:
+    valid = [m.get("valid_loss", math.nan) for m in epochs]
+    if len(valid) <= rule.patience or not all(map(math.isfinite, valid)):
+        return None
+    best = min(range(len(valid)), key=valid.__getitem__)
+    since = len(valid) - 1 - best
+    if since < rule.patience:
+        return None
+    return f"valid_loss has not improved on {valid[best]:.4g} (epoch {best + 1}) for {since} epochs"
+
+
+def class_imbalance(counts: Mapping[str, int], rule: ClassImbalance) -> str | None:
+    """Judged once, on the training rows' classes (``counts``: rows per class label)."""
+    if len(counts) < 2:
+        return None
+    rare, common = min(counts, key=counts.__getitem__), max(counts, key=counts.__getitem__)
+    if counts[rare] >= rule.ratio * counts[common]:
+        return None
+    return (
+        f"class {rare} has {counts[rare]} training rows, {counts[rare] / counts[common]:.1%} of class "
+        f"{common}'s {counts[common]}"
+    )
+
+
+def poor_weight_initialization(scales: Mapping[str, float], rule: PoorWeightInitialization) -> str | None:
+    """Judged once, before the first step, on each layer's weight std x sqrt(fan-in)."""
+    off = {layer: scale for layer, scale in scales.items() if not rule.low <= scale <= rule.high}
+    if not off:
+        return None
+    layer, scale = max(off.items(), key=lambda item: abs(math.log(max(item[1], 1e-30))))
+    return (
+        f"{len(off)} layer(s) start with weights of std x sqrt(fan-in) outside [{rule.low:g}, "
+        f"{rule.high:g}]; furthest: {layer} {scale:.3g}"
     )
 
 
@@ -211,6 +267,10 @@ STEP_RULES: dict[str, tuple[StepRule, str]] = {
         io_bottleneck,
         "Make the data path faster: preprocess into the feature store, or give workers more CPUs",
     ),
+    "load_imbalance": (
+        load_imbalance,
+        "Give every worker the same resources and rows; look for a slow node, disk or data shard",
+    ),
     "step_time_outlier": (
         step_time_outlier,
         "Look for stalls outside training: garbage collection, a slow disk, another process",
@@ -227,9 +287,18 @@ EPOCH_RULES: dict[str, tuple[EpochRule, str]] = {
         overfit,
         "Regularize (weight_decay, dropout), add data, or stop earlier (train.early_stopping)",
     ),
+    "overtraining": (
+        overtraining,
+        "Stop earlier (train.early_stopping), or lower the learning rate late (train.schedule)",
+    ),
     "loss_not_decreasing": (
         loss_not_decreasing,
         "Raise train.optimizer.lr, check the labels and the loss, or the model's capacity",
     ),
 }
 """Rules judging the epochs' metrics, with the fix each suggests."""
+
+INITIALIZATION_FIX = (
+    "Use PyTorch's default initialization, or Xavier (sigmoid, tanh) / He (ReLU) for custom layers"
+)
+CLASS_IMBALANCE_FIX = 'Weigh the classes in the loss (train.class_weights: "balanced"), or resample the data'

@@ -14,9 +14,10 @@ the sweep goes on) as finished; fail: ends the run as failed, the finding its re
 
 
 class _Rule(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     action: RuleAction = "warn"
+    """off, record, warn, stop or fail."""
 
 
 class VanishingGradient(_Rule):
@@ -24,12 +25,14 @@ class VanishingGradient(_Rule):
     barely learn (deep sigmoid or tanh stacks without normalization)."""
 
     ratio: float = Field(1e-4, gt=0, lt=1)
+    """Fires below this fraction of the largest layer's gradient norm."""
 
 
 class ExplodingTensor(_Rule):
     """A gradient or weight holds NaN or Inf, or a layer's gradient norm exceeds ``limit``."""
 
     limit: float = Field(1e4, gt=0)
+    """The largest healthy gradient norm of a layer."""
 
 
 class SaturatedActivation(_Rule):
@@ -37,12 +40,14 @@ class SaturatedActivation(_Rule):
     their bounds), where their gradient vanishes."""
 
     fraction: float = Field(0.5, gt=0, le=1)
+    """The largest healthy share of saturated outputs."""
 
 
 class DeadRelu(_Rule):
     """More than ``fraction`` of a ReLU layer's outputs are zero: its units no longer learn."""
 
     fraction: float = Field(0.9, gt=0, le=1)
+    """The largest healthy share of zero outputs."""
 
 
 class UpdateRatio(_Rule):
@@ -50,8 +55,11 @@ class UpdateRatio(_Rule):
     [``low``, ``high``] (about 1e-3 is healthy): the learning rate is too low or too high."""
 
     action: RuleAction = "record"
+    """off, record, warn, stop or fail."""
     low: float = Field(1e-6, gt=0)
+    """The smallest healthy ratio."""
     high: float = Field(0.1, gt=0)
+    """The largest healthy ratio."""
 
     @model_validator(mode="after")
     def _ordered(self) -> UpdateRatio:
@@ -69,6 +77,7 @@ class Overfit(_Rule):
     falling."""
 
     patience: int = Field(3, ge=1)
+    """Epochs since valid_loss's best."""
 
 
 class LossNotDecreasing(_Rule):
@@ -76,20 +85,65 @@ class LossNotDecreasing(_Rule):
     epochs."""
 
     patience: int = Field(3, ge=1)
+    """Epochs without a new best."""
     min_delta: float = Field(0.001, ge=0, lt=1)
+    """How much lower than the best (a fraction of it) counts as new."""
+
+
+class Overtraining(_Rule):
+    """valid_loss has not improved on its best for ``patience`` epochs: the epochs since are
+    spent for nothing."""
+
+    action: RuleAction = "record"
+    """off, record, warn, stop or fail."""
+    patience: int = Field(5, ge=1)
+    """Epochs since valid_loss's best."""
+
+
+class ClassImbalance(_Rule):
+    """The rarest class of the training rows is under ``ratio`` x the most common one's count
+    (classification)."""
+
+    ratio: float = Field(0.1, gt=0, lt=1)
+    """The smallest healthy count of the rarest class, as a fraction of the most common one's."""
+
+
+class PoorWeightInitialization(_Rule):
+    """Before the first step, a Linear or convolution layer's weights have a standard deviation
+    x sqrt(fan-in) outside [``low``, ``high``] (PyTorch's default gives about 0.58, He's 1.41):
+    its outputs start vanishingly small or far too large."""
+
+    low: float = Field(0.1, gt=0)
+    """The smallest healthy scale."""
+    high: float = Field(4.0, gt=0)
+    """The largest healthy scale."""
 
 
 class IoBottleneck(_Rule):
     """Waiting for data takes more than ``share`` of the step time."""
 
     share: float = Field(0.5, gt=0, lt=1)
+    """The largest healthy share of step time spent waiting for data."""
+
+
+class LoadImbalance(_Rule):
+    """One rank spends more than ``factor`` x another's time per batch outside backward (loading
+    data, forward, the optimizer step: its own work; the others wait for it in backward's
+    all-reduce). Judged from the second capture on."""
+
+    factor: float = Field(1.5, gt=1)
+    """How many times the quickest rank's time the slowest rank's may be."""
+    min_ms: float = Field(5.0, ge=0)
+    """Differences under this many milliseconds a batch are noise, whatever their ratio."""
 
 
 class StepTimeOutlier(_Rule):
     """A step took more than ``factor`` x the median step time of its capture window."""
 
     action: RuleAction = "record"
+    """off, record, warn, stop or fail."""
     factor: float = Field(10.0, gt=1)
+    """How many times the median batch a batch may take."""
 
 
 class GrowingMemory(_Rule):
@@ -97,7 +151,9 @@ class GrowingMemory(_Rule):
     MiB in all: something keeps tensors alive across steps."""
 
     captures: int = Field(4, ge=2)
+    """Consecutive captures with more memory than the one before."""
     mb: float = Field(256.0, gt=0)
+    """Growth over those captures, in MiB, beyond which the rule fires."""
 
 
 def _as_settings(value: Any) -> Any:
@@ -112,19 +168,38 @@ class RulesConfig(BaseModel):
     """Each rule's action and thresholds, over its defaults. A rule given as an action alone
     (overfit: stop) keeps its default thresholds; off turns it off."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     vanishing_gradient: VanishingGradient = Field(default_factory=VanishingGradient)
+    """A layer's gradient norm far below the largest layer's."""
     exploding_tensor: ExplodingTensor = Field(default_factory=ExplodingTensor)
+    """NaN or Inf in gradients or weights, or a huge gradient norm."""
     saturated_activation: SaturatedActivation = Field(default_factory=SaturatedActivation)
+    """Most of a sigmoid or tanh layer's outputs at their bounds."""
     dead_relu: DeadRelu = Field(default_factory=DeadRelu)
+    """Most of a ReLU layer's outputs zero."""
     update_ratio: UpdateRatio = Field(default_factory=UpdateRatio)
+    """The optimizer step's size against the weights', too small or too large."""
     unchanged_tensor: UnchangedTensor = Field(default_factory=UnchangedTensor)
+    """A trainable layer all zero, or left unchanged by a step."""
     overfit: Overfit = Field(default_factory=Overfit)
+    """valid_loss stuck while train_loss falls."""
     loss_not_decreasing: LossNotDecreasing = Field(default_factory=LossNotDecreasing)
+    """train_loss no longer falling."""
+    overtraining: Overtraining = Field(default_factory=Overtraining)
+    """valid_loss stuck for many epochs."""
+    class_imbalance: ClassImbalance = Field(default_factory=ClassImbalance)
+    """A class far rarer than another in the training rows."""
+    poor_weight_initialization: PoorWeightInitialization = Field(default_factory=PoorWeightInitialization)
+    """A class far rarer than another in the training rows."""
     io_bottleneck: IoBottleneck = Field(default_factory=IoBottleneck)
+    """Most of the step time spent waiting for data."""
+    load_imbalance: LoadImbalance = Field(default_factory=LoadImbalance)
+    """One rank much slower than the others."""
     step_time_outlier: StepTimeOutlier = Field(default_factory=StepTimeOutlier)
+    """A batch far slower than its window's median."""
     growing_memory: GrowingMemory = Field(default_factory=GrowingMemory)
+    """Memory growing capture after capture."""
 
     @field_validator("*", mode="before")
     @classmethod
@@ -143,7 +218,7 @@ class RulesConfig(BaseModel):
 class DebugConfig(BaseModel):
     """Capture the run's state every few steps and judge it with rules (all on by default)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     every: int = Field(50, ge=1)
     """Optimizer steps between two captures (per-layer gradient and weight norms, update ratios,
@@ -153,3 +228,11 @@ class DebugConfig(BaseModel):
     empty: every layer with weights and every activation module."""
     rules: RulesConfig = Field(default_factory=RulesConfig)
     """Each rule's action (off, record, warn, stop, fail) and thresholds."""
+    tensors: list[str] = Field(default_factory=list)
+    """Also keep these modules' full weights and gradients at every capture, on rank 0
+    (debug/tensors.pt: {step: {"<layer>.<param>": tensor, "<layer>.<param>.grad": tensor}},
+    torch.load it); names as in train.debug.layers."""
+    profile_steps: int = Field(0, ge=0, le=1000)
+    """Record this many steps with torch.profiler, from the first capture on, on rank 0: the
+    operators' CPU (and CUDA) times, kept with the run as debug/trace.json (open it in Perfetto or
+    chrome://tracing); 0: none."""

@@ -231,7 +231,22 @@ def load_checkpoint(folder: Path) -> dict[str, Any]:
         raise CorruptCheckpoint(f"{path} cannot be read ({type(exc).__name__}: {reason})") from None
     if not isinstance(state, dict) or not {"model", "optimizer", "epoch"} <= state.keys():
         raise CorruptCheckpoint(f"{path} is not a raylens checkpoint")
-    return state
+    return {**state, ATTACHMENTS: read_attachments(folder)}
+
+
+ATTACHMENTS = "attachments"
+"""The key of a loaded checkpoint's attachments (``TrainState.attachments``)."""
+
+
+def read_attachments(folder: Path) -> dict[str, bytes]:
+    """The files a checkpoint keeps beside the state: those in its sub-folders."""
+    return {
+        path.relative_to(folder).as_posix(): path.read_bytes()
+        for sub in sorted(folder.iterdir())
+        if sub.is_dir()
+        for path in sorted(sub.rglob("*"))
+        if path.is_file()
+    }
 
 
 def _sharded_checkpoint(folder: Path) -> dict[str, Any]:
@@ -254,7 +269,13 @@ def _sharded_checkpoint(folder: Path) -> dict[str, Any]:
         if not path.exists() or path.stat().st_size < item.offset + item.length:
             raise CorruptCheckpoint(f"{folder} is incomplete: {item.relative_path} is missing or cut short")
     position = {k: marker[k] for k in ("step", "so_far") if k in marker}
-    return {"sharded": str(folder), "epoch": epoch, "rng": rng, **position}
+    return {
+        "sharded": str(folder),
+        "epoch": epoch,
+        "rng": rng,
+        **position,
+        ATTACHMENTS: read_attachments(folder),
+    }
 
 
 def load_model_weights(model: nn.Module, folder: Path) -> None:
