@@ -163,7 +163,7 @@ class Debugger:
                 initial_scales(self.capture.model), self.rules["poor_weight_initialization"]
             )
             verdicts.append(("poor_weight_initialization", evidence, INITIALIZATION_FIX))
-        if "class_imbalance" in self.rules and class_counts is not None:
+        if "class_imbalance" in self.rules and class_counts is not None and self.rank == 0:
             evidence = class_imbalance(class_counts, self.rules["class_imbalance"])
             verdicts.append(("class_imbalance", evidence, CLASS_IMBALANCE_FIX))
         decision = self._act(verdicts, 0, 0)
@@ -178,6 +178,8 @@ class Debugger:
         epoch = int(metrics.get("epoch", len(self.epochs))) - 1
         step = self._armed_at[0] - 1
         pending, self._pending = self._pending, GO_ON
+        if self.rank != 0:  # every rank sees the same metrics: rank 0 judges, fit agrees the action
+            return pending
         return _graver(
             pending,
             self._act(

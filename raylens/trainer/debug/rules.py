@@ -146,7 +146,8 @@ def load_imbalance(snap: Snapshot, earlier: Sequence[Snapshot], rule: LoadImbala
 
 def step_time_outlier(snap: Snapshot, earlier: Sequence[Snapshot], rule: StepTimeOutlier) -> str | None:
     times = snap.times
-    if times is None or times.batches < 5 or times.median <= 0:
+    # From the second capture on: the first window holds the run's warm-up (first allocations).
+    if not earlier or times is None or times.batches < 5 or times.median <= 0:
         return None
     if times.slowest <= rule.factor * times.median:
         return None
