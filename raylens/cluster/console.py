@@ -213,7 +213,11 @@ def debug_tables(record: RunDebug) -> Group:
         parts.append(Text("no rule fired"))
     if record.timeline:
         timeline = Table(title=Text("timeline (rank 0)"), title_justify="left")
-        for name in ("step", "epoch", "ms/batch", "data", "forward", "backward", "optimizer", "RSS MB"):
+        gpu = any(
+            row["gpu_util"] is not None and row["gpu_util"] == row["gpu_util"] for row in record.timeline
+        )
+        columns = ["step", "epoch", "ms/batch", "data", "forward", "backward", "optimizer", "CPU"]
+        for name in [*columns, *(["GPU"] if gpu else []), "RSS MB"]:
             timeline.add_column(name, justify="right")
         for row in record.timeline:
             timeline.add_row(
@@ -221,12 +225,18 @@ def debug_tables(record: RunDebug) -> Group:
                 str(row["epoch"]),
                 f"{row['ms_per_batch']:.3g}",
                 *(f"{row[phase]:.0%}" for phase in ("data", "forward", "backward", "optimizer")),
+                _share(row["cpu_util"]),
+                *([_share(row["gpu_util"])] if gpu else []),
                 f"{row['rss_mb']:.0f}",
             )
         parts.append(timeline)
     else:
         parts.append(Text("no capture kept (train.debug was off, or the model is not a torch model)"))
     return Group(*parts)
+
+
+def _share(value: float | None) -> str:
+    return "n/a" if value is None or value != value else f"{value:.0%}"
 
 
 def sweep_debug_table(trials: list[TrialDebug], title: str) -> Table:

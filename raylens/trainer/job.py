@@ -7,6 +7,7 @@ strategy, restores a checkpoint if there is one, and hands the worker's rows to 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -177,6 +178,7 @@ def run_worker(
     """Train ``job`` on this worker's share of ``train``; every rank of a run calls it.
     ``on_finding``: hears the debugger's findings whose action is not ``record`` (default: a
     warning in the log)."""
+    started = time.perf_counter()  # the debugger times the start, up to the first step
     device = device or torch.device("cpu")
     torch.manual_seed(job.train.seed)  # every rank starts from the same weights
     assert isinstance(job.model, TorchModelConfig), "run_worker trains torch models"
@@ -230,6 +232,7 @@ def run_worker(
             rank=rank,
             on_finding=on_finding,
             gather=_gather(world_size),
+            started=started,
         )
         if resume_from:
             debugger.resume(resume_from.get(ATTACHMENTS, {}))

@@ -7,7 +7,9 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +34,20 @@ from raylens.trainer.debug.debugger import (
     findings_of,
 )
 from raylens.trainer.debug.report import run_debug
-from raylens.trainer.debug.rules import Finding, class_imbalance, poor_weight_initialization
-from raylens.trainer.debug.settings import ClassImbalance, DebugConfig, PoorWeightInitialization
+from raylens.trainer.debug.rules import (
+    Finding,
+    class_imbalance,
+    cpu_bottleneck,
+    low_gpu_utilization,
+    poor_weight_initialization,
+)
+from raylens.trainer.debug.settings import (
+    ClassImbalance,
+    CpuBottleneck,
+    DebugConfig,
+    LowGpuUtilization,
+    PoorWeightInitialization,
+)
 from raylens.trainer.job import TrainingFailed, run_worker
 from raylens.trainer.loop import Action, Batches, FitResult, TrainState, evaluate, fit
 from raylens.trainer.parallel.checkpoint import load_checkpoint, read_attachments, write_checkpoint
@@ -402,3 +416,35 @@ def test_weights_initialized_far_too_large_are_a_poor_initialization() -> None:
         model[2].weight.mul_(20)  # type: ignore[operator]
     found = poor_weight_initialization(initial_scales(model), PoorWeightInitialization())
     assert found is not None and "furthest: 2 " in found
+
+
+def test_a_model_slow_to_build_is_a_slow_initialization(tmp_path: Path) -> None:
+    fs = bundled("breast_cancer", tmp_path)
+    debug = DebugConfig(every=2, rules={"slow_initialization": {"seconds": 0.3}})
+
+    def heard(name: str) -> list[Finding]:
+        found: list[Finding] = []
+        job = TrainJob.for_feature_set(
+            TorchModelConfig(name=f"tests.trainer.user_models:{name}"),
+            TrainConfig(epochs=1, batch_size=64, debug=debug),
+            fs,
+        )
+        run_worker(job, fs.read("train"), fs.read("valid"), _Kept(), on_finding=found.append)
+        return [f for f in found if f.rule == "slow_initialization"]
+
+    slow = heard("slow_to_build")
+    assert len(slow) == 1 and "to its first step (limit 0.3 s)" in slow[0].evidence
+    assert heard("tiny") == []
+
+
+def test_gpu_rules_judge_utilization_and_never_fire_without_a_gpu() -> None:
+    debugger, *_ = watch(mlp(8, 16, 2), epochs=1)
+    measured = debugger.snapshots[-1]
+    assert 0 < measured.cpu_util <= 1.5 and math.isnan(measured.gpu_util)  # this machine: no GPU
+    starved = replace(measured, cpu_util=0.97, gpu_util=0.05)
+    assert cpu_bottleneck(starved, [], CpuBottleneck()) is not None
+    assert cpu_bottleneck(measured, [], CpuBottleneck()) is None
+    idle = [replace(measured, gpu_util=0.1)] * 3
+    assert low_gpu_utilization(idle[-1], idle[:-1], LowGpuUtilization()) is not None
+    assert low_gpu_utilization(replace(measured, gpu_util=0.8), idle[:-1], LowGpuUtilization()) is None
+    assert low_gpu_utilization(measured, [measured] * 2, LowGpuUtilization()) is None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 from sklearn.base import BaseEstimator, RegressorMixin
 from torch import nn
@@ -23,3 +25,9 @@ class NanRegressor(RegressorMixin, BaseEstimator):
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         return np.full(len(x), np.nan)
+
+
+def slow_to_build(in_features: int, out_features: int, seconds: float = 0.5) -> nn.Module:
+    """A model whose construction takes a while (a download, a large init): a slow start."""
+    time.sleep(seconds)
+    return tiny(in_features, out_features)

@@ -269,3 +269,13 @@ def test_a_debugger_rule_stops_a_trial_and_the_sweep_goes_on(cancer: FeatureSet,
         env=WIDE,
     )
     assert shown.returncode == 0 and "exploding_tensor" in shown.stdout, shown.stderr
+    healthy = next(t for t in trials if t.name.startswith("trial-") and not t.stopped_by)
+    shown = subprocess.run(
+        [RAYLENS, "debug", healthy.run_id, "--html", "--tracking-uri", tracker.tracking_uri],
+        capture_output=True,
+        text=True,
+        env=WIDE,
+    )
+    assert shown.returncode == 0 and "timeline (rank 0)" in shown.stdout, shown.stderr
+    report = Path(shown.stdout.split("report: ")[1].split()[0]).read_text()
+    assert "<h2>Findings</h2>" in report and report.count('<img src="data:image/png;base64,') == 3

@@ -68,6 +68,15 @@ class Snapshot:
     layers: tuple[LayerStats, ...]
     times: StepTimes | None
     rss_mb: float
+    cpu_util: float = math.nan
+    """The process's CPU time over the window's wall time, per CPU it may use (0 to 1)."""
+    gpu_util: float = math.nan
+    """The GPU's utilization during the window as NVML reports it (0 to 1); NaN without a GPU or
+    NVML."""
+    gpu_mb: float = math.nan
+    """The most GPU memory the process's tensors held during the window; NaN without a GPU."""
+    started_s: float = math.nan
+    """Seconds from the worker's start to its first step (the first capture only)."""
     ranks_busy: tuple[float, ...] = ()
     """Every rank's seconds per batch outside backward (loading data, forward, the optimizer
     step) over the window, by rank (empty on one worker)."""
@@ -289,6 +298,38 @@ class Capture:
             self.captured = {}
         taken, self.captured = tuple(self.captured.values()), {}
         return taken
+
+
+class Utilization:
+    """The process's CPU and the GPU's use between two readings: CPU time from ``process_time``,
+    the GPU's from NVML through ``torch.cuda`` (when both are there)."""
+
+    def __init__(self) -> None:
+        self.cpus = (
+            len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        )
+        self.gpu = torch.cuda.is_available()
+        self._since = self._now()
+
+    @staticmethod
+    def _now() -> tuple[float, float]:
+        return time.perf_counter(), time.process_time()  # every thread's CPU time, finely
+
+    def window(self) -> tuple[float, float, float]:
+        """CPU utilization, GPU utilization and peak GPU memory (MiB) since the last call."""
+        now = self._now()
+        wall, cpu = now[0] - self._since[0], now[1] - self._since[1]
+        self._since = now
+        cpu_util = cpu / wall / self.cpus if wall > 0 else math.nan
+        gpu_util = gpu_mb = math.nan
+        if self.gpu:
+            gpu_mb = torch.cuda.max_memory_allocated() / 2**20
+            torch.cuda.reset_peak_memory_stats()
+            try:
+                gpu_util = torch.cuda.utilization() / 100
+            except Exception:  # no NVML (pynvml) here: the utilization is unknown, not zero
+                gpu_util = math.nan
+        return cpu_util, gpu_util, gpu_mb
 
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096

@@ -8,7 +8,9 @@ import dataclasses
 import io
 import json
 import logging
+import math
 import tempfile
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,15 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from raylens.trainer.debug.capture import Capture, PhaseClock, Snapshot, StepTimes, initial_scales, rss_mb
+from raylens.trainer.debug.capture import (
+    Capture,
+    PhaseClock,
+    Snapshot,
+    StepTimes,
+    Utilization,
+    initial_scales,
+    rss_mb,
+)
 from raylens.trainer.debug.rules import (
     CLASS_IMBALANCE_FIX,
     EPOCH_RULES,
@@ -54,7 +64,9 @@ class Debugger:
         rank: int = 0,
         on_finding: Callable[[Finding], None] | None = None,
         gather: Gather = lambda value: [value],
+        started: float | None = None,
     ) -> None:
+        """``started``: when the worker started (``time.perf_counter()``); default: now."""
         self.every = config.every
         self.rules = config.rules.active()
         self.rank, self.gather = rank, gather
@@ -66,6 +78,10 @@ class Debugger:
         self.tensors: dict[int, dict[str, torch.Tensor]] = {}
         """The kept layers' tensors by captured step (``train.debug.tensors``; rank 0)."""
         self.clock = PhaseClock()
+        self.usage = Utilization()
+        self.started = time.perf_counter() if started is None else started
+        self.started_s = math.nan
+        """Seconds from the worker's start to its first batch, once it has begun."""
         self.snapshots: list[Snapshot] = []
         self.epochs: list[dict[str, float]] = []
         self.findings: list[Finding] = []
@@ -84,6 +100,9 @@ class Debugger:
 
     # The loop's heartbeat: time every batch's phases.
     def beat(self, epoch: int, step: int, phase: int) -> None:
+        if self.started_s != self.started_s and phase == 0:  # NaN: the first batch begins
+            self.started_s = time.perf_counter() - self.started
+            self.usage.window()  # utilization counts from the first step
         self.clock.beat(epoch, step, phase)
         if self._profiler is not None and phase == 0:
             self._profiled += 1
@@ -129,6 +148,7 @@ class Debugger:
         if self.capture.tensors:
             self.tensors[step], self.capture.tensors = self.capture.tensors, {}
         times = self.clock.window()
+        cpu_util, gpu_util, gpu_mb = self.usage.window()
         # A rank's own work: a synchronous run's ranks wait for the slowest in backward's
         # all-reduce, so the time outside backward tells the ranks apart.
         busy = (times.total - times.backward) / times.batches if times is not None else 0.0
@@ -140,7 +160,11 @@ class Debugger:
             self.capture.taken(),
             times,
             rss_mb(),
-            ranks_busy if len(ranks_busy) > 1 else (),
+            cpu_util=cpu_util,
+            gpu_util=gpu_util,
+            gpu_mb=gpu_mb,
+            started_s=self.started_s if not self.snapshots else math.nan,
+            ranks_busy=ranks_busy if len(ranks_busy) > 1 else (),
         )
         earlier = list(self.snapshots)
         self.snapshots.append(snapshot)
@@ -242,6 +266,9 @@ class Debugger:
                 "epoch": s.epoch,
                 "rank": s.rank,
                 "rss_mb": s.rss_mb,
+                "cpu_util": s.cpu_util,
+                "gpu_util": s.gpu_util,
+                "gpu_mb": s.gpu_mb,
                 **(dataclasses.asdict(s.times) if s.times is not None else _NO_TIMES),
             }
             for s in snapshots

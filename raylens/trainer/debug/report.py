@@ -202,6 +202,8 @@ def _timeline(steps: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 "ms_per_batch": 1000 * total / row["batches"],
                 **{phase: row[phase] / total for phase in PHASES},
                 "rss_mb": row["rss_mb"],
+                "cpu_util": row.get("cpu_util"),
+                "gpu_util": row.get("gpu_util"),
             }
         )
     return timeline

@@ -14,16 +14,19 @@ from typing import Any
 from raylens.trainer.debug.capture import Snapshot
 from raylens.trainer.debug.settings import (
     ClassImbalance,
+    CpuBottleneck,
     DeadRelu,
     ExplodingTensor,
     GrowingMemory,
     IoBottleneck,
     LoadImbalance,
     LossNotDecreasing,
+    LowGpuUtilization,
     Overfit,
     Overtraining,
     PoorWeightInitialization,
     SaturatedActivation,
+    SlowInitialization,
     StepTimeOutlier,
     UnchangedTensor,
     UpdateRatio,
@@ -141,6 +144,30 @@ def load_imbalance(snap: Snapshot, earlier: Sequence[Snapshot], rule: LoadImbala
         f"rank {slowest} spends {1000 * busy[slowest]:.3g} ms a batch outside backward (data, forward, "
         f"optimizer step), {busy[slowest] / busy[quickest]:.1f} x rank {quickest}'s "
         f"{1000 * busy[quickest]:.3g} ms"
+    )
+
+
+def slow_initialization(snap: Snapshot, earlier: Sequence[Snapshot], rule: SlowInitialization) -> str | None:
+    if earlier or not snap.started_s > rule.seconds:
+        return None
+    return (
+        f"the worker took {snap.started_s:.0f} s from its start to its first step (limit {rule.seconds:g} s)"
+    )
+
+
+def cpu_bottleneck(snap: Snapshot, earlier: Sequence[Snapshot], rule: CpuBottleneck) -> str | None:
+    if not (snap.cpu_util > rule.cpu and snap.gpu_util < rule.gpu):  # NaN (no GPU): never
+        return None
+    return f"the process kept its CPUs {snap.cpu_util:.0%} busy while the GPU was {snap.gpu_util:.0%} busy"
+
+
+def low_gpu_utilization(snap: Snapshot, earlier: Sequence[Snapshot], rule: LowGpuUtilization) -> str | None:
+    recent = [s.gpu_util for s in (*earlier, snap)][-rule.captures :]
+    if len(recent) < rule.captures or not all(u < rule.gpu for u in recent):  # NaN: never
+        return None
+    return (
+        f"the GPU was under {rule.gpu:.0%} busy at each of the last {rule.captures} captures "
+        f"({recent[-1]:.0%} now)"
     )
 
 
@@ -271,6 +298,19 @@ STEP_RULES: dict[str, tuple[StepRule, str]] = {
     "load_imbalance": (
         load_imbalance,
         "Give every worker the same resources and rows; look for a slow node, disk or data shard",
+    ),
+    "slow_initialization": (
+        slow_initialization,
+        "Look at what runs before training: model construction, checkpoint restore, data loading",
+    ),
+    "cpu_bottleneck": (
+        cpu_bottleneck,
+        "Move data preparation into the feature pipeline, raise train.batch_size, or give workers "
+        "more CPUs (train.scaling.cpus_per_worker)",
+    ),
+    "low_gpu_utilization": (
+        low_gpu_utilization,
+        "Raise train.batch_size, use bf16 (train.precision), or give the GPU a smaller share",
     ),
     "step_time_outlier": (
         step_time_outlier,

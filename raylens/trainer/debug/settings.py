@@ -137,6 +137,34 @@ class LoadImbalance(_Rule):
     """Differences under this many milliseconds a batch are noise, whatever their ratio."""
 
 
+class SlowInitialization(_Rule):
+    """The worker took more than ``seconds`` from its start (building and distributing the model,
+    restoring a checkpoint, moving data to the device) to its first step."""
+
+    seconds: float = Field(300.0, gt=0)
+    """The longest healthy start."""
+
+
+class CpuBottleneck(_Rule):
+    """A GPU run's process keeps its CPUs over ``cpu`` busy while the GPU is under ``gpu`` busy:
+    the host (data preparation, Python overhead) holds the device back. Never fires on CPU."""
+
+    cpu: float = Field(0.9, gt=0, le=1)
+    """CPU utilization (of the CPUs this process may use) from which the host counts as busy."""
+    gpu: float = Field(0.3, gt=0, le=1)
+    """GPU utilization under which the device counts as starved."""
+
+
+class LowGpuUtilization(_Rule):
+    """The GPU was busy less than ``gpu`` of the time at each of the last ``captures`` captures.
+    Never fires on CPU, nor where the GPU's utilization cannot be read (no NVML)."""
+
+    gpu: float = Field(0.3, gt=0, le=1)
+    """GPU utilization under which the device counts as idle."""
+    captures: int = Field(3, ge=1)
+    """Consecutive captures under it before the rule fires."""
+
+
 class StepTimeOutlier(_Rule):
     """A step took more than ``factor`` x the median step time of its capture window."""
 
@@ -196,6 +224,12 @@ class RulesConfig(BaseModel):
     """Most of the step time spent waiting for data."""
     load_imbalance: LoadImbalance = Field(default_factory=LoadImbalance)
     """One rank much slower than the others."""
+    slow_initialization: SlowInitialization = Field(default_factory=SlowInitialization)
+    """A long wait from the worker's start to its first step."""
+    cpu_bottleneck: CpuBottleneck = Field(default_factory=CpuBottleneck)
+    """A busy host starving the GPU."""
+    low_gpu_utilization: LowGpuUtilization = Field(default_factory=LowGpuUtilization)
+    """A GPU mostly idle."""
     step_time_outlier: StepTimeOutlier = Field(default_factory=StepTimeOutlier)
     """A batch far slower than its window's median."""
     growing_memory: GrowingMemory = Field(default_factory=GrowingMemory)
