@@ -20,6 +20,7 @@ import signal
 import socket
 import threading
 import time
+import traceback
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -37,6 +38,21 @@ TRAIN_POLL_INTERVAL_S = "0.2"
 """Ray Train's controller collects each worker's report on this poll; a report blocks until it
 is collected, so the default (2 s) adds up to 2 s to every epoch."""
 QUIET_LOGGERS = ("ray", "ray.train", "ray.tune", "ray.data", "mlflow", "alembic", "py.warnings", "raylens")
+
+
+TUNE_CONTROLLER_LOGGER = "ray.tune.execution.tune_controller"
+
+
+class NotAStoppedTrial(logging.Filter):
+    """Drops Ray Tune's "Trial task failed" error, traceback included, for a trial a debugger
+    rule stopped (``raylens.trainer.job.StoppedByRule``, named here as text: importing it would
+    import torch into every command): raylens records the trial as stopped, and says why."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            text += "".join(traceback.format_exception(record.exc_info[1]))
+        return "StoppedByRule" not in text
 
 
 @dataclass(frozen=True)
@@ -102,6 +118,9 @@ def quiet_cli_process(verbose: bool) -> None:
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(level)
     if not verbose:
+        tune_controller = logging.getLogger(TUNE_CONTROLLER_LOGGER)
+        if not any(isinstance(f, NotAStoppedTrial) for f in tune_controller.filters):
+            tune_controller.addFilter(NotAStoppedTrial())
         warnings.filterwarnings("ignore")
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")

@@ -1,5 +1,6 @@
 """What raylens asks of Ray: the settings value handed to ray.init (no Ray started here)."""
 
+import logging
 import os
 from pathlib import Path
 
@@ -7,6 +8,8 @@ import pytest
 
 from raylens.cluster.runtime import (
     SUBMITTED_JOB_VARIABLE,
+    TUNE_CONTROLLER_LOGGER,
+    NotAStoppedTrial,
     RuntimeSettings,
     check_remote_settings,
     embedded_cpus,
@@ -51,3 +54,22 @@ def test_a_cluster_off_this_machine_needs_a_shared_run_folder() -> None:
 
 def test_the_default_run_folder_is_known_as_the_default() -> None:
     assert not Workspace.at(None).given and Workspace.at(Path("runs")).given
+
+
+def test_the_cli_keeps_tune_quiet_about_a_trial_a_debugger_rule_stopped() -> None:
+    from raylens.trainer.job import StoppedByRule
+
+    def record(error: BaseException) -> logging.LogRecord:
+        return logging.LogRecord(
+            TUNE_CONTROLLER_LOGGER,
+            logging.ERROR,
+            __file__,
+            1,
+            "Trial task failed for trial t",
+            (),
+            (type(error), error, None),
+        )
+
+    quiet = NotAStoppedTrial()
+    assert not quiet.filter(record(StoppedByRule("debug rule overfit at step 3 (epoch 1): …")))
+    assert quiet.filter(record(ValueError("a real failure")))
