@@ -50,41 +50,40 @@ def _rows(content: bytes | None) -> list[dict[str, Any]]:
     return pq.read_table(io.BytesIO(content)).to_pylist() if content else []
 
 
-def gradient_norms_figure(layers: Sequence[Mapping[str, Any]]) -> Figure:
+def _lines_figure(
+    series: Mapping[str, list[tuple[int, float]]], ylabel: str, title: str, *, log: bool = False
+) -> Figure:
     fig, ax = plt.subplots(figsize=(7, 4))
-    series: dict[str, list[tuple[int, float]]] = {}
-    for row in layers:
-        if row["kind"] == "weights" and row["rank"] == 0 and row["grad_norm"] == row["grad_norm"]:
-            series.setdefault(row["layer"], []).append((row["step"], max(row["grad_norm"], 1e-30)))
-    for layer, points in series.items():
-        ax.plot(*zip(*points, strict=True), marker=".", label=layer)
-    ax.set_yscale("log")
+    for label, points in series.items():
+        ax.plot(*zip(*points, strict=True), marker=".", label=label)
+    if log:
+        ax.set_yscale("log")
+    else:
+        ax.set_ylim(0, 1)
     ax.set_xlabel("step")
-    ax.set_ylabel("gradient norm")
-    ax.set_title("per-layer gradient norms (rank 0)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     if series:
         ax.legend(fontsize="small", ncol=2)
     fig.tight_layout()
     return fig
 
 
+def gradient_norms_figure(layers: Sequence[Mapping[str, Any]]) -> Figure:
+    series: dict[str, list[tuple[int, float]]] = {}
+    for row in layers:
+        if row["kind"] == "weights" and row["rank"] == 0 and row["grad_norm"] == row["grad_norm"]:
+            series.setdefault(row["layer"], []).append((row["step"], max(row["grad_norm"], 1e-30)))
+    return _lines_figure(series, "gradient norm", "per-layer gradient norms (rank 0)", log=True)
+
+
 def activations_figure(layers: Sequence[Mapping[str, Any]]) -> Figure:
-    fig, ax = plt.subplots(figsize=(7, 4))
     series: dict[str, list[tuple[int, float]]] = {}
     for row in layers:
         if row["kind"] != "weights" and row["rank"] == 0:
             value = row["zero"] if row["kind"] == "relu" else row["saturated"]
             series.setdefault(f"{row['layer']} ({row['kind']})", []).append((row["step"], value))
-    for label, points in series.items():
-        ax.plot(*zip(*points, strict=True), marker=".", label=label)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("share of outputs")
-    ax.set_title("activations: saturated (sigmoid, tanh) or zero (ReLU)")
-    if series:
-        ax.legend(fontsize="small", ncol=2)
-    fig.tight_layout()
-    return fig
+    return _lines_figure(series, "share of outputs", "activations: saturated (sigmoid, tanh) or zero (ReLU)")
 
 
 def step_times_figure(steps: Sequence[Mapping[str, Any]]) -> Figure:

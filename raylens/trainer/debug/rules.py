@@ -198,13 +198,22 @@ def growing_memory(snap: Snapshot, earlier: Sequence[Snapshot], rule: GrowingMem
     )
 
 
-def overfit(epochs: Sequence[dict[str, float]], rule: Overfit) -> str | None:
+def _valid_best(epochs: Sequence[dict[str, float]], patience: int) -> tuple[list[float], int, int] | None:
+    """valid_loss of every epoch, its best epoch and the epochs since, once more than
+    ``patience`` finite epochs are in."""
     valid = [m.get("valid_loss", math.nan) for m in epochs]
-    train = [m.get("train_loss", math.nan) for m in epochs]
-    if len(epochs) <= rule.patience or not all(map(math.isfinite, valid + train)):
+    if len(valid) <= patience or not all(map(math.isfinite, valid)):
         return None
     best = min(range(len(valid)), key=valid.__getitem__)
-    since = len(valid) - 1 - best
+    return valid, best, len(valid) - 1 - best
+
+
+def overfit(epochs: Sequence[dict[str, float]], rule: Overfit) -> str | None:
+    found = _valid_best(epochs, rule.patience)
+    train = [m.get("train_loss", math.nan) for m in epochs]
+    if found is None or not all(map(math.isfinite, train)):
+        return None
+    valid, best, since = found
     if since < rule.patience or not train[-1] < train[best]:
         return None
     return (
@@ -214,13 +223,10 @@ def overfit(epochs: Sequence[dict[str, float]], rule: Overfit) -> str | None:
 
 
 def overtraining(epochs: Sequence[dict[str, float]], rule: Overtraining) -> str | None:
-    valid = [m.get("valid_loss", math.nan) for m in epochs]
-    if len(valid) <= rule.patience or not all(map(math.isfinite, valid)):
+    found = _valid_best(epochs, rule.patience)
+    if found is None or found[2] < rule.patience:
         return None
-    best = min(range(len(valid)), key=valid.__getitem__)
-    since = len(valid) - 1 - best
-    if since < rule.patience:
-        return None
+    valid, best, since = found
     return f"valid_loss has not improved on {valid[best]:.4g} (epoch {best + 1}) for {since} epochs"
 
 
