@@ -8,6 +8,7 @@ the feature set, the run folder and MLflow runs written.
 
 from __future__ import annotations
 
+import re
 import socket
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -100,6 +101,40 @@ def _run_of(client: Any, tracking_uri: str, run_id: str) -> Any:
         ) from None
 
 
+RUN_ID = re.compile(r"[0-9a-f]{32}")
+"""What an MLflow run id looks like (a tracking server's or SQLite store's)."""
+
+
+def latest_sweep(tracking_uri: str, run_or_experiment: str) -> str:
+    """``run_or_experiment`` itself when it is a run id, else the run id of the latest finished
+    sweep (a root run with a leaderboard) of the MLflow experiment of that name."""
+    if RUN_ID.fullmatch(run_or_experiment):
+        return run_or_experiment
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(run_or_experiment)
+    if experiment is None:
+        names = sorted(e.name for e in client.search_experiments())
+        raise UserError(
+            f"tune.warm_start: '{run_or_experiment}' is neither a run id nor an MLflow experiment in "
+            f"{redact(tracking_uri)}; give a sweep run id, or one of the experiments: {', '.join(names)}"
+        )
+    roots = client.search_runs(
+        [experiment.experiment_id],
+        filter_string="tags.`raylens.role` = 'experiment' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=50,
+    )
+    for run in roots:
+        if any(f.path == LEADERBOARD for f in client.list_artifacts(run.info.run_id)):
+            return str(run.info.run_id)
+    raise UserError(
+        f"tune.warm_start: experiment '{run_or_experiment}' holds no finished sweep; run "
+        "`raylens tune` first, or give a sweep run id"
+    )
+
+
 def _sweep_artifact(tracking_uri: str, run_id: str, artifact: str, what: str, said: str = "") -> Any:
     """A JSON artifact a finished sweep logged to its root run ``run_id``; ``UserError`` naming
     what to pass instead when there is no such run or artifact."""
@@ -151,7 +186,8 @@ class Invocation:
                 f"tune.warm_start: no MLflow run '{tune.warm_start}': {self.workspace.root} holds no "
                 "tracking store yet; give the sweep run id of an earlier sweep, with the same --runs-dir"
             )
-        board = _sweep_artifact(uri, tune.warm_start, LEADERBOARD, "leaderboard", "tune.warm_start: ")
+        sweep = latest_sweep(uri, tune.warm_start)
+        board = _sweep_artifact(uri, sweep, LEADERBOARD, "leaderboard", "tune.warm_start: ")
         earlier = Leaderboard.from_dict(board)
         if earlier.metric != tune.metric:
             raise UserError(

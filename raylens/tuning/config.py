@@ -88,7 +88,8 @@ class TuneConfig(BaseModel):
     """Times a trial that fails (an error, a lost worker) is retried from its last checkpoint
     before it is recorded failed; the sweep goes on either way."""
     warm_start: str | None = None
-    """The sweep run id of an earlier sweep (as `raylens tune` printed it): its finished trials
+    """The sweep run id of an earlier sweep (as `raylens tune` printed it), or an MLflow
+    experiment's name (its latest finished sweep, e.g. the spec's name): its finished trials
     seed the searcher (tune.search: tpe, or tune.candidates), so this sweep starts where that
     one left off; values outside this sweep's space are dropped with a note (a widened space
     keeps them all). The metric must be the same."""

@@ -123,3 +123,29 @@ def test_a_run_folder_in_a_bucket_that_does_not_exist_is_refused_before_anything
         Experiment.from_yaml(spec, s3_env.uri("no-such-bucket", "runs")).run()
     assert not (tmp_path / "mlflow.db").exists()
     assert Experiment.from_yaml(spec, s3_env.uri("raylens", "runs")).validate().ok
+
+
+def test_a_warm_start_by_experiment_name_takes_its_latest_finished_sweep(tmp_path: Path) -> None:
+    from raylens.cluster.invocation import latest_sweep
+    from raylens.tuning.leaderboard import LEADERBOARD
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = MlflowTracker(uri, "digits", tmp_path / "artifacts")
+
+    def root(with_board: bool, status: str = "FINISHED") -> str:
+        run = tracker.start_run("root", tags={"raylens.role": "experiment"})
+        if with_board:
+            tracker.log_dict(run, {"metric": "valid_loss", "rows": []}, LEADERBOARD)
+        tracker.end_run(run, status)
+        return run
+
+    earlier = root(with_board=True)
+    root(with_board=True, status="KILLED")  # an interrupted sweep: not finished
+    root(with_board=False)  # a `raylens train`: no leaderboard
+    assert latest_sweep(uri, "digits") == earlier
+    assert latest_sweep(uri, earlier) == earlier  # a run id is taken as it is
+    with pytest.raises(UserError, match=r"neither a run id nor an MLflow experiment .*: Default, digits"):
+        latest_sweep(uri, "digit")
+    MlflowTracker(uri, "empty", tmp_path / "artifacts")
+    with pytest.raises(UserError, match="experiment 'empty' holds no finished sweep"):
+        latest_sweep(uri, "empty")
