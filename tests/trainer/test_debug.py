@@ -59,6 +59,11 @@ from tests.trainer.test_classification import bundled
 CLASSES = TaskSpec("classification", num_classes=2)
 
 
+@pytest.fixture(scope="module")
+def cancer(tmp_path_factory: pytest.TempPathFactory) -> FeatureSet:
+    return bundled("breast_cancer", tmp_path_factory.mktemp("cancer"))
+
+
 class _Kept:
     def __init__(self) -> None:
         self.metrics: list[dict[str, float]] = []
@@ -255,10 +260,8 @@ def test_bad_rule_settings_are_refused(rules: dict[str, Any], says: str) -> None
 
 
 def _recorded_run(
-    folder: Path, debug: DebugConfig, fs: FeatureSet, epochs: int
-) -> tuple[MlflowTracker, str, BaseException | None]:
-    folder.mkdir()
-    tracker = MlflowTracker(f"sqlite:///{folder}/mlflow.db", "debug", folder / "artifacts")
+    tracker: MlflowTracker, folder: Path, debug: DebugConfig, fs: FeatureSet, epochs: int
+) -> tuple[str, BaseException | None]:
     job = TrainJob.for_feature_set(
         TorchModelConfig(params={"hidden": [16]}),
         TrainConfig(epochs=epochs, batch_size=64, debug=debug, optimizer=OptimizerConfig(name="sgd", lr=1e3)),
@@ -272,7 +275,7 @@ def _recorded_run(
             fs,
             tracker=tracker,
             run_name="final",
-            storage_path=Location.of(folder / "runs"),
+            storage_path=Location.of(folder),
             params={},
             tags={},
             on_run_started=started.append,
@@ -280,12 +283,14 @@ def _recorded_run(
         )
     except TrainingFailed as exc:
         error = exc
-    return tracker, started[0], error
+    return started[0], error
 
 
-def test_a_run_keeps_its_findings_in_mlflow_and_a_fail_rule_fails_it_with_the_finding(tmp_path: Path) -> None:
-    fs = bundled("breast_cancer", tmp_path)
-    tracker, run_id, error = _recorded_run(tmp_path / "warn", DebugConfig(every=2), fs, epochs=1)
+def test_a_run_keeps_its_findings_in_mlflow_and_a_fail_rule_fails_it_with_the_finding(
+    cancer: FeatureSet, tmp_path: Path
+) -> None:
+    tracker = MlflowTracker(f"sqlite:///{tmp_path}/mlflow.db", "debug", tmp_path / "artifacts")
+    run_id, error = _recorded_run(tracker, tmp_path / "warn", DebugConfig(every=2), cancer, epochs=1)
     assert error is None
     run = tracker.client.get_run(run_id)
     assert run.info.status == "FINISHED" and "exploding_tensor" in run.data.tags["raylens.debug.findings"]
@@ -293,9 +298,8 @@ def test_a_run_keeps_its_findings_in_mlflow_and_a_fail_rule_fails_it_with_the_fi
     assert record.findings[0].rule == "exploding_tensor" and record.timeline
     assert record.report_uri is not None and all(0 <= row["data"] <= 1 for row in record.timeline)
 
-    tracker, run_id, error = _recorded_run(
-        tmp_path / "fail", DebugConfig(every=2, rules={"exploding_tensor": "fail"}), fs, epochs=2
-    )
+    fail = DebugConfig(every=2, rules={"exploding_tensor": "fail"})
+    run_id, error = _recorded_run(tracker, tmp_path / "fail", fail, cancer, epochs=2)
     assert error is not None and str(error).startswith("debug rule exploding_tensor at step 3")
     run = tracker.client.get_run(run_id)
     assert run.info.status == "FAILED" and run.data.tags["raylens.error"] == str(error)
@@ -313,8 +317,10 @@ class _Checkpoints:
         self.written.append(folder)
 
 
-def test_a_resumed_run_keeps_the_capture_and_findings_from_before_the_interruption(tmp_path: Path) -> None:
-    fs = bundled("breast_cancer", tmp_path)
+def test_a_resumed_run_keeps_the_capture_and_findings_from_before_the_interruption(
+    cancer: FeatureSet, tmp_path: Path
+) -> None:
+    fs = cancer
     debug = DebugConfig(every=3, rules={"update_ratio": {"action": "record", "low": 1e-12, "high": 1e-9}})
 
     def job(epochs: int) -> TrainJob:
@@ -342,8 +348,8 @@ def test_a_resumed_run_keeps_the_capture_and_findings_from_before_the_interrupti
     assert steps[0] == 4 and [f.rule for f in findings] == ["update_ratio"]  # fired once, before
 
 
-def test_a_rare_class_is_a_class_imbalance_and_fail_ends_the_run_before_training(tmp_path: Path) -> None:
-    fs = bundled("breast_cancer", tmp_path)
+def test_a_rare_class_is_a_class_imbalance_and_fail_ends_the_run_before_training(cancer: FeatureSet) -> None:
+    fs = cancer
     train = fs.read("train")
     rare = np.flatnonzero(train.y == 0)[:8]
     common = np.flatnonzero(train.y == 1)
@@ -418,8 +424,8 @@ def test_weights_initialized_far_too_large_are_a_poor_initialization() -> None:
     assert found is not None and "furthest: 2 " in found
 
 
-def test_a_model_slow_to_build_is_a_slow_initialization(tmp_path: Path) -> None:
-    fs = bundled("breast_cancer", tmp_path)
+def test_a_model_slow_to_build_is_a_slow_initialization(cancer: FeatureSet) -> None:
+    fs = cancer
     debug = DebugConfig(every=2, rules={"slow_initialization": {"seconds": 0.3}})
 
     def heard(name: str) -> list[Finding]:
