@@ -39,7 +39,7 @@ from raylens.interrupts import Interrupted
 from raylens.storage import Location, ray_storage
 from raylens.trainer import AnyModelConfig, TrainConfig, TrainJob
 from raylens.trainer.family import family_of
-from raylens.trainer.job import stopped_by_rule
+from raylens.trainer.job import StoppedByRule, stopped_by_rule
 from raylens.trainer.plots import parallel_coordinates_figure, pareto_figure, trials_figure
 from raylens.trainer.ray_train import beside_the_driver, train_distributed
 from raylens.trainer.tracking import Tracker
@@ -139,13 +139,26 @@ def _trial(
     torch.set_num_threads(threads)
     trial_job = _trial_job(job, config, candidates)
     family = family_of(trial_job.model)
+    # Tune retries an errored trial (tune.trial_retries); one a debugger rule stopped is not to
+    # train again: its retry ends at once, stopped for the same reason.
+    stopped = Path(tune.get_context().get_trial_dir()) / STOPPED_BY_RULE
+    if stopped.is_file():
+        raise StoppedByRule(stopped.read_text())
     checkpoint = tune.get_checkpoint()
-    # A diverged trial fails with its reason (the trial's error); the sweep goes on.
-    if checkpoint is None:
-        family.run_trial(trial_job, train, valid, report_to_tune, None)
-        return
-    with checkpoint.as_directory() as folder:
-        family.run_trial(trial_job, train, valid, report_to_tune, Path(folder))
+    try:
+        # A diverged trial fails with its reason (the trial's error); the sweep goes on.
+        if checkpoint is None:
+            family.run_trial(trial_job, train, valid, report_to_tune, None)
+            return
+        with checkpoint.as_directory() as folder:
+            family.run_trial(trial_job, train, valid, report_to_tune, Path(folder))
+    except StoppedByRule as exc:
+        stopped.write_text(str(exc))
+        raise
+
+
+STOPPED_BY_RULE = "stopped_by_rule.txt"
+"""In a trial's folder: why a debugger rule stopped it (read by the trial's retry)."""
 
 
 def _distributed_trial(

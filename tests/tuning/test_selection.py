@@ -23,7 +23,7 @@ from raylens.trainer.tracking import MlflowTracker
 from raylens.tuning import TuneConfig
 from raylens.tuning.candidates import EarlierTrial
 from raylens.tuning.leaderboard import LEADERBOARD, Leaderboard
-from raylens.tuning.sweep import SweepResult, nothing_finished, run_sweep
+from raylens.tuning.sweep import STOPPED_BY_RULE, SweepResult, nothing_finished, run_sweep
 from raylens.tuning.tracking import TrialEvent
 from tests.cli import RAYLENS
 from tests.trainer.test_classification import bundled
@@ -247,6 +247,7 @@ def test_a_debugger_rule_stops_a_trial_and_the_sweep_goes_on(cancer: FeatureSet,
         concurrency=2,
         search="grid",
         scheduler="fifo",
+        trial_retries=1,  # a stopped trial is not retried into training again
         space={"train.optimizer.lr": "choice([0.01, 1000.0])"},
     )
     train = TrainConfig(
@@ -257,9 +258,11 @@ def test_a_debugger_rule_stops_a_trial_and_the_sweep_goes_on(cancer: FeatureSet,
     )
     result, tracker, parent = sweep(cancer, tmp_path, tune, train=train)
     status = {t.config["train.optimizer.lr"]: t.status for t in result.trials}
-    assert (
-        status == {0.01: "completed", 1000.0: "stopped"} and result.best_config["train.optimizer.lr"] == 0.01
-    )
+    assert status == {0.01: "completed", 1000.0: "stopped"}
+    assert result.best_config["train.optimizer.lr"] == 0.01
+    # Its retry read why it stopped and ended at once, instead of training into the rule again.
+    (why,) = (tmp_path / "ray" / "sweep").glob(f"*/{STOPPED_BY_RULE}")
+    assert why.read_text().startswith("debug rule exploding_tensor")
     trials = debug_of_sweep(tracker.tracking_uri, parent)
     stopped = next(t for t in trials if t.stopped_by)
     assert stopped.stopped_by is not None and stopped.stopped_by.startswith("debug rule exploding_tensor")
