@@ -231,17 +231,17 @@ class Debugger:
                 self.on_finding(finding)
             if action in ("stop", "fail") and decision.action is not Action.FAIL:
                 decision = Decision(
-                    Action.FAIL if action == "fail" else Action.STOP, f"debug rule {finding.said()}", name
+                    Action.FAIL if action == "fail" else Action.STOP, f"{STOPPED}{finding.said()}", name
                 )
         return decision
 
     def resume(self, files: Mapping[str, bytes]) -> None:
         """Go on from the capture and findings a checkpoint kept: the report covers the whole
         run, and a rule that fired before the interruption does not fire again."""
-        findings = findings_of(files) if FINDINGS_FILE in files else []
+        findings = findings_of(files)
         self.findings = [f for f in findings if f.rank == self.rank]
         if self.rank == 0:
-            self._earlier = {name: _rows(files.get(name)) for name in (LAYERS_FILE, STEPS_FILE)}
+            self._earlier = {name: rows_of(files.get(name)) for name in (LAYERS_FILE, STEPS_FILE)}
 
     def files(self) -> dict[str, bytes]:
         """The capture and findings of every rank so far, as the run keeps them; a collective
@@ -303,9 +303,20 @@ def _parquet(rows: list[dict[str, Any]]) -> bytes:
     return buffer.getvalue()
 
 
-def _rows(content: bytes | None) -> list[dict[str, Any]]:
+def rows_of(content: bytes | None) -> list[dict[str, Any]]:
+    """The rows of one of the capture's Parquet files (none when it is missing)."""
     return pq.read_table(io.BytesIO(content)).to_pylist() if content else []
 
 
 def findings_of(files: Mapping[str, bytes]) -> list[Finding]:
-    return [Finding(**f) for f in json.loads(files[FINDINGS_FILE])]
+    """The findings the debugger's files hold (none when they hold no findings file)."""
+    return [Finding(**f) for f in json.loads(files.get(FINDINGS_FILE, b"[]"))]
+
+
+STOPPED = "debug rule "
+"""How the reason of a run a rule stopped or failed begins: ``debug rule <rule> at step …``."""
+
+
+def rule_of(reason: str) -> str:
+    """The rule named by the reason of a run a rule stopped or failed."""
+    return reason.removeprefix(STOPPED).split()[0]

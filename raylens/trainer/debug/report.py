@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.fs
-import pyarrow.parquet as pq
 from matplotlib import pyplot as plt
 from matplotlib.figure import Figure
 
@@ -25,6 +24,9 @@ from raylens.trainer.debug.debugger import (
     STEPS_FILE,
     TENSORS_FILE,
     TRACE_FILE,
+    findings_of,
+    rows_of,
+    rule_of,
 )
 from raylens.trainer.debug.rules import Finding
 from raylens.trainer.tracking import Tracker
@@ -44,10 +46,6 @@ def read_debug(checkpoint: Path | str, filesystem: pyarrow.fs.FileSystem | None 
             with fs.open_input_stream(path) as stream:
                 found[name] = stream.read()
     return found
-
-
-def _rows(content: bytes | None) -> list[dict[str, Any]]:
-    return pq.read_table(io.BytesIO(content)).to_pylist() if content else []
 
 
 def _lines_figure(
@@ -115,8 +113,8 @@ def _png(fig: Figure) -> str:
 
 
 def report_html(files: Mapping[str, bytes], title: str) -> str:
-    findings = [Finding(**f) for f in json.loads(files.get(FINDINGS_FILE, b"[]"))]
-    layers, steps = _rows(files.get(LAYERS_FILE)), _rows(files.get(STEPS_FILE))
+    findings = findings_of(files)
+    layers, steps = rows_of(files.get(LAYERS_FILE)), rows_of(files.get(STEPS_FILE))
     rows = "".join(
         "<tr>"
         + "".join(
@@ -149,7 +147,7 @@ def record_debug(
     ``raylens.debug.findings`` tag. Returns the findings."""
     if not files and stopped_by is None:
         return []
-    findings = [Finding(**f) for f in json.loads(files.get(FINDINGS_FILE, b"[]"))]
+    findings = findings_of(files)
     for name, content in files.items():
         if name == FINDINGS_FILE:
             tracker.log_dict(run_id, json.loads(content), name)
@@ -159,7 +157,7 @@ def record_debug(
         tracker.log_text(run_id, report_html(files, f"debugger report of run {run_id}"), REPORT_FILE)
     rules = sorted({f.rule for f in findings})
     if stopped_by is not None:
-        rules = sorted({*rules, stopped_by.split()[2]})  # "debug rule NAME at ..."
+        rules = sorted({*rules, rule_of(stopped_by)})
     tracker.set_tags(run_id, {"raylens.debug.findings": ",".join(rules) or "none"})
     return findings
 
@@ -223,12 +221,12 @@ def run_debug(client: Any, run_id: str) -> RunDebug:
             return Path(mlflow.artifacts.download_artifacts(f"{root}/{name}", dst_path=tmp)).read_bytes()
 
     findings_raw = load(FINDINGS_FILE)
-    findings = [Finding(**f) for f in json.loads(findings_raw)] if findings_raw else []
+    findings = findings_of({FINDINGS_FILE: findings_raw} if findings_raw else {})
     return RunDebug(
         run_id,
         run.info.status,
         findings,
-        _timeline(_rows(load(STEPS_FILE))),
+        _timeline(rows_of(load(STEPS_FILE))),
         run.data.tags.get("raylens.stopped_by"),
         f"{root}/{REPORT_FILE}" if REPORT_FILE in names else None,
     )
