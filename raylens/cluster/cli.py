@@ -618,7 +618,11 @@ def debug_command(
     ] = False,
     html: Annotated[
         bool,
-        typer.Option("--html", help="Also download the HTML report (plots included) and print its path."),
+        typer.Option(
+            "--html",
+            help="Also download the HTML report (plots included), print its path, and open it in the "
+            "web browser where there is a desktop to show it.",
+        ),
     ] = False,
     runs_dir: RunsDir = None,
     tracking_uri: TrackingUri = None,
@@ -645,6 +649,19 @@ def debug_command(
 
         local = mlflow.artifacts.download_artifacts(record.report_uri, dst_path=tempfile.mkdtemp())
         console.print(Text(f"report: {local}"))
+        _open_in_browser(Path(local))
+
+
+def _open_in_browser(page: Path) -> None:
+    """Open ``page`` in the desktop's browser; on a machine without a desktop (a server, a CI
+    runner, SSH without X forwarding), leave it: the printed path is the way to it."""
+    import webbrowser
+
+    desktop = (
+        sys.platform in ("darwin", "win32") or os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+    )
+    if desktop:
+        webbrowser.open(page.as_uri())
 
 
 @app.command("spec", short_help="Every spec key with its type, default and meaning")

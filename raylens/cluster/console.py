@@ -213,21 +213,27 @@ def debug_tables(record: RunDebug) -> Group:
         parts.append(Text("no rule fired"))
     if record.timeline:
         timeline = Table(title=Text("timeline (rank 0)"), title_justify="left")
-        gpu = any(
-            row["gpu_util"] is not None and row["gpu_util"] == row["gpu_util"] for row in record.timeline
-        )
-        columns = ["step", "epoch", "ms/batch", "data", "forward", "backward", "optimizer", "CPU"]
-        for name in [*columns, *(["GPU"] if gpu else []), "RSS MB"]:
+
+        def shown(key: str) -> bool:
+            return any(row.get(key) is not None and row[key] == row[key] for row in record.timeline)
+
+        gpu, comm, signals = shown("gpu_util"), shown("communication"), shown("alpha")
+        columns = ["step", "epoch", "ms/batch", "data", "forward", "backward"]
+        columns += [*(["all-reduce"] if comm else []), "optimizer", "CPU", *(["GPU"] if gpu else [])]
+        for name in [*columns, "RSS MB", *(["alpha", "noise"] if signals else [])]:
             timeline.add_column(name, justify="right")
         for row in record.timeline:
             timeline.add_row(
                 str(row["step"]),
                 str(row["epoch"]),
                 f"{row['ms_per_batch']:.3g}",
-                *(f"{row[phase]:.0%}" for phase in ("data", "forward", "backward", "optimizer")),
+                *(f"{row[phase]:.0%}" for phase in ("data", "forward", "backward")),
+                *([_share(row["communication"])] if comm else []),
+                f"{row['optimizer']:.0%}",
                 _share(row["cpu_util"]),
                 *([_share(row["gpu_util"])] if gpu else []),
                 f"{row['rss_mb']:.0f}",
+                *([_number(row["alpha"]), _number(row["gradient_noise"])] if signals else []),
             )
         parts.append(timeline)
     else:
@@ -237,6 +243,10 @@ def debug_tables(record: RunDebug) -> Group:
 
 def _share(value: float | None) -> str:
     return "n/a" if value is None or value != value else f"{value:.0%}"
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None or value != value else f"{value:.2g}"
 
 
 def sweep_debug_table(trials: list[TrialDebug], title: str) -> Table:

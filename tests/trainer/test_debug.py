@@ -8,6 +8,7 @@ import io
 import itertools
 import json
 import math
+import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -23,7 +24,7 @@ from raylens.features import FeatureSet, SplitArrays
 from raylens.storage import Location
 from raylens.trainer import TorchModelConfig, TrainConfig, TrainJob
 from raylens.trainer.config import OptimizerConfig
-from raylens.trainer.debug.capture import initial_scales
+from raylens.trainer.debug.capture import Capture, initial_scales, step_signals
 from raylens.trainer.debug.debugger import (
     FINDINGS_FILE,
     LAYERS_FILE,
@@ -90,6 +91,7 @@ def watch(
     optimizer: str = "adam",
     every: int = 4,
     batch_size: int = 32,
+    task: TaskSpec = CLASSES,
 ) -> tuple[Debugger, FitResult, list[Finding]]:
     """Train ``model`` with the debugger watching every ``every`` steps; its findings as heard."""
     torch.manual_seed(0)
@@ -104,12 +106,12 @@ def watch(
         model,
         opt,
         train,
-        CLASSES,
+        task,
         epochs=epochs,
         batch_size=batch_size,
         seed=0,
         reporter=_Kept(),
-        validate=lambda: evaluate(model, valid, CLASSES),
+        validate=lambda: evaluate(model, valid, task),
         monitors=[debugger],
         heartbeat=debugger,
     )
@@ -454,3 +456,72 @@ def test_gpu_rules_judge_utilization_and_never_fire_without_a_gpu() -> None:
     assert low_gpu_utilization(idle[-1], idle[:-1], LowGpuUtilization()) is not None
     assert low_gpu_utilization(replace(measured, gpu_util=0.8), idle[:-1], LowGpuUtilization()) is None
     assert low_gpu_utilization(measured, [measured] * 2, LowGpuUtilization()) is None
+
+
+class _Bowl(nn.Module):
+    """The loss 1/2 |theta|^2, the same on every batch: along any step the parabola is exact."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.theta = nn.Parameter(torch.tensor([3.0, -2.0]))
+
+    def loss(self) -> torch.Tensor:
+        return 0.5 * (self.theta**2).sum()
+
+
+@pytest.mark.parametrize("lr", [0.1, 1.0, 1.5, 2.0, 2.5])
+def test_alpha_is_where_the_step_ended_on_the_parabola_along_it(lr: float) -> None:
+    # SGD on 1/2 |theta|^2 steps by -lr theta: to the minimum at lr 1 (alpha 0), barely moving at
+    # a small lr (alpha near -1), to the same loss on the far side at lr 2 (alpha 1): alpha = lr - 1.
+    bowl = _Bowl()
+    opt = torch.optim.SGD(bowl.parameters(), lr=lr)
+    capture = Capture(bowl, opt)
+    capture.arm()
+    for _ in range(2):  # the captured step, then the one whose gradient ends the reading
+        opt.zero_grad()
+        bowl.loss().backward()
+        opt.step()
+    alpha, noise = step_signals(capture.signals())
+    assert alpha == pytest.approx(lr - 1)
+    # Both gradients are exact: what differs between them is the step's own doing, small for a
+    # small step (lr^2 / 2(1 - lr) here), and past the minimum the gradient turned (no estimate).
+    assert noise == pytest.approx(lr**2 / (2 * (1 - lr))) if lr < 1 else noise == math.inf
+    assert all(map(math.isnan, step_signals(()))), "no reading: no signals"
+
+
+def _linear_targets(rows: int, seed: int) -> Batches:
+    """y = x.w for standard normal x: the MSE's curvature is 2 along every direction, so SGD's
+    alpha is 2 lr - 1."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, 8, generator=generator)
+    return Batches(x, x @ torch.linspace(-1, 1, 8))
+
+
+def test_the_step_size_tells_a_learning_rate_far_too_high_from_one_far_too_low() -> None:
+    rules = {
+        "step_size": {"action": "warn", "captures": 3, "low": -0.95},
+        "exploding_tensor": "off",
+        "update_ratio": "off",
+        "loss_not_decreasing": "off",
+    }
+    said = {}
+    for name, lr in (("high", 1.2), ("healthy", 0.3), ("low", 1e-3)):
+        debugger, *_ = watch(
+            nn.Linear(8, 1),
+            lr=lr,
+            optimizer="sgd",
+            epochs=3,
+            every=2,
+            batch_size=128,
+            rules=rules,
+            train=_linear_targets(512, 0),
+            valid=_linear_targets(64, 1),
+            task=TaskSpec("regression"),
+        )
+        said[name] = next((f.evidence for f in debugger.findings if f.rule == "step_size"), None)
+        alphas = pq.read_table(io.BytesIO(debugger.files()[STEPS_FILE])).column("alpha").to_pylist()
+        measured = statistics.median(a for a in alphas if math.isfinite(a))
+        assert measured == pytest.approx(2 * lr - 1, abs=0.2), (name, alphas)
+    assert said["high"] is not None and "overshoot" in said["high"], said
+    assert said["low"] is not None and "sliver" in said["low"], said
+    assert said["healthy"] is None, said

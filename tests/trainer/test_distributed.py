@@ -4,6 +4,7 @@ whole or sharded checkpoints — bit-identical to an uninterrupted one."""
 
 from __future__ import annotations
 
+import math
 import time
 from functools import partial
 from typing import Any
@@ -15,8 +16,10 @@ import torch.distributed as dist
 
 from raylens.features import FeatureSet, SplitArrays
 from raylens.trainer import TorchModelConfig, TrainConfig, TrainJob, run_worker
+from raylens.trainer.debug.debugger import STEPS_FILE, rows_of
 from raylens.trainer.job import shard_rows
 from raylens.trainer.loop import GO_ON, Action, Decision, StepView
+from raylens.trainer.parallel.checkpoint import ATTACHMENTS
 from tests.conftest import iris_feature_set
 from tests.trainer.gloo import Collect, Ranks, run_ranks
 
@@ -86,6 +89,7 @@ def scenario(ranks: Ranks, jobs: dict[str, TrainJob]) -> dict[str, Any]:
         if "slow" in jobs
         else None
     )
+    timed = ranks.train(jobs["timed"]) if "timed" in jobs else None
     return {
         "full": _last(full, jobs["full_batch"]),
         "steps": steps.metrics,
@@ -94,6 +98,7 @@ def scenario(ranks: Ranks, jobs: dict[str, TrainJob]) -> dict[str, Any]:
         "resumed": _last(resumed, jobs["dropout"]),
         "stopped": stopped.result,
         "slow": slow.result if slow is not None else None,
+        "timed": rows_of(timed.states[-1][ATTACHMENTS][STEPS_FILE]) if timed is not None else None,
         "mid_epoch": {
             "at": shared[0]["step"],
             "straight": _last(mid_straight, jobs["mid_epoch"]),
@@ -169,6 +174,7 @@ def launched(iris_module: FeatureSet, tmp_path_factory: pytest.TempPathFactory):
         batch_size=8,
         debug={"every": 2, "rules": {"load_imbalance": {"action": "stop", "factor": 3}}},
     )
+    jobs["ddp"]["timed"] = make_job(iris_module, "ddp", epochs=1, batch_size=8, debug={"every": 2})
     jobs["pipeline"]["steps_gpipe"] = make_job(
         iris_module, "pipeline", epochs=3, batch_size=STEP_BATCH, schedule="gpipe"
     )
@@ -282,3 +288,18 @@ def test_a_rank_with_slow_batches_is_a_load_imbalance_that_stops_every_rank(laun
     assert first.stopped_at_step == second.stopped_at_step and first.stopped_at_step is not None
     assert first.stopped.rule == "load_imbalance" and "rank 1 spends" in first.stopped.reason
     assert second.stopped.reason == "another worker stopped the run"
+
+
+def test_the_debugger_times_ddps_all_reduce_and_reads_the_step_signals_of_the_whole_model(launched) -> None:  # type: ignore[no-untyped-def]
+    _, results = launched
+    rows = results[0]["ddp"]["timed"]
+    assert {row["rank"] for row in rows} == {0, 1}
+    for row in rows:
+        # The all-reduce overlaps backward: timed, and within it.
+        assert 0 < row["communication"] <= row["backward"] + 1e-3, row
+        assert math.isfinite(row["alpha"]) and row["gradient_noise"] > 0, row
+    # Both ranks read the same signals: each summed over the ranks' (here identical) gradients.
+    by_step = {}
+    for row in rows:
+        by_step.setdefault(row["step"], set()).add(round(row["alpha"], 6))
+    assert all(len(alphas) == 1 for alphas in by_step.values())

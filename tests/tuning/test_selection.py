@@ -271,12 +271,21 @@ def test_a_debugger_rule_stops_a_trial_and_the_sweep_goes_on(cancer: FeatureSet,
     table.print(sweep_debug_table(trials, "sweep"))  # what `raylens debug --sweep` prints
     assert "exploding_tensor" in table.export_text()
     healthy = next(t for t in trials if t.name.startswith("trial-") and not t.stopped_by)
+    # On a desktop (DISPLAY set), --html opens the report in the browser: here a script $BROWSER
+    # names, as Python's webbrowser module honours it.
+    browser = tmp_path / "browser.sh"
+    browser.write_text(f'#!/bin/sh\necho "$1" > {tmp_path / "opened.txt"}\n')
+    browser.chmod(0o755)
     shown = subprocess.run(
         [RAYLENS, "debug", healthy.run_id, "--html", "--tracking-uri", tracker.tracking_uri],
         capture_output=True,
         text=True,
-        env=WIDE,
+        env={**WIDE, "DISPLAY": ":99", "BROWSER": f"{browser} %s"},
     )
     assert shown.returncode == 0 and "timeline (rank 0)" in shown.stdout, shown.stderr
-    report = Path(shown.stdout.split("report: ")[1].split()[0]).read_text()
-    assert "<h2>Findings</h2>" in report and report.count('<img src="data:image/png;base64,') == 3
+    local = Path(shown.stdout.split("report: ")[1].split()[0])
+    assert (tmp_path / "opened.txt").read_text().strip() == local.as_uri()
+    report = local.read_text()
+    assert (
+        "<h2>Findings</h2>" in report and report.count('<img src="data:image/png;base64,') == 4
+    )  # gradient norms, activations, step times, alpha and noise

@@ -1,7 +1,10 @@
 """What the debugger captures, with PyTorch's own hooks, only on the steps it captures: each
 layer's gradient and weight norms and update/weight ratio (optimizer step hooks), activation
-statistics (forward hooks on sigmoid, tanh and ReLU modules), NaN/Inf counts; and on every step,
-from the loop's heartbeat, where the time went (data wait, forward, backward, optimizer)."""
+statistics (forward hooks on sigmoid, tanh and ReLU modules), NaN/Inf counts, and from the step
+after a captured one two gradient signals after Cockpit (Schneider et al., NeurIPS 2021): the step
+size alpha and the gradient's noise; and on every step, from the loop's heartbeat, where the time
+went (data wait, forward, backward, optimizer), with DDP's gradient all-reduce timed by a comm
+hook."""
 
 from __future__ import annotations
 
@@ -52,6 +55,9 @@ class StepTimes:
     """The slowest batch."""
     median: float
     """The median batch."""
+    communication: float = math.nan
+    """DDP's gradient all-reduce: from the first bucket's launch to the last one's completion, per
+    batch, summed (it overlaps backward, and is part of it); NaN without DDP."""
 
     @property
     def total(self) -> float:
@@ -80,13 +86,55 @@ class Snapshot:
     ranks_busy: tuple[float, ...] = ()
     """Every rank's seconds per batch outside backward (loading data, forward, the optimizer
     step) over the window, by rank (empty on one worker)."""
+    alpha: float = math.nan
+    """Cockpit's step size of the captured step: where it ended on the parabola the loss draws
+    along its direction, from the directional derivatives at its start and end (the next batch's
+    gradient): -1 where it began (too small a step), 0 at the parabola's minimum, 1 at the same
+    loss on the far side, above 1 uphill (too large). NaN where train.debug.every is 1."""
+    gradient_noise: float = math.nan
+    """The minibatch gradient's noise over its signal, from two successive batches' gradients
+    g0, g1: |g0 - g1|^2 / 2 over g0.g1 (McCandlish et al.'s noise scale over the batch size): above
+    1 the noise dominates (a larger batch or a lower learning rate helps), far below 1 a smaller
+    batch would do as well. An upper estimate: the step between the two batches adds its own
+    change of the gradient; inf where the gradient turned against itself."""
+
+
+class CommClock:
+    """Times DDP's gradient all-reduce: registered as the model's comm hook, it runs PyTorch's
+    default hook (``allreduce_hook``) and reads the clock as each bucket is launched and done."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self._first, self._last = math.inf, -math.inf
+
+    def hook(self, state: Any, bucket: Any) -> Any:
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        self._first = min(self._first, time.perf_counter())
+
+        def done(future: Any) -> Any:
+            self._last = max(self._last, time.perf_counter())
+            return future.value()
+
+        return allreduce_hook(state, bucket).then(done)
+
+    def end_batch(self) -> None:
+        """The batch's buckets are all done (DDP waits for them before backward returns)."""
+        if self._last > self._first:
+            self.total += self._last - self._first
+        self._first, self._last = math.inf, -math.inf
+
+    def window(self) -> float:
+        total, self.total = self.total, 0.0
+        return total
 
 
 class PhaseClock:
     """Times each batch's phases from the loop's heartbeat (``raylens.trainer.loop.Heartbeat``):
     a clock read per phase, nothing else, so it runs on every step."""
 
-    def __init__(self) -> None:
+    def __init__(self, comm: CommClock | None = None) -> None:
+        self.comm = comm
         self.sums = [0.0, 0.0, 0.0, 0.0]
         self.batches: list[float] = []
         self.phase: int | None = None
@@ -98,6 +146,8 @@ class PhaseClock:
             self.sums[self.phase] += now - self.since
             if phase == 0:
                 self.batches.append(now - self.batch_began)
+                if self.comm is not None:
+                    self.comm.end_batch()
         if phase == 0:
             self.batch_began = now
         self.phase, self.since = phase, now
@@ -108,6 +158,8 @@ class PhaseClock:
             now = time.perf_counter()
             self.sums[self.phase] += now - self.since
             self.batches.append(now - self.batch_began)
+            if self.comm is not None:
+                self.comm.end_batch()
         self.phase = None
 
     def window(self) -> StepTimes | None:
@@ -117,7 +169,14 @@ class PhaseClock:
         ordered = sorted(self.batches)
         data, forward, backward, optimizer = self.sums
         times = StepTimes(
-            len(ordered), data, forward, backward, optimizer, ordered[-1], ordered[len(ordered) // 2]
+            len(ordered),
+            data,
+            forward,
+            backward,
+            optimizer,
+            ordered[-1],
+            ordered[len(ordered) // 2],
+            communication=self.comm.window() if self.comm is not None else math.nan,
         )
         self.sums, self.batches = [0.0, 0.0, 0.0, 0.0], []
         return times
@@ -134,6 +193,19 @@ def _norms(tensors: list[torch.Tensor]) -> list[float]:
     if not tensors:
         return []
     return torch.stack(torch._foreach_norm(tensors)).tolist()
+
+
+def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The tensors' values as one new vector: float64 where one of them is, else float32."""
+    if not tensors:
+        return torch.zeros(0)
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    return torch.cat([_plain(t).detach().reshape(-1).to(dtype) for t in tensors])
+
+
+def _segment_norms(flat: torch.Tensor, sizes: Sequence[int]) -> list[float]:
+    """The 2-norm of each consecutive segment of ``flat`` of the given sizes."""
+    return _norms(list(torch.split(flat, list(sizes)))) if sizes else []
 
 
 def _name(name: str) -> str:
@@ -187,7 +259,17 @@ class Capture:
     """The last capture's kept tensors: ``<layer>.<param>`` (weights after the step) and
     ``<layer>.<param>.grad``."""
     _handles: list[Any] = field(default_factory=list)
-    _before: list[torch.Tensor] = field(default_factory=list)
+    _before: torch.Tensor | None = None
+    _grads: torch.Tensor | None = None
+    """The captured step's gradients (of the parameters that had one, flattened into one vector),
+    for the next step's signals."""
+    _direction: torch.Tensor | None = None
+    """The captured step's change of those parameters, flattened alike."""
+    _follow: Any = None
+    """The hook reading the signals at the step after the captured one."""
+    sums: tuple[float, ...] = ()
+    """The signals' sums over this rank's parameters, once read: g0.d, g1.d, g0.g1, |g0 - g1|^2
+    (g0, g1: the captured and the next step's gradients, d: the captured step)."""
 
     def __post_init__(self) -> None:
         self.weighted = {
@@ -210,6 +292,7 @@ class Capture:
         """Capture the next optimizer step (and the training forward before it)."""
         if self.armed:
             return
+        self._forget_signals()
         self.captured = {}
         self._handles.append(self.optimizer.register_step_pre_hook(self._before_step))
         self._handles.append(self.optimizer.register_step_post_hook(self._after_step))
@@ -220,18 +303,30 @@ class Capture:
     def disarm(self) -> None:
         for handle in self._handles:
             handle.remove()
-        self._handles, self._before = [], []
+        self._handles, self._before = [], None
+
+    def _kept_params(self) -> list[tuple[str, nn.Parameter]]:
+        """``<layer>.<param>`` and the parameter, of the layers ``keep`` names."""
+        if not self.keep:
+            return []
+        return [
+            (f"{_name(name)}.{param_name}", p)
+            for name, module in self.model.named_modules()
+            if _chosen(_name(name), self.keep)
+            for param_name, p in module.named_parameters(recurse=False)
+        ]
 
     def _activation_hook(self, name: str, kind: str) -> Callable[..., None]:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
             if not module.training or name in self.captured or not isinstance(output, torch.Tensor):
                 return  # validation, or a later forward of the same step (accumulated batches)
-            y = _plain(output).detach().float()
+            y = _plain(output).detach()
+            count = max(1, y.numel())
             if kind == "relu":
-                self.captured[name] = LayerStats(name, kind, zero=float((y == 0).float().mean()))
+                self.captured[name] = LayerStats(name, kind, zero=int((y == 0).sum()) / count)
                 return
             low, high = (-0.99, 0.99) if kind == "tanh" else (0.01, 0.99)
-            saturated = float(((y <= low) | (y >= high)).float().mean())
+            saturated = int(((y <= low) | (y >= high)).sum()) / count
             self.captured[name] = LayerStats(name, kind, saturated=saturated)
 
         return hook
@@ -242,15 +337,14 @@ class Capture:
         # few kernels, not a few per layer.
         params = [(name, _plain(p).detach(), p.grad) for name, ps in self.weighted.items() for p in ps]
         self.tensors = {}
-        for name, module in self.model.named_modules():
-            if self.keep and _chosen(_name(name), self.keep):
-                for param_name, p in module.named_parameters(recurse=False):
-                    if p.grad is not None:
-                        kept = _plain(p.grad).detach().cpu().clone()
-                        self.tensors[f"{_name(name)}.{param_name}.grad"] = kept
-        self._before = [p.clone() for _, p, _ in params]
-        grads = [(name, _plain(g).detach().float()) for name, _, g in params if g is not None]
-        norms = _norms([g for _, g in grads])
+        for key, p in self._kept_params():
+            if p.grad is not None:
+                self.tensors[f"{key}.grad"] = _plain(p.grad).detach().cpu().clone()
+        # Flat copies: one kernel each, and the norms of their segments in one more.
+        self._before = _flat([p for _, p, _ in params])
+        grads = [(name, _plain(g).detach()) for name, _, g in params if g is not None]
+        self._grads = _flat([g for _, g in grads])
+        norms = _segment_norms(self._grads, [g.numel() for _, g in grads])
         squares: dict[str, float] = {}
         for (name, _), norm in zip(grads, norms, strict=True):
             squares[name] = squares.get(name, 0.0) + norm * norm
@@ -262,15 +356,22 @@ class Capture:
 
     def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         before = self._before
-        for name, module in self.model.named_modules():
-            if self.keep and _chosen(_name(name), self.keep):
-                for param_name, p in module.named_parameters(recurse=False):
-                    self.tensors[f"{_name(name)}.{param_name}"] = _plain(p).detach().cpu().clone()
+        for key, p in self._kept_params():
+            self.tensors[key] = _plain(p).detach().cpu().clone()
         params = [(name, _plain(p).detach()) for name, ps in self.weighted.items() for p in ps]
-        if len(before) == len(params):
-            after = [p for _, p in params]
-            weights = _norms([p.float() for p in after])
-            changes = _norms([d.float() for d in torch._foreach_sub(after, before)])
+        after = _flat([p for _, p in params])
+        if before is not None and before.numel() == after.numel():
+            sizes = [p.numel() for _, p in params]
+            step = after - before
+            weights, changes = _segment_norms(after, sizes), _segment_norms(step, sizes)
+            graded = [p.grad is not None for ps in self.weighted.values() for p in ps]
+            self._direction = (
+                step
+                if all(graded)
+                else _flat([d for d, has in zip(torch.split(step, sizes), graded, strict=True) if has])
+            )
+            if self._grads is not None and self._direction.numel() == self._grads.numel():
+                self._follow = optimizer.register_step_pre_hook(self._read_signals)
             weight_sq: dict[str, float] = {}
             change_sq: dict[str, float] = {}
             for (name, _), weight, change in zip(params, weights, changes, strict=True):
@@ -290,6 +391,32 @@ class Capture:
                 )
         self.disarm()
 
+    def _read_signals(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        # The next step's gradients, at the weights the captured step left: three dot products
+        # and a norm of flat vectors, read back at once.
+        params = [_plain(p) for ps in self.weighted.values() for p in ps]
+        g0, d = self._grads, self._direction
+        self._forget_signals()
+        g1 = _flat([p.grad.detach() for p in params if p.grad is not None])
+        if g0 is None or d is None or g1.numel() != g0.numel():
+            return
+        # The difference's own norm, not |g0|^2 + |g1|^2 - 2 g0.g1: close gradients would cancel.
+        d, g1 = d.to(g0.dtype), g1.to(g0.dtype)
+        sums = torch.stack([g0.dot(d), g1.dot(d), g0.dot(g1), (g0 - g1).square().sum()])
+        self.sums = tuple(sums.tolist())
+
+    def _forget_signals(self) -> None:
+        if self._follow is not None:
+            self._follow.remove()
+        self._follow, self._grads, self._direction = None, None, None
+
+    def signals(self) -> tuple[float, ...]:
+        """The last capture's signal sums (see ``sums``; empty when they were not read: the
+        next step had not come, or ``train.debug.every`` is 1), and a new reading."""
+        self._forget_signals()
+        sums, self.sums = self.sums, ()
+        return sums
+
     def taken(self) -> tuple[LayerStats, ...]:
         """The last armed step's statistics (empty while it has not been captured, or where this
         rank holds none of the layers chosen)."""
@@ -298,6 +425,23 @@ class Capture:
             self.captured = {}
         taken, self.captured = tuple(self.captured.values()), {}
         return taken
+
+
+def step_signals(sums: Sequence[float]) -> tuple[float, float]:
+    """Cockpit's alpha and the gradient noise (``Snapshot.alpha``, ``Snapshot.gradient_noise``)
+    from the signal sums over every parameter (``Capture.sums``, added up over the ranks that
+    hold different parts of the model; ranks holding the same parts scale every sum alike, which
+    the ratios do not see)."""
+    if len(sums) != 4:
+        return math.nan, math.nan
+    g0_d, g1_d, g0_g1, apart = sums
+    # Along d the loss is a parabola with slopes g0.d at the step's start and g1.d at its end:
+    # its minimum is at -g0.d / (g1.d - g0.d) of the step, which Cockpit's alpha rescales so that
+    # the start is -1 and the minimum 0: alpha = -g1.d / g0.d.
+    alpha = -g1_d / g0_d if g0_d < 0 else math.nan
+    noise = 0.5 * apart
+    gradient_noise = noise / g0_g1 if g0_g1 > 0 else (math.inf if noise > 0 else math.nan)
+    return alpha, gradient_noise
 
 
 class Utilization:

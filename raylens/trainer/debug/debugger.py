@@ -23,12 +23,14 @@ from torch.optim import Optimizer
 
 from raylens.trainer.debug.capture import (
     Capture,
+    CommClock,
     PhaseClock,
     Snapshot,
     StepTimes,
     Utilization,
     initial_scales,
     rss_mb,
+    step_signals,
 )
 from raylens.trainer.debug.rules import (
     CLASS_IMBALANCE_FIX,
@@ -77,7 +79,13 @@ class Debugger:
         )
         self.tensors: dict[int, dict[str, torch.Tensor]] = {}
         """The kept layers' tensors by captured step (``train.debug.tensors``; rank 0)."""
-        self.clock = PhaseClock()
+        comm = None
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            comm = CommClock()
+            # A lambda: DDP checks a hook's annotations against its own types, and this module's
+            # are strings (postponed evaluation).
+            model.register_comm_hook(None, lambda state, bucket: comm.hook(state, bucket))
+        self.clock = PhaseClock(comm)
         self.usage = Utilization()
         self.started = time.perf_counter() if started is None else started
         self.started_s = math.nan
@@ -152,7 +160,12 @@ class Debugger:
         # A rank's own work: a synchronous run's ranks wait for the slowest in backward's
         # all-reduce, so the time outside backward tells the ranks apart.
         busy = (times.total - times.backward) / times.batches if times is not None else 0.0
-        ranks_busy = tuple(self.gather(busy))
+        gathered = self.gather((busy, self.capture.signals()))
+        ranks_busy = tuple(b for b, _ in gathered)
+        read = [s for _, s in gathered]
+        alpha, gradient_noise = step_signals(
+            [sum(column) for column in zip(*read, strict=True)] if all(read) else ()
+        )
         snapshot = Snapshot(
             step,
             epoch,
@@ -165,6 +178,8 @@ class Debugger:
             gpu_mb=gpu_mb,
             started_s=self.started_s if not self.snapshots else math.nan,
             ranks_busy=ranks_busy if len(ranks_busy) > 1 else (),
+            alpha=alpha,
+            gradient_noise=gradient_noise,
         )
         earlier = list(self.snapshots)
         self.snapshots.append(snapshot)
@@ -269,6 +284,8 @@ class Debugger:
                 "cpu_util": s.cpu_util,
                 "gpu_util": s.gpu_util,
                 "gpu_mb": s.gpu_mb,
+                "alpha": s.alpha,
+                "gradient_noise": s.gradient_noise,
                 **(dataclasses.asdict(s.times) if s.times is not None else _NO_TIMES),
             }
             for s in snapshots

@@ -1,6 +1,6 @@
 """What a finished run keeps of its debugger: the capture (Parquet), the findings (JSON, and
 MLflow tags), plots (per-layer gradient norms over time, activation saturation, the step-time
-breakdown per rank) and one HTML report with them all."""
+breakdown per rank, the step size and gradient noise) and one HTML report with them all."""
 
 from __future__ import annotations
 
@@ -84,23 +84,65 @@ def activations_figure(layers: Sequence[Mapping[str, Any]]) -> Figure:
     return _lines_figure(series, "share of outputs", "activations: saturated (sigmoid, tanh) or zero (ReLU)")
 
 
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and value == value and abs(value) != float("inf")
+
+
 def step_times_figure(steps: Sequence[Mapping[str, Any]]) -> Figure:
-    """Each rank's time per batch, by phase, over the run: a stacked bar per rank."""
+    """Each rank's time per batch, by phase, over the run: a stacked bar per rank; under DDP,
+    backward split where the gradients' all-reduce was in flight."""
     ranks = sorted({row["rank"] for row in steps if row.get("batches")})
+    comm = any(_finite(row.get("communication")) for row in steps)
     fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(ranks) + 2), 4))
     bottoms = [0.0] * len(ranks)
-    for phase in PHASES:
+    for phase in ("data", "forward", "backward", "communication", "optimizer") if comm else PHASES:
         heights = []
         for rank in ranks:
             mine = [row for row in steps if row["rank"] == rank and row.get("batches")]
             batches = sum(row["batches"] for row in mine)
-            heights.append(1000 * sum(row[phase] for row in mine) / batches if batches else 0.0)
-        ax.bar([str(r) for r in ranks], heights, bottom=bottoms, label=phase)
+            spent = sum(_time_in(row, phase, comm) for row in mine)
+            heights.append(1000 * spent / batches if batches else 0.0)
+        label = {"backward": "backward, no all-reduce in flight", "communication": "all-reduce in flight"}
+        ax.bar(
+            [str(r) for r in ranks], heights, bottom=bottoms, label=label.get(phase, phase) if comm else phase
+        )
         bottoms = [b + h for b, h in zip(bottoms, heights, strict=True)]
     ax.set_xlabel("rank")
     ax.set_ylabel("ms per batch")
-    ax.set_title("step time by phase (backward includes DDP's all-reduce)")
+    ax.set_title("step time by phase")
     ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def _time_in(row: Mapping[str, Any], phase: str, comm: bool) -> float:
+    """A capture window's seconds in ``phase``; with ``comm``, backward less the all-reduce
+    (which overlaps it) and the all-reduce on its own."""
+    communication = row.get("communication") if _finite(row.get("communication")) else 0.0
+    if comm and phase == "backward":
+        return max(0.0, row["backward"] - communication)
+    if phase == "communication":
+        return min(communication, row["backward"])
+    return float(row[phase])
+
+
+def signals_figure(steps: Sequence[Mapping[str, Any]]) -> Figure:
+    """Cockpit's step size alpha and the gradient noise over the run (rank 0)."""
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
+    mine = [row for row in steps if row["rank"] == 0]
+    alphas = [(row["step"], row["alpha"]) for row in mine if _finite(row.get("alpha"))]
+    noises = [(row["step"], row["gradient_noise"]) for row in mine if _finite(row.get("gradient_noise"))]
+    if alphas:
+        top.plot(*zip(*alphas, strict=True), marker=".")
+    top.axhline(0, color="grey", linewidth=0.8)
+    top.set_ylabel("alpha")
+    top.set_title("step size alpha (-1: barely moved, 0: to the minimum, >1: overshot)")
+    if noises:
+        bottom.plot(*zip(*noises, strict=True), marker=".")
+        bottom.set_yscale("log")
+    bottom.axhline(1, color="grey", linewidth=0.8)
+    bottom.set_ylabel("gradient noise")
+    bottom.set_xlabel("step")
     fig.tight_layout()
     return fig
 
@@ -130,7 +172,12 @@ def report_html(files: Mapping[str, bytes], title: str) -> str:
         if findings
         else "<p>No rule fired.</p>"
     )
-    figures = [gradient_norms_figure(layers), activations_figure(layers), step_times_figure(steps)]
+    figures = [
+        gradient_norms_figure(layers),
+        activations_figure(layers),
+        step_times_figure(steps),
+        signals_figure(steps),
+    ]
     images = "".join(f'<img src="data:image/png;base64,{_png(fig)}">' for fig in figures)
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
@@ -198,12 +245,19 @@ def _timeline(steps: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 "epoch": row["epoch"] + 1,
                 "ms_per_batch": 1000 * total / row["batches"],
                 **{phase: row[phase] / total for phase in PHASES},
+                "communication": _share_of(row.get("communication"), total),
                 "rss_mb": row["rss_mb"],
                 "cpu_util": row.get("cpu_util"),
                 "gpu_util": row.get("gpu_util"),
+                "alpha": row.get("alpha") if _finite(row.get("alpha")) else None,
+                "gradient_noise": row.get("gradient_noise") if _finite(row.get("gradient_noise")) else None,
             }
         )
     return timeline
+
+
+def _share_of(seconds: Any, total: float) -> float | None:
+    return seconds / total if _finite(seconds) else None
 
 
 def run_debug(client: Any, run_id: str) -> RunDebug:

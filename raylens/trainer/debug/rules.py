@@ -27,6 +27,7 @@ from raylens.trainer.debug.settings import (
     PoorWeightInitialization,
     SaturatedActivation,
     SlowInitialization,
+    StepSize,
     StepTimeOutlier,
     UnchangedTensor,
     UpdateRatio,
@@ -108,6 +109,28 @@ def update_ratio(snap: Snapshot, earlier: Sequence[Snapshot], rule: UpdateRatio)
     side = "below" if median < rule.low else "above"
     bound = rule.low if median < rule.low else rule.high
     return f"the median layer's update/weight ratio is {median:.3g}, {side} {bound:g}"
+
+
+def step_size(snap: Snapshot, earlier: Sequence[Snapshot], rule: StepSize) -> str | None:
+    recent = [*earlier, snap][-rule.captures :]
+    alphas = [s.alpha for s in recent if math.isfinite(s.alpha)]
+    if len(recent) < rule.captures or len(alphas) < rule.captures:
+        return None
+    median = statistics.median(alphas)
+    too_low = rule.low is not None and median < rule.low
+    if median <= rule.high and not too_low:
+        return None
+    noise = statistics.median(s.gradient_noise for s in recent)
+    said = (
+        "the steps overshoot the minimum along their direction"
+        if median > rule.high
+        else "the steps cover a sliver of the way to the minimum along their direction"
+    )
+    side, bound = ("above", rule.high) if median > rule.high else ("below", rule.low)
+    return (
+        f"the step size alpha's median over the last {rule.captures} captures is {median:.3g}, "
+        f"{side} {bound:g}: {said} (gradient noise {noise:.3g})"
+    )
 
 
 def unchanged_tensor(snap: Snapshot, earlier: Sequence[Snapshot], rule: UnchangedTensor) -> str | None:
@@ -292,6 +315,11 @@ STEP_RULES: dict[str, tuple[StepRule, str]] = {
     "update_ratio": (
         update_ratio,
         "Tune train.optimizer.lr: about 1e-3 of the weights' norm per step is healthy",
+    ),
+    "step_size": (
+        step_size,
+        "Lower train.optimizer.lr when alpha is above 1, raise it when alpha is near -1; where the "
+        "gradient noise is far above 1, raise train.batch_size first",
     ),
     "unchanged_tensor": (
         unchanged_tensor,

@@ -68,6 +68,30 @@ class UpdateRatio(_Rule):
         return self
 
 
+class StepSize(_Rule):
+    """The median of Cockpit's step size alpha over the last ``captures`` captures is above
+    ``high`` (the steps overshoot the loss's minimum along their direction: the learning rate is
+    too high) or, where ``low`` is set, below it (they cover a sliver of the way: too low). alpha
+    is -1 where a step began, 0 at the minimum along it, 1 at the same loss on the far side; it
+    needs train.debug.every of 2 or more."""
+
+    action: RuleAction = "record"
+    """off, record, warn, stop or fail."""
+    low: float | None = None
+    """The smallest healthy median alpha, e.g. -0.95; None: that side is not judged (minibatch
+    noise alone pulls alpha towards -1, so small steps and noisy ones look alike)."""
+    high: float = 1.0
+    """The largest healthy median alpha."""
+    captures: int = Field(5, ge=1)
+    """Captures the median is taken over (alpha is measured on one batch pair: it is noisy)."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> StepSize:
+        if self.low is not None and self.low >= self.high:
+            raise ValueError(f"low ({self.low:g}) must be below high ({self.high:g})")
+        return self
+
+
 class UnchangedTensor(_Rule):
     """A trainable layer's weights are all zero, or its optimizer step left them unchanged."""
 
@@ -208,6 +232,8 @@ class RulesConfig(BaseModel):
     """Most of a ReLU layer's outputs zero."""
     update_ratio: UpdateRatio = Field(default_factory=UpdateRatio)
     """The optimizer step's size against the weights', too small or too large."""
+    step_size: StepSize = Field(default_factory=StepSize)
+    """Steps overshooting the minimum along their direction, or barely moving towards it."""
     unchanged_tensor: UnchangedTensor = Field(default_factory=UnchangedTensor)
     """A trainable layer all zero, or left unchanged by a step."""
     overfit: Overfit = Field(default_factory=Overfit)
@@ -219,7 +245,7 @@ class RulesConfig(BaseModel):
     class_imbalance: ClassImbalance = Field(default_factory=ClassImbalance)
     """A class far rarer than another in the training rows."""
     poor_weight_initialization: PoorWeightInitialization = Field(default_factory=PoorWeightInitialization)
-    """A class far rarer than another in the training rows."""
+    """Weights initialized far too small or too large for their fan-in."""
     io_bottleneck: IoBottleneck = Field(default_factory=IoBottleneck)
     """Most of the step time spent waiting for data."""
     load_imbalance: LoadImbalance = Field(default_factory=LoadImbalance)
