@@ -525,3 +525,17 @@ def test_the_step_size_tells_a_learning_rate_far_too_high_from_one_far_too_low()
     assert said["high"] is not None and "overshoot" in said["high"], said
     assert said["low"] is not None and "sliver" in said["low"], said
     assert said["healthy"] is None, said
+
+
+def test_activation_shares_count_the_outputs_near_their_bounds_and_the_zeros() -> None:
+    model = nn.Sequential(nn.Linear(1, 1), nn.Tanh(), nn.ReLU(), nn.Sigmoid())
+    capture = Capture(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    capture.arm()
+    x = torch.tensor([[-5.0, -1.0, 0.0, 0.5, 3.0, 10.0]])
+    for activation in list(model)[1:]:
+        activation(x)
+    stats = {s.kind: s for s in capture.captured.values()}
+    assert stats["tanh"].saturated == pytest.approx(3 / 6)  # |tanh| >= 0.99: -5, 3, 10
+    assert stats["relu"].zero == pytest.approx(3 / 6)  # -5, -1, 0
+    assert stats["sigmoid"].saturated == pytest.approx(2 / 6)  # within 0.01 of 0 or 1: -5, 10
+    capture.disarm()

@@ -322,12 +322,17 @@ class Capture:
                 return  # validation, or a later forward of the same step (accumulated batches)
             y = _plain(output).detach()
             count = max(1, y.numel())
+            # Counted as sums of signs (one float kernel each, several times quicker on a CPU than
+            # reducing a boolean mask): a ReLU's output is positive or zero; an output is
+            # saturated where it lies within 0.01 of a bound (tanh: |y| >= 0.99; sigmoid:
+            # |y - 0.5| >= 0.49).
             if kind == "relu":
-                self.captured[name] = LayerStats(name, kind, zero=int((y == 0).sum()) / count)
+                positive = float(torch.sign(y).sum(dtype=torch.float32))
+                self.captured[name] = LayerStats(name, kind, zero=1 - positive / count)
                 return
-            low, high = (-0.99, 0.99) if kind == "tanh" else (0.01, 0.99)
-            saturated = int(((y <= low) | (y >= high)).sum()) / count
-            self.captured[name] = LayerStats(name, kind, saturated=saturated)
+            middle, half = (0.0, 0.99) if kind == "tanh" else (0.5, 0.49)
+            signs = float(torch.sign((y - middle).abs() - half).sum(dtype=torch.float32))
+            self.captured[name] = LayerStats(name, kind, saturated=(signs + count) / (2 * count))
 
         return hook
 
