@@ -200,7 +200,9 @@ def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     if not tensors:
         return torch.zeros(0)
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-    return torch.cat([_plain(t).detach().reshape(-1).to(dtype) for t in tensors])
+    with torch.no_grad():  # one context, not a detach per tensor
+        flat = [_plain(t).reshape(-1) for t in tensors]
+        return torch.cat([t if t.dtype == dtype else t.to(dtype) for t in flat])
 
 
 def _segment_norms(flat: torch.Tensor, sizes: Sequence[int]) -> list[float]:
