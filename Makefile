@@ -10,11 +10,15 @@ TORCH ?= torch==2.13.0
 # Byte-compiled once, on every core (pip compiles file by file on one): with
 # PYTHONDONTWRITEBYTECODE set, as on CI machines, a module left uncompiled is compiled again by
 # every process that imports it. A file some package ships that does not compile is no error here.
+# Installed with uv (downloads side by side; a fresh venv in about two thirds of pip's time),
+# told where pip is told to find wheels (PIP_FIND_LINKS: the CPU wheel of torch) and which CA
+# certificates to trust.
+UV_ENV := $(if $(PIP_FIND_LINKS),UV_FIND_LINKS="$(PIP_FIND_LINKS)") $(if $(PIP_CERT),SSL_CERT_FILE="$(PIP_CERT)")
+
 $(BIN)/raylens: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q --no-compile "$(TORCH)"
-	$(BIN)/pip install -q --no-compile -e ".[dev]"
+	$(BIN)/pip install -q uv
+	$(UV_ENV) $(BIN)/uv pip install -q --python $(BIN)/python "$(TORCH)" -e ".[dev]"
 	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib > /dev/null || true
 	touch $(BIN)/raylens
 
