@@ -55,7 +55,7 @@ def _run(fs: FeatureSet, strategy: str, epochs: int, storage: Path) -> float:
         storage_path=storage,
         on_epoch=lambda metrics: ends.append(time.perf_counter()),
     )
-    rows = fs.manifest["rows"]["train"]
+    rows = fs.manifest.rows["train"]
     trained = rows - rows % BATCH if strategy == "pipeline" else (rows // 2) * 2
     return trained / statistics.median(b - a for a, b in itertools.pairwise(ends))
 
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             stop_ray(runtime)
     pipeline, fsdp = statistics.median(measured["pipeline"]), statistics.median(measured["fsdp"])
     return {
-        "rows_train": fs.manifest["rows"]["train"],
+        "rows_train": fs.manifest.rows["train"],
         "model": f"mlp {HIDDEN}, {parameters:,} parameters",
         "budget_mib_per_worker": BUDGET / (1 << 20),
         "training_state_mib_whole": round(state / (1 << 20), 1),

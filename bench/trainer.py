@@ -118,7 +118,7 @@ def raylens_run(fs: FeatureSet, name: str, cores: int, epochs: int, storage: Pat
     )
     ends: list[float] = []
     ranks = job.train.scaling.max_workers
-    rows = (fs.manifest["rows"]["train"] // ranks) * ranks
+    rows = (fs.manifest.rows["train"] // ranks) * ranks
     train_distributed(
         job,
         fs,
@@ -138,8 +138,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         runtime = start_ray(RuntimeSettings.build())
         try:
             results: dict[str, Any] = {
-                "rows_train": fs.manifest["rows"]["train"],
-                "rows_valid": fs.manifest["rows"]["valid"],
+                "rows_train": fs.manifest.rows["train"],
+                "rows_valid": fs.manifest.rows["valid"],
                 "model": f"mlp {HIDDEN}",
                 "batch_size": BATCH,
                 "cores": cores,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
 import shlex
 import shutil
@@ -708,10 +707,10 @@ def features_list(
     for column in ("created", "task", "train/valid/test", "source"):
         table.add_column(column, overflow="fold")
     for fs in found:
-        rows = fs.manifest["rows"]
-        created = str(fs.manifest.get("created_at", ""))[:16].replace("T", " ")
+        rows = fs.manifest.rows
+        created = fs.manifest.created_at[:16].replace("T", " ")
         cells = (fs.name, fs.version, created, fs.task, f"{rows['train']}/{rows['valid']}/{rows['test']}")
-        table.add_row(*(Text(cell) for cell in (*cells, fs.manifest["source"]["uri"])))
+        table.add_row(*(Text(cell) for cell in (*cells, fs.manifest.source.uri)))
     console.print(table)
 
 
@@ -739,7 +738,7 @@ def features_show(
     else:
         feature_set = open_feature_set(root, name, version)
     if as_json:
-        print(json.dumps(feature_set.manifest, indent=2))
+        print(feature_set.manifest.to_json())
         return
     from raylens.cluster.console import feature_set_view
 

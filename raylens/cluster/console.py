@@ -55,14 +55,14 @@ class RichProgress:
         self.console.print(f"  [yellow]note:[/] {escape(text)}", highlight=False)
 
     def feature_set(self, feature_set: FeatureSet | PlannedFeatureSet) -> None:
-        rows = feature_set.manifest["rows"]
+        rows = feature_set.manifest.rows
         self.console.print(
             f"  feature set [cyan]{escape(feature_set.name)}@{feature_set.version}[/] "
             f"({feature_set.task}; {len(feature_set.feature_columns)} features; "
             f"rows train {rows['train']} / valid {rows['valid']} / test {rows['test']})"
         )
-        if feature_set.manifest.get("task_decision"):
-            self.console.print(f"  task {escape(feature_set.manifest['task_decision'])}", highlight=False)
+        if feature_set.manifest.task_decision:
+            self.console.print(f"  task {escape(feature_set.manifest.task_decision)}", highlight=False)
 
     def sweep_started(self, trials: int) -> None:
         self._start("trials", trials)
@@ -286,7 +286,7 @@ def dry_run_table(experiment: Experiment, report: CheckReport, command: str) -> 
         table.add_row(name, Text(value))
 
     stored = (experiment.workspace.feature_store / planned.name / planned.version).is_dir()
-    rows = planned.manifest["rows"]
+    rows = planned.manifest.rows
     row(
         "feature set",
         f"{planned.name}@{planned.version} ({'stored: reused' if stored else 'new: written by the run'})",
@@ -295,7 +295,7 @@ def dry_run_table(experiment: Experiment, report: CheckReport, command: str) -> 
         "data",
         f"{len(planned.feature_columns)} features; rows {rows['train']}/{rows['valid']}/{rows['test']}",
     )
-    row("task", str(planned.manifest.get("task_decision") or planned.task))
+    row("task", planned.manifest.task_decision or planned.task)
     tune = spec.tune if command != "train" else None
     if tune is not None:
         row(
@@ -333,25 +333,25 @@ def feature_set_view(feature_set: FeatureSet) -> Group:
         about.add_row(name, Text(value))
 
     row("feature set", f"{feature_set.name}@{feature_set.version}")
-    row("created", str(manifest.get("created_at", "")).replace("T", " "))
-    row("source", f"{manifest['source']['uri']} ({manifest['source']['fingerprint']})")
-    row("target", str(manifest["target"]))
-    row("task", str(manifest.get("task_decision") or feature_set.task))
-    classes = manifest.get("classes")
+    row("created", manifest.created_at.replace("T", " "))
+    row("source", f"{manifest.source.uri} ({manifest.source.fingerprint})")
+    row("target", manifest.target)
+    row("task", manifest.task_decision or feature_set.task)
+    classes = manifest.classes
     if classes is not None:
         shown = ", ".join(str(c) for c in classes[:20]) + (", ..." if len(classes) > 20 else "")
         row("classes", f"{len(classes)}: {shown}")
-    if "target_statistics" in manifest:
-        stats = manifest["target_statistics"]
-        row("target mean/std", f"{_format(stats['mean'])} / {_format(stats['std'])} (training split)")
-    rows, split = manifest["rows"], manifest["split"]
+    if manifest.target_statistics is not None:
+        target = manifest.target_statistics
+        row("target mean/std", f"{_format(target.mean)} / {_format(target.std)} (training split)")
+    rows, split = manifest.rows, manifest.split
     row(
         "rows",
         f"train {rows['train']} / valid {rows['valid']} / test {rows['test']} "
-        f"(valid {split['valid']}, test {split['test']}, seed {split['seed']}"
-        + (", stratified)" if split.get("stratified") else ")"),
+        f"(valid {split.valid}, test {split.test}, seed {split.seed}"
+        + (", stratified)" if split.stratified else ")"),
     )
-    for transform in manifest["transforms"]:
+    for transform in manifest.transforms:
         row("transform", f"{transform['kind']} on {len(transform['columns'])} columns (fitted on train)")
     columns = Table(
         title="feature columns (statistics of the training split, before transforms)", title_justify="left"
@@ -365,12 +365,11 @@ def feature_set_view(feature_set: FeatureSet) -> Group:
         ("max", "right"),
     ):
         columns.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
-    schema, statistics = manifest["schema"], manifest["statistics"]
     for name in feature_set.feature_columns:
-        stats = statistics.get(name, {})
+        stats = manifest.statistics.get(name)
         columns.add_row(
             Text(name),
-            Text(str(schema.get(name, ""))),
-            *(_format(stats.get(k, "")) for k in ("mean", "std", "min", "max")),
+            Text(manifest.raw_schema.get(name, "")),
+            *(_format(getattr(stats, k) if stats is not None else "") for k in ("mean", "std", "min", "max")),
         )
     return Group(about, Text(""), columns)

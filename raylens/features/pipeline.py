@@ -7,7 +7,6 @@ offline store. ``build_feature_set`` is both in one call.
 
 from __future__ import annotations
 
-import copy
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,9 +16,18 @@ from types import MappingProxyType
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from raylens.errors import UserError
 from raylens.features.config import DataConfig, FeaturesConfig
+from raylens.features.manifest import (
+    SAMPLE_ROWS,
+    ColumnStatistics,
+    Manifest,
+    SourceRecord,
+    SplitRecord,
+    TargetStatistics,
+)
 from raylens.features.prepare import prepare
 from raylens.features.sources import load_source
 from raylens.features.splits import split_rows
@@ -36,47 +44,42 @@ class PlannedFeatureSet:
     """A feature set computed in memory and checked, not yet written.
 
     ``version`` and ``manifest`` are what ``publish_feature_set`` stores (the manifest's
-    ``created_at`` is the planning time). The arrays are read-only, and ``manifest`` returns a copy,
-    so what is published is what was planned.
+    ``created_at`` is the planning time). The arrays are read-only and the manifest frozen, so what
+    is published is what was planned.
     """
 
-    _manifest: dict[str, Any]
+    manifest: Manifest
     splits: Mapping[str, SplitArrays]
     """Transformed features and encoded targets of each split, as they will be stored."""
 
     @property
-    def manifest(self) -> dict[str, Any]:
-        return copy.deepcopy(self._manifest)
-
-    @property
     def name(self) -> str:
-        return str(self._manifest["name"])
+        return self.manifest.name
 
     @property
     def version(self) -> str:
-        return str(self._manifest["version"])
+        return self.manifest.version
 
     @property
     def task(self) -> str:
-        return str(self._manifest["task"])
+        return self.manifest.task
 
     @property
     def feature_columns(self) -> list[str]:
-        return list(self._manifest["feature_columns"])
+        return list(self.manifest.feature_columns)
 
     @property
     def classes(self) -> list[Any] | None:
-        classes = self._manifest.get("classes")
+        classes = self.manifest.classes
         return list(classes) if classes is not None else None
 
     @property
     def num_outputs(self) -> int:
-        classes = self.classes
-        return len(classes) if classes is not None else 1
+        return self.manifest.num_outputs
 
     @property
     def source_fingerprint(self) -> str:
-        return str(self._manifest["source"]["fingerprint"])
+        return self.manifest.source.fingerprint
 
     def sample(self, n: int) -> np.ndarray:
         """The first ``n`` transformed training rows (fewer if the split is smaller), float32.
@@ -117,23 +120,27 @@ def plan_feature_set(
     splits = MappingProxyType(
         {"train": arrays(split.train), "valid": arrays(split.valid), "test": arrays(split.test)}
     )
-    manifest: dict[str, Any] = {
-        "name": name,
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "source": {"uri": raw.uri, "fingerprint": raw.fingerprint},
-        "schema": {field.name: str(field.type) for field in raw.table.schema},
-        "target": data.target,
-        "task": prepared.task,
-        "task_decision": prepared.task_decision,
-        "classes": prepared.classes,
-        "feature_columns": prepared.feature_columns,
-        "split": {**data.split.model_dump(), "stratified": stratify},
-        "statistics": _column_statistics(x_train, prepared.feature_columns),
-        "transforms": [t.to_dict() for t in fitted],
-    }
+    target_statistics = None
     if prepared.task == "regression":
         y_train = prepared.y[split.train].astype(np.float64)
-        manifest["target_statistics"] = {"mean": float(y_train.mean()), "std": float(y_train.std() or 1.0)}
+        target_statistics = TargetStatistics(mean=float(y_train.mean()), std=float(y_train.std() or 1.0))
+    manifest = Manifest(
+        name=name,
+        version="",
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        source=SourceRecord(uri=raw.uri, fingerprint=raw.fingerprint),
+        raw_schema={field.name: str(field.type) for field in raw.table.schema},
+        target=data.target,
+        task=prepared.task,
+        task_decision=prepared.task_decision,
+        classes=prepared.classes,
+        feature_columns=prepared.feature_columns,
+        split=SplitRecord(**data.split.model_dump(), stratified=stratify),
+        statistics=_column_statistics(x_train, prepared.feature_columns),
+        transforms=[t.to_dict() for t in fitted],
+        target_statistics=target_statistics,
+        sample=_raw_sample(raw.table, prepared.feature_columns, split.train[:SAMPLE_ROWS]),
+    )
     return PlannedFeatureSet(versioned_manifest(manifest, splits), splits)
 
 
@@ -157,15 +164,20 @@ def build_feature_set(
     return publish_feature_set(plan_feature_set(name, data, features, base_dir), store_root)
 
 
-def _column_statistics(x: np.ndarray, columns: list[str]) -> dict[str, dict[str, float]]:
+def _column_statistics(x: np.ndarray, columns: list[str]) -> dict[str, ColumnStatistics]:
     """Raw (pre-transform) statistics of the training split, per feature column."""
     x64 = x.astype(np.float64)
     return {
-        name: {
-            "mean": float(x64[:, i].mean()),
-            "std": float(x64[:, i].std()),
-            "min": float(x64[:, i].min()),
-            "max": float(x64[:, i].max()),
-        }
+        name: ColumnStatistics(
+            mean=float(x64[:, i].mean()),
+            std=float(x64[:, i].std()),
+            min=float(x64[:, i].min()),
+            max=float(x64[:, i].max()),
+        )
         for i, name in enumerate(columns)
     }
+
+
+def _raw_sample(table: pa.Table, columns: list[str], rows: np.ndarray) -> list[dict[str, Any]]:
+    """The source's own values of ``columns`` at ``rows`` (source row numbers)."""
+    return table.select(columns).take(pa.array(rows, type=pa.int64())).to_pylist()

@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raylens.errors import UserError, did_you_mean
+from raylens.features.manifest import Manifest
 from raylens.storage import Location
 
 SPLITS = ("train", "valid", "test")
@@ -59,32 +60,31 @@ class FeatureSet:
     """A handle to one stored feature-set version: cheap to pass to trials and workers."""
 
     path: Location
-    manifest: dict[str, Any]
+    manifest: Manifest
 
     @property
     def name(self) -> str:
-        return str(self.manifest["name"])
+        return self.manifest.name
 
     @property
     def version(self) -> str:
-        return str(self.manifest["version"])
+        return self.manifest.version
 
     @property
     def task(self) -> str:
-        return str(self.manifest["task"])
+        return self.manifest.task
 
     @property
     def feature_columns(self) -> list[str]:
-        return list(self.manifest["feature_columns"])
+        return list(self.manifest.feature_columns)
 
     @property
     def classes(self) -> list[Any] | None:
-        return self.manifest.get("classes")
+        return self.manifest.classes
 
     @property
     def num_outputs(self) -> int:
-        classes = self.classes
-        return len(classes) if classes is not None else 1
+        return self.manifest.num_outputs
 
     def read(self, split: str) -> SplitArrays:
         """Read one split as a float32 feature matrix and the encoded target (memory-mapped)."""
@@ -98,33 +98,30 @@ class FeatureSet:
         return SplitArrays(np.ascontiguousarray(x), table.column(TARGET).to_numpy())
 
 
-def versioned_manifest(manifest: dict[str, Any], splits: Mapping[str, SplitArrays]) -> dict[str, Any]:
-    """``manifest`` with ``version`` (the content hash) and ``rows`` added: exactly what is stored.
+def versioned_manifest(manifest: Manifest, splits: Mapping[str, SplitArrays]) -> Manifest:
+    """``manifest`` with ``version`` (the content hash) and ``rows`` set: exactly what is stored.
 
     Computed once, when a feature set is planned, so the version a caller sees before publishing is
     the one the store uses.
     """
-    return {
-        **manifest,
-        "version": content_version(manifest, splits),
-        "rows": {split: len(splits[split]) for split in SPLITS},
-    }
+    rows = {split: len(splits[split]) for split in SPLITS}
+    return manifest.model_copy(update={"version": content_version(manifest, splits), "rows": rows})
 
 
 def write_feature_set(
     root: Path | str | Location,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     feature_columns: list[str],
     splits: Mapping[str, SplitArrays],
 ) -> FeatureSet:
-    """Store ``splits`` under ``manifest["version"]`` and return its handle.
+    """Store ``splits`` under ``manifest.version`` and return its handle.
 
     ``manifest`` comes from ``versioned_manifest`` and is written as given. Writing a version that
     already exists is a no-op that returns the stored one.
     """
-    if "version" not in manifest or "rows" not in manifest:
+    if not manifest.version or not manifest.rows:
         raise ValueError("write_feature_set takes a manifest from versioned_manifest (with version and rows)")
-    name, version = str(manifest["name"]), str(manifest["version"])
+    name, version = manifest.name, manifest.version
     store = Location.of(root)
     if (store / name / version / MANIFEST).is_file():
         return open_feature_set(store, name, version)
@@ -141,7 +138,7 @@ def write_feature_set(
             path = staging / f"{split}.parquet"
             pq.write_table(_split_table(splits[split], feature_columns), path)
             _fsync(path)
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        (staging / MANIFEST).write_text(manifest.to_json())
         _fsync(staging / MANIFEST)
         _fsync_dir(staging)
         _publish(staging, target_dir)
@@ -158,7 +155,7 @@ def _split_table(arrays: SplitArrays, feature_columns: list[str]) -> pa.Table:
 
 
 def _write_by_manifest_last(
-    target: Location, manifest: dict[str, Any], feature_columns: list[str], splits: Mapping[str, SplitArrays]
+    target: Location, manifest: Manifest, feature_columns: list[str], splits: Mapping[str, SplitArrays]
 ) -> None:
     """Publish on object storage: the splits first (replacing what an unpublished attempt left),
     then the manifest. Writers of the same version write the same bytes, so a race is harmless;
@@ -167,7 +164,7 @@ def _write_by_manifest_last(
     for split in SPLITS:
         file = target / f"{split}.parquet"
         pq.write_table(_split_table(splits[split], feature_columns), file.path, filesystem=file.filesystem)
-    (target / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    (target / MANIFEST).write_text(manifest.to_json())
 
 
 def _publish(staging: Path, target_dir: Path) -> None:
@@ -251,11 +248,10 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def content_version(manifest: dict[str, Any], splits: Mapping[str, SplitArrays]) -> str:
+def content_version(manifest: Manifest, splits: Mapping[str, SplitArrays]) -> str:
     """Hash of the stored rows and of every manifest field that changes what a model sees."""
     digest = hashlib.sha256()
-    hashed = {k: v for k, v in manifest.items() if k not in ("created_at", "version", "rows", "name")}
-    digest.update(json.dumps(hashed, sort_keys=True).encode())
+    digest.update(json.dumps(manifest.hashed(), sort_keys=True).encode())
     for split in SPLITS:
         digest.update(split.encode())
         digest.update(np.ascontiguousarray(splits[split].x).tobytes())
@@ -279,7 +275,7 @@ def list_feature_sets(root: Path | str | Location, name: str | None = None) -> l
             manifest = _read_manifest(version_dir)
             if manifest is not None:
                 found.append(FeatureSet(version_dir, manifest))
-    return sorted(found, key=lambda fs: (fs.name, fs.manifest.get("created_at", "")))
+    return sorted(found, key=lambda fs: (fs.name, fs.manifest.created_at))
 
 
 def open_feature_set(root: Path | str | Location, name: str, version: str) -> FeatureSet:
@@ -300,15 +296,12 @@ def open_feature_set(root: Path | str | Location, name: str, version: str) -> Fe
     return FeatureSet(folder, manifest)
 
 
-def _read_manifest(version_dir: Location) -> dict[str, Any] | None:
+def _read_manifest(version_dir: Location) -> Manifest | None:
     """The manifest in ``version_dir``, or None when it is missing, unreadable or not a manifest."""
     try:
-        manifest = json.loads((version_dir / MANIFEST).read_text())
-    except (OSError, ValueError):
+        return Manifest.from_json((version_dir / MANIFEST).read_text())
+    except (OSError, ValueError):  # pydantic's ValidationError is a ValueError
         return None
-    if not isinstance(manifest, dict) or not {"name", "version"} <= manifest.keys():
-        return None
-    return manifest
 
 
 def _fsync(path: Path) -> None:

@@ -71,7 +71,7 @@ def write_model_files(
         "task": asdict(task),
         "feature_columns": feature_set.feature_columns,
         "classes": feature_set.classes,
-        "transforms": feature_set.manifest["transforms"],
+        "transforms": feature_set.manifest.transforms,
         "feature_set": {"name": feature_set.name, "version": feature_set.version},
         "registered_name": registered_name,
     }

@@ -59,13 +59,19 @@ def log_model(
     from mlflow.types.schema import AnyType, ColSpec, Schema
 
     columns = feature_set.feature_columns
-    transforms = transforms_from_dicts(feature_set.manifest["transforms"])
-    sample = x_test[:5] if len(x_test) else feature_set.read("train").x[:5]
-    # The signature takes the columns with the types the user's raw data has (from the manifest).
-    raw_types = {c: pa.type_for_alias(feature_set.manifest["schema"][c]).to_pandas_dtype() for c in columns}
-    example = pd.DataFrame(invert_all(transforms, sample, columns), columns=columns)
-    whole = [c for c, t in raw_types.items() if not np.issubdtype(t, np.floating)]
-    example[whole] = example[whole].round()  # undo float error before casting back to int/bool
+    manifest = feature_set.manifest
+    # The signature takes the columns with the types the user's raw data has (from the manifest),
+    # and the input example is raw rows the manifest kept.
+    raw_types = {c: pa.type_for_alias(manifest.raw_schema[c]).to_pandas_dtype() for c in columns}
+    if manifest.sample:
+        example = pd.DataFrame(manifest.sample, columns=columns)
+    else:  # a version stored without a sample: its rows transformed back
+        sample = x_test[:5] if len(x_test) else feature_set.read("train").x[:5]
+        example = pd.DataFrame(
+            invert_all(transforms_from_dicts(manifest.transforms), sample, columns), columns=columns
+        )
+        whole = [c for c, t in raw_types.items() if not np.issubdtype(t, np.floating)]
+        example[whole] = example[whole].round()  # undo float error before casting back to int/bool
     example = example.astype(raw_types)
     with tempfile.TemporaryDirectory() as tmp:
         files = write_model_files(

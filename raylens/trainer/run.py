@@ -76,7 +76,7 @@ def train_and_record(
             tracker.log_params(run_id, params)
             reason = layout if layout is not None else family.layout(job, embedded=embedded)[1]
             tracker.set_tags(run_id, {"raylens.parallel": reason, "raylens.model_family": job.model.family})
-            tracker.log_dict(run_id, feature_set.manifest, "feature_set/manifest.json")
+            tracker.log_dict(run_id, feature_set.manifest.to_dict(), "feature_set/manifest.json")
         # Keyed by epoch: fractional for a mid-epoch evaluation (train.eval_every_steps).
         history = {m["epoch"]: m for m in earlier if "epoch" in m}
 

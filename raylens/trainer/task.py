@@ -98,8 +98,10 @@ def task_spec(feature_set: FeatureSet, class_weights: ClassWeights = None) -> Ta
         weights = resolve_class_weights(class_weights, feature_set.classes, labels)
         return TaskSpec("classification", num_classes=feature_set.num_outputs, class_weights=weights)
     resolve_class_weights(class_weights, None, np.empty(0))  # refuses weights for a regression
-    stats = feature_set.manifest.get("target_statistics", {})
-    return TaskSpec("regression", target_mean=stats.get("mean", 0.0), target_std=stats.get("std", 1.0) or 1.0)
+    stats = feature_set.manifest.target_statistics
+    if stats is None:
+        return TaskSpec("regression")
+    return TaskSpec("regression", target_mean=stats.mean, target_std=stats.std or 1.0)
 
 
 def resolve_class_weights(

@@ -12,6 +12,7 @@ from raylens.cluster.console import RichProgress, summary_table
 from raylens.cluster.experiment import RunSummary
 from raylens.cluster.workspace import Workspace
 from raylens.features import DataConfig, FeaturesConfig, FeatureSet, build_feature_set
+from raylens.features.manifest import Manifest
 from raylens.tuning.tracking import TrialEvent
 
 
@@ -72,7 +73,7 @@ def test_features_show_is_a_readable_summary_and_json_is_the_manifest(tmp_path: 
     as_json = CliRunner().invoke(
         app, ["features", "show", "iris", iris.version, "--runs-dir", str(tmp_path), "--json"]
     )
-    assert json.loads(as_json.output) == iris.manifest
+    assert Manifest.model_validate(json.loads(as_json.output)) == iris.manifest
 
 
 def test_tables_wrap_ids_instead_of_cutting_them(tmp_path: Path) -> None:

@@ -22,5 +22,5 @@ def test_regression_keeps_target_statistics(tmp_path: Path) -> None:
         "diabetes", DataConfig(source="sklearn:diabetes", target="target"), FeaturesConfig(), tmp_path
     )
     assert fs.task == "regression" and fs.classes is None and fs.num_outputs == 1
-    stats = fs.manifest["target_statistics"]
-    assert 100 < stats["mean"] < 200 and stats["std"] > 10
+    stats = fs.manifest.target_statistics
+    assert stats is not None and 100 < stats.mean < 200 and stats.std > 10

@@ -4,6 +4,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from pydantic import ValidationError
 
 from raylens.errors import UserError
 from raylens.features import (
@@ -38,8 +39,8 @@ def test_plan_writes_nothing_and_publish_stores_exactly_the_plan(tmp_path: Path)
     fs = publish_feature_set(planned, store)
     assert fs.version == planned.version
     assert fs.manifest == planned.manifest
-    assert planned.manifest["version"] == planned.version
-    assert planned.manifest["rows"] == {"train": 28, "valid": 6, "test": 6}
+    assert planned.manifest.version == planned.version
+    assert planned.manifest.rows == {"train": 28, "valid": 6, "test": 6}
     assert [v.version for v in list_feature_sets(store)] == [planned.version]
 
 
@@ -47,8 +48,9 @@ def test_build_publishes_the_planned_version(tmp_path: Path) -> None:
     planned = plan_feature_set("wine", DATA, FEATURES)
     fs = build_feature_set("wine", DATA, FEATURES, tmp_path)
     assert fs.version == planned.version
-    unstamped = {k: v for k, v in planned.manifest.items() if k != "created_at"}
-    assert {k: v for k, v in fs.manifest.items() if k != "created_at"} == unstamped
+    assert fs.manifest.model_copy(update={"created_at": ""}) == planned.manifest.model_copy(
+        update={"created_at": ""}
+    )
 
 
 def test_plan_exposes_what_a_caller_checks_before_writing(tmp_path: Path) -> None:
@@ -65,7 +67,8 @@ def test_plan_exposes_what_a_caller_checks_before_writing(tmp_path: Path) -> Non
     assert np.array_equal(sample, fs.read("train").x[:4])
 
     # What is published cannot drift from what was planned and versioned.
-    planned.manifest["name"] = "changed"
+    with pytest.raises(ValidationError, match="frozen"):
+        planned.manifest.name = "changed"  # type: ignore[misc]
     sample[:] = 0
     assert planned.name == "wine" and planned.sample(4).any()
     with pytest.raises(ValueError, match="read-only"):

@@ -147,7 +147,7 @@ def test_equivalent_paths_give_one_uri_and_one_version(tmp_path: Path) -> None:
         plan_feature_set("d", DataConfig(source=source, target="target"), FeaturesConfig(), tmp_path)
         for source in ("d.csv", "./d.csv", "a/../d.csv")
     ]
-    assert {p.manifest["source"]["uri"] for p in plans} == {"d.csv"}
+    assert {p.manifest.source.uri for p in plans} == {"d.csv"}
     assert len({p.version for p in plans}) == 1
 
 
@@ -178,8 +178,8 @@ def test_the_target_columns_type_in_the_csv_decides_the_task(
     lines = ["x,y"] + [f"{i / rows},{target_values[i % 4]}" for i in range(rows)]
     (tmp_path / "d.csv").write_text("\n".join(lines) + "\n")
     plan = plan_feature_set("d", DataConfig(source="d.csv", target="y"), FeaturesConfig(), tmp_path)
-    assert plan.manifest["task"] == task
-    assert plan.manifest.get("classes") == classes
+    assert plan.manifest.task == task
+    assert plan.manifest.classes == classes
 
 
 def test_house_prices_in_whole_dollars_are_a_regression_and_forced_classes_fail_briefly(
@@ -192,8 +192,8 @@ def test_house_prices_in_whole_dollars_are_a_regression_and_forced_classes_fail_
     plan = plan_feature_set(
         "houses", DataConfig(source="houses.csv", target="price"), FeaturesConfig(), tmp_path
     )
-    assert plan.manifest["task"] == "regression"
-    assert "2000 distinct whole numbers" in plan.manifest["task_decision"]
+    assert plan.manifest.task == "regression"
+    assert "2000 distinct whole numbers" in plan.manifest.task_decision
 
     message = refuse(
         "houses.csv",

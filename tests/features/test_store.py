@@ -47,11 +47,13 @@ def test_other_split_or_transform_gives_other_version(tmp_path: Path) -> None:
 def test_manifest_describes_the_version(tmp_path: Path) -> None:
     fs = build_feature_set("wine", DATA, FEATURES, tmp_path)
     manifest = fs.manifest
-    assert manifest["rows"] == {"train": 125, "valid": 26, "test": 27}
-    assert manifest["source"]["fingerprint"].startswith("sklearn:wine@")
-    assert set(manifest["statistics"]["alcohol"]) == {"mean", "std", "min", "max"}
-    assert manifest["transforms"][0]["kind"] == "standardize"
-    assert manifest["schema"]["target"].startswith("int")
+    assert manifest.rows == {"train": 125, "valid": 26, "test": 27}
+    assert manifest.source.fingerprint.startswith("sklearn:wine@")
+    assert manifest.statistics["alcohol"].std > 0
+    assert manifest.transforms[0]["kind"] == "standardize"
+    assert manifest.raw_schema["target"].startswith("int")
+    # The raw sample: the first training rows as the source has them (the input example).
+    assert len(manifest.sample) == 5 and set(manifest.sample[0]) == set(fs.feature_columns)
     train = fs.read("train")
     # Standardization is fitted on the training split only.
     assert np.allclose(train.x.mean(axis=0), 0, atol=1e-5)

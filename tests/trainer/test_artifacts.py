@@ -113,7 +113,7 @@ def train_and_log(
     assert sys.path == import_path, "logging the model changed this process's import path"
     tracker.end_run(run_id)
     columns = fs.feature_columns
-    raw = invert_all(transforms_from_dicts(fs.manifest["transforms"]), test.x, columns)
+    raw = invert_all(transforms_from_dicts(fs.manifest.transforms), test.x, columns)
     labels = np.asarray(fs.classes)[predict(model, torch.from_numpy(test.x), job.task)]
     return Logged(
         tracking_uri,
@@ -307,7 +307,7 @@ def test_a_csv_with_integer_columns_is_scored_as_read(
     fs = build_feature_set(
         "houses", data, FeaturesConfig(transforms=[{"standardize": "*"}]), tmp_path / "s", tmp_path
     )
-    assert [fs.manifest["schema"][c] for c in ("rooms", "age")] == ["int64", "int64"]
+    assert [fs.manifest.raw_schema[c] for c in ("rooms", "age")] == ["int64", "int64"]
     logged = train_and_log(fs, tmp_path, epochs=20, register_as=None)
     assert len(set(logged.expected)) == 2, "a constant model proves nothing here"
 

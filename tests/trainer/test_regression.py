@@ -90,7 +90,7 @@ def test_diabetes_trains_scores_like_scikit_learn_and_serves_in_target_units(
     monkeypatch.setattr(sys, "path", list(sys.path))  # loading puts the model's code folder first
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     served = mlflow.pyfunc.load_model(model_uri)
-    raw = invert_all(transforms_from_dicts(fs.manifest["transforms"]), test.x, fs.feature_columns)
+    raw = invert_all(transforms_from_dicts(fs.manifest.transforms), test.x, fs.feature_columns)
     answer = np.asarray(served.predict(pd.DataFrame(raw, columns=fs.feature_columns)), dtype=np.float64)
     assert answer == pytest.approx(predicted.astype(np.float64), rel=1e-4, abs=1e-3)
 

@@ -170,7 +170,7 @@ def test_a_registered_estimator_predicts_from_raw_columns(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     served = mlflow.pyfunc.load_model("models:/diabetes-hgb/1")
     test = diabetes.read("test")
-    raw = invert_all(transforms_from_dicts(diabetes.manifest["transforms"]), test.x, diabetes.feature_columns)
+    raw = invert_all(transforms_from_dicts(diabetes.manifest.transforms), test.x, diabetes.feature_columns)
     answer = np.asarray(served.predict(pd.DataFrame(raw, columns=diabetes.feature_columns)), dtype=np.float64)
     fitted_again, _ = fitted(job, diabetes)  # same seed, same model
     assert answer == pytest.approx(fitted_again.predict(test.x), rel=1e-5, abs=1e-4)
