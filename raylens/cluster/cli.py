@@ -745,6 +745,58 @@ def features_show(
     console.print(feature_set_view(feature_set))
 
 
+@features_app.command("diff")
+@user_errors
+def features_diff(
+    before: Annotated[
+        str,
+        typer.Argument(metavar="A", help="NAME@VERSION, or NAME for its newest version.", show_default=False),
+    ],
+    after: Annotated[
+        str,
+        typer.Argument(
+            metavar="B",
+            help="NAME@VERSION, NAME, or a VERSION of A's feature set.",
+            show_default=False,
+        ),
+    ],
+    runs_dir: RunsDir = None,
+) -> None:
+    """What changed from feature set A to B: source columns added, removed or retyped, the task,
+    classes, feature columns and transforms, and each feature column's drift on the training
+    split (PSI over A's deciles: under 0.1 stable, above 0.25 major; and the Kolmogorov-Smirnov
+    statistic), most drifted first."""
+    from raylens.cluster.console import diff_view
+    from raylens.cluster.workspace import Workspace
+    from raylens.features.drift import diff_feature_sets
+
+    root = Workspace.at(runs_dir).feature_store
+    first = _feature_set_at(root, before)
+    second = _feature_set_at(
+        root, after if "@" in after or _is_feature_set(root, after) else f"{first.name}@{after}"
+    )
+    console.print(diff_view(diff_feature_sets(first, second)))
+
+
+def _is_feature_set(root: Any, name: str) -> bool:
+    from raylens.features import list_feature_sets
+
+    return bool(list_feature_sets(root, name))
+
+
+def _feature_set_at(root: Any, reference: str) -> Any:
+    """The feature set ``NAME@VERSION``, or ``NAME``'s newest version."""
+    from raylens.features import list_feature_sets, open_feature_set
+
+    name, _, version = reference.partition("@")
+    if version:
+        return open_feature_set(root, name, version)
+    versions = list_feature_sets(root, name)
+    if not versions:
+        raise UserError(f"no feature set named '{name}'; see `raylens features list`")
+    return versions[-1]
+
+
 @app.command(short_help="The MLflow UI on 127.0.0.1")
 @user_errors
 def ui(

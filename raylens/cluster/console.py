@@ -14,6 +14,7 @@ from rich.text import Text
 from raylens.cluster.checks import CheckReport
 from raylens.cluster.experiment import Experiment, RunSummary
 from raylens.features import FeatureSet, PlannedFeatureSet
+from raylens.features.drift import FeatureSetDiff
 from raylens.trainer.debug.report import RunDebug, TrialDebug
 from raylens.tuning.leaderboard import Leaderboard
 
@@ -318,6 +319,51 @@ def dry_run_table(experiment: Experiment, report: CheckReport, command: str) -> 
     if spec.tracking.register_as and command != "tune":
         row("registers", spec.tracking.register_as)
     return table
+
+
+def diff_view(diff: FeatureSetDiff) -> Group:
+    """``raylens features diff``: what changed from one version to the other, then each feature
+    column's drift."""
+    parts: list[Any] = [Text(f"{diff.before} → {diff.after}")]
+    (rows_a, rows_b) = diff.rows
+    parts.append(Text(f"rows (train/valid/test): {_rows(rows_a)} → {_rows(rows_b)}"))
+    if diff.schema_changed:
+        for column in diff.added:
+            parts.append(Text(f"column added: {column}"))
+        for column in diff.removed:
+            parts.append(Text(f"column removed: {column}"))
+        for column, was, now in diff.retyped:
+            parts.append(Text(f"column retyped: {column} {was} → {now}"))
+    else:
+        parts.append(Text("schema: unchanged"))
+    parts.extend(Text(change) for change in diff.changes)
+    table = Table(
+        title=Text("drift of the feature columns (training split, raw values)"), title_justify="left"
+    )
+    for name, justify in (
+        ("column", "left"),
+        ("PSI", "right"),
+        ("drift", "left"),
+        ("KS", "right"),
+        ("KS p-value", "right"),
+        ("mean before → after", "right"),
+    ):
+        table.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
+    for d in diff.drift:
+        table.add_row(
+            Text(d.column),
+            f"{d.psi:.3f}",
+            d.verdict,
+            f"{d.ks:.3f}",
+            f"{d.ks_pvalue:.2g}",
+            f"{_format(d.mean_before)} → {_format(d.mean_after)}",
+        )
+    parts.append(table)
+    return Group(*parts)
+
+
+def _rows(rows: dict[str, int]) -> str:
+    return "/".join(str(rows.get(split, 0)) for split in ("train", "valid", "test"))
 
 
 def feature_set_view(feature_set: FeatureSet) -> Group:
