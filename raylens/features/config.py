@@ -20,6 +20,13 @@ class SplitConfig(_Strict):
     """Fraction of rows in the test split (used once, for the final evaluation)."""
     seed: int = 0
     """Seed of the shuffle: the same seed and data give the same split."""
+    time: str | None = None
+    """Split by this column of times (a timestamp, date or number column; it need not be a
+    feature): train holds the earliest rows, valid the next, test the latest, and rows of one time
+    never straddle two splits. Default: a shuffle, stratified by class for classification."""
+    group: str | None = None
+    """Split by this column of groups (an entity id: a customer, a patient): every row of a group
+    goes to the same split, groups drawn at random by ``seed``."""
 
     @model_validator(mode="after")
     def _leaves_training_rows(self) -> SplitConfig:
@@ -27,6 +34,8 @@ class SplitConfig(_Strict):
             raise ValueError(
                 f"valid + test = {self.valid + self.test:g} leaves too little to train on; keep it below 0.9"
             )
+        if self.time is not None and self.group is not None:
+            raise ValueError("split by time or by group, not both: set one of time and group")
         return self
 
 

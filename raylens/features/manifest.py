@@ -37,6 +37,8 @@ class SplitRecord(_Record):
     test: float
     seed: int
     stratified: bool
+    time: str | None = None
+    group: str | None = None
 
 
 class ColumnStatistics(_Record):

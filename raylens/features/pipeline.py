@@ -30,7 +30,7 @@ from raylens.features.manifest import (
 )
 from raylens.features.prepare import prepare
 from raylens.features.sources import load_source
-from raylens.features.splits import split_rows
+from raylens.features.splits import split_column, split_rows
 from raylens.features.store import FeatureSet, SplitArrays, versioned_manifest, write_feature_set
 from raylens.features.transforms import apply_all, fit_standardize
 from raylens.storage import Location
@@ -105,8 +105,9 @@ def plan_feature_set(
         )
     raw = load_source(data.source, base_dir)
     prepared = prepare(raw.table, data)
-    stratify = prepared.task == "classification"
-    split = split_rows(prepared.y, data.split, stratify=stratify, labels=prepared.classes)
+    by = split_column(raw.table, data.split)
+    stratify = prepared.task == "classification" and by is None
+    split = split_rows(prepared.y, data.split, stratify=stratify, labels=prepared.classes, by=by)
     x_train = prepared.x[split.train]
     fitted = [fit_standardize(step, x_train, prepared.feature_columns) for step in features.transforms]
 
