@@ -10,6 +10,7 @@
     python -m bench asha [--json]      epochs to a target score: ASHA ÷ random search; TPE's trials ÷ random's
     python -m bench selection [--json] one sweep across 5 candidates ÷ tuning the winner alone, and its score
     python -m bench debugger [--json]  training steps/s with the debugger on (defaults; everything) ÷ off
+    python -m bench online [--json]    online store lookups of 1 and 100 entities: raylens ÷ plain sqlite3
 
 Figures, with the machine they came from, are kept in BENCHMARKS.md.
 """
@@ -23,7 +24,19 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from bench import asha, debugger, pipeline, selection, startup, submit, sweep, thread, trainer, validate
+from bench import (
+    asha,
+    debugger,
+    online,
+    pipeline,
+    selection,
+    startup,
+    submit,
+    sweep,
+    thread,
+    trainer,
+    validate,
+)
 
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "trainer": trainer.run,
@@ -36,6 +49,7 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "asha": asha.run,
     "selection": selection.run,
     "debugger": debugger.run,
+    "online": online.run,
 }
 
 

@@ -778,6 +778,37 @@ def features_diff(
     console.print(diff_view(diff_feature_sets(first, second)))
 
 
+@features_app.command("materialize")
+@user_errors
+def features_materialize(
+    feature_set: Annotated[
+        str,
+        typer.Argument(
+            metavar="NAME", help="NAME@VERSION, or NAME for its newest version.", show_default=False
+        ),
+    ],
+    runs_dir: RunsDir = None,
+    online_store: Annotated[
+        Path | None,
+        typer.Option(help="The online store's SQLite file; default: online.db in the run folder."),
+    ] = None,
+) -> None:
+    """Write the latest feature vector of each entity of a stored version into the online store
+    (SQLite), replacing what it held for that feature set at once. The version must keep entity
+    ids: name the id column in the spec's data.entity."""
+    from raylens.cluster.workspace import Workspace
+    from raylens.features.online import SqliteOnlineStore, materialize
+
+    workspace = Workspace.at(runs_dir)
+    chosen = _feature_set_at(workspace.feature_store, feature_set)
+    store = SqliteOnlineStore(online_store or workspace.online_store)
+    try:
+        count = materialize(chosen, store)
+    finally:
+        store.close()
+    console.print(Text(f"materialized {count} entities of {chosen.name}@{chosen.version} into {store.path}"))
+
+
 def _is_feature_set(root: Any, name: str) -> bool:
     from raylens.features import list_feature_sets
 

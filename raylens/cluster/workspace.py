@@ -39,6 +39,16 @@ class Workspace:
         return self.root / "features"
 
     @property
+    def online_store(self) -> Path:
+        """The embedded online store (SQLite): a local file, as SQLite needs one."""
+        if not self.root.local:
+            raise UserError(
+                f"the online store is a SQLite file, and the run folder {self.root.uri} is not local: "
+                "pass --online-store PATH on this machine"
+            )
+        return self.root.local_path / "online.db"
+
+    @property
     def ray_storage(self) -> Location:
         return self.root / "ray"
 

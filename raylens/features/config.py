@@ -53,6 +53,9 @@ class DataConfig(_Strict):
     """Columns to use as features; default: every column but the target and ``drop``."""
     drop: list[str] = Field(default_factory=list)
     """Columns to leave out (ids, timestamps, free text)."""
+    entity: str | None = None
+    """A column naming each row's entity (a customer id): kept with the stored rows, not a feature;
+    the key of the online store (``raylens features materialize``)."""
     split: SplitConfig = Field(default_factory=SplitConfig)
     """Held-out fractions and the seed of the shuffle."""
 

@@ -87,23 +87,29 @@ class FeatureSetDiff:
         return bool(self.added or self.removed or self.retyped)
 
 
-def raw_training_values(feature_set: FeatureSet) -> dict[str, np.ndarray]:
-    """Each feature column's values on the training split, transformed back to the source's
-    (whole-number columns rounded back to whole numbers: the bins' edges fall on them)."""
+def whole_number_columns(feature_set: FeatureSet) -> set[str]:
+    """The feature columns the source holds as integers or booleans."""
     import pyarrow as pa
 
-    train = feature_set.read("train")
-    columns = feature_set.feature_columns
-    raw = invert_all(transforms_from_dicts(feature_set.manifest.transforms), train.x, columns)
-    values = {}
-    for i, column in enumerate(columns):
+    whole = set()
+    for column in feature_set.feature_columns:
         try:
             kind = pa.type_for_alias(feature_set.manifest.raw_schema.get(column, "double"))
         except ValueError:  # a type without a short alias: not a whole-number one
-            kind = pa.float64()
-        whole = pa.types.is_integer(kind) or pa.types.is_boolean(kind)
-        values[column] = np.round(raw[:, i]) if whole else raw[:, i]
-    return values
+            continue
+        if pa.types.is_integer(kind) or pa.types.is_boolean(kind):
+            whole.add(column)
+    return whole
+
+
+def raw_training_values(feature_set: FeatureSet) -> dict[str, np.ndarray]:
+    """Each feature column's values on the training split, transformed back to the source's
+    (whole-number columns rounded back to whole numbers: the bins' edges fall on them)."""
+    train = feature_set.read("train")
+    columns = feature_set.feature_columns
+    raw = invert_all(transforms_from_dicts(feature_set.manifest.transforms), train.x, columns)
+    whole = whole_number_columns(feature_set)
+    return {column: np.round(raw[:, i]) if column in whole else raw[:, i] for i, column in enumerate(columns)}
 
 
 def diff_feature_sets(before: FeatureSet, after: FeatureSet) -> FeatureSetDiff:

@@ -69,6 +69,8 @@ class Manifest(_Record):
     raw_schema: dict[str, str] = Field(alias="schema")
     """Each column of the source as read, with its Arrow type (``int64``, ``double``, ``string``)."""
     target: str
+    entity: str | None = None
+    """The column of entity ids kept with the stored rows (``data.entity``)."""
     task: Literal["classification", "regression"]
     task_decision: str = ""
     """Why the task is what it is, in words a user can act on."""

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from raylens.errors import UserError
+from raylens.errors import UserError, did_you_mean
 from raylens.features.config import DataConfig, FeaturesConfig
 from raylens.features.manifest import (
     SAMPLE_ROWS,
@@ -31,7 +31,15 @@ from raylens.features.manifest import (
 from raylens.features.prepare import prepare
 from raylens.features.sources import load_source
 from raylens.features.splits import split_column, split_rows
-from raylens.features.store import FeatureSet, SplitArrays, versioned_manifest, write_feature_set
+from raylens.features.store import (
+    ENTITY,
+    ROW,
+    TIME,
+    FeatureSet,
+    SplitArrays,
+    versioned_manifest,
+    write_feature_set,
+)
 from raylens.features.transforms import apply_all, fit_standardize
 from raylens.storage import Location
 
@@ -111,12 +119,14 @@ def plan_feature_set(
     x_train = prepared.x[split.train]
     fitted = [fit_standardize(step, x_train, prepared.feature_columns) for step in features.transforms]
 
+    keys = _entity_keys(raw.table, data, prepared.feature_columns, by)
+
     def arrays(index: np.ndarray) -> SplitArrays:
         x = apply_all(fitted, prepared.x[index], prepared.feature_columns)
         y = prepared.y[index]
         x.flags.writeable = False
         y.flags.writeable = False
-        return SplitArrays(x, y)
+        return SplitArrays(x, y, {name: values[index] for name, values in keys.items()} if keys else None)
 
     splits = MappingProxyType(
         {"train": arrays(split.train), "valid": arrays(split.valid), "test": arrays(split.test)}
@@ -132,6 +142,7 @@ def plan_feature_set(
         source=SourceRecord(uri=raw.uri, fingerprint=raw.fingerprint),
         raw_schema={field.name: str(field.type) for field in raw.table.schema},
         target=data.target,
+        entity=data.entity,
         task=prepared.task,
         task_decision=prepared.task_decision,
         classes=prepared.classes,
@@ -177,6 +188,35 @@ def _column_statistics(x: np.ndarray, columns: list[str]) -> dict[str, ColumnSta
         )
         for i, name in enumerate(columns)
     }
+
+
+def _entity_keys(
+    table: pa.Table, data: DataConfig, feature_columns: list[str], by: np.ndarray | None
+) -> dict[str, np.ndarray]:
+    """Where the spec names an entity column: each row's id, row number and (with a time split)
+    time, kept beside the features for the online store."""
+    name = data.entity
+    if name is None:
+        return {}
+    if name not in table.column_names:
+        raise UserError(
+            f"data.entity: column '{name}' is not in the data{did_you_mean(name, table.column_names)}; "
+            f"columns are: {', '.join(table.column_names[:30])}"
+        )
+    if name in feature_columns:
+        raise UserError(
+            f"data.entity: column '{name}' is also a feature column; an id is no feature: "
+            f"leave it out with data.drop: [{name}]"
+        )
+    column = table.column(name)
+    if column.null_count:
+        raise UserError(
+            f"data.entity: column '{name}' has {column.null_count} missing ids; every row needs its entity"
+        )
+    keys = {ENTITY: column.to_numpy(zero_copy_only=False), ROW: np.arange(table.num_rows, dtype=np.int64)}
+    if data.split.time is not None and by is not None:
+        keys[TIME] = by
+    return keys
 
 
 def _raw_sample(table: pa.Table, columns: list[str], rows: np.ndarray) -> list[dict[str, Any]]:

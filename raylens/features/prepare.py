@@ -56,6 +56,11 @@ def prepare(table: pa.Table, data: DataConfig) -> PreparedData:
             f"data.target: column '{data.target}' is not in the data{did_you_mean(data.target, columns)}; "
             f"columns are: {_listing(columns)}"
         )
+    if data.entity is not None and data.entity not in columns:
+        raise UserError(
+            f"data.entity: column '{data.entity}' is not in the data{did_you_mean(data.entity, columns)}; "
+            f"columns are: {_listing(columns)}"
+        )
     for name in [*data.drop, *(data.features or [])]:
         if name not in columns:
             raise UserError(
@@ -67,7 +72,8 @@ def prepare(table: pa.Table, data: DataConfig) -> PreparedData:
             raise UserError(f"data.features: the target '{data.target}' cannot also be a feature")
         feature_columns = list(data.features)
     else:
-        feature_columns = [c for c in columns if c != data.target and c not in data.drop]
+        # An entity's id is a key, never a feature.
+        feature_columns = [c for c in columns if c not in (data.target, data.entity) and c not in data.drop]
     if not feature_columns:
         raise UserError("data: no feature columns are left; list them in data.features")
     if TARGET in feature_columns:

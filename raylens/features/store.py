@@ -44,12 +44,17 @@ SPLITS = ("train", "valid", "test")
 MANIFEST = "manifest.json"
 TARGET = "__target__"
 """Column holding the encoded target in stored splits, so it never clashes with a feature name."""
+ENTITY, TIME, ROW = "__entity__", "__time__", "__row__"
+"""Columns kept beside the features where the spec names an entity: its id, the row's time (with
+a time split) and its row number in the source; the online store reads them."""
 
 
 @dataclass(frozen=True)
 class SplitArrays:
     x: np.ndarray
     y: np.ndarray
+    keys: Mapping[str, np.ndarray] | None = None
+    """``ENTITY``, ``ROW`` (and ``TIME``) of each row, where the spec names an entity."""
 
     def __len__(self) -> int:
         return len(self.y)
@@ -96,6 +101,20 @@ class FeatureSet:
         columns = [table.column(c).to_numpy() for c in self.feature_columns]
         x = np.stack(columns, axis=1).astype(np.float32, copy=False) if columns else np.empty((0, 0))
         return SplitArrays(np.ascontiguousarray(x), table.column(TARGET).to_numpy())
+
+    def read_keys(self, split: str) -> pa.Table:
+        """The entity, row number (and time) columns of one split, with its feature columns."""
+        file = self.path / f"{split}.parquet"
+        columns = [c for c in (ENTITY, TIME, ROW) if c in self._stored_columns(split)] + self.feature_columns
+        if self.path.local:
+            return pq.read_table(file.path, columns=columns, memory_map=True)
+        return pq.read_table(file.path, columns=columns, filesystem=file.filesystem)
+
+    def _stored_columns(self, split: str) -> list[str]:
+        file = self.path / f"{split}.parquet"
+        if self.path.local:
+            return list(pq.read_schema(file.path).names)
+        return list(pq.read_schema(file.path, filesystem=file.filesystem).names)
 
 
 def versioned_manifest(manifest: Manifest, splits: Mapping[str, SplitArrays]) -> Manifest:
@@ -151,6 +170,8 @@ def write_feature_set(
 def _split_table(arrays: SplitArrays, feature_columns: list[str]) -> pa.Table:
     columns = {column: pa.array(arrays.x[:, i]) for i, column in enumerate(feature_columns)}
     columns[TARGET] = pa.array(arrays.y)
+    for name, values in (arrays.keys or {}).items():
+        columns[name] = pa.array(values)
     return pa.table(columns)
 
 
@@ -256,6 +277,12 @@ def content_version(manifest: Manifest, splits: Mapping[str, SplitArrays]) -> st
         digest.update(split.encode())
         digest.update(np.ascontiguousarray(splits[split].x).tobytes())
         digest.update(np.ascontiguousarray(splits[split].y).tobytes())
+        for name, values in sorted((splits[split].keys or {}).items()):
+            digest.update(name.encode())
+            if values.dtype.kind in "biuf":
+                digest.update(np.ascontiguousarray(values).tobytes())
+            else:  # ids as text
+                digest.update("\x00".join(map(str, values.tolist())).encode())
     return digest.hexdigest()[:16]
 
 
