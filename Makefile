@@ -12,13 +12,13 @@ TORCH ?= torch==2.13.0
 # every process that imports it. A file some package ships that does not compile is no error here.
 # Installed with uv (downloads side by side; a fresh venv in about two thirds of pip's time),
 # told where pip is told to find wheels (PIP_FIND_LINKS: the CPU wheel of torch) and which CA
-# certificates to trust.
+# certificates to trust; with pip where uv cannot be had or cannot reach its index.
 UV_ENV := $(if $(PIP_FIND_LINKS),UV_FIND_LINKS="$(PIP_FIND_LINKS)") $(if $(PIP_CERT),SSL_CERT_FILE="$(PIP_CERT)")
 
 $(BIN)/raylens: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q uv
-	$(UV_ENV) $(BIN)/uv pip install -q --python $(BIN)/python "$(TORCH)" -e ".[dev]"
+	($(BIN)/pip install -q uv && $(UV_ENV) $(BIN)/uv pip install -q --python $(BIN)/python "$(TORCH)" -e ".[dev]") \
+		|| ($(BIN)/pip install -q --no-compile "$(TORCH)" && $(BIN)/pip install -q --no-compile -e ".[dev]")
 	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib > /dev/null || true
 	touch $(BIN)/raylens
 

@@ -64,6 +64,8 @@ class RichProgress:
         )
         if feature_set.manifest.task_decision:
             self.console.print(f"  task {escape(feature_set.manifest.task_decision)}", highlight=False)
+        if feature_set.manifest.quarantined:
+            self.notice(_quarantine_said(feature_set.manifest.quarantined))
 
     def sweep_started(self, trials: int) -> None:
         self._start("trials", trials)
@@ -362,6 +364,11 @@ def diff_view(diff: FeatureSetDiff) -> Group:
     return Group(*parts)
 
 
+def _quarantine_said(counts: dict[str, int]) -> str:
+    reasons = "; ".join(f"{reason}: {count}" for reason, count in counts.items())
+    return f"{sum(counts.values())} rows set aside by data validation ({reasons})"
+
+
 def _rows(rows: dict[str, int]) -> str:
     return "/".join(str(rows.get(split, 0)) for split in ("train", "valid", "test"))
 
@@ -397,6 +404,11 @@ def feature_set_view(feature_set: FeatureSet) -> Group:
         f"(valid {split.valid}, test {split.test}, seed {split.seed}"
         + (", stratified)" if split.stratified else ")"),
     )
+    if manifest.quarantined:
+        row(
+            "quarantined",
+            _quarantine_said(manifest.quarantined) + f" ({feature_set.path / 'quarantine.parquet'})",
+        )
     for transform in manifest.transforms:
         row("transform", f"{transform['kind']} on {len(transform['columns'])} columns (fitted on train)")
     columns = Table(

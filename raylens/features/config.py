@@ -39,6 +39,40 @@ class SplitConfig(_Strict):
         return self
 
 
+class ColumnRule(_Strict):
+    """What every value of one column must be."""
+
+    type: Literal["number", "integer", "string", "bool", "timestamp"] | None = None
+    """The column's type; a source whose column has another is refused whatever the policy."""
+    min: float | None = None
+    """The smallest allowed value (numbers)."""
+    max: float | None = None
+    """The largest allowed value (numbers)."""
+    allowed: list[str | int | float | bool] | None = None
+    """The values allowed (categories, labels); others break the rule."""
+    nullable: bool = False
+    """Whether a null (or NaN) is allowed."""
+    unique: bool = False
+    """No value twice (an entity key); the first row of a repeated value passes."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ColumnRule:
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min ({self.min:g}) must not be above max ({self.max:g})")
+        return self
+
+
+class ValidationConfig(_Strict):
+    """Rules per column, checked on every source row before anything is prepared."""
+
+    columns: dict[str, ColumnRule] = Field(default_factory=dict)
+    """Each column's rule, by column name."""
+    on_invalid: Literal["fail", "quarantine"] = "fail"
+    """fail: the build stops, naming the column, rule and first rows; quarantine: the rows that
+    break a rule (or are missing or infinite in a feature or the target) are set aside into the
+    version's quarantine.parquet, counted in its manifest, and the rest is built."""
+
+
 class DataConfig(_Strict):
     """Where rows come from and which column is predicted."""
 
@@ -58,6 +92,8 @@ class DataConfig(_Strict):
     the key of the online store (``raylens features materialize``)."""
     split: SplitConfig = Field(default_factory=SplitConfig)
     """Held-out fractions and the seed of the shuffle."""
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    """Rules per column and what becomes of the rows that break them."""
 
 
 class StandardizeStep(_Strict):

@@ -84,6 +84,9 @@ class Manifest(_Record):
     rows: dict[str, int] = Field(default_factory=dict)
     """Rows of each split."""
     target_statistics: TargetStatistics | None = None
+    quarantined: dict[str, int] = Field(default_factory=dict)
+    """Source rows set aside by data validation, per reason (``column: rule``); they are kept in
+    the version's quarantine.parquet."""
     sample: list[dict[str, Any]] = Field(default_factory=list)
     """The first few raw rows of the training split (feature columns, as the source has them)."""
 

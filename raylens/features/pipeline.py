@@ -41,6 +41,7 @@ from raylens.features.store import (
     write_feature_set,
 )
 from raylens.features.transforms import apply_all, fit_standardize
+from raylens.features.validation import validate
 from raylens.storage import Location
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -59,6 +60,8 @@ class PlannedFeatureSet:
     manifest: Manifest
     splits: Mapping[str, SplitArrays]
     """Transformed features and encoded targets of each split, as they will be stored."""
+    quarantined: pa.Table | None = None
+    """The source rows data validation set aside, with their reasons."""
 
     @property
     def name(self) -> str:
@@ -112,14 +115,16 @@ def plan_feature_set(
             "starting with a letter or digit"
         )
     raw = load_source(data.source, base_dir)
-    prepared = prepare(raw.table, data)
-    by = split_column(raw.table, data.split)
+    validated = validate(raw.table, data)
+    table = validated.table
+    prepared = prepare(table, data)
+    by = split_column(table, data.split)
     stratify = prepared.task == "classification" and by is None
     split = split_rows(prepared.y, data.split, stratify=stratify, labels=prepared.classes, by=by)
     x_train = prepared.x[split.train]
     fitted = [fit_standardize(step, x_train, prepared.feature_columns) for step in features.transforms]
 
-    keys = _entity_keys(raw.table, data, prepared.feature_columns, by)
+    keys = _entity_keys(table, data, prepared.feature_columns, by)
 
     def arrays(index: np.ndarray) -> SplitArrays:
         x = apply_all(fitted, prepared.x[index], prepared.feature_columns)
@@ -151,9 +156,10 @@ def plan_feature_set(
         statistics=_column_statistics(x_train, prepared.feature_columns),
         transforms=[t.to_dict() for t in fitted],
         target_statistics=target_statistics,
-        sample=_raw_sample(raw.table, prepared.feature_columns, split.train[:SAMPLE_ROWS]),
+        sample=_raw_sample(table, prepared.feature_columns, split.train[:SAMPLE_ROWS]),
+        quarantined=validated.counts,
     )
-    return PlannedFeatureSet(versioned_manifest(manifest, splits), splits)
+    return PlannedFeatureSet(versioned_manifest(manifest, splits), splits, validated.quarantined)
 
 
 def publish_feature_set(planned: PlannedFeatureSet, store_root: Path | str | Location) -> FeatureSet:
@@ -161,7 +167,9 @@ def publish_feature_set(planned: PlannedFeatureSet, store_root: Path | str | Loc
 
     A version already stored is kept as it is (with its own ``created_at``) and returned.
     """
-    return write_feature_set(store_root, planned.manifest, planned.feature_columns, planned.splits)
+    return write_feature_set(
+        store_root, planned.manifest, planned.feature_columns, planned.splits, planned.quarantined
+    )
 
 
 def build_feature_set(

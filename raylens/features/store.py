@@ -42,6 +42,8 @@ from raylens.storage import Location
 
 SPLITS = ("train", "valid", "test")
 MANIFEST = "manifest.json"
+QUARANTINE = "quarantine.parquet"
+"""The source rows data validation set aside, with the reason of each (``raylens.features.validation``)."""
 TARGET = "__target__"
 """Column holding the encoded target in stored splits, so it never clashes with a feature name."""
 ENTITY, TIME, ROW = "__entity__", "__time__", "__row__"
@@ -102,6 +104,15 @@ class FeatureSet:
         x = np.stack(columns, axis=1).astype(np.float32, copy=False) if columns else np.empty((0, 0))
         return SplitArrays(np.ascontiguousarray(x), table.column(TARGET).to_numpy())
 
+    def read_quarantined(self) -> pa.Table | None:
+        """The source rows data validation set aside, with their reasons (None: none were)."""
+        if not self.manifest.quarantined:
+            return None
+        file = self.path / QUARANTINE
+        if self.path.local:
+            return pq.read_table(file.path)
+        return pq.read_table(file.path, filesystem=file.filesystem)
+
     def read_keys(self, split: str) -> pa.Table:
         """The entity, row number (and time) columns of one split, with its feature columns."""
         file = self.path / f"{split}.parquet"
@@ -132,8 +143,10 @@ def write_feature_set(
     manifest: Manifest,
     feature_columns: list[str],
     splits: Mapping[str, SplitArrays],
+    quarantined: pa.Table | None = None,
 ) -> FeatureSet:
-    """Store ``splits`` under ``manifest.version`` and return its handle.
+    """Store ``splits`` (and the rows validation set aside) under ``manifest.version`` and return
+    its handle.
 
     ``manifest`` comes from ``versioned_manifest`` and is written as given. Writing a version that
     already exists is a no-op that returns the stored one.
@@ -145,7 +158,7 @@ def write_feature_set(
     if (store / name / version / MANIFEST).is_file():
         return open_feature_set(store, name, version)
     if not store.local:
-        _write_by_manifest_last(store / name / version, manifest, feature_columns, splits)
+        _write_by_manifest_last(store / name / version, manifest, feature_columns, splits, quarantined)
         return open_feature_set(store, name, version)
     target_dir = store.local_path / name / version
     target_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -157,6 +170,9 @@ def write_feature_set(
             path = staging / f"{split}.parquet"
             pq.write_table(_split_table(splits[split], feature_columns), path)
             _fsync(path)
+        if quarantined is not None:
+            pq.write_table(quarantined, staging / QUARANTINE)
+            _fsync(staging / QUARANTINE)
         (staging / MANIFEST).write_text(manifest.to_json())
         _fsync(staging / MANIFEST)
         _fsync_dir(staging)
@@ -176,7 +192,11 @@ def _split_table(arrays: SplitArrays, feature_columns: list[str]) -> pa.Table:
 
 
 def _write_by_manifest_last(
-    target: Location, manifest: Manifest, feature_columns: list[str], splits: Mapping[str, SplitArrays]
+    target: Location,
+    manifest: Manifest,
+    feature_columns: list[str],
+    splits: Mapping[str, SplitArrays],
+    quarantined: pa.Table | None = None,
 ) -> None:
     """Publish on object storage: the splits first (replacing what an unpublished attempt left),
     then the manifest. Writers of the same version write the same bytes, so a race is harmless;
@@ -185,6 +205,9 @@ def _write_by_manifest_last(
     for split in SPLITS:
         file = target / f"{split}.parquet"
         pq.write_table(_split_table(splits[split], feature_columns), file.path, filesystem=file.filesystem)
+    if quarantined is not None:
+        file = target / QUARANTINE
+        pq.write_table(quarantined, file.path, filesystem=file.filesystem)
     (target / MANIFEST).write_text(manifest.to_json())
 
 
