@@ -73,6 +73,20 @@ class ValidationConfig(_Strict):
     version's quarantine.parquet, counted in its manifest, and the rest is built."""
 
 
+class FeatureView(_Strict):
+    """A table of feature values by entity and time (entity, feature time, values), joined to each
+    row as of the row's event time: the latest value at or before it, never a later one."""
+
+    source: str
+    """A .parquet/.csv file or folder (relative to the spec's folder)."""
+    time: str
+    """The column of times each value holds from (a timestamp, date or integer column)."""
+    entity: str | None = None
+    """The view's entity column; default: the column data.entity names."""
+    features: list[str] | None = None
+    """The columns joined; default: every column but the entity and the time."""
+
+
 class DataConfig(_Strict):
     """Where rows come from and which column is predicted."""
 
@@ -94,6 +108,19 @@ class DataConfig(_Strict):
     """Held-out fractions and the seed of the shuffle."""
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     """Rules per column and what becomes of the rows that break them."""
+    event_time: str | None = None
+    """The column with each row's event time (a timestamp, date or integer column): feature views
+    are joined as of it."""
+    views: list[FeatureView] = Field(default_factory=list)
+    """Feature tables joined point-in-time to the rows (needs entity and event_time)."""
+
+    @model_validator(mode="after")
+    def _views_have_keys(self) -> DataConfig:
+        if self.views and (self.entity is None or self.event_time is None):
+            raise ValueError(
+                "feature views are joined by entity as of each row's time: set entity and event_time"
+            )
+        return self
 
 
 class StandardizeStep(_Strict):

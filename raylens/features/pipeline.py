@@ -42,6 +42,7 @@ from raylens.features.store import (
 )
 from raylens.features.transforms import apply_all, fit_standardize
 from raylens.features.validation import validate
+from raylens.features.views import join_views
 from raylens.storage import Location
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -114,7 +115,7 @@ def plan_feature_set(
             f"name: '{name}' cannot name a feature set; use letters, digits, '_', '.' and '-', "
             "starting with a letter or digit"
         )
-    raw = load_source(data.source, base_dir)
+    raw = join_views(load_source(data.source, base_dir), data, base_dir)
     validated = validate(raw.table, data)
     table = validated.table
     prepared = prepare(table, data)
