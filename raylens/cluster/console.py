@@ -386,7 +386,7 @@ def feature_set_view(feature_set: FeatureSet) -> Group:
         about.add_row(name, Text(value))
 
     row("feature set", f"{feature_set.name}@{feature_set.version}")
-    row("created", manifest.created_at.replace("T", " "))
+    row("created", manifest.created_at[:19].replace("T", " ") + " UTC")
     row("source", f"{manifest.source.uri} ({manifest.source.fingerprint})")
     row("target", manifest.target)
     row("task", manifest.task_decision or feature_set.task)

@@ -130,11 +130,76 @@ class StandardizeStep(_Strict):
     """``"*"`` for every feature column, or a list of columns."""
 
 
+class MinMaxStep(_Strict):
+    """Scale to [0, 1] by the training minimum and maximum."""
+
+    min_max: Literal["*"] | list[str]
+    """``"*"`` for every feature column, or a list of columns."""
+
+
+class Log1pStep(_Strict):
+    """log(1 + x): for counts and amounts with a long tail (values must be above -1)."""
+
+    log1p: Literal["*"] | list[str]
+    """``"*"`` for every feature column, or a list of columns."""
+
+
+class ClipSettings(_Strict):
+    columns: Literal["*"] | list[str]
+    """``"*"`` for every feature column, or a list of columns."""
+    min: float | None = None
+    """The smallest value kept; smaller ones become it."""
+    max: float | None = None
+    """The largest value kept; larger ones become it."""
+
+    @model_validator(mode="after")
+    def _bounded(self) -> ClipSettings:
+        if self.min is None and self.max is None:
+            raise ValueError("clip needs min, max or both")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min ({self.min:g}) must not be above max ({self.max:g})")
+        return self
+
+
+class ClipStep(_Strict):
+    """Limit values to [min, max]."""
+
+    clip: ClipSettings
+
+
+class ImputeSettings(_Strict):
+    columns: Literal["*"] | list[str]
+    """``"*"`` for every feature column, or a list of columns; their missing values are allowed."""
+    strategy: Literal["mean", "median", "constant"] = "median"
+    """What a missing value becomes: the training mean or median, or ``value``."""
+    value: float = 0.0
+    """The value for ``constant``."""
+
+
+class ImputeStep(_Strict):
+    """Fill missing values (null, NaN) of the columns, in training and in the registered model."""
+
+    impute: ImputeSettings
+
+
+TransformStep = StandardizeStep | MinMaxStep | Log1pStep | ClipStep | ImputeStep
+
+
 class FeaturesConfig(_Strict):
     """The feature pipeline: transforms fitted on the training split only."""
 
-    transforms: list[StandardizeStep] = Field(default_factory=list)
-    """Applied in order, each fitted on the training split only."""
+    transforms: list[TransformStep] = Field(default_factory=list)
+    """Applied in order, each fitted on the training split only: standardize, min_max, log1p,
+    clip ({columns, min, max}), impute ({columns, strategy: mean|median|constant, value})."""
+
+    def imputed(self, feature_columns: list[str]) -> set[str]:
+        """The feature columns an impute step fills: missing values are allowed there."""
+        filled: set[str] = set()
+        for step in self.transforms:
+            if isinstance(step, ImputeStep):
+                chosen = step.impute.columns
+                filled |= set(feature_columns if chosen == "*" else chosen)
+        return filled
 
     @field_validator("transforms", mode="before")
     @classmethod

@@ -28,7 +28,7 @@ from raylens.features.manifest import (
     SplitRecord,
     TargetStatistics,
 )
-from raylens.features.prepare import prepare
+from raylens.features.prepare import candidate_features, prepare
 from raylens.features.sources import load_source
 from raylens.features.splits import split_column, split_rows
 from raylens.features.store import (
@@ -40,7 +40,7 @@ from raylens.features.store import (
     versioned_manifest,
     write_feature_set,
 )
-from raylens.features.transforms import apply_all, fit_standardize
+from raylens.features.transforms import apply_all, fit_all
 from raylens.features.validation import validate
 from raylens.features.views import join_views
 from raylens.storage import Location
@@ -116,14 +116,15 @@ def plan_feature_set(
             "starting with a letter or digit"
         )
     raw = join_views(load_source(data.source, base_dir), data, base_dir)
-    validated = validate(raw.table, data)
+    imputed = features.imputed(candidate_features(raw.table.column_names, data))
+    validated = validate(raw.table, data, allow_missing=imputed)
     table = validated.table
-    prepared = prepare(table, data)
+    prepared = prepare(table, data, allow_missing=imputed)
     by = split_column(table, data.split)
     stratify = prepared.task == "classification" and by is None
     split = split_rows(prepared.y, data.split, stratify=stratify, labels=prepared.classes, by=by)
     x_train = prepared.x[split.train]
-    fitted = [fit_standardize(step, x_train, prepared.feature_columns) for step in features.transforms]
+    fitted = fit_all(features.transforms, x_train, prepared.feature_columns)
 
     keys = _entity_keys(table, data, prepared.feature_columns, by)
 
@@ -144,7 +145,9 @@ def plan_feature_set(
     manifest = Manifest(
         name=name,
         version="",
-        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        created_at=datetime.now(UTC).isoformat(
+            timespec="microseconds"
+        ),  # orders versions built in one second
         source=SourceRecord(uri=raw.uri, fingerprint=raw.fingerprint),
         raw_schema={field.name: str(field.type) for field in raw.table.schema},
         target=data.target,

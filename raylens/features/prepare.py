@@ -40,8 +40,20 @@ class PreparedData:
     """Why the task is what it is, in words a user can act on (recorded in the manifest)."""
 
 
-def prepare(table: pa.Table, data: DataConfig) -> PreparedData:
-    """Validate ``table`` against the data config and return arrays ready to split."""
+def candidate_features(columns: list[str], data: DataConfig) -> list[str]:
+    """The feature columns the data config chooses among ``columns``: ``data.features``, or
+    every column but the target, the entity id and ``drop``."""
+    if data.features is not None:
+        return list(data.features)
+    # An entity's id is a key, never a feature.
+    return [c for c in columns if c not in (data.target, data.entity) and c not in data.drop]
+
+
+def prepare(
+    table: pa.Table, data: DataConfig, allow_missing: set[str] | frozenset[str] = frozenset()
+) -> PreparedData:
+    """Validate ``table`` against the data config and return arrays ready to split. Missing values
+    in ``allow_missing`` (columns an impute transform fills) become NaN instead of an error."""
     columns = table.column_names
     duplicated = sorted(name for name, count in Counter(columns).items() if count > 1)
     if duplicated:
@@ -67,13 +79,9 @@ def prepare(table: pa.Table, data: DataConfig) -> PreparedData:
                 f"data: column '{name}' is not in the data{did_you_mean(name, columns)}; "
                 f"columns are: {_listing(columns)}"
             )
-    if data.features is not None:
-        if data.target in data.features:
-            raise UserError(f"data.features: the target '{data.target}' cannot also be a feature")
-        feature_columns = list(data.features)
-    else:
-        # An entity's id is a key, never a feature.
-        feature_columns = [c for c in columns if c not in (data.target, data.entity) and c not in data.drop]
+    if data.features is not None and data.target in data.features:
+        raise UserError(f"data.features: the target '{data.target}' cannot also be a feature")
+    feature_columns = candidate_features(columns, data)
     if not feature_columns:
         raise UserError("data: no feature columns are left; list them in data.features")
     if TARGET in feature_columns:
@@ -96,7 +104,7 @@ def prepare(table: pa.Table, data: DataConfig) -> PreparedData:
                 f"encode it as numbers or leave it out with data.drop: [{name}]"
             )
         missing, infinite = _missing_and_infinite(column)
-        if missing:
+        if missing and name not in allow_missing:
             raise UserError(
                 f"data: feature column '{name}' has {missing} missing values; "
                 f"fill them before training or leave the column out with data.drop: [{name}]"
@@ -106,7 +114,8 @@ def prepare(table: pa.Table, data: DataConfig) -> PreparedData:
                 f"data: feature column '{name}' has {infinite} rows that are infinite (inf or -inf); "
                 f"replace them with finite numbers or leave the column out with data.drop: [{name}]"
             )
-        x[:, i] = column.to_numpy(zero_copy_only=False)
+        # A missing value (allowed: an impute transform fills it) as NaN, whatever the type.
+        x[:, i] = (column if not missing else pc.cast(column, pa.float64())).to_numpy(zero_copy_only=False)
 
     target = table.column(data.target)
     missing, infinite = _missing_and_infinite(target)

@@ -87,14 +87,14 @@ def _rule_violations(name: str, column: pa.ChunkedArray, rule: ColumnRule) -> li
     return [v for v in found if len(v.rows)]
 
 
-def _builtin_violations(table: pa.Table, data: DataConfig) -> list[Violation]:
+def _builtin_violations(table: pa.Table, data: DataConfig, allow_missing: set[str]) -> list[Violation]:
     """What prepare refuses, as violations: a numeric feature or the target null, NaN or
-    infinite (set aside under quarantine instead of failing the build)."""
-    columns = data.features or [
-        c for c in table.column_names if c not in (data.target, data.entity) and c not in data.drop
-    ]
+    infinite (set aside under quarantine instead of failing the build); a missing value is no
+    violation in ``allow_missing`` (columns an impute transform fills)."""
+    from raylens.features.prepare import candidate_features
+
     found = []
-    for name in [*columns, data.target]:
+    for name in [*candidate_features(table.column_names, data), data.target]:
         if name not in table.column_names:
             continue
         column = table.column(name)
@@ -103,13 +103,14 @@ def _builtin_violations(table: pa.Table, data: DataConfig) -> list[Violation]:
             and name != data.target
         ):
             continue
-        found.append(Violation(name, "null or NaN", _mask_rows(pc.is_null(column, nan_is_null=True))))
+        if name not in allow_missing:
+            found.append(Violation(name, "null or NaN", _mask_rows(pc.is_null(column, nan_is_null=True))))
         if pa.types.is_floating(column.type):
             found.append(Violation(name, "infinite", _mask_rows(pc.is_inf(column))))
     return [v for v in found if len(v.rows)]
 
 
-def validate(table: pa.Table, data: DataConfig) -> Validated:
+def validate(table: pa.Table, data: DataConfig, allow_missing: set[str] | None = None) -> Validated:
     """Check ``table`` against ``data.validation``: fail on the first broken rule, or set the rows
     that break any aside."""
     config = data.validation
@@ -137,7 +138,7 @@ def validate(table: pa.Table, data: DataConfig) -> Validated:
                 "quarantine to set such rows aside"
             )
         return Validated(table, None)
-    violations += _builtin_violations(table, data)
+    violations += _builtin_violations(table, data, allow_missing or set())
     if not violations:
         return Validated(table, None)
     reasons = np.full(table.num_rows, "", dtype=object)

@@ -96,6 +96,8 @@ class TabularModel(PythonModel):
         self.classes: list[Any] | None = spec["classes"]
         self.task = TaskSpec(**spec["task"])
         self.transforms = transforms_from_dicts(spec["transforms"])
+        # Missing values are the impute transforms' to fill, in these columns only.
+        self.imputed = {c for t in self.transforms if t.kind == "impute" for c in t.columns}
         name = spec.get("registered_name")  # absent in models logged before it was recorded
         self.label = f"models:/{name}" if name else "the model"
         config = parse_model_config(spec["model"])
@@ -108,7 +110,7 @@ class TabularModel(PythonModel):
     ) -> np.ndarray | pd.DataFrame:
         output = self._output(params)  # before the rows are read: a wrong param is said first
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-        raw = feature_matrix(frame, self.feature_columns, self.label)
+        raw = feature_matrix(frame, self.feature_columns, self.label, allow_missing=self.imputed)
         x = apply_all(self.transforms, raw, self.feature_columns)
         if output == "probabilities":
             columns = [str(label) for label in self.classes or []]
@@ -135,7 +137,9 @@ class TabularModel(PythonModel):
         return str(output)
 
 
-def feature_matrix(frame: pd.DataFrame, feature_columns: list[str], label: str) -> np.ndarray:
+def feature_matrix(
+    frame: pd.DataFrame, feature_columns: list[str], label: str, allow_missing: set[str] | None = None
+) -> np.ndarray:
     """The feature columns of ``frame`` as float32 (the training dtype), or an ``MlflowException``
     (HTTP 400 when served) naming each missing column, or each column holding NaN, inf, -inf, a
     value that is not a number or one beyond float32's range, with its first rows (the frame's
@@ -157,6 +161,9 @@ def feature_matrix(frame: pd.DataFrame, feature_columns: list[str], label: str) 
             # fail the cast as a whole; converted value by value, each is reported where it is.
             x = np.column_stack([_as_float64(block[c]) for c in feature_columns]).astype(np.float32)
     bad = ~np.isfinite(x)
+    for i, name in enumerate(feature_columns):
+        if allow_missing and name in allow_missing:  # filled by an impute transform
+            bad[:, i] &= ~np.isnan(x[:, i])
     if bad.any():
         problems = [
             _describe(name, kind, np.asarray(frame.index)[np.flatnonzero(rows)])
