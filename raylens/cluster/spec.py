@@ -275,9 +275,15 @@ def _reference_rows(model: type[BaseModel], prefix: str) -> list[str]:
                     for row in _reference_rows(family, f"{key}.")
                 ]
             continue
+        listed = getattr(field.annotation, "__origin__", None) is list
+        steps = _list_item_models(field.annotation) if listed else []
+        if len(steps) > 1:  # a list of steps of several kinds (the transforms): each kind's keys
+            rows.append(f"| `{key}` | list of sections, one key each | | {_cell(field.description)} |")
+            for step in steps:
+                rows += _reference_rows(step, f"{key}[].")
+            continue
         nested = _config_model(field.annotation)
         if nested is not None:
-            listed = getattr(field.annotation, "__origin__", None) is list
             kind = "list of sections" if listed else "section"
             rows.append(f"| `{key}` | {kind} | | {_cell(field.description)} |")
             rows += _reference_rows(nested, f"{key}[]." if listed else f"{key}.")
@@ -299,6 +305,13 @@ def _family_configs(annotation: Any) -> list[type[BaseModel]]:
 
 def _family_name(config: type[BaseModel]) -> str:
     return str(config.model_fields["family"].default)
+
+
+def _list_item_models(annotation: Any) -> list[type[BaseModel]]:
+    """The configs a list's items may be (several where the item type is a union of them)."""
+    (item,) = typing.get_args(annotation) or (None,)
+    members = typing.get_args(item) or (item,)
+    return [m for m in members if isinstance(m, type) and issubclass(m, BaseModel)]
 
 
 def _config_model(annotation: Any) -> type[BaseModel] | None:

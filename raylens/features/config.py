@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -165,6 +166,7 @@ class ClipStep(_Strict):
     """Limit values to [min, max]."""
 
     clip: ClipSettings
+    """The columns and their bounds."""
 
 
 class ImputeSettings(_Strict):
@@ -180,6 +182,7 @@ class ImputeStep(_Strict):
     """Fill missing values (null, NaN) of the columns, in training and in the registered model."""
 
     impute: ImputeSettings
+    """The columns and what their missing values become."""
 
 
 TransformStep = StandardizeStep | MinMaxStep | Log1pStep | ClipStep | ImputeStep
@@ -203,5 +206,21 @@ class FeaturesConfig(_Strict):
 
     @field_validator("transforms", mode="before")
     @classmethod
-    def _none_is_empty(cls, value: object) -> object:
-        return [] if value is None else value
+    def _one_known_kind_each(cls, value: object) -> object:
+        # Said once per step, by name: the union's own errors list every kind's missing key.
+        if value is None:
+            return []
+        kinds = ("standardize", "min_max", "log1p", "clip", "impute")
+        for index, step in enumerate(value if isinstance(value, list) else []):
+            if not isinstance(step, dict) or len(step) != 1:
+                raise ValueError(
+                    f"step {index + 1} must be one key, the transform: one of {', '.join(kinds)}"
+                )
+            (kind,) = step
+            if kind not in kinds:
+                close = difflib.get_close_matches(str(kind), kinds, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise ValueError(
+                    f"step {index + 1}: '{kind}' is not a transform{hint}; one of {', '.join(kinds)}"
+                )
+        return value

@@ -92,5 +92,7 @@ def test_a_transform_the_data_cannot_take_is_refused_naming_the_columns(
 def test_transform_settings_are_checked_when_the_spec_is_read() -> None:
     with pytest.raises(ValueError, match="clip needs min, max or both"):
         _steps({"clip": {"columns": "*"}})
-    with pytest.raises(ValueError):
-        _steps({"scale_everything": "*"})
+    with pytest.raises(
+        ValueError, match=r"step 1: 'standardise' is not a transform \(did you mean 'standardize'\?\)"
+    ):
+        _steps({"standardise": "*"})
