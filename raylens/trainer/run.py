@@ -77,6 +77,12 @@ def train_and_record(
             reason = layout if layout is not None else family.layout(job, embedded=embedded)[1]
             tracker.set_tags(run_id, {"raylens.parallel": reason, "raylens.model_family": job.model.family})
             tracker.log_dict(run_id, feature_set.manifest.to_dict(), "feature_set/manifest.json")
+            if feature_set.manifest.quarantined:  # the data validation's report: rows set aside, by reason
+                tracker.log_dict(run_id, feature_set.manifest.quarantined, "feature_set/quarantined.json")
+                tracker.set_tags(
+                    run_id,
+                    {"raylens.data.quarantined_rows": str(sum(feature_set.manifest.quarantined.values()))},
+                )
         # Keyed by epoch: fractional for a mid-epoch evaluation (train.eval_every_steps).
         history = {m["epoch"]: m for m in earlier if "epoch" in m}
 

@@ -122,3 +122,33 @@ def test_rules_are_checked_when_the_spec_is_read() -> None:
         ValidationConfig(columns={"age": {"min": 5, "max": 1}})
     with pytest.raises(ValueError, match="fail"):
         ValidationConfig(on_invalid="drop")  # type: ignore[arg-type]
+
+
+def test_a_run_on_a_quarantined_version_keeps_the_report_in_mlflow(tmp_path: Path) -> None:
+    from raylens.storage import Location
+    from raylens.trainer import TorchModelConfig, TrainConfig, TrainJob
+    from raylens.trainer.run import train_and_record
+    from raylens.trainer.tracking import MlflowTracker
+
+    _patients().to_csv(tmp_path / "patients.csv", index=False)
+    fs = build_feature_set("patients", _data("quarantine"), FeaturesConfig(), tmp_path / "store", tmp_path)
+    tracker = MlflowTracker(f"sqlite:///{tmp_path}/mlflow.db", "quarantine", tmp_path / "artifacts")
+    job = TrainJob.for_feature_set(
+        TorchModelConfig(params={"hidden": [8]}), TrainConfig(epochs=1, debug=None), fs
+    )
+    started: list[str] = []
+    train_and_record(
+        job,
+        fs,
+        tracker=tracker,
+        run_name="final",
+        storage_path=Location.of(tmp_path / "ray"),
+        params={},
+        tags={},
+        on_run_started=started.append,
+        embedded=True,
+    )
+    run = tracker.client.get_run(started[0])
+    assert run.data.tags["raylens.data.quarantined_rows"] == "5"
+    names = {f.path for f in tracker.client.list_artifacts(started[0], "feature_set")}
+    assert "feature_set/quarantined.json" in names
