@@ -339,18 +339,11 @@ def diff_view(diff: FeatureSetDiff) -> Group:
     else:
         parts.append(Text("schema: unchanged"))
     parts.extend(Text(change) for change in diff.changes)
-    table = Table(
-        title=Text("drift of the feature columns (training split, raw values)"), title_justify="left"
+    table = _justified_table(
+        "drift of the feature columns (training split, raw values)",
+        ["column", "PSI", "drift", "KS", "KS p-value", "mean before → after"],
+        left={"column", "drift"},
     )
-    for name, justify in (
-        ("column", "left"),
-        ("PSI", "right"),
-        ("drift", "left"),
-        ("KS", "right"),
-        ("KS p-value", "right"),
-        ("mean before → after", "right"),
-    ):
-        table.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
     for d in diff.drift:
         table.add_row(
             Text(d.column),
@@ -362,6 +355,14 @@ def diff_view(diff: FeatureSetDiff) -> Group:
         )
     parts.append(table)
     return Group(*parts)
+
+
+def _justified_table(title: str, names: list[str], left: set[str]) -> Table:
+    """A table whose columns are right-justified (numbers) but those in ``left``; cells fold."""
+    table = Table(title=title, title_justify="left")
+    for name in names:
+        table.add_column(name, justify="left" if name in left else "right", overflow="fold")
+    return table
 
 
 def _quarantine_said(counts: dict[str, int]) -> str:
@@ -411,18 +412,11 @@ def feature_set_view(feature_set: FeatureSet) -> Group:
         )
     for transform in manifest.transforms:
         row("transform", f"{transform['kind']} on {len(transform['columns'])} columns (fitted on train)")
-    columns = Table(
-        title="feature columns (statistics of the training split, before transforms)", title_justify="left"
+    columns = _justified_table(
+        "feature columns (statistics of the training split, before transforms)",
+        ["column", "type", "mean", "std", "min", "max"],
+        left={"column", "type"},
     )
-    for name, justify in (
-        ("column", "left"),
-        ("type", "left"),
-        ("mean", "right"),
-        ("std", "right"),
-        ("min", "right"),
-        ("max", "right"),
-    ):
-        columns.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
     for name in feature_set.feature_columns:
         stats = manifest.statistics.get(name)
         columns.add_row(
