@@ -61,3 +61,13 @@ def test_the_spec_reference_names_every_key_and_metric() -> None:
     ):
         assert key in reference
     assert "`valid_accuracy`" in reference and "`valid_r2`" in reference
+
+
+def test_the_github_workflow_runs_what_ci_runs() -> None:
+    """A fork gets CI without reading the Makefile: the workflow runs `make test`, as .ci/run does."""
+    import yaml
+
+    workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "ci.yml").read_text())
+    runs = [step["run"] for job in workflow["jobs"].values() for step in job["steps"] if "run" in step]
+    assert runs == ["make test"]
+    assert "make test" in (ROOT / ".ci" / "run").read_text().splitlines()
