@@ -146,8 +146,10 @@ class PhaseClock:
             self.sums[self.phase] += now - self.since
             if phase == 0:
                 self.batches.append(now - self.batch_began)
-                if self.comm is not None:
-                    self.comm.end_batch()
+        if phase == 3 and self.comm is not None:
+            # Backward has returned, so its all-reduce is done: the batch's span is counted in the
+            # same window as its backward time.
+            self.comm.end_batch()
         if phase == 0:
             self.batch_began = now
         self.phase, self.since = phase, now
@@ -158,8 +160,6 @@ class PhaseClock:
             now = time.perf_counter()
             self.sums[self.phase] += now - self.since
             self.batches.append(now - self.batch_began)
-            if self.comm is not None:
-                self.comm.end_batch()
         self.phase = None
 
     def window(self) -> StepTimes | None:
