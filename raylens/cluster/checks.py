@@ -67,6 +67,7 @@ def check_experiment(
     tracking_uri: str | None = None,
     runs_dir_given: bool = True,
     storage: Location | None = None,
+    feature_store: Location | None = None,
 ) -> CheckReport:
     """Check ``spec`` (model parameters, every configuration its sweep may sample), its data (read
     and prepared in memory, nothing written), the model on a real batch, the sweep's metric, and
@@ -81,7 +82,7 @@ def check_experiment(
         problems.check(lambda: check_model_params(spec))
         params_ok = not problems.found
         planned: PlannedFeatureSet | None = problems.check(
-            lambda: plan_feature_set(spec.name, spec.data, spec.features, base_dir)
+            lambda: plan_feature_set(spec.name, spec.data, spec.features, base_dir, feature_store)
         )
         if planned is not None and params_ok:
             problems.check(lambda: _check_model_on_data(spec, planned, tune=tune))

@@ -141,7 +141,9 @@ class Experiment:
         """The data prepare and feature pipelines, checked and computed, nothing written."""
         from raylens.features import plan_feature_set
 
-        return plan_feature_set(self.spec.name, self.spec.data, self.spec.features, self.base_dir)
+        return plan_feature_set(
+            self.spec.name, self.spec.data, self.spec.features, self.base_dir, self.workspace.feature_store
+        )
 
     def build_features(self) -> FeatureSet:
         """Run the data prepare and feature pipelines; the version is reused when unchanged."""
@@ -161,6 +163,7 @@ class Experiment:
             tracking_uri=None if uri == self.workspace.default_tracking_uri else uri,
             runs_dir_given=self.workspace.given,
             storage=self.workspace.root,
+            feature_store=self.workspace.feature_store,
         )
 
     def run(

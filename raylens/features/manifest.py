@@ -87,6 +87,9 @@ class Manifest(_Record):
     quarantined: dict[str, int] = Field(default_factory=dict)
     """Source rows set aside by data validation, per reason (``column: rule``); they are kept in
     the version's quarantine.parquet."""
+    build_key: str = ""
+    """A hash of the source's fingerprint and the data and features sections that built this
+    version: a build with the same key reuses it without reading the rows."""
     sample: list[dict[str, Any]] = Field(default_factory=list)
     """The first few raw rows of the training split (feature columns, as the source has them)."""
 
@@ -104,7 +107,7 @@ class Manifest(_Record):
     def hashed(self) -> dict[str, Any]:
         """The fields that change what a model sees: what the version's hash covers besides
         the rows (not the name, the time, the version itself, the row counts, the sample)."""
-        excluded = {"name", "created_at", "version", "rows", "sample"}
+        excluded = {"name", "created_at", "version", "rows", "sample", "build_key"}
         return {k: v for k, v in self.to_dict().items() if k not in excluded}
 
     @property

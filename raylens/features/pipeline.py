@@ -7,6 +7,8 @@ offline store. ``build_feature_set`` is both in one call.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -37,12 +39,13 @@ from raylens.features.store import (
     TIME,
     FeatureSet,
     SplitArrays,
+    list_feature_sets,
     versioned_manifest,
     write_feature_set,
 )
 from raylens.features.transforms import apply_all, fit_all
 from raylens.features.validation import validate
-from raylens.features.views import join_views
+from raylens.features.views import join_views, views_fingerprint
 from raylens.storage import Location
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -108,13 +111,26 @@ def plan_feature_set(
     data: DataConfig,
     features: FeaturesConfig,
     base_dir: Path | None = None,
+    store_root: Path | str | Location | None = None,
 ) -> PlannedFeatureSet:
-    """Run the data prepare and feature pipelines in memory; every check, no writes."""
+    """Run the data prepare and feature pipelines in memory; every check, no writes. With
+    ``store_root``, a version built there from the same source bytes and sections is taken as
+    the plan without reading the rows again."""
     if not _NAME.match(name):
         raise UserError(
             f"name: '{name}' cannot name a feature set; use letters, digits, '_', '.' and '-', "
             "starting with a letter or digit"
         )
+    fingerprint = views_fingerprint(data, base_dir)
+    key = _build_key(name, fingerprint, data, features) if fingerprint is not None else ""
+    if store_root is not None and key:
+        try:
+            stored_versions = list_feature_sets(store_root, name)
+        except (OSError, ValueError):  # a store that cannot be listed: the build says so later
+            stored_versions = []
+        for stored in reversed(stored_versions):
+            if stored.manifest.build_key == key:
+                return _stored_plan(stored)
     raw = join_views(load_source(data.source, base_dir), data, base_dir)
     imputed = features.imputed(candidate_features(raw.table.column_names, data))
     validated = validate(raw.table, data, allow_missing=imputed)
@@ -162,6 +178,7 @@ def plan_feature_set(
         target_statistics=target_statistics,
         sample=_raw_sample(table, prepared.feature_columns, split.train[:SAMPLE_ROWS]),
         quarantined=validated.counts,
+        build_key=key if raw.fingerprint == fingerprint else "",
     )
     return PlannedFeatureSet(versioned_manifest(manifest, splits), splits, validated.quarantined)
 
@@ -200,6 +217,35 @@ def _column_statistics(x: np.ndarray, columns: list[str]) -> dict[str, ColumnSta
         )
         for i, name in enumerate(columns)
     }
+
+
+PIPELINE = 2
+"""Raised whenever the pipeline's code computes other rows from the same inputs: a version built
+by another pipeline is not reused."""
+
+
+def _build_key(name: str, fingerprint: str, data: DataConfig, features: FeaturesConfig) -> str:
+    sections = {
+        "pipeline": PIPELINE,
+        "name": name,
+        "fingerprint": fingerprint,
+        "data": data.model_dump(mode="json"),
+        "features": features.model_dump(mode="json"),
+    }
+    return hashlib.sha256(json.dumps(sections, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _stored_plan(stored: FeatureSet) -> PlannedFeatureSet:
+    """A stored version as a plan: its manifest and its splits (read-only), publishing it a no-op."""
+
+    def read(split: str) -> SplitArrays:
+        arrays = stored.read(split)
+        arrays.x.flags.writeable = False
+        arrays.y.flags.writeable = False
+        return arrays
+
+    splits = MappingProxyType({split: read(split) for split in ("train", "valid", "test")})
+    return PlannedFeatureSet(stored.manifest, splits, stored.read_quarantined())
 
 
 def _entity_keys(

@@ -54,6 +54,27 @@ def load_source(uri: str, base_dir: Path | None = None) -> RawData:
     return _load_files(path, os.path.normpath(uri))
 
 
+def source_fingerprint(uri: str, base_dir: Path | None = None) -> str | None:
+    """The fingerprint ``load_source(uri)`` gives, without parsing the rows (a file's bytes are
+    still hashed); None where only loading can tell (a missing path, an unknown data set)."""
+    scheme, _, rest = uri.partition(":")
+    if scheme == "sklearn":
+        if rest not in BUNDLED:
+            return None
+        import sklearn
+
+        return f"{uri}@scikit-learn-{sklearn.__version__}"
+    if scheme == "synthetic":
+        return uri
+    path = Path(uri).expanduser()
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    try:
+        return _fingerprint_files(data_files(path, os.path.normpath(uri)).paths)
+    except (UserError, OSError):
+        return None
+
+
 def _load_bundled(name: str, uri: str) -> RawData:
     if name not in BUNDLED:
         raise UserError(

@@ -117,5 +117,22 @@ def join_views(raw: RawData, data: DataConfig, base_dir: Path | None = None) -> 
             tolerance=_ANY_EARLIER,
         )
     joined = left.sort_by(ORDER).drop_columns(["__asof__", ORDER])
-    fingerprint = "views:" + hashlib.sha256("+".join(fingerprints).encode()).hexdigest()[:32]
-    return RawData(joined, raw.uri, fingerprint)
+    return RawData(joined, raw.uri, combined_fingerprint(fingerprints))
+
+
+def combined_fingerprint(fingerprints: list[str]) -> str:
+    """The fingerprint of rows joined from several sources (the rows', then each view's)."""
+    return "views:" + hashlib.sha256("+".join(fingerprints).encode()).hexdigest()[:32]
+
+
+def views_fingerprint(data: DataConfig, base_dir: Path | None = None) -> str | None:
+    """What ``join_views`` would fingerprint the joined rows with, from the sources' bytes alone
+    (None where a source cannot be fingerprinted without loading it)."""
+    from raylens.features.sources import source_fingerprint
+
+    fingerprints = [source_fingerprint(data.source, base_dir)]
+    fingerprints += [source_fingerprint(view.source, base_dir) for view in data.views]
+    if any(f is None for f in fingerprints):
+        return None
+    known = [f for f in fingerprints if f is not None]
+    return combined_fingerprint(known) if data.views else known[0]

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -78,3 +79,21 @@ def test_plan_exposes_what_a_caller_checks_before_writing(tmp_path: Path) -> Non
 def test_plan_refuses_a_name_that_is_not_a_folder_name() -> None:
     with pytest.raises(UserError, match=r"name: '\.\./x' cannot name a feature set; use letters"):
         plan_feature_set("../x", DATA, FEATURES)
+
+
+def test_an_unchanged_source_reuses_its_stored_version_without_reading_the_rows(tmp_path: Path) -> None:
+    frame = pd.DataFrame({"a": np.arange(40.0), "b": np.arange(40.0) % 7, "target": np.arange(40) % 2})
+    frame.to_csv(tmp_path / "d.csv", index=False)
+    data = DataConfig(source="d.csv", target="target")
+    store = tmp_path / "store"
+    first = publish_feature_set(plan_feature_set("d", data, FEATURES, tmp_path, store), store)
+    again = plan_feature_set("d", data, FEATURES, tmp_path, store)
+    # Taken from the store: its manifest as stored (a new plan would be stamped now), its rows.
+    assert again.manifest == first.manifest and again.manifest.build_key
+    assert np.array_equal(again.splits["train"].x, first.read("train").x)
+    # Another spec section, or other bytes in the source, plan afresh.
+    other = plan_feature_set("d", data, FeaturesConfig(), tmp_path, store)
+    assert other.manifest.created_at != first.manifest.created_at
+    frame.assign(a=frame["a"] + 1).to_csv(tmp_path / "d.csv", index=False)
+    changed = plan_feature_set("d", data, FEATURES, tmp_path, store)
+    assert changed.version != first.version and changed.manifest.build_key != first.manifest.build_key
