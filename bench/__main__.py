@@ -10,6 +10,7 @@
     python -m bench asha [--json]      epochs to a target score: ASHA ÷ random search; TPE's trials ÷ random's
     python -m bench selection [--json] one sweep across 5 candidates ÷ tuning the winner alone, and its score
     python -m bench debugger [--json]  training steps/s with the debugger on (defaults; everything) ÷ off
+    python -m bench build [--json]     building a 1M x 64 feature set: peak memory ÷ reading it with pyarrow
     python -m bench online [--json]    online store lookups of 1 and 100 entities: raylens ÷ plain sqlite3
 
 Figures, with the machine they came from, are kept in BENCHMARKS.md.
@@ -26,6 +27,7 @@ from typing import Any
 
 from bench import (
     asha,
+    build,
     debugger,
     online,
     pipeline,
@@ -50,6 +52,7 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "selection": selection.run,
     "debugger": debugger.run,
     "online": online.run,
+    "build": build.run,
 }
 
 
