@@ -11,6 +11,7 @@
     python -m bench selection [--json] one sweep across 5 candidates ÷ tuning the winner alone, and its score
     python -m bench debugger [--json]  training steps/s with the debugger on (defaults; everything) ÷ off
     python -m bench build [--json]     building a 1M x 64 feature set: peak memory ÷ reading it with pyarrow
+    python -m bench ingest [--json]    a stored split to torch batches: raylens ÷ a plain pyarrow → torch read
     python -m bench online [--json]    online store lookups of 1 and 100 entities: raylens ÷ plain sqlite3
 
 Figures, with the machine they came from, are kept in BENCHMARKS.md.
@@ -29,6 +30,7 @@ from bench import (
     asha,
     build,
     debugger,
+    ingest,
     online,
     pipeline,
     selection,
@@ -53,6 +55,7 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "debugger": debugger.run,
     "online": online.run,
     "build": build.run,
+    "ingest": ingest.run,
 }
 
 
