@@ -12,6 +12,7 @@
     python -m bench debugger [--json]  training steps/s with the debugger on (defaults; everything) ÷ off
     python -m bench build [--json]     building a 1M x 64 feature set: peak memory ÷ reading it with pyarrow
     python -m bench ingest [--json]    a stored split to torch batches: raylens ÷ a plain pyarrow → torch read
+    python -m bench share [--json]     memory 4 concurrent trials add for one split, in copies of it
     python -m bench online [--json]    online store lookups of 1 and 100 entities: raylens ÷ plain sqlite3
 
 Figures, with the machine they came from, are kept in BENCHMARKS.md.
@@ -34,6 +35,7 @@ from bench import (
     online,
     pipeline,
     selection,
+    share,
     startup,
     submit,
     sweep,
@@ -56,6 +58,7 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "online": online.run,
     "build": build.run,
     "ingest": ingest.run,
+    "share": share.run,
 }
 
 
