@@ -16,7 +16,9 @@ from raylens.cluster.cli import app
 from raylens.cluster.workspace import Workspace
 from raylens.errors import UserError
 from raylens.features import DataConfig, FeaturesConfig, build_feature_set
+from raylens.features.config import ValidationConfig
 from raylens.features.online import SqliteOnlineStore, latest_per_entity, materialize
+from tests.servers import S3Server
 
 FEATURES = FeaturesConfig(transforms=[{"standardize": "*"}])
 
@@ -119,3 +121,21 @@ def test_an_entity_column_that_cannot_key_rows_is_refused(
     with pytest.raises(UserError, match=re.escape(says)):
         build_feature_set("events", data, FEATURES, tmp_path / "store", tmp_path)
     assert not (tmp_path / "store").exists()  # nothing written
+
+
+def test_a_version_on_object_storage_keeps_its_ids_and_quarantine_and_materializes(
+    s3_env: S3Server, tmp_path: Path
+) -> None:
+    frame = _events()
+    frame.loc[5, "spend"] = np.inf  # set aside under quarantine
+    frame.to_csv(tmp_path / "events.csv", index=False)
+    data = _data().model_copy(update={"validation": ValidationConfig(on_invalid="quarantine")})
+    store = s3_env.uri("raylens", "online-from-s3")
+    fs = build_feature_set("events", data, FEATURES, store, tmp_path)
+    assert not fs.path.local and fs.manifest.quarantined == {"spend: infinite": 1}
+    aside = fs.read_quarantined()
+    assert aside is not None and aside.num_rows == 1
+    online = SqliteOnlineStore(tmp_path / "online.db")
+    assert materialize(fs, online) == frame.drop(index=5)["customer"].nunique()
+    assert online.get("events", ["c1"]).num_rows == 1
+    online.close()
