@@ -18,7 +18,7 @@ if TYPE_CHECKING:
         publish_feature_set,
     )
     from raylens.features.store import FeatureSet, SplitArrays, list_feature_sets, open_feature_set
-    from raylens.features.transforms import FittedStandardize, apply_all, invert_all, transforms_from_dicts
+    from raylens.features.transforms import FittedTransform, apply_all, invert_all, transforms_from_dicts
 
 __getattr__, __all__ = lazy_exports(
     __name__,
@@ -32,7 +32,7 @@ __getattr__, __all__ = lazy_exports(
         ],
         "raylens.features.store": ["FeatureSet", "SplitArrays", "list_feature_sets", "open_feature_set"],
         "raylens.features.transforms": [
-            "FittedStandardize",
+            "FittedTransform",
             "apply_all",
             "invert_all",
             "transforms_from_dicts",

@@ -19,7 +19,6 @@ from raylens.features.config import (
     ImputeStep,
     Log1pStep,
     MinMaxStep,
-    StandardizeStep,
     TransformStep,
 )
 
@@ -68,10 +67,6 @@ class FittedTransform:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v != [] or k in ("columns", "shift", "scale")}
-
-
-FittedStandardize = FittedTransform
-"""The name fitted transforms had when standardize was the only one."""
 
 
 def _columns(chosen: str | list[str], feature_columns: list[str], kind: str) -> list[str]:
@@ -134,12 +129,6 @@ def fit_transform(step: TransformStep, x_train: np.ndarray, feature_columns: lis
     std = block.std(axis=0) if len(block) else np.ones(len(columns))
     scale = np.where(std > 1e-12, std, 1.0)
     return FittedTransform(columns, [float(v) for v in mean], [float(v) for v in scale], "standardize")
-
-
-def fit_standardize(
-    step: StandardizeStep, x_train: np.ndarray, feature_columns: list[str]
-) -> FittedTransform:
-    return fit_transform(step, x_train, feature_columns)
 
 
 def transforms_from_dicts(items: list[dict[str, Any]]) -> list[FittedTransform]:
