@@ -69,6 +69,21 @@ class RayRuntime:
         return self.started_here and self.address in (None, "local")
 
 
+EXPERIMENT_STATE_LOGGER = "ray.tune.execution.experiment_state"
+
+
+class NotAStagingRace(logging.Filter):
+    """Drops Ray Tune's "Saving experiment state to storage failed" error when all that failed is
+    the copy of Ray's own half-written state file (``.<uuid>-tmp-…``), renamed by the next save
+    while an earlier upload was listing the folder: the upload Tune launches right after copies
+    the finished file (a stop on Ctrl-C waits for it), so nothing is lost and a resume reads it.
+    Any other failure to save the state is still shown."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(error, FileNotFoundError) and "-tmp-" in str(error))
+
+
 @dataclass(frozen=True)
 class RuntimeSettings:
     """What raylens asks of Ray for one invocation."""
@@ -121,6 +136,9 @@ def quiet_cli_process(verbose: bool) -> None:
         tune_controller = logging.getLogger(TUNE_CONTROLLER_LOGGER)
         if not any(isinstance(f, NotAStoppedTrial) for f in tune_controller.filters):
             tune_controller.addFilter(NotAStoppedTrial())
+        experiment_state = logging.getLogger(EXPERIMENT_STATE_LOGGER)
+        if not any(isinstance(f, NotAStagingRace) for f in experiment_state.filters):
+            experiment_state.addFilter(NotAStagingRace())
         warnings.filterwarnings("ignore")
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")

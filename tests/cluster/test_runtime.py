@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 
 from raylens.cluster.runtime import (
+    EXPERIMENT_STATE_LOGGER,
     SUBMITTED_JOB_VARIABLE,
     TUNE_CONTROLLER_LOGGER,
+    NotAStagingRace,
     NotAStoppedTrial,
     RuntimeSettings,
     check_remote_settings,
@@ -73,3 +75,26 @@ def test_the_cli_keeps_tune_quiet_about_a_trial_a_debugger_rule_stopped() -> Non
     quiet = NotAStoppedTrial()
     assert not quiet.filter(record(StoppedByRule("debug rule overfit at step 3 (epoch 1): …")))
     assert quiet.filter(record(ValueError("a real failure")))
+
+
+def test_only_the_race_on_rays_half_written_state_file_is_kept_from_the_cli_output() -> None:
+    def record(error: BaseException) -> logging.LogRecord:
+        return logging.LogRecord(
+            EXPERIMENT_STATE_LOGGER,
+            logging.ERROR,
+            __file__,
+            1,
+            "Saving experiment state to storage at 'x' failed with exception: ",
+            (),
+            (type(error), error, None),
+        )
+
+    race = FileNotFoundError(
+        2,
+        "Failed to open local file '/tmp/ray/session_1/artifacts/t/sweep/driver_artifacts/"
+        ".367169a8-tmp-basic-variant-state-2026-11-30_19-14-32.json'",
+    )
+    quiet = NotAStagingRace()
+    assert not quiet.filter(record(race))
+    assert quiet.filter(record(FileNotFoundError(2, "No such file: 'experiment_state.json'")))
+    assert quiet.filter(record(PermissionError(13, "Permission denied: '/runs'")))
