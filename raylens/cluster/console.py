@@ -374,6 +374,19 @@ def _rows(rows: dict[str, int]) -> str:
     return "/".join(str(rows.get(split, 0)) for split in ("train", "valid", "test"))
 
 
+def _encoding_said(encoder: dict[str, Any]) -> str:
+    column, kind = encoder["column"], encoder["kind"]
+    if kind == "one_hot":
+        return f"one_hot of {column}: {len(encoder.get('categories', []))} categories and <other>"
+    if kind == "ordinal":
+        return f"ordinal of {column}: {len(encoder.get('categories', []))} categories, 0 for unknown"
+    if kind == "hashing":
+        return f"hashing of {column} into {encoder.get('buckets')} buckets"
+    if kind == "bucketize":
+        return f"bucketize of {column}: {len(encoder.get('boundaries', [])) + 1} buckets"
+    return f"{column}:missing, 1 where {column} was missing"
+
+
 def feature_set_view(feature_set: FeatureSet) -> Group:
     """``raylens features show``: the manifest as a person reads it — where the rows came from,
     the task, the split, the transforms, and one line per feature column (its type and the
@@ -410,6 +423,8 @@ def feature_set_view(feature_set: FeatureSet) -> Group:
             "quarantined",
             _quarantine_said(manifest.quarantined) + f" ({feature_set.path / 'quarantine.parquet'})",
         )
+    for encoder in manifest.encoders or []:
+        row("encoding", _encoding_said(encoder))
     for transform in manifest.transforms:
         row("transform", f"{transform['kind']} on {len(transform['columns'])} columns (fitted on train)")
     columns = _justified_table(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import itertools
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -176,6 +177,9 @@ class ImputeSettings(_Strict):
     """What a missing value becomes: the training mean or median, or ``value``."""
     value: float = 0.0
     """The value for ``constant``."""
+    indicator: bool = False
+    """Add a feature ``<column>:missing`` per column: 1 where the value was missing, else 0 (the
+    model can tell a filled value from a measured one)."""
 
 
 class ImputeStep(_Strict):
@@ -185,15 +189,109 @@ class ImputeStep(_Strict):
     """The columns and what their missing values become."""
 
 
-TransformStep = StandardizeStep | MinMaxStep | Log1pStep | ClipStep | ImputeStep
+DEFAULT_MAX_CATEGORIES = 20
+
+
+class OneHotSettings(_Strict):
+    columns: list[str]
+    """Categorical columns (strings, integers, booleans) of the source."""
+    max_categories: int = Field(DEFAULT_MAX_CATEGORIES, ge=1, le=1000)
+    """The most frequent categories of the training split get a column each; the rest, a value
+    never seen in training and a missing one share ``<column>=<other>``."""
+
+
+class OneHotStep(_Strict):
+    """One 0/1 feature per category (``<column>=<category>``), plus ``<column>=<other>``."""
+
+    one_hot: list[str] | OneHotSettings
+    """The columns, or {columns, max_categories}."""
+
+
+class OrdinalStep(_Strict):
+    """One feature per column: the category's place in the sorted training categories, from 1;
+    0 for a value never seen in training or a missing one."""
+
+    ordinal: list[str]
+    """Categorical columns of the source."""
+
+
+class HashingSettings(_Strict):
+    columns: list[str]
+    """Categorical columns of the source, as many categories as they hold (ids, words)."""
+    buckets: int = Field(32, ge=2, le=4096)
+    """Features per column (``<column>#0`` ...): each value sets the one its stable hash picks."""
+
+
+class HashingStep(_Strict):
+    """The hashing trick: a fixed number of 0/1 features per column, nothing fitted, so a value
+    never seen in training still lands in a bucket."""
+
+    hashing: HashingSettings
+    """The columns and the buckets per column."""
+
+
+class BucketizeSettings(_Strict):
+    columns: list[str]
+    """Numeric columns of the source."""
+    bins: int | None = Field(None, ge=2, le=1000)
+    """Buckets of about equal rows, their edges the training split's quantiles."""
+    boundaries: list[float] | None = None
+    """Or the edges themselves, increasing: bucket 0 below the first, 1 from it to the next, ..."""
+
+    @model_validator(mode="after")
+    def _one_way(self) -> BucketizeSettings:
+        if (self.bins is None) == (self.boundaries is None):
+            raise ValueError(
+                "bucketize needs bins (quantiles of the training split) or boundaries, one of them"
+            )
+        edges = self.boundaries
+        if edges is not None and (not edges or any(b <= a for a, b in itertools.pairwise(edges))):
+            raise ValueError("bucketize boundaries must be one or more numbers, each above the one before")
+        return self
+
+
+class BucketizeStep(_Strict):
+    """A numeric column becomes its bucket's number (a missing value stays missing: impute it)."""
+
+    bucketize: BucketizeSettings
+    """The columns, and bins or boundaries."""
+
+
+TransformStep = (
+    StandardizeStep
+    | MinMaxStep
+    | Log1pStep
+    | ClipStep
+    | ImputeStep
+    | OneHotStep
+    | OrdinalStep
+    | HashingStep
+    | BucketizeStep
+)
+EncodingStep = OneHotStep | OrdinalStep | HashingStep | BucketizeStep
+NumericStep = StandardizeStep | MinMaxStep | Log1pStep | ClipStep | ImputeStep
+TRANSFORM_KINDS = (
+    "standardize",
+    "min_max",
+    "log1p",
+    "clip",
+    "impute",
+    "one_hot",
+    "ordinal",
+    "hashing",
+    "bucketize",
+)
 
 
 class FeaturesConfig(_Strict):
     """The feature pipeline: transforms fitted on the training split only."""
 
     transforms: list[TransformStep] = Field(default_factory=list)
-    """Applied in order, each fitted on the training split only: standardize, min_max, log1p,
-    clip ({columns, min, max}), impute ({columns, strategy: mean|median|constant, value})."""
+    """Each fitted on the training split only. Encodings of source columns first, wherever they
+    are listed: one_hot ([columns] or {columns, max_categories}), ordinal ([columns]), hashing
+    ({columns, buckets}), bucketize ({columns, bins or boundaries}). Then, in order, on the
+    numeric features (``"*"``: every one no encoding made): standardize, min_max, log1p, clip
+    ({columns, min, max}), impute ({columns, strategy: mean|median|constant, value, indicator})."""
 
     def imputed(self, feature_columns: list[str]) -> set[str]:
         """The feature columns an impute step fills: missing values are allowed there."""
@@ -204,13 +302,31 @@ class FeaturesConfig(_Strict):
                 filled |= set(feature_columns if chosen == "*" else chosen)
         return filled
 
+    @property
+    def encodings(self) -> list[EncodingStep]:
+        """The steps that turn source columns into numeric features, in the order listed."""
+        return [
+            s
+            for s in self.transforms
+            if isinstance(s, OneHotStep | OrdinalStep | HashingStep | BucketizeStep)
+        ]
+
+    def missing_allowed(self, feature_columns: list[str]) -> set[str]:
+        """Source columns whose missing values are no error: an impute step fills them, or a
+        categorical encoding takes a missing value for a category of its own."""
+        allowed = self.imputed(feature_columns)
+        for step in self.encodings:
+            if isinstance(step, OneHotStep | OrdinalStep | HashingStep):
+                allowed |= set(encoded_columns(step))
+        return allowed
+
     @field_validator("transforms", mode="before")
     @classmethod
     def _one_known_kind_each(cls, value: object) -> object:
         # Said once per step, by name: the union's own errors list every kind's missing key.
         if value is None:
             return []
-        kinds = ("standardize", "min_max", "log1p", "clip", "impute")
+        kinds = TRANSFORM_KINDS
         for index, step in enumerate(value if isinstance(value, list) else []):
             if not isinstance(step, dict) or len(step) != 1:
                 raise ValueError(
@@ -224,3 +340,14 @@ class FeaturesConfig(_Strict):
                     f"step {index + 1}: '{kind}' is not a transform{hint}; one of {', '.join(kinds)}"
                 )
         return value
+
+
+def encoded_columns(step: EncodingStep) -> list[str]:
+    """The source columns one encoding step names."""
+    if isinstance(step, OneHotStep):
+        return list(step.one_hot) if isinstance(step.one_hot, list) else list(step.one_hot.columns)
+    if isinstance(step, OrdinalStep):
+        return list(step.ordinal)
+    if isinstance(step, HashingStep):
+        return list(step.hashing.columns)
+    return list(step.bucketize.columns)

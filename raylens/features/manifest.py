@@ -81,6 +81,12 @@ class Manifest(_Record):
     statistics: dict[str, ColumnStatistics]
     transforms: list[dict[str, Any]]
     """The fitted transforms, as ``raylens.features.transforms.transforms_from_dicts`` reads them."""
+    encoders: list[dict[str, Any]] | None = None
+    """The fitted encodings of source columns, as ``raylens.features.encoders.encoders_from_dicts``
+    reads them (None: no column is encoded)."""
+    input_columns: list[str] | None = None
+    """The source columns the features come from, where encodings made the feature columns other
+    than them (None: the feature columns themselves)."""
     rows: dict[str, int] = Field(default_factory=dict)
     """Rows of each split."""
     target_statistics: TargetStatistics | None = None
@@ -91,7 +97,13 @@ class Manifest(_Record):
     """A hash of the source's fingerprint and the data and features sections that built this
     version: a build with the same key reuses it without reading the rows."""
     sample: list[dict[str, Any]] = Field(default_factory=list)
-    """The first few raw rows of the training split (feature columns, as the source has them)."""
+    """The first few raw rows of the training split (the model's input columns, as the source has
+    them)."""
+
+    @property
+    def model_inputs(self) -> list[str]:
+        """The columns a model built on this version takes: the source's, before any encoding."""
+        return list(self.input_columns if self.input_columns is not None else self.feature_columns)
 
     @classmethod
     def from_json(cls, text: str) -> Manifest:

@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from raylens.errors import UserError
 from raylens.features.drift import whole_number_columns
-from raylens.features.store import ENTITY, ROW, SPLITS, TIME, FeatureSet
+from raylens.features.store import ENTITY, RAW_PREFIX, ROW, SPLITS, TIME, FeatureSet
 from raylens.features.transforms import invert_all, transforms_from_dicts
 
 ENTITY_COLUMN = "entity"
@@ -62,7 +62,11 @@ def latest_per_entity(feature_set: FeatureSet) -> pa.Table:
     raw = invert_all(transforms_from_dicts(feature_set.manifest.transforms), x, columns)
     whole = whole_number_columns(feature_set)
     values: dict[str, Any] = {ENTITY_COLUMN: kept.column(ENTITY)}
-    for i, column in enumerate(columns):
+    for column in feature_set.manifest.model_inputs:
+        if RAW_PREFIX + column in kept.column_names:  # an encoded column: the source's values, kept
+            values[column] = kept.column(RAW_PREFIX + column)
+            continue
+        i = columns.index(column)
         values[column] = pa.array(np.round(raw[:, i]).astype(np.int64) if column in whole else raw[:, i])
     return pa.table(values)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,7 +22,8 @@ import numpy as np
 import pyarrow as pa
 
 from raylens.errors import UserError, did_you_mean
-from raylens.features.config import DataConfig, FeaturesConfig
+from raylens.features.config import BucketizeStep, DataConfig, FeaturesConfig, encoded_columns
+from raylens.features.encoders import FittedEncoder, check_encodings, fit_encoders
 from raylens.features.manifest import (
     SAMPLE_ROWS,
     ColumnStatistics,
@@ -30,11 +32,18 @@ from raylens.features.manifest import (
     SplitRecord,
     TargetStatistics,
 )
-from raylens.features.prepare import candidate_features, prepare
+from raylens.features.prepare import (
+    candidate_features,
+    check_feature_values,
+    checked_feature_columns,
+    prepare,
+    prepare_target,
+)
 from raylens.features.sources import load_source
 from raylens.features.splits import split_column, split_rows
 from raylens.features.store import (
     ENTITY,
+    RAW_PREFIX,
     ROW,
     TIME,
     FeatureSet,
@@ -132,17 +141,27 @@ def plan_feature_set(
             if stored.manifest.build_key == key:
                 return _stored_plan(stored)
     raw = join_views(load_source(data.source, base_dir), data, base_dir)
-    imputed = features.imputed(candidate_features(raw.table.column_names, data))
-    validated = validate(raw.table, data, allow_missing=imputed)
+    allowed = features.missing_allowed(candidate_features(raw.table.column_names, data))
+    validated = validate(raw.table, data, allow_missing=allowed)
     table = validated.table
-    prepared = prepare(table, data, allow_missing=imputed)
+    input_columns = checked_feature_columns(table, data)
+    check_encodings(features, table.schema, input_columns)
+    # Every column but the categories is checked before the split (bucketize's too: numbers).
+    categorical = {
+        c for step in features.encodings if not isinstance(step, BucketizeStep) for c in encoded_columns(step)
+    }
+    check_feature_values(table, [c for c in input_columns if c not in categorical], allowed)
+    target = prepare_target(table, data)
     by = split_column(table, data.split)
-    stratify = prepared.task == "classification" and by is None
-    split = split_rows(prepared.y, data.split, stratify=stratify, labels=prepared.classes, by=by)
+    stratify = target.task == "classification" and by is None
+    split = split_rows(target.y, data.split, stratify=stratify, labels=target.classes, by=by)
+    encoders = fit_encoders(features, table.take(pa.array(split.train, type=pa.int64())), input_columns)
+    prepared = prepare(table, data, allow_missing=allowed, encoders=encoders)
     x_train = prepared.x[split.train]
-    fitted = fit_all(features.transforms, x_train, prepared.feature_columns)
+    encoded = {c for e in encoders for c in e.outputs()}
+    fitted = fit_all(features.transforms, x_train, prepared.feature_columns, encoded)
 
-    keys = _entity_keys(table, data, prepared.feature_columns, by)
+    keys = _entity_keys(table, data, input_columns, by, encoders)
 
     def arrays(index: np.ndarray) -> SplitArrays:
         x = apply_all(fitted, prepared.x[index], prepared.feature_columns)
@@ -175,8 +194,10 @@ def plan_feature_set(
         split=SplitRecord(**data.split.model_dump(), stratified=stratify),
         statistics=_column_statistics(x_train, prepared.feature_columns),
         transforms=[t.to_dict() for t in fitted],
+        encoders=[e.to_dict() for e in encoders] or None,
+        input_columns=prepared.input_columns,
         target_statistics=target_statistics,
-        sample=_raw_sample(table, prepared.feature_columns, split.train[:SAMPLE_ROWS]),
+        sample=_raw_sample(table, input_columns, split.train[:SAMPLE_ROWS]),
         quarantined=validated.counts,
         build_key=key if raw.fingerprint == fingerprint else "",
     )
@@ -206,17 +227,20 @@ def build_feature_set(
 
 
 def _column_statistics(x: np.ndarray, columns: list[str]) -> dict[str, ColumnStatistics]:
-    """Raw (pre-transform) statistics of the training split, per feature column."""
+    """Raw (pre-transform) statistics of the training split, per feature column, over the values
+    present (an imputed column's missing ones left out)."""
     x64 = x.astype(np.float64)
-    return {
-        name: ColumnStatistics(
-            mean=float(x64[:, i].mean()),
-            std=float(x64[:, i].std()),
-            min=float(x64[:, i].min()),
-            max=float(x64[:, i].max()),
-        )
-        for i, name in enumerate(columns)
-    }
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a column with no value: NaN, said so
+        return {
+            name: ColumnStatistics(
+                mean=float(np.nanmean(x64[:, i])),
+                std=float(np.nanstd(x64[:, i])),
+                min=float(np.nanmin(x64[:, i])),
+                max=float(np.nanmax(x64[:, i])),
+            )
+            for i, name in enumerate(columns)
+        }
 
 
 PIPELINE = 2
@@ -249,10 +273,15 @@ def _stored_plan(stored: FeatureSet) -> PlannedFeatureSet:
 
 
 def _entity_keys(
-    table: pa.Table, data: DataConfig, feature_columns: list[str], by: np.ndarray | None
+    table: pa.Table,
+    data: DataConfig,
+    feature_columns: list[str],
+    by: np.ndarray | None,
+    encoders: list[FittedEncoder],
 ) -> dict[str, np.ndarray]:
     """Where the spec names an entity column: each row's id, row number and (with a time split)
-    time, kept beside the features for the online store."""
+    time, kept beside the features for the online store; with the source's own values of the
+    encoded columns (an encoding cannot be undone, and the model takes those values)."""
     name = data.entity
     if name is None:
         return {}
@@ -274,6 +303,8 @@ def _entity_keys(
     keys = {ENTITY: column.to_numpy(zero_copy_only=False), ROW: np.arange(table.num_rows, dtype=np.int64)}
     if data.split.time is not None and by is not None:
         keys[TIME] = by
+    for encoded in sorted({e.column for e in encoders}):
+        keys[RAW_PREFIX + encoded] = table.column(encoded).to_numpy(zero_copy_only=False)
     return keys
 
 

@@ -6,6 +6,7 @@ Every check raises ``UserError`` naming the column and the fix, before anything 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -15,6 +16,7 @@ import pyarrow.compute as pc
 
 from raylens.errors import UserError, did_you_mean
 from raylens.features.config import DataConfig
+from raylens.features.encoders import FittedEncoder, encode_table, encoded_feature_columns
 from raylens.features.store import TARGET
 
 Task = Literal["classification", "regression"]
@@ -38,6 +40,19 @@ class PreparedData:
     classes: list[str | int | float | bool] | None
     task_decision: str = ""
     """Why the task is what it is, in words a user can act on (recorded in the manifest)."""
+    input_columns: list[str] | None = None
+    """The source's columns the features come from, where encodings made ``feature_columns``
+    other than them (what the registered model takes)."""
+
+
+@dataclass(frozen=True)
+class PreparedTarget:
+    """The encoded target alone: enough to split before the encodings are fitted."""
+
+    y: np.ndarray
+    task: Task
+    classes: list[str | int | float | bool] | None
+    task_decision: str
 
 
 def candidate_features(columns: list[str], data: DataConfig) -> list[str]:
@@ -50,10 +65,70 @@ def candidate_features(columns: list[str], data: DataConfig) -> list[str]:
 
 
 def prepare(
-    table: pa.Table, data: DataConfig, allow_missing: set[str] | frozenset[str] = frozenset()
+    table: pa.Table,
+    data: DataConfig,
+    allow_missing: set[str] | frozenset[str] = frozenset(),
+    encoders: Sequence[FittedEncoder] = (),
 ) -> PreparedData:
     """Validate ``table`` against the data config and return arrays ready to split. Missing values
-    in ``allow_missing`` (columns an impute transform fills) become NaN instead of an error."""
+    in ``allow_missing`` (columns an impute transform fills) become NaN instead of an error;
+    ``encoders`` turn their source columns into numeric features first."""
+    input_columns = checked_feature_columns(table, data)
+    feature_columns = input_columns
+    if encoders:
+        feature_columns = encoded_feature_columns(encoders, input_columns)
+        table = encode_table(encoders, table, input_columns)
+    x = np.empty((table.num_rows, len(feature_columns)), dtype=np.float32)
+    check_feature_values(table, feature_columns, allow_missing)
+    for i, name in enumerate(feature_columns):
+        column = table.column(name)
+        missing, _ = _missing_and_infinite(column)
+        # A missing value (allowed: an impute transform fills it) as NaN, whatever the type.
+        x[:, i] = (column if not missing else pc.cast(column, pa.float64())).to_numpy(zero_copy_only=False)
+    target = prepare_target(table, data)
+    return PreparedData(
+        x,
+        target.y,
+        feature_columns,
+        target.task,
+        target.classes,
+        target.task_decision,
+        input_columns if encoders else None,
+    )
+
+
+def check_feature_values(
+    table: pa.Table, columns: list[str], allow_missing: set[str] | frozenset[str] = frozenset()
+) -> None:
+    """Refuse a feature column that is not numbers (no encoding makes it numbers), or holds a
+    missing value (outside ``allow_missing``) or an infinite one."""
+    for name in columns:
+        column = table.column(name)
+        if not (
+            pa.types.is_integer(column.type)
+            or pa.types.is_floating(column.type)
+            or pa.types.is_boolean(column.type)
+        ):
+            raise UserError(
+                f"data: feature column '{name}' has type {column.type}, and features must be numeric; "
+                f"encode it (features.transforms: one_hot, ordinal or hashing of [{name}]) "
+                f"or leave it out with data.drop: [{name}]"
+            )
+        missing, infinite = _missing_and_infinite(column)
+        if missing and name not in allow_missing:
+            raise UserError(
+                f"data: feature column '{name}' has {missing} missing values; "
+                f"fill them before training or leave the column out with data.drop: [{name}]"
+            )
+        if infinite:
+            raise UserError(
+                f"data: feature column '{name}' has {infinite} rows that are infinite (inf or -inf); "
+                f"replace them with finite numbers or leave the column out with data.drop: [{name}]"
+            )
+
+
+def checked_feature_columns(table: pa.Table, data: DataConfig) -> list[str]:
+    """The source's feature columns, after every check of the columns the spec names."""
     columns = table.column_names
     duplicated = sorted(name for name, count in Counter(columns).items() if count > 1)
     if duplicated:
@@ -90,33 +165,11 @@ def prepare(
             f"data: column '{TARGET}' is a name raylens keeps for the stored target; "
             f"rename the column, or leave it out with data.drop: [{TARGET}]"
         )
+    return feature_columns
 
-    x = np.empty((table.num_rows, len(feature_columns)), dtype=np.float32)
-    for i, name in enumerate(feature_columns):
-        column = table.column(name)
-        if not (
-            pa.types.is_integer(column.type)
-            or pa.types.is_floating(column.type)
-            or pa.types.is_boolean(column.type)
-        ):
-            raise UserError(
-                f"data: feature column '{name}' has type {column.type}, and features must be numeric; "
-                f"encode it as numbers or leave it out with data.drop: [{name}]"
-            )
-        missing, infinite = _missing_and_infinite(column)
-        if missing and name not in allow_missing:
-            raise UserError(
-                f"data: feature column '{name}' has {missing} missing values; "
-                f"fill them before training or leave the column out with data.drop: [{name}]"
-            )
-        if infinite:
-            raise UserError(
-                f"data: feature column '{name}' has {infinite} rows that are infinite (inf or -inf); "
-                f"replace them with finite numbers or leave the column out with data.drop: [{name}]"
-            )
-        # A missing value (allowed: an impute transform fills it) as NaN, whatever the type.
-        x[:, i] = (column if not missing else pc.cast(column, pa.float64())).to_numpy(zero_copy_only=False)
 
+def prepare_target(table: pa.Table, data: DataConfig) -> PreparedTarget:
+    """The target of ``table``, checked and encoded (class indices, or the values to regress)."""
     target = table.column(data.target)
     missing, infinite = _missing_and_infinite(target)
     if missing:
@@ -136,21 +189,13 @@ def prepare(
             raise UserError(
                 f"data.target: column '{data.target}' has a single class; classification needs two or more"
             )
-        return PreparedData(
-            x,
-            codes.astype(np.int64),
-            feature_columns,
-            task,
-            [c.item() if hasattr(c, "item") else c for c in classes],
-            decision,
-        )
+        labels = [c.item() if hasattr(c, "item") else c for c in classes]
+        return PreparedTarget(codes.astype(np.int64), task, labels, decision)
     if not (pa.types.is_integer(target.type) or pa.types.is_floating(target.type)):
         raise UserError(
             f"data.task: regression needs a numeric target, and '{data.target}' has type {target.type}"
         )
-    return PreparedData(
-        x, target.to_numpy(zero_copy_only=False).astype(np.float32), feature_columns, task, None, decision
-    )
+    return PreparedTarget(target.to_numpy(zero_copy_only=False).astype(np.float32), task, None, decision)
 
 
 def _missing_and_infinite(column: pa.ChunkedArray) -> tuple[int, int]:

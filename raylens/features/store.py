@@ -49,6 +49,8 @@ TARGET = "__target__"
 ENTITY, TIME, ROW = "__entity__", "__time__", "__row__"
 """Columns kept beside the features where the spec names an entity: its id, the row's time (with
 a time split) and its row number in the source; the online store reads them."""
+RAW_PREFIX = "__raw__:"
+"""Beside those, ``__raw__:<column>``: the source's own values of each encoded column."""
 
 
 @dataclass(frozen=True)
@@ -114,9 +116,14 @@ class FeatureSet:
         return pq.read_table(file.path, filesystem=file.filesystem)
 
     def read_keys(self, split: str) -> pa.Table:
-        """The entity, row number (and time) columns of one split, with its feature columns."""
+        """The entity, row number (and time) columns of one split, the source's values of its
+        encoded columns, and its feature columns."""
         file = self.path / f"{split}.parquet"
-        columns = [c for c in (ENTITY, TIME, ROW) if c in self._stored_columns(split)] + self.feature_columns
+        stored = self._stored_columns(split)
+        keys = [c for c in (ENTITY, TIME, ROW) if c in stored] + [
+            c for c in stored if c.startswith(RAW_PREFIX)
+        ]
+        columns = keys + self.feature_columns
         if self.path.local:
             return pq.read_table(file.path, columns=columns, memory_map=True)
         return pq.read_table(file.path, columns=columns, filesystem=file.filesystem)

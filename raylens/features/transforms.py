@@ -16,9 +16,11 @@ import numpy as np
 from raylens.errors import UserError
 from raylens.features.config import (
     ClipStep,
+    EncodingStep,
     ImputeStep,
     Log1pStep,
     MinMaxStep,
+    NumericStep,
     TransformStep,
 )
 
@@ -69,8 +71,10 @@ class FittedTransform:
         return {k: v for k, v in asdict(self).items() if v != [] or k in ("columns", "shift", "scale")}
 
 
-def _columns(chosen: str | list[str], feature_columns: list[str], kind: str) -> list[str]:
-    columns = feature_columns if chosen == "*" else list(chosen)
+def _columns(
+    chosen: str | list[str], feature_columns: list[str], kind: str, every: list[str] | None = None
+) -> list[str]:
+    columns = (feature_columns if every is None else every) if chosen == "*" else list(chosen)
     unknown = [c for c in columns if c not in feature_columns]
     if unknown:
         raise UserError(
@@ -79,16 +83,19 @@ def _columns(chosen: str | list[str], feature_columns: list[str], kind: str) -> 
     return columns
 
 
-def fit_transform(step: TransformStep, x_train: np.ndarray, feature_columns: list[str]) -> FittedTransform:
-    """Fit one step on the training split's rows (as the steps before it left them)."""
+def fit_transform(
+    step: NumericStep, x_train: np.ndarray, feature_columns: list[str], every: list[str] | None = None
+) -> FittedTransform:
+    """Fit one step on the training split's rows (as the steps before it left them); ``every``:
+    the columns ``"*"`` stands for (default: all)."""
     if isinstance(step, ClipStep):
-        columns = _columns(step.clip.columns, feature_columns, "clip")
+        columns = _columns(step.clip.columns, feature_columns, "clip", every)
         n = len(columns)
         low = [step.clip.min if step.clip.min is not None else -np.inf] * n
         high = [step.clip.max if step.clip.max is not None else np.inf] * n
         return FittedTransform(columns, [0.0] * n, [1.0] * n, "clip", low=low, high=high)
     if isinstance(step, ImputeStep):
-        columns = _columns(step.impute.columns, feature_columns, "impute")
+        columns = _columns(step.impute.columns, feature_columns, "impute", every)
         block = x_train[:, [feature_columns.index(c) for c in columns]].astype(np.float64)
         if step.impute.strategy == "constant":
             fill = [step.impute.value] * len(columns)
@@ -105,7 +112,7 @@ def fit_transform(step: TransformStep, x_train: np.ndarray, feature_columns: lis
             fill = [float(v) for v in values]
         return FittedTransform(columns, [0.0] * len(columns), [1.0] * len(columns), "impute", fill=fill)
     if isinstance(step, Log1pStep):
-        columns = _columns(step.log1p, feature_columns, "log1p")
+        columns = _columns(step.log1p, feature_columns, "log1p", every)
         block = x_train[:, [feature_columns.index(c) for c in columns]].astype(np.float64)
         smallest = block.min(axis=0) if len(block) else np.zeros(len(columns))
         undefined = [c for c, v in zip(columns, smallest, strict=True) if v <= -1]
@@ -118,7 +125,7 @@ def fit_transform(step: TransformStep, x_train: np.ndarray, feature_columns: lis
     chosen, kind = (
         (step.min_max, "min_max") if isinstance(step, MinMaxStep) else (step.standardize, "standardize")
     )
-    columns = _columns(chosen, feature_columns, kind)
+    columns = _columns(chosen, feature_columns, kind, every)
     block = x_train[:, [feature_columns.index(c) for c in columns]].astype(np.float64)
     if kind == "min_max":
         smallest = block.min(axis=0) if len(block) else np.zeros(len(columns))
@@ -155,13 +162,21 @@ def transforms_from_dicts(items: list[dict[str, Any]]) -> list[FittedTransform]:
 
 
 def fit_all(
-    steps: list[TransformStep], x_train: np.ndarray, feature_columns: list[str]
+    steps: list[TransformStep],
+    x_train: np.ndarray,
+    feature_columns: list[str],
+    encoded: set[str] | frozenset[str] = frozenset(),
 ) -> list[FittedTransform]:
-    """Fit the steps in order, each on the training rows as the steps before it left them."""
+    """Fit the numeric steps in order, each on the training rows as the steps before it left them
+    (encodings ran before, on the source: see ``raylens.features.encoders``). ``"*"`` stands for
+    every feature column but the ``encoded`` ones (a one-hot column is no quantity to scale)."""
     fitted: list[FittedTransform] = []
+    every = [c for c in feature_columns if c not in encoded]
     x = x_train
     for step in steps:
-        transform = fit_transform(step, x, feature_columns)
+        if isinstance(step, EncodingStep):
+            continue
+        transform = fit_transform(step, x, feature_columns, every)
         fitted.append(transform)
         x = transform.apply(x, feature_columns)
     return fitted

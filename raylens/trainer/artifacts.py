@@ -19,12 +19,15 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel, PythonModelContext
 
 import raylens
+from raylens.errors import UserError
 from raylens.features import FeatureSet, apply_all, transforms_from_dicts
+from raylens.features.encoders import FittedEncoder, encode_columns, encoders_from_dicts
 from raylens.trainer.config import AnyModelConfig, parse_model_config
 from raylens.trainer.family import ModelFiles, Trained, family_of
 from raylens.trainer.task import TaskSpec
@@ -70,6 +73,8 @@ def write_model_files(
         "model": model_config.model_dump(),
         "task": asdict(task),
         "feature_columns": feature_set.feature_columns,
+        "input_columns": feature_set.manifest.model_inputs,
+        "encoders": feature_set.manifest.encoders or [],
         "classes": feature_set.classes,
         "transforms": feature_set.manifest.transforms,
         "feature_set": {"name": feature_set.name, "version": feature_set.version},
@@ -96,6 +101,9 @@ class TabularModel(PythonModel):
         self.classes: list[Any] | None = spec["classes"]
         self.task = TaskSpec(**spec["task"])
         self.transforms = transforms_from_dicts(spec["transforms"])
+        # Absent in models logged before encodings: the feature columns are the input.
+        self.input_columns: list[str] = spec.get("input_columns", self.feature_columns)
+        self.encoders = encoders_from_dicts(spec.get("encoders", []))
         # Missing values are the impute transforms' to fill, in these columns only.
         self.imputed = {c for t in self.transforms if t.kind == "impute" for c in t.columns}
         name = spec.get("registered_name")  # absent in models logged before it was recorded
@@ -110,6 +118,8 @@ class TabularModel(PythonModel):
     ) -> np.ndarray | pd.DataFrame:
         output = self._output(params)  # before the rows are read: a wrong param is said first
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        if self.encoders:
+            frame = encoded_frame(frame, self.encoders, self.input_columns, self.label)
         raw = feature_matrix(frame, self.feature_columns, self.label, allow_missing=self.imputed)
         x = apply_all(self.transforms, raw, self.feature_columns)
         if output == "probabilities":
@@ -137,6 +147,45 @@ class TabularModel(PythonModel):
         return str(output)
 
 
+def encoded_frame(
+    frame: pd.DataFrame, encoders: list[FittedEncoder], input_columns: list[str], label: str
+) -> pd.DataFrame:
+    """The feature columns from a request's raw ``input_columns``, encoded as in training; the
+    columns no encoding touches are passed on as they are, for ``feature_matrix`` to check."""
+    _require_columns(frame, input_columns, label)
+    columns: dict[str, Any] = {c: frame[c] for c in input_columns}
+    for column in {e.column for e in encoders}:
+        try:
+            columns[column] = pa.array(frame[column], from_pandas=True)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
+            raise MlflowException(
+                f"input column {column!r} mixes kinds of values ({error}); {label} takes one kind per column",
+                error_code=INVALID_PARAMETER_VALUE,
+            ) from None
+    try:
+        encoded = encode_columns(encoders, columns, input_columns)
+    except UserError as error:
+        raise MlflowException(str(error), error_code=INVALID_PARAMETER_VALUE) from None
+    return pd.DataFrame(
+        {
+            name: np.asarray(values) if not isinstance(values, pd.Series) else values
+            for name, values in encoded.items()
+        },
+        index=frame.index,
+    )
+
+
+def _require_columns(frame: pd.DataFrame, columns: list[str], label: str) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise MlflowException(
+            f"input is missing feature columns {', '.join(repr(c) for c in missing)}; {label} takes "
+            f"{len(columns)} columns: {', '.join(repr(c) for c in columns[:10])}"
+            f"{', ...' if len(columns) > 10 else ''}",
+            error_code=INVALID_PARAMETER_VALUE,
+        )
+
+
 def feature_matrix(
     frame: pd.DataFrame, feature_columns: list[str], label: str, allow_missing: set[str] | None = None
 ) -> np.ndarray:
@@ -144,14 +193,7 @@ def feature_matrix(
     (HTTP 400 when served) naming each missing column, or each column holding NaN, inf, -inf, a
     value that is not a number or one beyond float32's range, with its first rows (the frame's
     index labels: positions for a request, the file's row numbers for ``raylens predict``)."""
-    missing = [c for c in feature_columns if c not in frame.columns]
-    if missing:
-        raise MlflowException(
-            f"input is missing feature columns {', '.join(repr(c) for c in missing)}; {label} takes "
-            f"{len(feature_columns)} columns: {', '.join(repr(c) for c in feature_columns[:10])}"
-            f"{', ...' if len(feature_columns) > 10 else ''}",
-            error_code=INVALID_PARAMETER_VALUE,
-        )
+    _require_columns(frame, feature_columns, label)
     block = frame[feature_columns]
     with np.errstate(over="ignore"):  # a finite value beyond float32's range becomes inf: reported
         try:

@@ -58,8 +58,8 @@ def log_model(
     from mlflow.models import infer_signature
     from mlflow.types.schema import AnyType, ColSpec, Schema
 
-    columns = feature_set.feature_columns
     manifest = feature_set.manifest
+    columns = manifest.model_inputs  # the source's columns, before encodings
     # The signature takes the columns with the types the user's raw data has (from the manifest),
     # and the input example is raw rows the manifest kept.
     raw_types = {c: pa.type_for_alias(manifest.raw_schema[c]).to_pandas_dtype() for c in columns}

@@ -320,6 +320,50 @@ def test_a_csv_with_integer_columns_is_scored_as_read(
     assert model.predict(raw).tolist() == logged.expected.tolist()
 
 
+def test_string_and_bucketized_columns_are_encoded_by_the_model_as_in_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loader: None
+) -> None:
+    """The registered model takes the source's own columns (strings, numbers to bucket, missing
+    values with an indicator) and encodes them with the encoders fitted on the training split."""
+    rng = np.random.default_rng(1)
+    rows = 240
+    plan = rng.choice(["basic", "plus", "pro"], rows)
+    income = rng.exponential(1000, rows)
+    age = np.round(rng.normal(40, 12, rows), 1)
+    age[rng.random(rows) < 0.1] = np.nan
+    label = ((plan == "pro") | (income > 1500)).astype(int)
+    frame = pd.DataFrame({"plan": plan, "income": income, "age": age, "label": label})
+    frame.to_csv(tmp_path / "c.csv", index=False)
+    data = DataConfig(source="c.csv", target="label", split={"valid": 0.2, "test": 0.25, "seed": 1})
+    features = FeaturesConfig.model_validate(
+        {
+            "transforms": [
+                {"one_hot": ["plan"]},
+                {"bucketize": {"columns": ["income"], "bins": 5}},
+                {"impute": {"columns": ["age"], "indicator": True}},
+                {"standardize": "*"},
+            ]
+        }
+    )
+    fs = build_feature_set("customers", data, features, tmp_path / "s", tmp_path)
+    logged = train_and_log(fs, tmp_path, epochs=40, register_as="customers")
+    assert len(set(logged.expected)) == 2, "a constant model proves nothing here"
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", logged.tracking_uri)
+    model = mlflow.pyfunc.load_model(logged.model_uri)
+    assert [c.name for c in model.metadata.get_input_schema().inputs] == ["plan", "income", "age"]
+    as_read = pd.read_csv(tmp_path / "c.csv")
+    test_rows = split_rows(as_read["label"].to_numpy(), data.split, stratify=True).test
+    raw = as_read.iloc[test_rows].drop(columns=["label"]).reset_index(drop=True)
+    assert raw["age"].isna().any(), "a missing age should be among the rows scored"
+    assert model.predict(raw).tolist() == logged.expected.tolist()
+
+    unseen = raw.head(2).assign(plan=["enterprise", "basic"])
+    assert len(model.predict(unseen)) == 2  # a plan training never saw: the <other> column
+    with pytest.raises(MlflowException, match="column income"):  # MLflow's schema check says it first
+        model.predict(raw.head(2).astype({"income": object}).assign(income=["high", "1.0"]))
+
+
 def test_an_identical_model_is_not_registered_twice_and_versions_are_described(
     iris: FeatureSet, tmp_path: Path, loader: None
 ) -> None:
