@@ -13,6 +13,7 @@ is ``raylens.trainer.registry``.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,11 @@ classification model's class probabilities."""
 
 SHOWN_ROWS = 5
 """Rows an error lists per column: enough to find the rows, short enough to read."""
+ONLINE_STORE_PARAM = "online_store"
+"""The param naming the online store's file, for a model of a feature set with entity ids: a
+request holding only ids gets each entity's features from there."""
+ONLINE_STORE_VARIABLE = "RAYLENS_ONLINE_STORE"
+"""Or the environment variable naming it (a serving container's setting)."""
 
 
 def write_model_files(
@@ -75,6 +81,7 @@ def write_model_files(
         "feature_columns": feature_set.feature_columns,
         "input_columns": feature_set.manifest.model_inputs,
         "encoders": feature_set.manifest.encoders or [],
+        "entity": feature_set.manifest.entity,
         "classes": feature_set.classes,
         "transforms": feature_set.manifest.transforms,
         "feature_set": {"name": feature_set.name, "version": feature_set.version},
@@ -104,6 +111,8 @@ class TabularModel(PythonModel):
         # Absent in models logged before encodings: the feature columns are the input.
         self.input_columns: list[str] = spec.get("input_columns", self.feature_columns)
         self.encoders = encoders_from_dicts(spec.get("encoders", []))
+        self.entity: str | None = spec.get("entity")
+        self.feature_set_name: str = spec["feature_set"]["name"]
         # Missing values are the impute transforms' to fill, in these columns only.
         self.imputed = {c for t in self.transforms if t.kind == "impute" for c in t.columns}
         name = spec.get("registered_name")  # absent in models logged before it was recorded
@@ -118,6 +127,9 @@ class TabularModel(PythonModel):
     ) -> np.ndarray | pd.DataFrame:
         output = self._output(params)  # before the rows are read: a wrong param is said first
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        ids_alone = self.entity in frame.columns and not any(c in frame.columns for c in self.input_columns)
+        if self.entity is not None and ids_alone:
+            frame = self._looked_up(frame[self.entity], params)
         if self.encoders:
             frame = encoded_frame(frame, self.encoders, self.input_columns, self.label)
         raw = feature_matrix(frame, self.feature_columns, self.label, allow_missing=self.imputed)
@@ -129,6 +141,52 @@ class TabularModel(PythonModel):
         if self.classes is not None:
             return np.asarray(self.classes)[predicted]
         return predicted
+
+    def _looked_up(self, ids: pd.Series, params: dict[str, Any] | None) -> pd.DataFrame:
+        """The input columns of entities ``ids`` from the online store (``raylens features
+        materialize``): the latest vector of each, as the feature set kept it."""
+        path = (params or {}).get(ONLINE_STORE_PARAM) or os.environ.get(ONLINE_STORE_VARIABLE)
+        if not path:
+            raise MlflowException(
+                f"input holds only '{self.entity}' ids, and {self.label} looks their features up in an "
+                f"online store: name its file with params={{'{ONLINE_STORE_PARAM}': PATH}} or the "
+                f"{ONLINE_STORE_VARIABLE} environment variable",
+                error_code=INVALID_PARAMETER_VALUE,
+            )
+        if not Path(path).is_file():
+            raise MlflowException(
+                f"params.{ONLINE_STORE_PARAM}: {path} is no online store (no such file); write one with "
+                f"`raylens features materialize {self.feature_set_name} --online-store {path}`",
+                error_code=INVALID_PARAMETER_VALUE,
+            )
+        from raylens.features.online import SqliteOnlineStore  # only models given ids need it
+
+        store = SqliteOnlineStore(path)
+        try:
+            found = store.get(self.feature_set_name, ids.tolist())
+        except UserError as error:
+            raise MlflowException(str(error), error_code=INVALID_PARAMETER_VALUE) from None
+        finally:
+            store.close()
+        absent = [c for c in self.input_columns if c not in found.column_names]
+        if absent:
+            raise MlflowException(
+                f"the online store {path} holds feature set '{self.feature_set_name}' without columns "
+                f"{', '.join(repr(c) for c in absent)}, which {self.label} takes; materialize the version "
+                "it was trained on",
+                error_code=INVALID_PARAMETER_VALUE,
+            )
+        frame = found.select(self.input_columns).to_pandas()
+        frame.index = ids.index
+        unknown = ids[frame.isna().all(axis=1).to_numpy()]
+        if len(unknown):
+            shown = ", ".join(repr(i) for i in unknown.tolist()[:SHOWN_ROWS])
+            raise MlflowException(
+                f"{len(unknown)} '{self.entity}' ids are not in the online store {path}: {shown}"
+                f"{', ...' if len(unknown) > SHOWN_ROWS else ''}; send their feature columns instead",
+                error_code=INVALID_PARAMETER_VALUE,
+            )
+        return frame
 
     def _output(self, params: dict[str, Any] | None) -> str:
         output = (params or {}).get("output", OUTPUTS[0])

@@ -29,7 +29,14 @@ from mlflow.pyfunc import PythonModelContext
 
 import raylens
 from raylens.features import FeatureSet, invert_all, transforms_from_dicts
-from raylens.trainer.artifacts import OUTPUTS, TabularModel, code_to_ship, pip_requirements, write_model_files
+from raylens.trainer.artifacts import (
+    ONLINE_STORE_PARAM,
+    OUTPUTS,
+    TabularModel,
+    code_to_ship,
+    pip_requirements,
+    write_model_files,
+)
 from raylens.trainer.family import Trained
 
 if TYPE_CHECKING:
@@ -56,6 +63,7 @@ def log_model(
     existing version is returned."""
     import mlflow
     from mlflow.models import infer_signature
+    from mlflow.types import DataType
     from mlflow.types.schema import AnyType, ColSpec, Schema
 
     manifest = feature_set.manifest
@@ -84,19 +92,27 @@ def log_model(
             # MLflow's hint that integer columns cannot hold missing values: the served model
             # refuses such rows with the column named, which is what it should do.
             warnings.filterwarnings("ignore", "Hint: Inferred schema contains integer", UserWarning)
-            signature = infer_signature(
-                example, loaded.predict(context, example), params={"output": OUTPUTS[0]}
-            )
+            params = {"output": OUTPUTS[0]}
+            if manifest.entity is not None:
+                params[ONLINE_STORE_PARAM] = ""  # default: the RAYLENS_ONLINE_STORE variable
+            signature = infer_signature(example, loaded.predict(context, example), params=params)
         # MLflow's JSON parser casts a boolean column with astype(bool), turning null into False
         # and any string into True before predict could refuse them; declared Any, the values
         # reach feature_matrix as sent. (Float columns keep NaN and inf; integer columns holding
         # them are refused by MLflow's own schema check, naming the column.)
-        signature.inputs = Schema(
-            [
-                ColSpec(AnyType(), c) if np.issubdtype(t, np.bool_) else spec
-                for spec, (c, t) in zip(signature.inputs.inputs, raw_types.items(), strict=True)
-            ]
-        )
+        inputs = [
+            ColSpec(AnyType(), c) if np.issubdtype(t, np.bool_) else spec
+            for spec, (c, t) in zip(signature.inputs.inputs, raw_types.items(), strict=True)
+        ]
+        if manifest.entity is not None:
+            # Either the feature columns or the entity ids alone (their features then come from
+            # the online store): none is required by the schema, the model says what is missing.
+            numbered = "int" in manifest.raw_schema.get(manifest.entity, "")
+            inputs = [ColSpec(spec.type, spec.name, required=False) for spec in inputs]
+            inputs.append(
+                ColSpec(DataType.long if numbered else DataType.string, manifest.entity, required=False)
+            )
+        signature.inputs = Schema(inputs)
         # MLflow prints registry chatter straight to stderr; keep it for --verbose logs only.
         chatter = io.StringIO()
         # Checking the input example loads the model, which puts its code folder (a temporary

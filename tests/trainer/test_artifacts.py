@@ -39,6 +39,7 @@ from raylens.features import (
     invert_all,
     transforms_from_dicts,
 )
+from raylens.features.online import SqliteOnlineStore, materialize
 from raylens.features.splits import split_rows
 from raylens.trainer import Batches, TorchModelConfig, TrainConfig, TrainJob, TrainState, build_model, fit
 from raylens.trainer.artifacts import pip_requirements
@@ -362,6 +363,56 @@ def test_string_and_bucketized_columns_are_encoded_by_the_model_as_in_training(
     assert len(model.predict(unseen)) == 2  # a plan training never saw: the <other> column
     with pytest.raises(MlflowException, match="column income"):  # MLflow's schema check says it first
         model.predict(raw.head(2).astype({"income": object}).assign(income=["high", "1.0"]))
+
+
+def test_given_entity_ids_alone_the_model_looks_their_features_up_in_the_online_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loader: None
+) -> None:
+    rng = np.random.default_rng(2)
+    rows = 300
+    plan = rng.choice(["basic", "plus", "pro"], rows)
+    spend = rng.normal(100, 30, rows)
+    frame = pd.DataFrame(
+        {
+            "customer": [f"c{i % 40}" for i in range(rows)],
+            "plan": plan,
+            "spend": spend,
+            "churned": ((plan == "basic") & (spend < 110)).astype(int),
+        }
+    )
+    frame.to_parquet(tmp_path / "c.parquet")
+    data = DataConfig(source="c.parquet", target="churned", entity="customer")
+    features = FeaturesConfig.model_validate({"transforms": [{"one_hot": ["plan"]}, {"standardize": "*"}]})
+    fs = build_feature_set("customers", data, features, tmp_path / "s", tmp_path)
+    logged = train_and_log(fs, tmp_path, epochs=40, register_as=None)
+    store = SqliteOnlineStore(tmp_path / "online.db")
+    materialize(fs, store)
+    store.close()
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", logged.tracking_uri)
+    model = mlflow.pyfunc.load_model(logged.model_uri)
+    latest = frame.groupby("customer").tail(1).set_index("customer")
+    ids = ["c7", "c3", "c21", "c3"]
+    by_features = model.predict(latest.loc[ids, ["plan", "spend"]].reset_index(drop=True))
+    assert len(set(model.predict(latest[["plan", "spend"]].reset_index(drop=True)))) == 2
+    online = {"online_store": str(tmp_path / "online.db")}
+    assert model.predict(pd.DataFrame({"customer": ids}), params=online).tolist() == by_features.tolist()
+    monkeypatch.setenv("RAYLENS_ONLINE_STORE", online["online_store"])
+    assert model.predict(pd.DataFrame({"customer": ids})).tolist() == by_features.tolist()
+
+    with pytest.raises(
+        MlflowException, match=r"2 'customer' ids are not in the online store .*'nobody', 'c99'"
+    ):
+        model.predict(pd.DataFrame({"customer": ["c3", "nobody", "c99"]}))
+    monkeypatch.delenv("RAYLENS_ONLINE_STORE")
+    with pytest.raises(MlflowException, match="input holds only 'customer' ids") as refused:
+        model.predict(pd.DataFrame({"customer": ids}))
+    assert refused.value.error_code == "INVALID_PARAMETER_VALUE"
+    with pytest.raises(MlflowException, match="no such file"):
+        model.predict(pd.DataFrame({"customer": ids}), params={"online_store": str(tmp_path / "none.db")})
+    assert not (tmp_path / "none.db").exists()
+    with pytest.raises(MlflowException, match="missing feature columns 'spend'"):
+        model.predict(pd.DataFrame({"plan": ["basic"]}))
 
 
 def test_an_identical_model_is_not_registered_twice_and_versions_are_described(
