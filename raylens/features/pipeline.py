@@ -155,23 +155,32 @@ def plan_feature_set(
     by = split_column(table, data.split)
     stratify = target.task == "classification" and by is None
     split = split_rows(target.y, data.split, stratify=stratify, labels=target.classes, by=by)
-    encoders = fit_encoders(features, table.take(pa.array(split.train, type=pa.int64())), input_columns)
+    encoders = fit_encoders(features, _training_rows(table, features, split.train), input_columns)
     prepared = prepare(table, data, allow_missing=allowed, encoders=encoders)
-    x_train = prepared.x[split.train]
-    encoded = {c for e in encoders for c in e.outputs()}
-    fitted = fit_all(features.transforms, x_train, prepared.feature_columns, encoded)
-
     keys = _entity_keys(table, data, input_columns, by, encoders)
+    sample = _raw_sample(table, input_columns, split.train[:SAMPLE_ROWS])
+    source = SourceRecord(uri=raw.uri, fingerprint=raw.fingerprint)
+    raw_schema = {field.name: str(field.type) for field in raw.table.schema}
+    quarantined, quarantine_counts = validated.quarantined, validated.counts
+    # From here on only the float matrix is needed: the source's rows go (a large source's
+    # table weighs as much as the matrix and its splits together).
+    del raw, validated, table
 
-    def arrays(index: np.ndarray) -> SplitArrays:
-        x = apply_all(fitted, prepared.x[index], prepared.feature_columns)
+    x_train = prepared.x[split.train]  # a copy: fitting transforms it in place, into the split
+    statistics = _column_statistics(x_train, prepared.feature_columns)
+    encoded = {c for e in encoders for c in e.outputs()}
+    fitted = fit_all(features.transforms, x_train, prepared.feature_columns, encoded, in_place=True)
+
+    def arrays(index: np.ndarray, x: np.ndarray | None = None) -> SplitArrays:
+        if x is None:
+            x = apply_all(fitted, prepared.x[index], prepared.feature_columns, in_place=True)
         y = prepared.y[index]
         x.flags.writeable = False
         y.flags.writeable = False
         return SplitArrays(x, y, {name: values[index] for name, values in keys.items()} if keys else None)
 
     splits = MappingProxyType(
-        {"train": arrays(split.train), "valid": arrays(split.valid), "test": arrays(split.test)}
+        {"train": arrays(split.train, x_train), "valid": arrays(split.valid), "test": arrays(split.test)}
     )
     target_statistics = None
     if prepared.task == "regression":
@@ -183,8 +192,8 @@ def plan_feature_set(
         created_at=datetime.now(UTC).isoformat(
             timespec="microseconds"
         ),  # orders versions built in one second
-        source=SourceRecord(uri=raw.uri, fingerprint=raw.fingerprint),
-        raw_schema={field.name: str(field.type) for field in raw.table.schema},
+        source=source,
+        raw_schema=raw_schema,
         target=data.target,
         entity=data.entity,
         task=prepared.task,
@@ -192,16 +201,16 @@ def plan_feature_set(
         classes=prepared.classes,
         feature_columns=prepared.feature_columns,
         split=SplitRecord(**data.split.model_dump(), stratified=stratify),
-        statistics=_column_statistics(x_train, prepared.feature_columns),
+        statistics=statistics,
         transforms=[t.to_dict() for t in fitted],
         encoders=[e.to_dict() for e in encoders] or None,
         input_columns=prepared.input_columns,
         target_statistics=target_statistics,
-        sample=_raw_sample(table, input_columns, split.train[:SAMPLE_ROWS]),
-        quarantined=validated.counts,
-        build_key=key if raw.fingerprint == fingerprint else "",
+        sample=sample,
+        quarantined=quarantine_counts,
+        build_key=key if source.fingerprint == fingerprint else "",
     )
-    return PlannedFeatureSet(versioned_manifest(manifest, splits), splits, validated.quarantined)
+    return PlannedFeatureSet(versioned_manifest(manifest, splits), splits, quarantined)
 
 
 def publish_feature_set(planned: PlannedFeatureSet, store_root: Path | str | Location) -> FeatureSet:
@@ -228,19 +237,27 @@ def build_feature_set(
 
 def _column_statistics(x: np.ndarray, columns: list[str]) -> dict[str, ColumnStatistics]:
     """Raw (pre-transform) statistics of the training split, per feature column, over the values
-    present (an imputed column's missing ones left out)."""
-    x64 = x.astype(np.float64)
+    present (an imputed column's missing ones left out); one column in float64 at a time."""
+    statistics = {}
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a column with no value: NaN, said so
-        return {
-            name: ColumnStatistics(
-                mean=float(np.nanmean(x64[:, i])),
-                std=float(np.nanstd(x64[:, i])),
-                min=float(np.nanmin(x64[:, i])),
-                max=float(np.nanmax(x64[:, i])),
+        for i, name in enumerate(columns):
+            column = x[:, i].astype(np.float64)
+            statistics[name] = ColumnStatistics(
+                mean=float(np.nanmean(column)),
+                std=float(np.nanstd(column)),
+                min=float(np.nanmin(column)),
+                max=float(np.nanmax(column)),
             )
-            for i, name in enumerate(columns)
-        }
+    return statistics
+
+
+def _training_rows(table: pa.Table, features: FeaturesConfig, train: np.ndarray) -> pa.Table:
+    """The training rows of the columns an encoding is fitted on (no copy of the others)."""
+    named = sorted(
+        {c for step in features.encodings for c in encoded_columns(step)} & set(table.column_names)
+    )
+    return table.select(named).take(pa.array(train, type=pa.int64()))
 
 
 PIPELINE = 2

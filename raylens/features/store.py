@@ -175,7 +175,7 @@ def write_feature_set(
     try:
         for split in SPLITS:
             path = staging / f"{split}.parquet"
-            pq.write_table(_split_table(splits[split], feature_columns), path)
+            _write_split(splits[split], feature_columns, str(path))
             _fsync(path)
         if quarantined is not None:
             pq.write_table(quarantined, staging / QUARANTINE)
@@ -190,12 +190,28 @@ def write_feature_set(
     return open_feature_set(store, name, version)
 
 
-def _split_table(arrays: SplitArrays, feature_columns: list[str]) -> pa.Table:
-    columns = {column: pa.array(arrays.x[:, i]) for i, column in enumerate(feature_columns)}
-    columns[TARGET] = pa.array(arrays.y)
+WRITE_ROWS = 131_072
+"""Rows written at once (one Parquet row group): a column of the matrix is copied out for Arrow a
+slice at a time, never the whole split beside itself."""
+
+
+def _split_table(arrays: SplitArrays, feature_columns: list[str], rows: slice = slice(None)) -> pa.Table:
+    x = arrays.x[rows]
+    columns = {column: pa.array(np.ascontiguousarray(x[:, i])) for i, column in enumerate(feature_columns)}
+    columns[TARGET] = pa.array(arrays.y[rows])
     for name, values in (arrays.keys or {}).items():
-        columns[name] = pa.array(values)
+        columns[name] = pa.array(values[rows])
     return pa.table(columns)
+
+
+def _write_split(
+    arrays: SplitArrays, feature_columns: list[str], path: str, filesystem: Any | None = None
+) -> None:
+    first = _split_table(arrays, feature_columns, slice(0, WRITE_ROWS))
+    with pq.ParquetWriter(path, first.schema, filesystem=filesystem) as writer:
+        writer.write_table(first)
+        for start in range(WRITE_ROWS, len(arrays.y), WRITE_ROWS):
+            writer.write_table(_split_table(arrays, feature_columns, slice(start, start + WRITE_ROWS)))
 
 
 def _write_by_manifest_last(
@@ -211,7 +227,7 @@ def _write_by_manifest_last(
     target.mkdir()
     for split in SPLITS:
         file = target / f"{split}.parquet"
-        pq.write_table(_split_table(splits[split], feature_columns), file.path, filesystem=file.filesystem)
+        _write_split(splits[split], feature_columns, file.path, file.filesystem)
     if quarantined is not None:
         file = target / QUARANTINE
         pq.write_table(quarantined, file.path, filesystem=file.filesystem)
@@ -305,8 +321,10 @@ def content_version(manifest: Manifest, splits: Mapping[str, SplitArrays]) -> st
     digest.update(json.dumps(manifest.hashed(), sort_keys=True).encode())
     for split in SPLITS:
         digest.update(split.encode())
-        digest.update(np.ascontiguousarray(splits[split].x).tobytes())
-        digest.update(np.ascontiguousarray(splits[split].y).tobytes())
+        x = splits[split].x
+        for start in range(0, len(x), WRITE_ROWS):  # the same bytes as the whole, a slice at a time
+            digest.update(np.ascontiguousarray(x[start : start + WRITE_ROWS]).data)
+        digest.update(np.ascontiguousarray(splits[split].y).data)
         for name, values in sorted((splits[split].keys or {}).items()):
             digest.update(name.encode())
             if values.dtype.kind in "biuf":

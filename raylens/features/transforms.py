@@ -25,6 +25,8 @@ from raylens.features.config import (
 )
 
 KINDS = ("standardize", "min_max", "log1p", "clip", "impute")
+CHUNK_ROWS = 65_536
+"""Rows transformed (and summed, to fit) at once: a float64 copy of a slice, not of the matrix."""
 
 
 @dataclass(frozen=True)
@@ -52,11 +54,19 @@ class FittedTransform:
         return block
 
     def apply(self, x: np.ndarray, feature_columns: list[str]) -> np.ndarray:
-        index = [feature_columns.index(c) for c in self.columns]
         out = x.astype(np.float32, copy=True)
-        block = self._f(out[:, index].astype(np.float64))
-        out[:, index] = (block - np.asarray(self.shift)) / np.asarray(self.scale)
+        self.apply_in_place(out, feature_columns)
         return out
+
+    def apply_in_place(self, x: np.ndarray, feature_columns: list[str]) -> None:
+        """Transform the float32 matrix ``x`` where it is, a slice of rows at a time (the float64
+        arithmetic never holds more than a slice)."""
+        index = [feature_columns.index(c) for c in self.columns]
+        shift, scale = np.asarray(self.shift), np.asarray(self.scale)
+        for start in range(0, len(x), CHUNK_ROWS):
+            rows = slice(start, start + CHUNK_ROWS)
+            block = self._f(x[rows][:, index].astype(np.float64))
+            x[rows, index] = (block - shift) / scale
 
     def invert(self, x: np.ndarray, feature_columns: list[str]) -> np.ndarray:
         """Back towards the source's values: exact for standardize, min_max and log1p; clipped
@@ -113,8 +123,7 @@ def fit_transform(
         return FittedTransform(columns, [0.0] * len(columns), [1.0] * len(columns), "impute", fill=fill)
     if isinstance(step, Log1pStep):
         columns = _columns(step.log1p, feature_columns, "log1p", every)
-        block = x_train[:, [feature_columns.index(c) for c in columns]].astype(np.float64)
-        smallest = block.min(axis=0) if len(block) else np.zeros(len(columns))
+        smallest, _ = _min_and_max(x_train, [feature_columns.index(c) for c in columns])
         undefined = [c for c, v in zip(columns, smallest, strict=True) if v <= -1]
         if undefined:
             raise UserError(
@@ -126,16 +135,40 @@ def fit_transform(
         (step.min_max, "min_max") if isinstance(step, MinMaxStep) else (step.standardize, "standardize")
     )
     columns = _columns(chosen, feature_columns, kind, every)
-    block = x_train[:, [feature_columns.index(c) for c in columns]].astype(np.float64)
     if kind == "min_max":
-        smallest = block.min(axis=0) if len(block) else np.zeros(len(columns))
-        spread = (block.max(axis=0) - smallest) if len(block) else np.ones(len(columns))
+        smallest, largest = _min_and_max(x_train, [feature_columns.index(c) for c in columns])
+        spread = largest - smallest if len(x_train) else np.ones(len(columns))
         scale = np.where(spread > 1e-12, spread, 1.0)
         return FittedTransform(columns, [float(v) for v in smallest], [float(v) for v in scale], "min_max")
-    mean = block.mean(axis=0) if len(block) else np.zeros(len(columns))
-    std = block.std(axis=0) if len(block) else np.ones(len(columns))
+    mean, std = _mean_and_std(x_train, [feature_columns.index(c) for c in columns])
     scale = np.where(std > 1e-12, std, 1.0)
     return FittedTransform(columns, [float(v) for v in mean], [float(v) for v in scale], "standardize")
+
+
+def _min_and_max(x: np.ndarray, index: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Each column's smallest and largest value (zeros for no rows), column by column in place."""
+    if not len(x):
+        return np.zeros(len(index)), np.zeros(len(index))
+    return (
+        np.array([float(x[:, i].min()) for i in index]),
+        np.array([float(x[:, i].max()) for i in index]),
+    )
+
+
+def _mean_and_std(x: np.ndarray, index: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Each column's mean and (population) standard deviation in float64, two passes over slices
+    of rows: the mean first, then the squared deviations from it (as exact as numpy's own)."""
+    if not len(x):
+        return np.zeros(len(index)), np.ones(len(index))
+    total = np.zeros(len(index))
+    for start in range(0, len(x), CHUNK_ROWS):
+        total += x[start : start + CHUNK_ROWS][:, index].astype(np.float64).sum(axis=0)
+    mean = total / len(x)
+    squares = np.zeros(len(index))
+    for start in range(0, len(x), CHUNK_ROWS):
+        deviation = x[start : start + CHUNK_ROWS][:, index].astype(np.float64) - mean
+        squares += (deviation * deviation).sum(axis=0)
+    return mean, np.sqrt(squares / len(x))
 
 
 def transforms_from_dicts(items: list[dict[str, Any]]) -> list[FittedTransform]:
@@ -166,19 +199,23 @@ def fit_all(
     x_train: np.ndarray,
     feature_columns: list[str],
     encoded: set[str] | frozenset[str] = frozenset(),
+    *,
+    in_place: bool = False,
 ) -> list[FittedTransform]:
     """Fit the numeric steps in order, each on the training rows as the steps before it left them
     (encodings ran before, on the source: see ``raylens.features.encoders``). ``"*"`` stands for
-    every feature column but the ``encoded`` ones (a one-hot column is no quantity to scale)."""
+    every feature column but the ``encoded`` ones (a one-hot column is no quantity to scale).
+    ``in_place``: ``x_train`` (float32) is left transformed by every step, as ``apply_all`` would."""
     fitted: list[FittedTransform] = []
     every = [c for c in feature_columns if c not in encoded]
-    x = x_train
-    for step in steps:
-        if isinstance(step, EncodingStep):
-            continue
+    numeric = [step for step in steps if not isinstance(step, EncodingStep)]
+    if not numeric:
+        return fitted
+    x = x_train if in_place else x_train.astype(np.float32, copy=True)
+    for step in numeric:
         transform = fit_transform(step, x, feature_columns, every)
         fitted.append(transform)
-        x = transform.apply(x, feature_columns)
+        transform.apply_in_place(x, feature_columns)
     return fitted
 
 
@@ -189,7 +226,11 @@ def invert_all(transforms: list[FittedTransform], x: np.ndarray, feature_columns
     return x
 
 
-def apply_all(transforms: list[FittedTransform], x: np.ndarray, feature_columns: list[str]) -> np.ndarray:
+def apply_all(
+    transforms: list[FittedTransform], x: np.ndarray, feature_columns: list[str], *, in_place: bool = False
+) -> np.ndarray:
+    """The transformed matrix (float32); ``in_place``: ``x``, a float32 matrix, transformed itself."""
+    out = x if in_place and x.dtype == np.float32 else x.astype(np.float32, copy=True)
     for transform in transforms:
-        x = transform.apply(x, feature_columns)
-    return x.astype(np.float32, copy=False)
+        transform.apply_in_place(out, feature_columns)
+    return out

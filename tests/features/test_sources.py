@@ -32,6 +32,21 @@ def test_synthetic_source_takes_its_parameters() -> None:
         load_source("synthetic:classification?colums=3")
 
 
+def test_a_synthetic_source_is_generated_chunk_by_chunk_the_same_rows_at_any_size(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(sources, "SYNTHETIC_CHUNK_ROWS", 64)
+    small = load_source("synthetic:classification?rows=100&features=5&classes=4&seed=2").table
+    large = load_source("synthetic:classification?rows=250&features=5&classes=4&seed=2").table
+    assert large.slice(0, 100).equals(small) and large.num_rows == 250
+    assert large.schema.field("x0").type == pa.float32() and large.schema.field("target").type == pa.int64()
+    assert sorted(set(large.column("target").to_pylist())) == [0, 1, 2, 3]
+    other = load_source("synthetic:classification?rows=100&features=5&classes=4&seed=3").table
+    assert not other.equals(small)
+    with pytest.raises(UserError, match=r"5 classes need .* 2\*\*informative >= classes"):
+        load_source("synthetic:classification?rows=10&features=2&informative=2&classes=5")
+
+
 def test_parquet_and_csv_files_and_folders(tmp_path: Path) -> None:
     table = pa.table({"a": [1.0, 2.0, 3.0], "target": [0, 1, 0]})
     pq.write_table(table, tmp_path / "one.parquet")

@@ -62,15 +62,15 @@ def test_manifest_describes_the_version(tmp_path: Path) -> None:
 
 def test_a_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    real_write = store_module.pq.write_table
+    real_write = store_module._write_split
 
-    def failing_write(table, path, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def failing_write(arrays, columns, path, *args, **kwargs):  # type: ignore[no-untyped-def]
         calls.append(path)
-        if len(calls) == 2:
+        if len(calls) == 2:  # the second split: the first is written, in staging
             raise OSError("disk full")
-        return real_write(table, path, *args, **kwargs)
+        return real_write(arrays, columns, path, *args, **kwargs)
 
-    monkeypatch.setattr(store_module.pq, "write_table", failing_write)
+    monkeypatch.setattr(store_module, "_write_split", failing_write)
     with pytest.raises(OSError, match="disk full"):
         build_feature_set("wine", DATA, FEATURES, tmp_path)
     assert list_feature_sets(tmp_path) == []
@@ -84,11 +84,11 @@ def test_a_crash_mid_write_leaves_no_readable_version(tmp_path: Path) -> None:
 import os
 from pathlib import Path
 from raylens.features import store, DataConfig, FeaturesConfig, build_feature_set
-real = store.pq.write_table
-def dying(table, path, *a, **k):
-    real(table, path, *a, **k)
+real = store._write_split
+def dying(arrays, columns, path, *a, **k):
+    real(arrays, columns, path, *a, **k)
     os._exit(9)
-store.pq.write_table = dying
+store._write_split = dying
 data = DataConfig(source="sklearn:wine", target="target")
 build_feature_set("wine", data, FeaturesConfig(), Path({str(tmp_path)!r}))
 """
