@@ -258,9 +258,17 @@ def stream_batches(
         raise UserError(f"{where}: cannot read CSV file '{shown}' ({exc}); fix the file") from None
 
 
+READ_BATCH_ROWS = 65_536
+"""Rows decoded at once: a Parquet file is read batch by batch into its table, so reading holds
+the table and one batch, not a second whole copy in pyarrow's decoding buffers."""
+
+
 def _read_parquet(path: Path, shown: str) -> pa.Table:
     try:
-        return pq.read_table(path)
+        file = pq.ParquetFile(path)
+        return pa.Table.from_batches(
+            list(file.iter_batches(batch_size=READ_BATCH_ROWS)), schema=file.schema_arrow
+        )
     except (pa.ArrowException, OSError) as exc:
         raise UserError(
             f"data.source: cannot read Parquet file '{shown}' ({exc}); "

@@ -124,7 +124,7 @@ def test_any_arrow_error_while_reading_is_a_user_error(
     def not_implemented(*args: object, **kwargs: object) -> pa.Table:
         raise pa.ArrowNotImplementedError("unsupported encoding")
 
-    monkeypatch.setattr(sources.pq, "read_table", not_implemented)
+    monkeypatch.setattr(sources.pq.ParquetFile, "iter_batches", not_implemented)
     with pytest.raises(UserError, match=r"cannot read Parquet file .*d\.parquet.*unsupported encoding"):
         load_source(str(tmp_path / "d.parquet"))
 
