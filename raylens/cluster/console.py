@@ -196,6 +196,11 @@ def leaderboard_table(board: Leaderboard, title: str = "leaderboard") -> Group:
         if row.importances:
             top = ", ".join(f"{name} {drop:.3g}" for name, drop in row.importances)
             parts.append(Text(f"{row.candidate} {row.trial_id}, top permutation importances: {top}"))
+    if board.parameter_importances:
+        shares = ", ".join(
+            f"{name} {share:.2f}" for name, share in list(board.parameter_importances.items())[:6]
+        )
+        parts.append(Text(f"what mattered (share of {board.metric}'s variance, fANOVA): {shares}"))
     parts.append(Text(board.verdict()))
     return Group(*parts)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import matplotlib
@@ -59,6 +59,19 @@ def pareto_figure(points: Sequence[tuple[str, float, float, bool]], metric: str,
     ax.set_ylabel(metric)
     ax.set_title(title)
     ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def importance_figure(shares: Mapping[str, float], metric: str) -> Figure:
+    """Each searched value's share of the metric's variance over the trials (fANOVA), largest on
+    top: which values were worth searching."""
+    names = list(shares)[::-1]
+    fig, ax = plt.subplots(figsize=(6, max(2.0, 0.4 * len(names) + 1)))
+    ax.barh(names, [shares[n] for n in names])
+    ax.set_xlabel(f"share of {metric}'s variance (fANOVA)")
+    ax.set_xlim(0, 1)
+    ax.set_title("parameter importance")
     fig.tight_layout()
     return fig
 

@@ -9,6 +9,8 @@ searcher models each on its own); ``spec_values`` turns it back into spec paths.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -189,6 +191,23 @@ class EarlierTrial:
 WARM_STUDY = "raylens-warm-start"
 
 
+@contextmanager
+def quiet_optuna() -> Iterator[None]:
+    """Optuna logs a line per trial and per study at INFO to its own handler: warnings only
+    inside, its verbosity put back after (it is the process's setting)."""
+    try:
+        import optuna
+    except ImportError:
+        yield
+        return
+    before = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(before)
+
+
 def seeded_study(
     earlier: list[EarlierTrial], candidates: list[Candidate], mode: str
 ) -> tuple[Any, list[str]]:
@@ -199,9 +218,10 @@ def seeded_study(
     import optuna
 
     storage = optuna.storages.InMemoryStorage()
-    study = optuna.create_study(
-        storage=storage, study_name=WARM_STUDY, direction="minimize" if mode == "min" else "maximize"
-    )
+    with quiet_optuna():
+        study = optuna.create_study(
+            storage=storage, study_name=WARM_STUDY, direction="minimize" if mode == "min" else "maximize"
+        )
     notes: list[str] = []
     dropped_values: dict[str, int] = {}
     absent = 0

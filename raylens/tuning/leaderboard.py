@@ -65,6 +65,9 @@ class Leaderboard:
     rows: list[Row]
     """Ranked: best metric first (ties: the earlier trial)."""
     constraints: dict[str, float] = field(default_factory=dict)
+    parameter_importances: dict[str, float] = field(default_factory=dict)
+    """How much of the metric's variance over the finished trials each searched value explains
+    (Optuna's fANOVA; the shares add up to 1), the largest first; empty under 3 trials."""
 
     @property
     def winner(self) -> Row | None:
@@ -85,7 +88,13 @@ class Leaderboard:
             )
             for row in data["rows"]
         ]
-        return cls(data["metric"], data["mode"], rows, dict(data.get("constraints", {})))
+        return cls(
+            data["metric"],
+            data["mode"],
+            rows,
+            dict(data.get("constraints", {})),
+            dict(data.get("parameter_importances", {})),  # absent in sweeps recorded before it
+        )
 
     def verdict(self) -> str:
         """One line: the winner, or why there is none."""
@@ -93,6 +102,33 @@ class Leaderboard:
         if winner is not None:
             return f"winner: {winner.candidate} (trial {winner.trial_id}), {self.metric} {winner.score:.4g}"
         return no_winner_message(self)
+
+
+MIN_TRIALS_FOR_IMPORTANCE = 3
+
+
+def parameter_importances(
+    rows: Sequence[Row], candidates: Sequence[Any], mode: str, seed: int
+) -> dict[str, float]:
+    """fANOVA importance of each searched value (and, across candidates, of the candidate) for
+    the metric over ``rows``, the finished trials: Optuna's ``FanovaImportanceEvaluator`` on a
+    study holding them. Empty with fewer than 3 trials or when nothing varied."""
+    if len(rows) < MIN_TRIALS_FOR_IMPORTANCE:
+        return {}
+    import optuna
+
+    from raylens.tuning.candidates import WARM_STUDY, EarlierTrial, quiet_optuna, seeded_study
+
+    earlier = [EarlierTrial(row.candidate, row.config, row.score) for row in rows]
+    storage, _ = seeded_study(earlier, list(candidates), mode)
+    with quiet_optuna():
+        study = optuna.load_study(study_name=WARM_STUDY, storage=storage)
+        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=seed)
+        try:
+            found = optuna.importance.get_param_importances(study, evaluator=evaluator)
+        except (ValueError, RuntimeError):  # no parameter every trial has, or none that varied
+            return {}
+    return {name: float(share) for name, share in found.items()}
 
 
 def no_winner_message(board: Leaderboard) -> str:

@@ -40,7 +40,12 @@ from raylens.storage import Location, ray_storage
 from raylens.trainer import AnyModelConfig, TrainConfig, TrainJob
 from raylens.trainer.family import family_of
 from raylens.trainer.job import StoppedByRule, stopped_by_rule
-from raylens.trainer.plots import parallel_coordinates_figure, pareto_figure, trials_figure
+from raylens.trainer.plots import (
+    importance_figure,
+    parallel_coordinates_figure,
+    pareto_figure,
+    trials_figure,
+)
 from raylens.trainer.ray_train import beside_the_driver, train_distributed
 from raylens.trainer.tracking import Tracker
 from raylens.tuning.candidates import (
@@ -51,6 +56,7 @@ from raylens.tuning.candidates import (
     candidate_named,
     candidates_of,
     check_search,
+    quiet_optuna,
     seeded_study,
     spec_values,
 )
@@ -70,6 +76,7 @@ from raylens.tuning.leaderboard import (
     latency_ms,
     misses,
     model_mb,
+    parameter_importances,
     pareto_front,
     permutation_importances,
     raise_without_winner,
@@ -305,7 +312,7 @@ def run_sweep(
             )
         relayed = _recorded_from(str(experiment_path), recorder) if remote_loop else nullcontext()
         began = time.monotonic()
-        with _stop_gracefully_on_signals(here=not remote_loop), relayed, _quiet_optuna():
+        with _stop_gracefully_on_signals(here=not remote_loop), relayed, quiet_optuna():
             grid = tuner.fit()
         took = time.monotonic() - began
     finally:
@@ -412,7 +419,8 @@ def leaderboard_of(
         for row in rows
     ]
     constraints = config.constraints.model_dump(exclude_none=True) if config.constraints else {}
-    return Leaderboard(config.metric, config.mode, ranked(rows, config.mode, order), constraints)
+    importance = parameter_importances(rows, candidates, config.mode, config.seed)
+    return Leaderboard(config.metric, config.mode, ranked(rows, config.mode, order), constraints, importance)
 
 
 def _described(candidate: Candidate) -> dict[str, str]:
@@ -481,6 +489,12 @@ def _record_leaderboard(
             pareto_figure(points, board.metric, "trials: metric against prediction latency"),
             "plots/pareto_front.png",
         )
+    if board.parameter_importances:
+        tracker.log_figure(
+            parent_run_id,
+            importance_figure(board.parameter_importances, board.metric),
+            "plots/parameter_importance.png",
+        )
     winner = board.winner
     if winner is not None and winner.trial_id in known_runs:
         tracker.set_tags(known_runs[winner.trial_id], {"raylens.best_trial": "true"})
@@ -532,7 +546,7 @@ def searcher(
         if config.search == "tpe"
         else optuna.samplers.RandomSampler(seed=config.seed)
     )
-    with _quiet_optuna():  # its study's creation is logged at INFO
+    with quiet_optuna():  # its study's creation is logged at INFO
         warm: dict[str, Any] = {}
         if earlier:
             storage, notes = seeded_study(earlier, candidates, config.mode)
@@ -619,23 +633,6 @@ def _summaries(
             )
         )
     return summaries
-
-
-@contextmanager
-def _quiet_optuna() -> Iterator[None]:
-    """Optuna logs a line per trial at INFO to its own handler: warnings only while the sweep
-    runs, its verbosity put back after (it is the process's setting)."""
-    try:
-        import optuna
-    except ImportError:
-        yield
-        return
-    before = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        yield
-    finally:
-        optuna.logging.set_verbosity(before)
 
 
 @contextmanager

@@ -146,3 +146,25 @@ def test_one_listed_candidate_replaces_the_specs_model_in_its_trials() -> None:
     }
     (spec_model,) = candidates_of(TuneConfig(space={"train.seed": "randint(0, 3)"}), TorchModelConfig())
     assert spec_values({"train.seed": 1}, [spec_model]) == {"train.seed": 1}
+
+
+def test_fanova_finds_the_value_that_decides_the_metric_and_not_the_one_that_does_not() -> None:
+    import numpy as np
+
+    from raylens.tuning.leaderboard import Costs, Row, parameter_importances
+
+    config = TuneConfig(
+        space={"train.optimizer.lr": "loguniform(1e-4, 1e-1)", "train.seed": "randint(0, 100)"}
+    )
+    (candidate,) = candidates_of(config, TorchModelConfig())
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(48):  # fANOVA's forest needs a few dozen trials to tell noise from effect
+        lr, seed = float(10 ** rng.uniform(-4, -1)), int(rng.integers(0, 100))
+        loss = (np.log10(lr) + 2.5) ** 2  # best at lr = 3e-3; the seed plays no part
+        values = {"train.optimizer.lr": lr, "train.seed": seed}
+        rows.append(Row(f"t{i}", candidate.name, float(loss), Costs(1.0), values))
+    shares = parameter_importances(rows, [candidate], "min", seed=0)
+    assert list(shares) == ["train.optimizer.lr", "train.seed"]  # the largest first
+    assert shares["train.optimizer.lr"] > 0.9 and sum(shares.values()) == pytest.approx(1.0)
+    assert parameter_importances(rows[:2], [candidate], "min", seed=0) == {}  # too few to tell

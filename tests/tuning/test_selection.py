@@ -120,7 +120,11 @@ def test_one_sweep_ranks_scikit_learn_and_torch_candidates_with_their_costs(
         "plots/pareto_front.png",
         "plots/trials_learning_curves.png",
         "plots/parallel_coordinates.png",
+        "plots/parameter_importance.png",
     } <= artifacts
+    # fANOVA over the six trials: the candidate is among what it weighs, the shares add up to 1.
+    assert "candidate" in board.parameter_importances
+    assert sum(board.parameter_importances.values()) == pytest.approx(1.0)
     tagged = tracker.client.search_runs([tracker.experiment_id], "tags.`raylens.best_trial` = 'true'")
     assert len(tagged) == 1 and tagged[0].data.tags["mlflow.parentRunId"] == parent
     assert tagged[0].data.tags["raylens.candidate"] == winner.candidate
@@ -131,6 +135,7 @@ def test_one_sweep_ranks_scikit_learn_and_torch_candidates_with_their_costs(
     shown = subprocess.run([RAYLENS, "leaderboard", parent, *uri], capture_output=True, text=True, env=WIDE)
     assert shown.returncode == 0, shown.stderr
     assert f"winner: {winner.candidate} (trial {winner.trial_id})" in shown.stdout
+    assert "what mattered (share of valid_accuracy's variance, fANOVA): " in shown.stdout
     assert all(row.trial_id in shown.stdout for row in board.rows) and shown.stderr == ""
     not_a_sweep = r"holds no leaderboard \(it is not the root run of a finished sweep\)"
     with pytest.raises(UserError, match=not_a_sweep):
