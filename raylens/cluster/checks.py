@@ -228,6 +228,7 @@ def _check_fits_embedded(spec: ExperimentSpec, *, tune: bool) -> None:
 
 def _check_metric(spec: ExperimentSpec, task: str | None, num_classes: int | None) -> None:
     from raylens.trainer.metrics import reported_metrics
+    from raylens.tuning.candidates import check_objectives
 
     assert spec.tune is not None
     tasks = [task] if task else ["classification", "regression"]
@@ -237,3 +238,4 @@ def _check_metric(spec: ExperimentSpec, task: str | None, num_classes: int | Non
             f"tune.metric: '{spec.tune.metric}' is not a metric raylens reports for {' or '.join(tasks)}"
             f"{did_you_mean(spec.tune.metric, reported)}; use one of {', '.join(reported)}"
         )
+    check_objectives(spec.tune, task, num_classes)

@@ -180,7 +180,8 @@ def leaderboard_table(board: Leaderboard, title: str = "leaderboard") -> Group:
 
     for rank, row in enumerate(board.rows, 1):
         costs = row.costs
-        notes = (["Pareto"] if row.pareto else []) + row.misses
+        notes = (["Pareto"] if row.pareto else []) + (["front"] if row.trial_id in board.front else [])
+        notes += [f"{name} {value:.4g}" for name, value in row.objectives.items()] + row.misses
         table.add_row(
             str(rank),
             Text(f"{row.candidate} {row.trial_id}"),
@@ -274,7 +275,7 @@ def sweep_debug_table(trials: list[TrialDebug], title: str) -> Table:
 
 _LEGEND = (
     "train s: training time; p50/p95 ms: one row's prediction; MB: model size; RSS MB: trial "
-    "memory; Pareto: no trial is both better and faster"
+    "memory; Pareto: no trial is both better and faster; front: no trial is better on every objective"
 )
 
 

@@ -44,8 +44,15 @@ def learning_curves_figure(history: Sequence[dict[str, float]]) -> Figure:
     return fig
 
 
-def pareto_figure(points: Sequence[tuple[str, float, float, bool]], metric: str, title: str) -> Figure:
-    """Trials as (label, p95 latency ms, metric, on the front): the front joined by a line."""
+def pareto_figure(
+    points: Sequence[tuple[str, float, float, bool]],
+    metric: str,
+    title: str,
+    *,
+    xlabel: str = "prediction latency p95 (ms per row)",
+    log_x: bool = True,
+) -> Figure:
+    """Trials as (label, cost, metric, on the front): the front joined by a line."""
     fig, ax = plt.subplots(figsize=(6, 4))
     labels = sorted({label for label, *_ in points})
     for label in labels:
@@ -54,8 +61,9 @@ def pareto_figure(points: Sequence[tuple[str, float, float, bool]], metric: str,
     front = sorted((lat, score) for _, lat, score, on_front in points if on_front)
     if front:
         ax.plot(*zip(*front, strict=True), color="black", linewidth=1, label="Pareto front")
-    ax.set_xscale("log")
-    ax.set_xlabel("prediction latency p95 (ms per row)")
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(metric)
     ax.set_title(title)
     ax.legend(fontsize="small")

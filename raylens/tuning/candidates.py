@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from raylens.errors import UserError
+from raylens.errors import UserError, did_you_mean
 from raylens.trainer import AnyModelConfig, TrainConfig
 from raylens.tuning.config import TuneConfig
 from raylens.tuning.space import Distribution, parse_space, sample_configs
@@ -144,6 +144,16 @@ def check_search(config: TuneConfig, candidates: list[Candidate]) -> None:
     if config.scheduler == "pbt":
         _check_pbt(config, candidates)
     optuna = config.search == "tpe" or len(candidates) > 1
+    if config.objectives and not optuna:
+        raise UserError(
+            "tune.objectives: a search for several objectives is Optuna's multi-objective TPE; set "
+            "tune.search: tpe (random and grid search draw without looking at results)"
+        )
+    if config.objectives and config.warm_start is not None:
+        raise UserError(
+            "tune.warm_start: earlier trials seed a search of tune.metric alone; leave out "
+            "tune.objectives or tune.warm_start"
+        )
     if config.warm_start is not None and not optuna:
         raise UserError(
             "tune.warm_start: earlier trials seed Optuna's searcher; set tune.search: tpe (random and "
@@ -159,6 +169,25 @@ def check_search(config: TuneConfig, candidates: list[Candidate]) -> None:
                         "instead (e.g. a width, with the list built from it by a model factory), or "
                         "use tune.search: random with one model"
                     )
+
+
+TRIAL_COSTS = ("time_total_s", "train_rss_mb")
+"""What every trial reports beside the loop's metrics: its training time (Tune's) and memory."""
+
+
+def check_objectives(config: TuneConfig, task: str | None, num_classes: int | None) -> None:
+    """Every objective is a metric trials of ``task`` report (either task's when None): said
+    before any trial starts, as Tune's own check would fail the sweep at the first report."""
+    from raylens.trainer.metrics import reported_metrics
+
+    tasks = [task] if task else ["classification", "regression"]
+    known = [*dict.fromkeys(n for each in tasks for n in reported_metrics(each, num_classes)), *TRIAL_COSTS]
+    for objective in config.objectives:
+        if objective.metric not in known:
+            raise UserError(
+                f"tune.objectives: '{objective.metric}' is not a metric trials report"
+                f"{did_you_mean(objective.metric, known)}; use one of {', '.join(known)}"
+            )
 
 
 def sampled_configs(

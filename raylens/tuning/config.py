@@ -38,6 +38,18 @@ class ConstraintsConfig(BaseModel):
     """The fitted model's size (weights, or the pickled estimator), in MB."""
 
 
+class ObjectiveConfig(BaseModel):
+    """A further objective of a multi-objective search, beside tune.metric."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    metric: str
+    """A metric every trial reports (valid_loss, train_rss_mb, ...) or time_total_s, the trial's
+    training time."""
+    mode: Literal["min", "max"] = "min"
+    """min for losses, times and sizes, max for scores."""
+
+
 class TuneConfig(BaseModel):
     """A hyperparameter sweep: which values to try, how many trials, how to stop bad ones early."""
 
@@ -93,8 +105,23 @@ class TuneConfig(BaseModel):
     seed the searcher (tune.search: tpe, or tune.candidates), so this sweep starts where that
     one left off; values outside this sweep's space are dropped with a note (a widened space
     keeps them all). The metric must be the same."""
+    objectives: list[ObjectiveConfig] = Field(default_factory=list)
+    """Further objectives searched for beside tune.metric (e.g. [{metric: time_total_s, mode: min}]):
+    Optuna's multi-objective TPE (tune.search: tpe) samples towards their Pareto front, which the
+    leaderboard shows; the winner is the front's best on tune.metric."""
     time_budget_s: float | None = Field(None, gt=0)
     """Stop starting trials after this many seconds (running ones stop too); the best so far wins."""
+
+    @model_validator(mode="after")
+    def _distinct_objectives(self) -> TuneConfig:
+        names = [self.metric, *(o.metric for o in self.objectives)]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(
+                f"tune.objectives: {', '.join(twice)} is an objective twice (tune.metric is the first); "
+                "list each metric once"
+            )
+        return self
 
     @model_validator(mode="after")
     def _distinct_candidates(self) -> TuneConfig:

@@ -56,6 +56,8 @@ class Row:
     """Why it does not meet the constraints; empty: it does."""
     pareto: bool = False
     """On the Pareto front of the metric against p95 latency."""
+    objectives: dict[str, float] = field(default_factory=dict)
+    """Its values of the further objectives of a multi-objective search (tune.objectives)."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,10 @@ class Leaderboard:
     rows: list[Row]
     """Ranked: best metric first (ties: the earlier trial)."""
     constraints: dict[str, float] = field(default_factory=dict)
+    objectives: dict[str, str] = field(default_factory=dict)
+    """The further objectives of a multi-objective search and their modes (min, max)."""
+    front: list[str] = field(default_factory=list)
+    """The trials no other beats on every objective, tune.metric included (multi-objective only)."""
     parameter_importances: dict[str, float] = field(default_factory=dict)
     """How much of the metric's variance over the finished trials each searched value explains
     (Optuna's fANOVA; the shares add up to 1), the largest first; empty under 3 trials."""
@@ -88,12 +94,14 @@ class Leaderboard:
             )
             for row in data["rows"]
         ]
-        return cls(
+        return cls(  # fields absent in sweeps recorded before them take their defaults
             data["metric"],
             data["mode"],
             rows,
             dict(data.get("constraints", {})),
-            dict(data.get("parameter_importances", {})),  # absent in sweeps recorded before it
+            dict(data.get("objectives", {})),
+            list(data.get("front", [])),
+            dict(data.get("parameter_importances", {})),
         )
 
     def verdict(self) -> str:
@@ -215,21 +223,42 @@ def misses(costs: Costs, constraints: ConstraintsConfig | None) -> list[str]:
 
 def pareto_front(rows: Sequence[Row], mode: str) -> set[str]:
     """Trials no other trial beats on both the metric and p95 latency (unmeasured: left out)."""
-    points = [
-        (row.trial_id, row.score if mode == "min" else -row.score, row.costs.predict_p95_ms)
-        for row in rows
-        if row.costs.predict_p95_ms is not None
-    ]
-    front = set()
-    for trial, score, latency in points:
-        beaten = any(
-            (s <= score and lat <= latency) and (s < score or lat < latency)
-            for other, s, lat in points
-            if other != trial
+    return non_dominated(
+        {
+            row.trial_id: (row.score if mode == "min" else -row.score, row.costs.predict_p95_ms)
+            for row in rows
+            if row.costs.predict_p95_ms is not None
+        }
+    )
+
+
+def objectives_front(rows: Sequence[Row], mode: str, objectives: Mapping[str, str]) -> list[str]:
+    """Trials no other beats on tune.metric and every further objective (a trial that did not
+    report one of them is left out), in the rows' order."""
+    sign = {"min": 1.0, "max": -1.0}
+    points = {
+        row.trial_id: (
+            sign[mode] * row.score,
+            *(sign[m] * row.objectives[name] for name, m in objectives.items()),
         )
-        if not beaten:
-            front.add(trial)
-    return front
+        for row in rows
+        if all(name in row.objectives for name in objectives)
+    }
+    front = non_dominated(points)
+    return [row.trial_id for row in rows if row.trial_id in front]
+
+
+def non_dominated(points: Mapping[str, tuple[float, ...]]) -> set[str]:
+    """The keys whose values (all minimized) no other's are at most everywhere and below somewhere."""
+    return {
+        key
+        for key, mine in points.items()
+        if not any(
+            all(o <= m for o, m in zip(other, mine, strict=True)) and other != mine
+            for name, other in points.items()
+            if name != key
+        )
+    }
 
 
 def ranked(rows: Sequence[Row], mode: str, order: Mapping[str, int]) -> list[Row]:

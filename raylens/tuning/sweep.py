@@ -55,6 +55,7 @@ from raylens.tuning.candidates import (
     EarlierTrial,
     candidate_named,
     candidates_of,
+    check_objectives,
     check_search,
     quiet_optuna,
     seeded_study,
@@ -76,6 +77,7 @@ from raylens.tuning.leaderboard import (
     latency_ms,
     misses,
     model_mb,
+    objectives_front,
     parameter_importances,
     pareto_front,
     permutation_importances,
@@ -216,6 +218,7 @@ def run_sweep(
     storage_path = Location.of(storage_path)
     candidates = candidates_of(config, model)
     check_search(config, candidates)
+    check_objectives(config, feature_set.task, feature_set.num_outputs)
     space = tune_space(config, candidates)
     workers = config.workers_per_trial
     plan = plan_concurrency(
@@ -386,6 +389,7 @@ def leaderboard_of(
                 model_mb=model_mb(family, predictor, trial_job.model),
             )
         candidate = candidate_named(trial.config, candidates).name
+        reported = result.metrics or {}
         row = Row(
             trial.trial_id,
             candidate,
@@ -393,6 +397,11 @@ def leaderboard_of(
             costs,
             spec_values(trial.config, candidates),
             misses=misses(costs, config.constraints),
+            objectives={
+                o.metric: float(reported[o.metric])
+                for o in config.objectives
+                if isinstance(reported.get(o.metric), int | float)
+            },
         )
         rows.append(row)
         kept = best_of.get(candidate)
@@ -420,7 +429,20 @@ def leaderboard_of(
     ]
     constraints = config.constraints.model_dump(exclude_none=True) if config.constraints else {}
     importance = parameter_importances(rows, candidates, config.mode, config.seed)
-    return Leaderboard(config.metric, config.mode, ranked(rows, config.mode, order), constraints, importance)
+    objectives: dict[str, str] = {o.metric: o.mode for o in config.objectives}
+    unreported = [name for name in objectives if not any(name in row.objectives for row in rows)]
+    if unreported:
+        known = sorted(
+            {k for r in results for k, v in (r.metrics or {}).items() if isinstance(v, int | float)}
+        )
+        raise UserError(
+            f"tune.objectives: no trial reported {', '.join(unreported)}; an objective is one of the "
+            f"metrics trials report: {', '.join(k for k in known if k.startswith(('valid_', 'train_')))}, "
+            "or time_total_s"
+        )
+    ranks = ranked(rows, config.mode, order)
+    on_front = objectives_front(ranks, config.mode, objectives) if objectives else []
+    return Leaderboard(config.metric, config.mode, ranks, constraints, objectives, on_front, importance)
 
 
 def _described(candidate: Candidate) -> dict[str, str]:
@@ -489,6 +511,24 @@ def _record_leaderboard(
             pareto_figure(points, board.metric, "trials: metric against prediction latency"),
             "plots/pareto_front.png",
         )
+    if board.objectives:
+        first = next(iter(board.objectives))
+        on_front = set(board.front)
+        tracker.log_figure(
+            parent_run_id,
+            pareto_figure(
+                [
+                    (row.candidate, row.objectives[first], row.score, row.trial_id in on_front)
+                    for row in board.rows
+                    if first in row.objectives
+                ],
+                board.metric,
+                f"trials: {board.metric} against {first}",
+                xlabel=first,
+                log_x=False,
+            ),
+            "plots/objectives_front.png",
+        )
     if board.parameter_importances:
         tracker.log_figure(
             parent_run_id,
@@ -553,9 +593,12 @@ def searcher(
             warm = {"storage": storage, "study_name": WARM_STUDY}
             for note in notes:
                 on_notice(note)
-        return OptunaSearch(
-            space=DefineByRun(candidates), sampler=sampler, metric=config.metric, mode=config.mode, **warm
-        )
+        metric: str | list[str] = config.metric
+        mode: str | list[str] = config.mode
+        if config.objectives:  # multi-objective: Optuna's TPE models every objective's values
+            metric = [config.metric, *(o.metric for o in config.objectives)]
+            mode = [config.mode, *(o.mode for o in config.objectives)]
+        return OptunaSearch(space=DefineByRun(candidates), sampler=sampler, metric=metric, mode=mode, **warm)
 
 
 def tpe_startup_trials(trials: int) -> int:

@@ -161,6 +161,50 @@ def test_a_failed_trial_is_retried_and_constraints_no_trial_meets_leave_no_winne
     assert marker.exists()
 
 
+def test_a_multi_objective_search_shows_the_front_of_the_metric_against_training_time(
+    cancer: FeatureSet, tmp_path: Path
+) -> None:
+    tune = TuneConfig(
+        trials=5,
+        concurrency=2,
+        search="tpe",
+        scheduler="fifo",
+        metric="valid_accuracy",
+        mode="max",
+        objectives=[{"metric": "time_total_s", "mode": "min"}],
+        space={"model.params.n_estimators": "randint(2, 60)", "model.params.max_depth": "randint(1, 8)"},
+    )
+    forest = SklearnModelConfig(name="random_forest")
+    result, tracker, parent = sweep(cancer, tmp_path, tune, forest)
+    board = result.leaderboard
+    assert board is not None and board.objectives == {"time_total_s": "min"}
+    assert all(row.objectives["time_total_s"] > 0 for row in board.rows)
+    # The front: no trial on it is beaten on both; every trial off it is beaten by one on it.
+    on = [row for row in board.rows if row.trial_id in board.front]
+    off = [row for row in board.rows if row.trial_id not in board.front]
+    assert board.rows[0] in on and board.winner is board.rows[0]  # the best on the metric wins
+
+    def beats(a: Any, b: Any) -> bool:
+        at, bt = a.objectives["time_total_s"], b.objectives["time_total_s"]
+        return a.score >= b.score and at <= bt and (a.score > b.score or at < bt)
+
+    assert not any(beats(a, b) for a in on for b in on)
+    assert all(any(beats(a, b) for a in on) for b in off)
+    artifacts = {a.path for a in tracker.client.list_artifacts(parent, "plots")}
+    assert "plots/objectives_front.png" in artifacts
+
+    # Refused before any trial starts.
+    with pytest.raises(UserError, match=r"tune\.objectives: a search for several objectives is Optuna's"):
+        sweep(cancer, tmp_path / "random", tune.model_copy(update={"search": "random"}), forest)
+    wrong = TuneConfig.model_validate({**tune.model_dump(), "objectives": [{"metric": "valid_acuracy"}]})
+    with pytest.raises(
+        UserError, match=r"'valid_acuracy' is not a metric .* \(did you mean 'valid_accuracy'"
+    ):
+        sweep(cancer, tmp_path / "wrong", wrong, forest)
+    with pytest.raises(ValueError, match="valid_accuracy is an objective twice"):
+        TuneConfig(metric="valid_accuracy", objectives=[{"metric": "valid_accuracy", "mode": "max"}])
+
+
 def test_tpe_with_median_stopping_and_grid_search_run_their_trials(
     cancer: FeatureSet, tmp_path: Path
 ) -> None:
