@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     seeds = 2 if args.quick else SEEDS
     model = TorchModelConfig(params={"hidden": [64]})
     train = TrainConfig(epochs=10, batch_size=64)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)

@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     train = TrainConfig(epochs=5, batch_size=32)
     out: dict[str, Any] = {}
     ratios = []
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)

@@ -61,7 +61,7 @@ def loop():
     if ray.train.get_context().get_world_rank() == 0:
         open({path!r}, "w").write(str(time.time()))
 
-ray.init(num_cpus={cpus}, include_dashboard=False)
+ray.init(address="local", num_cpus={cpus}, include_dashboard=False)
 ray.train.torch.TorchTrainer(loop, scaling_config=ray.train.ScalingConfig(num_workers=2)).fit()
 """
 

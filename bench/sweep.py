@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     trials = 8 if args.quick else TRIALS
     ideal = trials / CONCURRENCY * SECONDS
-    ray.init(num_cpus=CONCURRENCY, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=CONCURRENCY, include_dashboard=False, log_to_driver=False)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
