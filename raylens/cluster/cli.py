@@ -547,7 +547,9 @@ def predict(
 ) -> None:
     """Score a file or folder of rows with a registered model, in batches, into one output file:
     the --keep columns, `prediction`, and for a classifier one `probability_<class>` column per
-    class. The input is checked as the served model checks it; a failure writes nothing."""
+    class. The input is checked as the served model checks it; a failure writes nothing. A model
+    of a feature set with entity ids also scores rows holding the ids alone: their features come
+    from the online store the RAYLENS_ONLINE_STORE variable names (`raylens features materialize`)."""
     from rich.progress import Progress as Bar
 
     from raylens.cluster.predict import predict_files

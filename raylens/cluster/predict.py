@@ -223,6 +223,7 @@ def _score_on_ray(
     import ray.data
 
     from raylens.cluster.runtime import RuntimeSettings, start_ray, stop_ray
+    from raylens.trainer.artifacts import ONLINE_STORE_VARIABLE
 
     runtime = start_ray(RuntimeSettings.build(address=address))
     context = ray.data.DataContext.get_current()
@@ -237,6 +238,8 @@ def _score_on_ray(
                 paths, convert_options=pacsv.ConvertOptions(column_types=column_types or {})
             )
         )
+        # The online store a model of entity ids looks features up in, named for the actors too.
+        store = os.environ.get(ONLINE_STORE_VARIABLE)
         scored = dataset.map_batches(
             _Scorer,  # a class: Ray Data runs it as a pool of actors, each loading the model once
             fn_constructor_args=scorer,
@@ -244,6 +247,7 @@ def _score_on_ray(
             batch_format="pyarrow",
             concurrency=workers,
             num_cpus=1,
+            runtime_env={"env_vars": {ONLINE_STORE_VARIABLE: store}} if store else None,
         )
         for batch in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
             batch = cast(pa.Table, batch)

@@ -399,6 +399,20 @@ def test_given_entity_ids_alone_the_model_looks_their_features_up_in_the_online_
     assert model.predict(pd.DataFrame({"customer": ids}), params=online).tolist() == by_features.tolist()
     monkeypatch.setenv("RAYLENS_ONLINE_STORE", online["online_store"])
     assert model.predict(pd.DataFrame({"customer": ids})).tolist() == by_features.tolist()
+    # `raylens predict` of a file of ids alone, as a user scores a batch of customers.
+    from raylens.cluster.predict import predict_files
+
+    pd.DataFrame({"customer": ids}).to_csv(tmp_path / "ids.csv", index=False)
+    done = predict_files(
+        logged.model_uri,
+        tmp_path / "ids.csv",
+        tmp_path / "out.csv",
+        tracking_uri=logged.tracking_uri,
+        keep=["customer"],
+        workers=1,
+    )
+    scored = pd.read_csv(done.out)
+    assert scored["customer"].tolist() == ids and scored["prediction"].tolist() == by_features.tolist()
 
     with pytest.raises(
         MlflowException, match=r"2 'customer' ids are not in the online store .*'nobody', 'c99'"
