@@ -1,7 +1,10 @@
 """From a stored feature set to torch batches: rows/s of reading a version's training split with
 ``FeatureSet.read`` and cutting it into batches of 256 as the training loop does, beside a plain
-pyarrow → NumPy → torch read of the same Parquet file cut the same way. 500,000 rows x 64
-features; best of 5 rounds each, in turn. The ratio printed last is raylens ÷ plain.
+pyarrow → NumPy → torch read of the same Parquet file cut the same way; and streamed through Ray
+Data as ``train.data: ray_data`` reads it (``streamed_dataset``: features packed into one tensor
+column, iterated as torch batches; ``ray_data_ratio``, with the seconds to its first batch and
+its rows/s after it). 500,000 rows x 64 features; best of 5 rounds each, in turn. The ratio
+printed last is raylens (memory) ÷ plain.
 """
 
 from __future__ import annotations
@@ -50,17 +53,49 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             y = table.column(TARGET).to_numpy()
             return _batches(torch.from_numpy(x), torch.from_numpy(y))
 
-        best = {"raylens": float("inf"), "plain": float("inf")}
-        for _ in range(rounds):
-            for name, read in (("raylens", raylens_read), ("plain", plain_read)):
-                began = time.perf_counter()
-                read()
-                best[name] = min(best[name], time.perf_counter() - began)
+        import ray
+
+        from raylens.trainer.ray_train import streamed_dataset
+
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+        try:
+            dataset = streamed_dataset(fs)
+
+            steady: list[tuple[float, float]] = []  # (seconds to the first batch, rows/s after it)
+
+            def ray_data_read() -> int:  # train.data: ray_data, one worker's stream
+                rows, began, first = 0, time.perf_counter(), None
+                for batch in dataset.iter_torch_batches(
+                    batch_size=BATCH, dtypes={"x": torch.float32, "y": torch.int64}
+                ):
+                    if first is None:
+                        first = time.perf_counter()
+                    rows += len(batch["x"]) + 0 * len(batch["y"])
+                assert first is not None
+                steady.append((first - began, (rows - BATCH) / (time.perf_counter() - first)))
+                return rows
+
+            best = {"raylens": float("inf"), "plain": float("inf"), "ray_data": float("inf")}
+            for _ in range(rounds):
+                for name, read in (
+                    ("raylens", raylens_read),
+                    ("plain", plain_read),
+                    ("ray_data", ray_data_read),
+                ):
+                    began = time.perf_counter()
+                    read()
+                    best[name] = min(best[name], time.perf_counter() - began)
+        finally:
+            ray.shutdown()
         train_rows = fs.manifest.rows["train"]
     return {
         "rows": train_rows,
         "features": features,
         "raylens_rows_per_s": train_rows / best["raylens"],
         "plain_rows_per_s": train_rows / best["plain"],
+        "ray_data_rows_per_s": train_rows / best["ray_data"],
+        "ray_data_first_batch_s": min(first for first, _ in steady),
+        "ray_data_steady_rows_per_s": max(rate for _, rate in steady),
+        "ray_data_ratio": best["plain"] / best["ray_data"],
         "ratio": best["plain"] / best["raylens"],
     }

@@ -67,6 +67,11 @@ class ExperimentSpec(BaseModel):
                 "model.family sklearn: a scikit-learn estimator fits in one process on CPUs; remove "
                 "train.scaling.workers, strategy and use_gpu (give it threads with cpus_per_worker)"
             )
+        if self.train.data != "memory":
+            raise ValueError(
+                "model.family sklearn: a scikit-learn estimator fits on the whole split in memory; "
+                "remove train.data (ray_data streams batches to torch models)"
+            )
         return self
 
     @model_validator(mode="after")

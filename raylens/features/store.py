@@ -106,6 +106,25 @@ class FeatureSet:
         x = np.stack(columns, axis=1).astype(np.float32, copy=False) if columns else np.empty((0, 0))
         return SplitArrays(np.ascontiguousarray(x), table.column(TARGET).to_numpy())
 
+    def read_head(self, split: str, rows: int) -> np.ndarray:
+        """The first ``rows`` rows of one split's features (fewer if it is shorter), float32,
+        without reading the rest."""
+        file = self.path / f"{split}.parquet"
+        parquet = pq.ParquetFile(file.path, filesystem=None if self.path.local else file.filesystem)
+        first = next(parquet.iter_batches(batch_size=max(rows, 1), columns=self.feature_columns), None)
+        if first is None:
+            return np.empty((0, len(self.feature_columns)), dtype=np.float32)
+        return np.stack([first.column(c).to_numpy() for c in self.feature_columns], axis=1).astype(np.float32)
+
+    def read_targets(self, split: str) -> np.ndarray:
+        """One split's encoded targets alone (a number per row)."""
+        file = self.path / f"{split}.parquet"
+        if self.path.local:
+            return pq.read_table(file.path, columns=[TARGET]).column(TARGET).to_numpy()
+        return (
+            pq.read_table(file.path, columns=[TARGET], filesystem=file.filesystem).column(TARGET).to_numpy()
+        )
+
     def read_quarantined(self) -> pa.Table | None:
         """The source rows data validation set aside, with their reasons (None: none were)."""
         if not self.manifest.quarantined:

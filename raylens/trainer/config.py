@@ -309,6 +309,12 @@ class TrainConfig(_Strict):
     long epochs): a resume goes on from the latest of them, mid-epoch. Every report then carries
     `step`, and MLflow logs the run's metrics by optimizer step instead of by epoch. Sweep trials
     validate after epochs only (their halving rungs count epochs)."""
+    data: Literal["memory", "ray_data"] = "memory"
+    """How the final training reads its training split. memory: each worker maps the whole split
+    (memory-mapped Parquet; a sweep's trials share one copy in Ray's object store); ray_data: Ray
+    Data streams it from the store, a shard per worker, in batches of one fixed-size tensor
+    column, locally shuffled per epoch (a split larger than a worker's memory; torch models, ddp
+    or fsdp, checkpoints at epoch ends). Sweep trials read it from memory either way."""
     step_timeout_s: float | None = Field(600.0, gt=0)
     """Seconds a Ray Train worker may go without finishing a batch (a hung collective, a stalled
     data read, a blocked model) before its attempt fails, naming the rank; the run restarts
@@ -327,6 +333,22 @@ class TrainConfig(_Strict):
             raise ValueError(
                 f"batch_size ({self.batch_size}) is not a multiple of scaling.pipeline.microbatches "
                 f"({microbatches}): every microbatch has batch_size / microbatches rows; change either"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _streams_what_it_can(self) -> TrainConfig:
+        if self.data != "ray_data":
+            return self
+        if self.scaling.strategy == "pipeline":
+            raise ValueError(
+                "data: ray_data deals each worker its own rows, and a pipeline's stages share every "
+                "batch: use data: memory with strategy: pipeline"
+            )
+        if self.eval_every_steps is not None:
+            raise ValueError(
+                "data: ray_data streams an epoch once, so a run cannot resume in the middle of one: "
+                "leave out eval_every_steps (checkpoints come at epoch ends) or use data: memory"
             )
         return self
 

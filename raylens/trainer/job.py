@@ -31,6 +31,7 @@ from raylens.trainer.loop import (
     Reporter,
     ShuffleRows,
     StepRules,
+    StreamedBatches,
     TrainState,
     evaluate,
     fit,
@@ -161,9 +162,20 @@ def step_rules(train: TrainConfig, rows: int) -> StepRules:
     )
 
 
+@dataclass(frozen=True)
+class StreamedSplit:
+    """A training split read as a stream (``train.data: ray_data``): this worker's batches, its
+    first rows (to build and place the model) and every row's target (a number per row: the
+    class counts the debugger judges)."""
+
+    batches: StreamedBatches
+    head: np.ndarray
+    y: np.ndarray
+
+
 def run_worker(
     job: TrainJob,
-    train: SplitArrays,
+    train: SplitArrays | StreamedSplit,
     valid: SplitArrays,
     reporter: Reporter,
     *,
@@ -193,12 +205,13 @@ def run_worker(
         pipeline=job.train.scaling.pipeline,
     )
     batch_size = job.train.batch_size
-    if plan.strategy == "pipeline" and len(train) < batch_size:
+    if plan.strategy == "pipeline" and len(train.y) < batch_size:  # (a stream never is a pipeline's)
         raise UserError(
-            f"the training split has {len(train)} rows, fewer than one batch (train.batch_size "
+            f"the training split has {len(train.y)} rows, fewer than one batch (train.batch_size "
             f"{batch_size}), and a pipeline trains whole batches only: lower train.batch_size"
         )
-    parallel = plan.apply(model, device, batch=torch.from_numpy(train.x[:batch_size]), task=job.task)
+    head = train.head if isinstance(train, StreamedSplit) else train.x
+    parallel = plan.apply(model, device, batch=torch.from_numpy(np.array(head[:batch_size])), task=job.task)
     if world_size > 1:
         # Same weights everywhere, then each rank its own stream: dropout masks differ per rank,
         # as if the rows of one large batch were drawn independently.
@@ -219,10 +232,15 @@ def run_worker(
     )
     valid_combine = combine if sums_validation else local
     valid_batches = Batches.from_numpy(valid.x[valid_rows], valid.y[valid_rows]).to(device)
-    train_batches = Batches.from_numpy(train.x, train.y).to(device)
-    epoch_rows, rows_per_epoch = _epoch_rows(
-        parallel, len(train), rank, world_size, job.train.seed, batch_size
-    )
+    train_batches: Batches | StreamedBatches
+    epoch_rows: ShuffleRows | None
+    if isinstance(train, StreamedSplit):  # already this worker's share, shuffled as it streams
+        train_batches, epoch_rows, rows_per_epoch = train.batches, None, len(train.batches)
+    else:
+        train_batches = Batches.from_numpy(train.x, train.y).to(device)
+        epoch_rows, rows_per_epoch = _epoch_rows(
+            parallel, len(train), rank, world_size, job.train.seed, batch_size
+        )
     debugger = None
     if job.train.debug is not None:
         debugger = Debugger(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
@@ -45,6 +45,19 @@ class Batches:
 
     def to(self, device: torch.device) -> Batches:
         return Batches(self.x.to(device), self.y.to(device))
+
+
+class StreamedBatches(Protocol):
+    """Training rows that are not held but stream (Ray Data): each epoch's batches in turn,
+    already this worker's share and shuffled, as (features, targets) tensors on ``device``."""
+
+    device: torch.device
+
+    def __len__(self) -> int:
+        """Rows this worker trains on per epoch."""
+        ...
+
+    def epoch(self, epoch: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
 
 @dataclass(frozen=True)
@@ -253,7 +266,7 @@ ClipGradNorm = Callable[[float], torch.Tensor]
 def fit(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    train: Batches,
+    train: Batches | StreamedBatches,
     task: TaskSpec,
     *,
     epochs: int,
@@ -289,8 +302,13 @@ def fit(
     ``start_epoch``'s first steps: their batches are skipped, and the epoch's sums start from
     ``so_far`` (given to one rank only: they are the sums over all ranks).
     """
+    streamed = not isinstance(train, Batches)
+    if streamed and (epoch_rows is not None or start_step is not None):
+        raise ValueError("streamed rows come dealt and shuffled, and resume at epoch ends only")
     shuffle = epoch_rows or _shuffled(len(train), seed)
-    batches_per_epoch = -(-len(shuffle(start_epoch)) // batch_size)
+    rows_per_epoch = len(train) if streamed else len(shuffle(start_epoch))
+    batches_per_epoch = -(-rows_per_epoch // batch_size)
+    device = train.x.device if isinstance(train, Batches) else train.device
     steps_per_epoch = -(-batches_per_epoch // rules.accumulate)
     step = start_epoch * steps_per_epoch if start_step is None else start_step
     skip = (step - start_epoch * steps_per_epoch) * rules.accumulate
@@ -304,27 +322,31 @@ def fit(
     scale = 1 / rules.accumulate
     for epoch in range(start_epoch, epochs):
         model.train()
-        order = shuffle(epoch)
+        stream = None if isinstance(train, Batches) else train.epoch(epoch, batch_size)
+        order = shuffle(epoch) if stream is None else None
         started = time.perf_counter()
         earlier = so_far if epoch == start_epoch and so_far is not None else EpochSoFar(0.0, 0.0, 0.0, 0)
         # Summed where the losses are: on a GPU, reading one back would wait for the device on
         # every batch; the sums are read once, at the epoch's end.
-        loss_sum = torch.tensor(earlier.loss_sum, dtype=torch.float64, device=train.x.device)
-        weight_sum = torch.tensor(earlier.weight_sum, dtype=torch.float64, device=train.x.device)
+        loss_sum = torch.tensor(earlier.loss_sum, dtype=torch.float64, device=device)
+        weight_sum = torch.tensor(earlier.weight_sum, dtype=torch.float64, device=device)
         rows = 0
         norms: list[torch.Tensor] = []
-        batch_starts = range(0, len(order), batch_size)
-        for position, begin in enumerate(batch_starts):
+        for position in range(batches_per_epoch):
             if epoch == start_epoch and position < skip:
                 continue  # trained before the mid-epoch checkpoint this run resumed from
             if heartbeat is not None:
                 where["epoch"], where["step"] = epoch, step
                 heartbeat.beat(epoch, step, 0)
-            index = order[begin : begin + batch_size]
-            x, y = train.x[index], train.y[index]
+            if stream is not None:
+                x, y = _next_batch(stream, position, batches_per_epoch)
+            else:
+                assert order is not None and isinstance(train, Batches)
+                index = order[position * batch_size : (position + 1) * batch_size]
+                x, y = train.x[index], train.y[index]
             if heartbeat is not None:
                 heartbeat.beat(epoch, step, 1)
-            steps_now = (position + 1) % rules.accumulate == 0 or position == len(batch_starts) - 1
+            steps_now = (position + 1) % rules.accumulate == 0 or position == batches_per_epoch - 1
             with torch.autocast(
                 x.device.type, dtype=rules.autocast or torch.bfloat16, enabled=rules.autocast is not None
             ):
@@ -337,7 +359,7 @@ def fit(
                 rows_weight = loss_weight(y, task)
                 loss_sum += loss.double() * rows_weight
                 weight_sum += rows_weight
-                rows += len(index)
+                rows += len(y)
             if not steps_now:
                 continue
             if rules.clip_grad_norm is not None:
@@ -355,7 +377,7 @@ def fit(
                     stop = _agreed([m.on_step(view) for m in due], combine)
                     if stop is not None:
                         return FitResult(epoch, stop, step)
-            last_batch = position == len(batch_starts) - 1
+            last_batch = position == batches_per_epoch - 1
             if rules.evaluate_every and step % rules.evaluate_every == 0 and not last_batch:
                 if heartbeat is not None:
                     heartbeat.pause()
@@ -363,7 +385,7 @@ def fit(
                 # Norms are the same on every rank (of the whole model's gradients): this rank's.
                 norm_sum, count = _norms(earlier, norms)
                 state = EpochSoFar(float(sums[0]), float(sums[1]), norm_sum, count)
-                metrics = {"epoch": epoch + (position + 1) / len(batch_starts), "step": float(step)}
+                metrics = {"epoch": epoch + (position + 1) / batches_per_epoch, "step": float(step)}
                 metrics.update({f"valid_{k}": v for k, v in validate().items()})
                 reporter.report(metrics, TrainState(model, optimizer, epoch, step=step, so_far=state))
                 model.train()
@@ -392,6 +414,20 @@ def fit(
             if stop is not None:
                 return FitResult(epoch + 1, stop, step)
     return FitResult(epochs)
+
+
+def _next_batch(
+    stream: Iterator[tuple[torch.Tensor, torch.Tensor]], position: int, batches: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stream's next batch; a stream that ends early would leave this worker behind the
+    others in a collective, so it is an error that says so."""
+    try:
+        return next(stream)
+    except StopIteration:
+        raise RuntimeError(
+            f"the training stream ended after {position} of its {batches} batches this epoch; every "
+            "worker must train as many batches as the others"
+        ) from None
 
 
 def _norms(earlier: EpochSoFar, norms: list[torch.Tensor]) -> tuple[float, int]:

@@ -42,6 +42,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.fs
 import ray
 import ray.train
@@ -51,10 +53,11 @@ from ray.train import CheckpointUploadMode
 from ray.util.queue import Empty, Queue
 
 from raylens.features import FeatureSet
+from raylens.features.store import TARGET, WRITE_ROWS
 from raylens.interrupts import deferred_interrupts
 from raylens.storage import Location, ray_storage
 from raylens.trainer.config import BestCheckpointConfig
-from raylens.trainer.job import TrainingFailed, TrainJob, raise_if_failed, run_worker
+from raylens.trainer.job import StreamedSplit, TrainingFailed, TrainJob, raise_if_failed, run_worker
 from raylens.trainer.loop import Action, TrainState
 from raylens.trainer.parallel import (
     CorruptCheckpoint,
@@ -156,6 +159,69 @@ def restore_point(checkpoint: ray.train.Checkpoint) -> tuple[dict[str, Any], str
     )
 
 
+SHUFFLE_BUFFER_BATCHES = 8
+"""A streamed epoch is shuffled within a buffer of this many batches' rows (Ray Data's local
+shuffle), its blocks dealt to the workers in a new order each epoch by Ray Data."""
+
+
+def streamed_dataset(feature_set: FeatureSet, split: str = "train") -> ray.data.Dataset:
+    """A stored split as a Ray Data dataset of two columns: ``x``, the feature columns as one
+    fixed-size float32 tensor per row (packed in Ray Data's tasks, block by block, so the
+    training loop gets a ready (batch, features) tensor), and ``y``, the target."""
+    import ray.data
+
+    file = feature_set.path / f"{split}.parquet"
+    columns = feature_set.feature_columns
+    blocks = max(2, feature_set.manifest.rows[split] // WRITE_ROWS)
+    dataset = ray.data.read_parquet(
+        file.path, filesystem=file.filesystem, columns=[*columns, TARGET], override_num_blocks=blocks
+    )
+    return dataset.map_batches(partial(_packed, columns=columns), batch_format="pyarrow")
+
+
+def _packed(batch: pa.Table, columns: list[str]) -> pa.Table:
+    from ray.data.extensions import ArrowTensorArray
+
+    x = np.stack([batch.column(c).to_numpy() for c in columns], axis=1).astype(np.float32, copy=False)
+    return pa.table({"x": ArrowTensorArray.from_numpy(x), "y": batch.column(TARGET)})
+
+
+class RayDataBatches:
+    """This worker's shard of a streamed split (``ray.train.get_dataset_shard``), an epoch at a
+    time: batches of ``(x, y)`` tensors on ``device``. Ray Train deals every worker as many
+    rows (``streaming_split(equal=True)``), so every worker trains as many batches."""
+
+    def __init__(self, shard: Any, rows: int, device: torch.device, seed: int, target: torch.dtype) -> None:
+        self.shard, self.rows, self.device, self.seed, self.target = shard, rows, device, seed, target
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def epoch(self, epoch: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for batch in self.shard.iter_torch_batches(
+            batch_size=batch_size,
+            dtypes={"x": torch.float32, "y": self.target},
+            device=self.device,
+            local_shuffle_buffer_size=SHUFFLE_BUFFER_BATCHES * batch_size,
+            local_shuffle_seed=self.seed * 100_003 + epoch,
+        ):
+            yield batch["x"], batch["y"]
+
+
+def _streamed_split(
+    job: TrainJob, feature_set: FeatureSet, rank: int, world_size: int, device: torch.device
+) -> StreamedSplit:
+    """The training split as this worker streams it, with its first rows and its targets."""
+    rows = feature_set.manifest.rows["train"] // world_size  # an equal split drops the rest
+    target = torch.int64 if job.task.kind == "classification" else torch.float32  # as stored
+    batches = RayDataBatches(
+        ray.train.get_dataset_shard("train"), rows, device, job.train.seed + rank, target
+    )
+    return StreamedSplit(
+        batches, feature_set.read_head("train", job.train.batch_size), feature_set.read_targets("train")
+    )
+
+
 def _train_loop_per_worker(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
@@ -173,14 +239,18 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     if job.train.step_timeout_s is not None:
         watch = StallWatch(job.train.step_timeout_s, rank, partial(_report_stall, queue))
     try:
+        streams = job.train.data == "ray_data"
+        device = ray.train.torch.get_device()
         result = run_worker(
             job,
-            feature_set.read("train"),
+            _streamed_split(job, feature_set, rank, world_size, device)
+            if streams
+            else feature_set.read("train"),
             feature_set.read("valid"),
             RayTrainReporter(rank, queue),
             rank=rank,
             world_size=world_size,
-            device=ray.train.torch.get_device(),
+            device=device,
             resume_from=resume_from,
             heartbeat=watch,
             on_finding=None if queue is None else lambda finding: queue.put_nowait((NOTICE, finding.said())),
@@ -275,6 +345,7 @@ def train_distributed(
             "queue": queue,
         },
         scaling_config=scaling_config(job),
+        datasets={"train": streamed_dataset(feature_set)} if job.train.data == "ray_data" else None,
         run_config=ray.train.RunConfig(
             name=run_name,
             **ray_storage(storage_path),
@@ -406,7 +477,8 @@ def trains_in_driver(job: TrainJob, *, embedded: bool) -> bool:
     machine alone. On any other cluster Ray places the worker (a Ray Client driver is not even
     on the cluster), and GPUs are Ray's to assign."""
     scaling = job.train.scaling
-    return embedded and scaling.workers == 1 and not scaling.use_gpu
+    # A streamed split is dealt by Ray Train to its workers: it needs one.
+    return embedded and scaling.workers == 1 and not scaling.use_gpu and job.train.data == "memory"
 
 
 def checkpoint_folders(run_folder: Path) -> list[Path]:

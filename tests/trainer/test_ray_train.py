@@ -7,6 +7,7 @@ No Ray cluster is started: the driver needs none to train."""
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -348,3 +349,60 @@ def test_the_run_tests_and_logs_the_best_checkpoints_model(iris: FeatureSet, tmp
     assert result.test_metrics["test_loss"] == pytest.approx(expected, rel=1e-9)
     whole = evaluate(model, Batches.from_numpy(test.x, test.y), noisy.task)["loss"]  # the loop's, in float32
     assert result.test_metrics["test_loss"] == pytest.approx(whole, rel=1e-5)
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_streamed_split_deals_each_worker_an_equal_shuffled_share_of_the_stored_rows(
+    iris: FeatureSet,
+) -> None:
+    """Ray Data as the workers read it: two shards of equal rows, together the stored rows
+    (less what an equal split drops), each row's features packed into one tensor as stored, and
+    each epoch in another order."""
+    from raylens.trainer.ray_train import RayDataBatches, streamed_dataset
+
+    stored = iris.read("train")
+    by_row = {tuple(row): label for row, label in zip(stored.x.tolist(), stored.y.tolist(), strict=True)}
+    shards = streamed_dataset(iris).streaming_split(2, equal=True)
+    rows = len(stored.y) // 2
+
+    def read(rank: int) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        stream = RayDataBatches(shards[rank], rows, torch.device("cpu"), seed=rank, target=torch.int64)
+        return [list(stream.epoch(epoch, batch_size=16)) for epoch in (0, 1)]
+
+    # The shards are read side by side, as the workers read them (Ray Data deals blocks to both).
+    with ThreadPoolExecutor(2) as pool:
+        read_by_rank = list(pool.map(read, range(2)))
+    seen: list[list[tuple[float, ...]]] = []
+    for epochs in read_by_rank:
+        for batches in epochs:
+            assert [len(y) for _, y in batches][:-1] == [16] * (len(batches) - 1)
+            assert sum(len(y) for _, y in batches) == rows
+        first, second = ([tuple(r) for x, _ in batches for r in x.tolist()] for batches in epochs)
+        assert sorted(first) == sorted(second) and first != second  # the same rows, reshuffled
+        for x, y in epochs[0]:
+            assert x.dtype == torch.float32 and y.dtype == torch.int64
+            assert [by_row[tuple(r)] for r in x.tolist()] == y.tolist()
+        seen.append(first)
+    assert not set(seen[0]) & set(seen[1])  # no row in both shards
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_two_workers_train_from_a_streamed_split(iris: FeatureSet, tmp_path: Path) -> None:
+    job = TrainJob.for_feature_set(
+        TorchModelConfig(params={"hidden": [16]}),
+        TrainConfig(epochs=2, batch_size=8, optimizer={"lr": 0.05}, data="ray_data", scaling={"workers": 2}),
+        iris,
+    )
+    assert not trains_in_driver(job, embedded=True)  # Ray Train deals the stream to its workers
+    outcome = train_distributed(job, iris, run_name="streamed", storage_path=tmp_path, embedded=True)
+    assert [m["epoch"] for m in outcome.history] == [1.0, 2.0]
+    assert outcome.history[-1]["train_loss"] < outcome.history[0]["train_loss"]
+    assert outcome.history[-1]["valid_accuracy"] > 0.7
+    assert len(load_checkpoint(outcome.checkpoint_dir)["rng"]) == 2
+
+
+def test_a_stream_is_refused_where_a_run_needs_every_row_or_a_mid_epoch_resume() -> None:
+    with pytest.raises(ValueError, match="a pipeline's stages share every batch"):
+        TrainConfig(data="ray_data", scaling={"workers": 2, "strategy": "pipeline"})
+    with pytest.raises(ValueError, match="cannot resume in the middle of one"):
+        TrainConfig(data="ray_data", eval_every_steps=10)
