@@ -208,6 +208,24 @@ class RayDataBatches:
             yield batch["x"], batch["y"]
 
 
+STREAM_CPUS = 1.0
+"""Logical CPUs Ray Data reads and packs a streamed split with, beside the training workers: a
+read keeps ahead of a CPU worker's steps with one, and each more starts more worker processes."""
+
+
+def _streamed(job: TrainJob, feature_set: FeatureSet) -> dict[str, Any]:
+    """The TorchTrainer's datasets where the job streams its training split, else nothing."""
+    if job.train.data != "ray_data":
+        return {}
+    from ray.data import ExecutionOptions, ExecutionResources
+
+    options = ExecutionOptions(resource_limits=ExecutionResources(cpu=STREAM_CPUS))
+    return {
+        "datasets": {"train": streamed_dataset(feature_set)},
+        "dataset_config": ray.train.DataConfig(datasets_to_split=["train"], execution_options=options),
+    }
+
+
 def _streamed_split(
     job: TrainJob, feature_set: FeatureSet, rank: int, world_size: int, device: torch.device
 ) -> StreamedSplit:
@@ -345,7 +363,7 @@ def train_distributed(
             "queue": queue,
         },
         scaling_config=scaling_config(job),
-        datasets={"train": streamed_dataset(feature_set)} if job.train.data == "ray_data" else None,
+        **_streamed(job, feature_set),
         run_config=ray.train.RunConfig(
             name=run_name,
             **ray_storage(storage_path),
