@@ -389,6 +389,11 @@ def fit(
                 metrics.update({f"valid_{k}": v for k, v in validate().items()})
                 reporter.report(metrics, TrainState(model, optimizer, epoch, step=step, so_far=state))
                 model.train()
+        if stream is not None and next(stream, None) is not None:  # ends the epoch's stream, too
+            raise RuntimeError(
+                f"the training stream held more than its {batches_per_epoch} batches this epoch; every "
+                "worker must train as many batches as the others"
+            )
         elapsed = time.perf_counter() - started
         if heartbeat is not None:
             heartbeat.pause()
