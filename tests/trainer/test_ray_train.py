@@ -399,6 +399,10 @@ def test_two_workers_train_from_a_streamed_split(iris: FeatureSet, tmp_path: Pat
     assert outcome.history[-1]["train_loss"] < outcome.history[0]["train_loss"]
     assert outcome.history[-1]["valid_accuracy"] > 0.7
     assert len(load_checkpoint(outcome.checkpoint_dir)["rng"]) == 2
+    # Resumed with a longer run: from the epoch-end checkpoint, only the epoch that is left.
+    longer = TrainJob(job.model, job.train.model_copy(update={"epochs": 3}), job.task, job.in_features)
+    resumed = train_distributed(longer, iris, run_name="streamed", storage_path=tmp_path, embedded=True)
+    assert [m["epoch"] for m in resumed.history] == [3.0]
 
 
 def test_a_stream_is_refused_where_a_run_needs_every_row_or_a_mid_epoch_resume() -> None:
