@@ -311,14 +311,18 @@ class FeaturesConfig(_Strict):
             if isinstance(s, OneHotStep | OrdinalStep | HashingStep | BucketizeStep)
         ]
 
+    @property
+    def categorical(self) -> set[str]:
+        """Source columns a categorical encoding (one_hot, ordinal, hashing) takes: any values,
+        a missing one a category of its own."""
+        return {
+            c for step in self.encodings if not isinstance(step, BucketizeStep) for c in encoded_columns(step)
+        }
+
     def missing_allowed(self, feature_columns: list[str]) -> set[str]:
         """Source columns whose missing values are no error: an impute step fills them, or a
-        categorical encoding takes a missing value for a category of its own."""
-        allowed = self.imputed(feature_columns)
-        for step in self.encodings:
-            if isinstance(step, OneHotStep | OrdinalStep | HashingStep):
-                allowed |= set(encoded_columns(step))
-        return allowed
+        categorical encoding takes them."""
+        return self.imputed(feature_columns) | self.categorical
 
     @field_validator("transforms", mode="before")
     @classmethod

@@ -14,6 +14,7 @@ Each encoded source column is replaced, in its place, by its features: ``color``
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeAlias
@@ -151,19 +152,29 @@ def fit_encoders(features: FeaturesConfig, train: pa.Table, input_columns: list[
     return fitted
 
 
-def encoded_feature_columns(encoders: Sequence[FittedEncoder], input_columns: list[str]) -> list[str]:
-    """The feature columns after encoding: each encoded column replaced by its outputs, in place,
-    its indicator right after."""
+def _per_column(
+    encoders: Sequence[FittedEncoder], input_columns: list[str]
+) -> list[tuple[str, FittedEncoder | None, list[FittedEncoder]]]:
+    """Each input column in order, with its encoding (None: passed through) and its indicators."""
     by_column: dict[str, list[FittedEncoder]] = {}
     for encoder in encoders:
         by_column.setdefault(encoder.column, []).append(encoder)
-    columns: list[str] = []
+    layout = []
     for column in input_columns:
         own = by_column.get(column, [])
-        encoding = [e for e in own if e.kind != "indicator"]
-        columns += encoding[0].outputs() if encoding else [column]
-        columns += [output for e in own if e.kind == "indicator" for output in e.outputs()]
-    clashing = sorted({c for c in columns if columns.count(c) > 1})
+        encoding = next((e for e in own if e.kind != "indicator"), None)
+        layout.append((column, encoding, [e for e in own if e.kind == "indicator"]))
+    return layout
+
+
+def encoded_feature_columns(encoders: Sequence[FittedEncoder], input_columns: list[str]) -> list[str]:
+    """The feature columns after encoding: each encoded column replaced by its outputs, in place,
+    its indicator right after."""
+    columns: list[str] = []
+    for column, encoding, indicators in _per_column(encoders, input_columns):
+        columns += encoding.outputs() if encoding is not None else [column]
+        columns += [output for e in indicators for output in e.outputs()]
+    clashing = sorted(name for name, count in Counter(columns).items() if count > 1)
     if clashing:
         raise UserError(
             f"features.transforms: the encodings make feature columns named like others "
@@ -177,18 +188,13 @@ def encode_columns(
 ) -> dict[str, Values | np.ndarray]:
     """The feature columns, by name, from the source's ``columns``: encoded ones computed, the
     rest passed through as they are (so their checks name the source's own values)."""
-    by_column: dict[str, list[FittedEncoder]] = {}
-    for encoder in encoders:
-        by_column.setdefault(encoder.column, []).append(encoder)
     out: dict[str, Values | np.ndarray] = {}
-    for column in input_columns:
-        own = by_column.get(column, [])
-        encoding = [e for e in own if e.kind != "indicator"]
-        if encoding:
-            out.update(zip(encoding[0].outputs(), encoding[0].encode(columns[column]), strict=True))
+    for column, encoding, indicators in _per_column(encoders, input_columns):
+        if encoding is not None:
+            out.update(zip(encoding.outputs(), encoding.encode(columns[column]), strict=True))
         else:
             out[column] = columns[column]
-        for indicator in (e for e in own if e.kind == "indicator"):
+        for indicator in indicators:
             out.update(zip(indicator.outputs(), indicator.encode(columns[column]), strict=True))
     return out
 

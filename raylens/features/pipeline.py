@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from raylens.errors import UserError, did_you_mean
-from raylens.features.config import BucketizeStep, DataConfig, FeaturesConfig, encoded_columns
+from raylens.features.config import DataConfig, FeaturesConfig, encoded_columns
 from raylens.features.encoders import FittedEncoder, check_encodings, fit_encoders
 from raylens.features.manifest import (
     SAMPLE_ROWS,
@@ -147,10 +147,7 @@ def plan_feature_set(
     input_columns = checked_feature_columns(table, data)
     check_encodings(features, table.schema, input_columns)
     # Every column but the categories is checked before the split (bucketize's too: numbers).
-    categorical = {
-        c for step in features.encodings if not isinstance(step, BucketizeStep) for c in encoded_columns(step)
-    }
-    check_feature_values(table, [c for c in input_columns if c not in categorical], allowed)
+    check_feature_values(table, [c for c in input_columns if c not in features.categorical], allowed)
     target = prepare_target(table, data)
     by = split_column(table, data.split)
     stratify = target.task == "classification" and by is None
