@@ -7,6 +7,7 @@ raylens features build|list|show SPEC   # the feature pipeline and the offline s
 raylens ui                              # the MLflow UI on the run store, on 127.0.0.1
 raylens submit SPEC --address http://HEAD:8265 --runs-dir /mnt/shared/runs --tracking-uri URL
 raylens jobs list|status|logs|stop --address http://HEAD:8265
+raylens pipeline|serve|promote|rollback|ct ...  # delivery (raylens/cluster/delivery_cli.py)
 """
 
 from __future__ import annotations
@@ -898,6 +899,10 @@ def _group_alive(pgid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+# The delivery commands register themselves on ``app`` (they use the options defined above).
+from raylens.cluster import delivery_cli  # noqa: E402, F401
 
 
 def main() -> None:

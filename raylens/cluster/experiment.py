@@ -175,9 +175,11 @@ class Experiment:
         verbose: bool = False,
         address: str | None = None,
         progress: Progress | None = None,
+        parent_run_id: str | None = None,
     ) -> RunSummary:
         """The whole phase. ``tune=False`` trains the spec as written; ``train=False`` stops after
         the sweep. ``resume`` continues the latest run of this spec where it stopped.
+        ``parent_run_id``: an MLflow run (of the same experiment) to nest the run under.
 
         Raises ``UserError`` (nothing written) for a mistake in the input, and ``Interrupted`` /
         ``KeyboardInterrupt`` after marking the run's MLflow runs KILLED when stopped."""
@@ -185,9 +187,9 @@ class Experiment:
         from raylens.trainer import importable_from
 
         with importable_from(self.code_dirs):
-            return Invocation(self, command_name(tune, train), resume, progress or NullProgress()).run(
-                verbose=verbose, address=address
-            )
+            return Invocation(
+                self, command_name(tune, train), resume, progress or NullProgress(), parent_run_id
+            ).run(verbose=verbose, address=address)
 
     def spec_dump(self) -> dict[str, Any]:
         return self.spec.model_dump(mode="json")

@@ -160,11 +160,32 @@ def _sweep_artifact(tracking_uri: str, run_id: str, artifact: str, what: str, sa
         ) from None
 
 
+def open_tracker(experiment: Experiment) -> MlflowTracker:
+    """The MLflow tracker of ``experiment``'s runs (its run folder made for a default store)."""
+    uri, workspace = experiment.tracking_uri, experiment.workspace
+    if uri == workspace.default_tracking_uri:
+        workspace.root.mkdir()
+    return MlflowTracker(
+        uri,
+        experiment.spec.tracking.experiment or experiment.spec.name,
+        workspace.artifact_root if uri.startswith("sqlite:") and workspace.root.local else None,
+    )
+
+
 class Invocation:
     """One call of ``Experiment.run``: its run record, lock, tracker and stages."""
 
-    def __init__(self, experiment: Experiment, command: str, resume: bool, progress: Progress) -> None:
+    def __init__(
+        self,
+        experiment: Experiment,
+        command: str,
+        resume: bool,
+        progress: Progress,
+        parent_run_id: str | None = None,
+    ) -> None:
         self.experiment = experiment
+        self.parent_run_id = parent_run_id
+        """The MLflow run this invocation's root run is nested under (a pipeline's)."""
         self.spec = experiment.spec
         self.workspace = experiment.workspace
         self.command = command
@@ -270,14 +291,7 @@ class Invocation:
             self.progress.notice(f"{short}: Ray waits until the cluster has them (if it autoscales)")
 
     def _open_tracker(self) -> MlflowTracker:
-        uri = self.experiment.tracking_uri
-        if uri == self.workspace.default_tracking_uri:
-            self.workspace.root.mkdir()
-        return MlflowTracker(
-            uri,
-            self.spec.tracking.experiment or self.spec.name,
-            self.workspace.artifact_root if uri.startswith("sqlite:") and self.workspace.root.local else None,
-        )
+        return open_tracker(self.experiment)
 
     def _auto_trains_in_one(self, planned: PlannedFeatureSet) -> bool:
         """Whether ``auto`` trains the spec's several CPU workers as one process on this machine
@@ -418,7 +432,11 @@ class Stages:
     def run(self) -> RunSummary:
         spec, record = self.spec, self.record
         if record.root_run_id is None:
-            root = self.tracker.start_run(record.run_name, tags={**self.tags, "raylens.role": "experiment"})
+            root = self.tracker.start_run(
+                record.run_name,
+                parent_run_id=self.invocation.parent_run_id,
+                tags={**self.tags, "raylens.role": "experiment"},
+            )
             self.save(root_run_id=root)
             self.tracker.log_params(root, spec.model_dump(exclude={"tune"}))
             self.tracker.log_dict(root, self.invocation.experiment.raw, "spec.yaml")

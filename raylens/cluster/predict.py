@@ -109,6 +109,11 @@ def choose_workers(files: DataFiles) -> int:
 def load_model(model_uri: str, tracking_uri: str) -> Any:
     """The pyfunc model at ``model_uri`` (``models:/name/version``, ``models:/name@alias``,
     ``runs:/id/model`` or a local path), read from ``tracking_uri``'s store."""
+    return load_model_sized(model_uri, tracking_uri)[0]
+
+
+def load_model_sized(model_uri: str, tracking_uri: str) -> tuple[Any, int]:
+    """``load_model``, and the bytes its artifacts take on disk."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -120,7 +125,8 @@ def load_model(model_uri: str, tracking_uri: str) -> Any:
             local = mlflow.artifacts.download_artifacts(
                 artifact_uri=location, dst_path=tmp, tracking_uri=tracking_uri, registry_uri=tracking_uri
             )
-            return mlflow.pyfunc.load_model(local)
+            size = sum(f.stat().st_size for f in Path(local).rglob("*") if f.is_file())
+            return mlflow.pyfunc.load_model(local), size
     except (MlflowException, OSError) as exc:
         raise UserError(
             f"MODEL_URI: cannot load '{model_uri}' from {redact(tracking_uri)} ({str(exc).splitlines()[0]}); "

@@ -37,7 +37,26 @@ SUBMITTED_JOB_VARIABLE = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 TRAIN_POLL_INTERVAL_S = "0.2"
 """Ray Train's controller collects each worker's report on this poll; a report blocks until it
 is collected, so the default (2 s) adds up to 2 s to every epoch."""
-QUIET_LOGGERS = ("ray", "ray.train", "ray.tune", "ray.data", "mlflow", "alembic", "py.warnings", "raylens")
+QUIET_LOGGERS = (
+    "ray",
+    "ray.train",
+    "ray.tune",
+    "ray.data",
+    "ray.serve",
+    "mlflow",
+    "alembic",
+    "py.warnings",
+    "raylens",
+)
+SERVE_LOGGER = "ray.serve"
+
+
+class WarningsAndAbove(logging.Filter):
+    """For Ray Serve's logger, which sets itself back to INFO whenever Serve is called: its
+    "Started Serve", "Application is ready" lines are for --verbose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING
 
 
 TUNE_CONTROLLER_LOGGER = "ray.tune.execution.tune_controller"
@@ -136,6 +155,9 @@ def quiet_cli_process(verbose: bool) -> None:
         tune_controller = logging.getLogger(TUNE_CONTROLLER_LOGGER)
         if not any(isinstance(f, NotAStoppedTrial) for f in tune_controller.filters):
             tune_controller.addFilter(NotAStoppedTrial())
+        serve_logger = logging.getLogger(SERVE_LOGGER)
+        if not any(isinstance(f, WarningsAndAbove) for f in serve_logger.filters):
+            serve_logger.addFilter(WarningsAndAbove())
         experiment_state = logging.getLogger(EXPERIMENT_STATE_LOGGER)
         if not any(isinstance(f, NotAStagingRace) for f in experiment_state.filters):
             experiment_state.addFilter(NotAStagingRace())

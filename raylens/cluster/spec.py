@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from raylens.cluster.release_config import ContinuousTrainingConfig, ReleaseConfig, ServeConfig
 from raylens.errors import UserError, did_you_mean
 from raylens.features import DataConfig, FeaturesConfig
 from raylens.trainer import ModelConfig, SklearnModelConfig, TorchModelConfig, TrainConfig
@@ -56,6 +57,12 @@ class ExperimentSpec(BaseModel):
     """A sweep before the final training (raylens/tuning/config.py); none: train as written."""
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     """Where MLflow records go and the registered model's name."""
+    release: ReleaseConfig = Field(default_factory=ReleaseConfig)
+    """`raylens pipeline`'s quality gate and approval (raylens/cluster/release_config.py)."""
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    """The Ray Serve endpoint of `raylens serve` and of the pipeline's staging check."""
+    ct: ContinuousTrainingConfig = Field(default_factory=ContinuousTrainingConfig)
+    """`raylens ct check`: the drift and growth that call for training again."""
 
     @model_validator(mode="after")
     def _one_process_for_sklearn(self) -> ExperimentSpec:

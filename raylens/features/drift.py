@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from raylens.features.store import FeatureSet
 from raylens.features.transforms import invert_all, transforms_from_dicts
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 BINS = 10
 """PSI's bins: the deciles of the first version's values."""
@@ -110,6 +114,41 @@ def raw_training_values(feature_set: FeatureSet) -> dict[str, np.ndarray]:
     raw = invert_all(transforms_from_dicts(feature_set.manifest.transforms), train.x, columns)
     whole = whole_number_columns(feature_set)
     return {column: np.round(raw[:, i]) if column in whole else raw[:, i] for i, column in enumerate(columns)}
+
+
+def raw_rows(feature_set: FeatureSet, split: str) -> tuple[pd.DataFrame, np.ndarray]:
+    """A split's rows as a model built on ``feature_set`` takes them (its input columns, with the
+    source's types), and their encoded targets: the fitted transforms undone, an encoded column's
+    own values taken from beside the features. ``UserError`` when an encoding cannot be undone
+    (its values are kept only where the spec names ``data.entity``)."""
+    import pandas as pd
+    import pyarrow as pa
+
+    from raylens.errors import UserError
+    from raylens.features.store import RAW_PREFIX
+
+    manifest = feature_set.manifest
+    arrays = feature_set.read(split)
+    columns = feature_set.feature_columns
+    inverted = invert_all(transforms_from_dicts(manifest.transforms), arrays.x, columns)
+    whole = whole_number_columns(feature_set)
+    values: dict[str, np.ndarray] = {}
+    for i, column in enumerate(columns):
+        values[column] = np.round(inverted[:, i]) if column in whole else inverted[:, i]
+    frame = {}
+    for column in manifest.model_inputs:
+        if column in values:
+            kind = pa.type_for_alias(manifest.raw_schema[column]).to_pandas_dtype()
+            frame[column] = values[column].astype(kind)
+        elif arrays.keys is not None and RAW_PREFIX + column in arrays.keys:
+            frame[column] = arrays.keys[RAW_PREFIX + column]
+        else:
+            raise UserError(
+                f"feature set '{feature_set.name}' ({feature_set.version}) encodes column '{column}' and "
+                "keeps its own values only for a spec with data.entity; name the entity column to compare "
+                "models on its rows"
+            )
+    return pd.DataFrame(frame), arrays.y
 
 
 def diff_feature_sets(before: FeatureSet, after: FeatureSet) -> FeatureSetDiff:

@@ -1,0 +1,308 @@
+"""The delivery commands of the ``raylens`` command line: the release pipeline, serving, alias
+moves and continuous training.
+
+raylens pipeline SPEC [--approve] [--resume]   # train → gate → staging → smoke → production
+raylens serve NAME@ALIAS                       # a Ray Serve endpoint on 127.0.0.1
+raylens promote NAME VERSION --reason TEXT     # move an alias (production by default)
+raylens rollback NAME --reason TEXT            # back to the version before
+raylens ct check SPEC                          # retrain when the data drifted
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from raylens.cluster.cli import (
+    Address,
+    Overrides,
+    RunsDir,
+    SpecArg,
+    TrackingUri,
+    Verbose,
+    app,
+    console,
+    errors,
+    user_errors,
+)
+
+ct_app = typer.Typer(help="Continuous training: retrain when the data calls for it.", no_args_is_help=True)
+app.add_typer(ct_app, name="ct")
+
+Approve = Annotated[
+    bool,
+    typer.Option(
+        "--approve",
+        help="Release to production a version that passes (release.approval: manual needs it); with "
+        "--resume, the version a pipeline left at staging.",
+    ),
+]
+PipelineResume = Annotated[
+    bool,
+    typer.Option(
+        "--resume", help="Continue this spec's latest unfinished pipeline from the step that failed."
+    ),
+]
+ModelName = Annotated[
+    str, typer.Argument(metavar="MODEL", help="The registered model's name.", show_default=False)
+]
+Reason = Annotated[
+    str,
+    typer.Option("--reason", help="Why the alias moves; kept in the model's history.", show_default=False),
+]
+Alias = Annotated[str, typer.Option("--alias", help="The alias to move.")]
+
+
+def _tracking(runs_dir: str | None, tracking_uri: str | None) -> str:
+    from raylens.cluster.workspace import Workspace
+
+    return tracking_uri or Workspace.at(runs_dir).tracking_uri("default")
+
+
+def _client(uri: str) -> Any:
+    import mlflow
+
+    return mlflow.MlflowClient(uri, registry_uri=uri)
+
+
+@app.command(short_help="train → quality gate → staging → smoke test on Ray Serve → production")
+@user_errors
+def pipeline(
+    spec: SpecArg,
+    approve: Approve = False,
+    resume: PipelineResume = False,
+    runs_dir: RunsDir = None,
+    verbose: Verbose = False,
+    address: Address = None,
+    overrides: Overrides = None,
+) -> None:
+    """Train the spec and release the model: register a new version, judge it against the
+    production version on the same test rows (paired bootstrap, release section), alias it
+    `staging`, deploy it on Ray Serve and check its HTTP answers equal its offline predictions,
+    then alias it `production` (automatically, or with --approve for release.approval: manual).
+    Every step is recorded in one MLflow run. Exit 1 when the gate or the smoke test stops the
+    release: production stays where it was."""
+    from raylens.cluster.runtime import quiet_cli_process
+
+    quiet_cli_process(verbose)
+    from raylens.cluster.console import RichProgress
+    from raylens.cluster.experiment import Experiment
+    from raylens.cluster.interrupt import stop_on_signals
+    from raylens.cluster.pipeline import REJECTED, Pipeline, ReleaseStopped
+
+    with stop_on_signals():
+        experiment = Experiment.from_yaml(spec, runs_dir, overrides or ())
+        tune = experiment.spec.tune
+        progress = RichProgress(console, tune.metric, tune.mode) if tune else RichProgress(console)
+        runner = Pipeline(experiment, approve=approve, verbose=verbose, address=address, progress=progress)
+        try:
+            result = runner.run(resume=resume)
+        except ReleaseStopped as stopped:
+            errors.print(
+                f"[bold red]release stopped:[/] {escape(str(stopped))}", highlight=False, soft_wrap=True
+            )
+            errors.print(f"Resume from this step with: raylens pipeline {escape(str(spec))} --resume")
+            raise typer.Exit(1) from None
+    _print_pipeline(result)
+    if result.state == REJECTED:
+        raise typer.Exit(1)
+
+
+def _print_pipeline(result: Any) -> None:
+    table = Table(title=f"pipeline run {result.run_id}", show_header=False)
+    table.add_row("model", f"{result.model} version {result.version}")
+    table.add_row("outcome", result.state.replace("_", " "))
+    table.add_row("production", f"version {result.production}" if result.production else "none")
+    if result.verdict is not None:
+        for check in result.verdict.checks:
+            table.add_row(f"gate: {check.name}", ("passed: " if check.passed else "FAILED: ") + check.detail)
+    if result.smoke_rows:
+        table.add_row("smoke test", f"{result.smoke_rows} test rows over HTTP equal the offline predictions")
+    console.print(table)
+
+
+@app.command(short_help="Serve a registered model on Ray Serve (HTTP JSON, 127.0.0.1)")
+@user_errors
+def serve(
+    model: Annotated[
+        str,
+        typer.Argument(
+            metavar="MODEL",
+            help="NAME@ALIAS (follows the alias as it moves) or NAME/VERSION, optionally after models:/.",
+            show_default=False,
+        ),
+    ],
+    runs_dir: RunsDir = None,
+    tracking_uri: TrackingUri = None,
+    host: Annotated[
+        str, typer.Option("--host", help="Interface to listen on; 0.0.0.0 exposes it.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="HTTP port (0: a free one).")] = 8000,
+    replicas: Annotated[
+        int, typer.Option("--replicas", min=1, help="Replicas (the minimum when autoscaling).")
+    ] = 1,
+    max_replicas: Annotated[
+        int | None, typer.Option("--max-replicas", min=1, help="Autoscale up to this many replicas.")
+    ] = None,
+    max_batch_size: Annotated[
+        int, typer.Option("--max-batch-size", min=1, help="Requests batched per call.")
+    ] = 64,
+    max_request_rows: Annotated[
+        int, typer.Option("--max-request-rows", min=1, help="Rows one request may hold (more: HTTP 413).")
+    ] = 1000,
+    poll_s: Annotated[
+        float, typer.Option("--poll-s", min=0.1, help="How often an alias is checked for a move.")
+    ] = 5.0,
+    online_store: Annotated[
+        Path | None,
+        typer.Option(
+            "--online-store", help="SQLite online store that requests holding only entity ids read."
+        ),
+    ] = None,
+    address: Address = None,
+    verbose: Verbose = False,
+) -> None:
+    """Deploy a registered model as a Ray Serve application and serve until Ctrl-C:
+    POST /predict (or /invocations) with {"dataframe_records": [...]}, {"dataframe_split": ...}
+    or {"instances": [...]}, optional "params": {"output": "probabilities"}; GET /health and
+    /version. Requests are checked against the model's signature (HTTP 400/413 naming the field)
+    and batched. Served by alias, the endpoint switches to the new version when the alias moves,
+    without dropping a request."""
+    from raylens.cluster.runtime import quiet_cli_process
+
+    quiet_cli_process(verbose)
+    from raylens.cluster.interrupt import stop_on_signals
+    from raylens.cluster.release_config import ServeConfig
+    from raylens.cluster.serving import ModelTarget
+
+    target = ModelTarget.parse(model)
+    try:
+        config = ServeConfig(
+            host=host,
+            port=port,
+            replicas=replicas,
+            max_replicas=max_replicas,
+            max_batch_size=max_batch_size,
+            max_request_rows=max_request_rows,
+            poll_s=poll_s,
+        )
+    except ValueError as error:
+        raise typer.BadParameter(str(error).splitlines()[-1]) from None
+    if online_store is not None and not online_store.is_file():
+        from raylens.errors import UserError
+
+        raise UserError(
+            f"--online-store: {online_store} does not exist; write it with `raylens features materialize`"
+        )
+    uri = _tracking(runs_dir, tracking_uri)
+    with stop_on_signals():
+        _serve_until_stopped(target, uri, config, online_store, address, verbose)
+
+
+def _serve_until_stopped(
+    target: Any, uri: str, config: Any, online_store: Path | None, address: str | None, verbose: bool
+) -> None:
+    from ray import serve as ray_serve
+
+    from raylens.cluster.runtime import RuntimeSettings, start_ray, stop_ray
+    from raylens.cluster.serving import resolve_version, start_endpoint
+
+    resolve_version(_client(uri), target)  # an unknown model or alias: said before Ray starts
+    runtime = start_ray(RuntimeSettings.build(address=address, verbose=verbose))
+    try:
+        with console.status(f"deploying {target} on Ray Serve"):
+            endpoint = start_endpoint(
+                target, uri, config, online_store=str(online_store.resolve()) if online_store else None
+            )
+        console.print(
+            f"Serving [bold]{escape(str(target))}[/] (version {endpoint.version}) at "
+            f"[bold]{endpoint.url}/predict[/]; GET {endpoint.url}/health, /version. Ctrl-C stops."
+        )
+        try:
+            while True:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            console.print("stopping the endpoint")
+        finally:
+            ray_serve.delete(endpoint.app)
+    finally:
+        stop_ray(runtime)
+
+
+@app.command(short_help="Point an alias (production) at a version, with a reason")
+@user_errors
+def promote(
+    model: ModelName,
+    version: Annotated[str, typer.Argument(metavar="VERSION", help="The version to point the alias at.")],
+    reason: Reason,
+    alias: Alias = "production",
+    runs_dir: RunsDir = None,
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Move ALIAS of MODEL to VERSION. The move (the version before, the reason, when, who) is
+    appended to the model's history (`raylens.alias.*` tags); nothing recorded is rewritten."""
+    from raylens.cluster.release import move_alias
+
+    move = move_alias(_client(_tracking(runs_dir, tracking_uri)), model, alias, version, reason)
+    before = f" (was version {move.previous})" if move.previous else ""
+    console.print(f"{escape(model)}@{alias} → version {move.version}{before}: {escape(move.reason)}")
+
+
+@app.command(short_help="Point an alias back at the version it held before")
+@user_errors
+def rollback(
+    model: ModelName,
+    reason: Reason,
+    alias: Alias = "production",
+    runs_dir: RunsDir = None,
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Move ALIAS of MODEL back to the version it held before the current one was promoted; a
+    second rollback goes one further back. Recorded in the model's history like a promotion."""
+    from raylens.cluster.release import rollback as roll_back
+
+    move = roll_back(_client(_tracking(runs_dir, tracking_uri)), model, alias, reason)
+    console.print(
+        f"{escape(model)}@{alias} → version {move.version} (was version {move.previous}): "
+        f"{escape(move.reason)}"
+    )
+
+
+@ct_app.command("check")
+@user_errors
+def ct_check(
+    spec: SpecArg,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Report the decision; do not run the pipeline.")
+    ] = False,
+    approve: Approve = False,
+    runs_dir: RunsDir = None,
+    verbose: Verbose = False,
+    address: Address = None,
+    overrides: Overrides = None,
+) -> None:
+    """Compare the newest version of the spec's data with the one production was trained on
+    (schema, PSI and KS per feature, row growth; the spec's ct section) and, past a threshold,
+    run `raylens pipeline` on it. Exit 0 when nothing was needed or the new model was released."""
+    from raylens.cluster.runtime import quiet_cli_process
+
+    quiet_cli_process(verbose)
+    from raylens.cluster.ct import check_retraining
+    from raylens.cluster.experiment import Experiment
+
+    experiment = Experiment.from_yaml(spec, runs_dir, overrides or ())
+    with console.status("building the newest data version and comparing it with production's"):
+        decision = check_retraining(experiment)
+    verdict = "retrain" if decision.retrain else "no retraining needed"
+    console.print(f"[bold]{verdict}[/] (data version {decision.newest}):")
+    for reason in decision.reasons:
+        console.print(f"  - {escape(reason)}")
+    if decision.retrain and not dry_run:
+        pipeline(
+            spec, approve=approve, runs_dir=runs_dir, verbose=verbose, address=address, overrides=overrides
+        )
