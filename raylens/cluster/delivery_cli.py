@@ -139,25 +139,40 @@ def serve(
     ],
     runs_dir: RunsDir = None,
     tracking_uri: TrackingUri = None,
+    spec: Annotated[
+        Path | None,
+        typer.Option(
+            "--spec", help="Take the endpoint's settings from this spec's serve section.", show_default=False
+        ),
+    ] = None,
     host: Annotated[
-        str, typer.Option("--host", help="Interface to listen on; 0.0.0.0 exposes it.")
-    ] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="HTTP port (0: a free one).")] = 8000,
+        str | None,
+        typer.Option("--host", help="Interface to listen on; 0.0.0.0 exposes it. [default: 127.0.0.1]"),
+    ] = None,
+    port: Annotated[
+        int | None,
+        typer.Option("--port", min=0, max=65535, help="HTTP port (0: a free one). [default: 8000]"),
+    ] = None,
     replicas: Annotated[
-        int, typer.Option("--replicas", min=1, help="Replicas (the minimum when autoscaling).")
-    ] = 1,
+        int | None,
+        typer.Option("--replicas", min=1, help="Replicas (the minimum when autoscaling). [default: 1]"),
+    ] = None,
     max_replicas: Annotated[
         int | None, typer.Option("--max-replicas", min=1, help="Autoscale up to this many replicas.")
     ] = None,
     max_batch_size: Annotated[
-        int, typer.Option("--max-batch-size", min=1, help="Requests batched per call.")
-    ] = 64,
+        int | None, typer.Option("--max-batch-size", min=1, help="Requests batched per call. [default: 64]")
+    ] = None,
     max_request_rows: Annotated[
-        int, typer.Option("--max-request-rows", min=1, help="Rows one request may hold (more: HTTP 413).")
-    ] = 1000,
+        int | None,
+        typer.Option(
+            "--max-request-rows", min=1, help="Rows one request may hold (more: HTTP 413). [default: 1000]"
+        ),
+    ] = None,
     poll_s: Annotated[
-        float, typer.Option("--poll-s", min=0.1, help="How often an alias is checked for a move.")
-    ] = 5.0,
+        float | None,
+        typer.Option("--poll-s", min=0.1, help="How often an alias is checked for a move. [default: 5]"),
+    ] = None,
     online_store: Annotated[
         Path | None,
         typer.Option(
@@ -172,30 +187,36 @@ def serve(
     or {"instances": [...]}, optional "params": {"output": "probabilities"}; GET /health and
     /version. Requests are checked against the model's signature (HTTP 400/413 naming the field)
     and batched. Served by alias, the endpoint switches to the new version when the alias moves,
-    without dropping a request."""
+    without dropping a request. Settings: the spec's serve section (--spec), then the flags."""
     from raylens.cluster.runtime import quiet_cli_process
 
     quiet_cli_process(verbose)
+    from pydantic import ValidationError
+
     from raylens.cluster.interrupt import stop_on_signals
     from raylens.cluster.release_config import ServeConfig
     from raylens.cluster.serving import ModelTarget
+    from raylens.cluster.spec import load_spec
+    from raylens.errors import UserError
 
     target = ModelTarget.parse(model)
+    base = load_spec(spec).serve if spec is not None else ServeConfig()
+    flags = {
+        "host": host,
+        "port": port,
+        "replicas": replicas,
+        "max_replicas": max_replicas,
+        "max_batch_size": max_batch_size,
+        "max_request_rows": max_request_rows,
+        "poll_s": poll_s,
+    }
     try:
-        config = ServeConfig(
-            host=host,
-            port=port,
-            replicas=replicas,
-            max_replicas=max_replicas,
-            max_batch_size=max_batch_size,
-            max_request_rows=max_request_rows,
-            poll_s=poll_s,
+        config = ServeConfig.model_validate(
+            {**base.model_dump(), **{k: v for k, v in flags.items() if v is not None}}
         )
-    except ValueError as error:
-        raise typer.BadParameter(str(error).splitlines()[-1]) from None
+    except ValidationError as error:
+        raise UserError(f"--max-replicas: {error.errors()[0]['msg'].removeprefix('Value error, ')}") from None
     if online_store is not None and not online_store.is_file():
-        from raylens.errors import UserError
-
         raise UserError(
             f"--online-store: {online_store} does not exist; write it with `raylens features materialize`"
         )

@@ -244,6 +244,7 @@ class Pipeline:
             production_outputs,
             latency_ms=latency_ms(candidate, rows) if release.max_latency_ms is not None else None,
             size_mb=size / 2**20,
+            failed_rules=self._failed_rules(version),
         )
         self.tracker.log_dict(self.run_id, verdict.to_dict(), "gate.json")
         metrics = {"gate_candidate": verdict.candidate_value}
@@ -261,6 +262,15 @@ class Pipeline:
         )
         self.client.set_model_version_tag(self.name, version, "raylens.pipeline_run", self.run_id)
         return verdict
+
+    def _failed_rules(self, version: str) -> list[str]:
+        """The debugger findings of ``version``'s training run whose rule's action is fail."""
+        from raylens.trainer.debug.report import run_debug
+
+        run_id = self.client.get_model_version(self.name, version).run_id
+        if run_id is None:  # a version registered from files, not from a raylens run
+            return []
+        return [f.said() for f in run_debug(self.client, run_id).findings if f.action == "fail"]
 
     def _smoke(self, version: str) -> int:
         """Deploy ``version`` on Ray Serve, send it the test rows over HTTP, and check its answers

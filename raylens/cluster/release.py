@@ -169,10 +169,12 @@ def judge(
     *,
     latency_ms: float | None = None,
     size_mb: float | None = None,
+    failed_rules: list[str] | None = None,
 ) -> Verdict:
     """The gate: the candidate against production on the same rows ``y`` (and, where the spec
     sets them, an absolute threshold, latency and size). Without production, a first release is
-    judged on the absolute thresholds alone."""
+    judged on the absolute thresholds alone. ``failed_rules``: the debugger findings of the
+    candidate's training whose rule has action ``fail`` (None: not known, no check)."""
     if not len(y):
         raise UserError("the test split has no rows: the gate has nothing to compare; raise data.split.test")
     metric, mode = gate_metric(config, task)
@@ -224,7 +226,17 @@ def judge(
                 f"size {size_mb:.1f} MB (at most {config.max_size_mb:g})",
             )
         )
-    if production is None and not checks:
+    if failed_rules is not None:
+        checks.append(
+            Check(
+                "debugger",
+                not failed_rules,
+                f"debugger rules with action fail fired: {'; '.join(failed_rules)}"
+                if failed_rules
+                else "no debugger rule with action fail fired in training",
+            )
+        )
+    if production is None and not any(check.name != "debugger" for check in checks):
         checks.append(
             Check("first release", True, f"no production version yet: released on {metric} {value:.4f}")
         )

@@ -114,6 +114,16 @@ def test_latency_and_size_bounds_are_checks_with_their_evidence() -> None:
     assert verdict.to_dict()["measured"] == {"latency_ms": 12.0, "size_mb": 0.5}
 
 
+def test_a_debugger_rule_with_action_fail_stops_the_release() -> None:
+    candidate, production = labels_with_errors(Y, 20, 1), labels_with_errors(Y, 80, 2)
+    clean = judge(ReleaseConfig(), "classification", Y, candidate, production, failed_rules=[])
+    assert clean.passed and clean.checks[-1].detail == "no debugger rule with action fail fired in training"
+    fired = ["overfitting at step 40 (epoch 5): valid_loss rose 3 epochs while train_loss fell"]
+    verdict = judge(ReleaseConfig(), "classification", Y, candidate, production, failed_rules=fired)
+    assert not verdict.passed
+    assert verdict.failures == [f"debugger rules with action fail fired: {fired[0]}"]
+
+
 def test_a_metric_of_another_task_and_an_empty_split_are_refused() -> None:
     with pytest.raises(UserError, match=r"release.metric: 'rmse' is not a metric of a classification model"):
         judge(ReleaseConfig(metric="rmse"), "classification", Y, Outputs(Y), None)
