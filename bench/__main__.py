@@ -14,6 +14,7 @@
     python -m bench ingest [--json]    a stored split to torch batches: raylens ÷ a plain pyarrow → torch read
     python -m bench share [--json]     memory 4 concurrent trials add for one split, in copies of it
     python -m bench online [--json]    online store lookups of 1 and 100 entities: raylens ÷ plain sqlite3
+    python -m bench serve [--json]     one-row requests/s of raylens serve ÷ mlflow models serve, p50/p99
 
 Figures, with the machine they came from, are kept in BENCHMARKS.md.
 """
@@ -35,6 +36,7 @@ from bench import (
     online,
     pipeline,
     selection,
+    serve,
     share,
     startup,
     submit,
@@ -59,6 +61,7 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "build": build.run,
     "ingest": ingest.run,
     "share": share.run,
+    "serve": serve.run,
 }
 
 

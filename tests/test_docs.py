@@ -71,3 +71,21 @@ def test_the_github_workflow_runs_what_ci_runs() -> None:
     runs = [step["run"] for job in workflow["jobs"].values() for step in job["steps"] if "run" in step]
     assert runs == ["make test"]
     assert "make test" in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+def test_the_scheduled_ct_workflow_checks_a_valid_spec() -> None:
+    """The continuous-training workflow and README's cron line run `raylens ct check` on a spec
+    that validates."""
+    import yaml
+
+    from raylens.cluster.spec import load_spec
+
+    workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "ct.yml").read_text())
+    assert workflow[True]["schedule"][0]["cron"]  # YAML reads the key `on` as True
+    runs = [step["run"] for job in workflow["jobs"].values() for step in job["steps"] if "run" in step]
+    checks = [run.split() for run in runs if "ct check" in run]
+    assert checks and checks[0][:3] == [".venv/bin/raylens", "ct", "check"]
+    spec = load_spec(ROOT / checks[0][3])
+    assert spec.tracking.register_as is not None
+    readme = (ROOT / "README.md").read_text()
+    assert f"raylens ct check {checks[0][3]}" in readme
