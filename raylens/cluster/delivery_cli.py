@@ -10,6 +10,8 @@ raylens ct check SPEC                          # retrain when the data drifted
 
 from __future__ import annotations
 
+import shlex
+import signal
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -25,6 +27,7 @@ from raylens.cluster.cli import (
     SpecArg,
     TrackingUri,
     Verbose,
+    _as_interrupted,
     app,
     console,
     errors,
@@ -106,11 +109,30 @@ def pipeline(
             errors.print(
                 f"[bold red]release stopped:[/] {escape(str(stopped))}", highlight=False, soft_wrap=True
             )
-            errors.print(f"Resume from this step with: raylens pipeline {escape(str(spec))} --resume")
+            errors.print(f"Resume from this step with: {escape(_again(spec, runs_dir, overrides))}")
             raise typer.Exit(1) from None
+        except KeyboardInterrupt as exc:
+            stop = _as_interrupted(exc)
+            errors.print(
+                f"[yellow]interrupted[/] by {signal.Signals(stop.signum).name}: the pipeline run is marked "
+                f"KILLED and nothing further was released. Continue it with: "
+                f"[bold]{escape(_again(spec, runs_dir, overrides))}[/]",
+                highlight=False,
+            )
+            raise typer.Exit(stop.exit_code) from None
     _print_pipeline(result)
     if result.state == REJECTED:
         raise typer.Exit(1)
+
+
+def _again(spec: Path, runs_dir: str | None, overrides: list[str] | None) -> str:
+    """The command that resumes this pipeline, quoted as a shell takes it."""
+    return shlex.join(
+        ["raylens", "pipeline", str(spec)]
+        + [part for item in overrides or () for part in ("--set", item)]
+        + (["--runs-dir", runs_dir] if runs_dir else [])
+        + ["--resume"]
+    )
 
 
 def _print_pipeline(result: Any) -> None:

@@ -173,11 +173,12 @@ class Pipeline:
     @contextmanager
     def _step(self, step: str) -> Iterator[None]:
         self.progress.stage(f"pipeline: {step}")
-        self._tag(STEP_TAG.format(step=step), "running")
         try:
+            self._tag(STEP_TAG.format(step=step), "running")
             yield
-        except BaseException:
-            self._tag(STEP_TAG.format(step=step), "failed")
+        except BaseException as error:
+            state = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+            self._tag(STEP_TAG.format(step=step), state)
             raise
         self._tag(STEP_TAG.format(step=step), "done")
 

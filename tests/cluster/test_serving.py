@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -218,3 +219,80 @@ def test_an_alias_move_switches_the_served_version_without_a_failed_request(serv
     offline = load_model(f"models:/{NAME}/{served.second.registered_version}", served.first.tracking_uri)
     assert status == 200 and headers["X-Model-Version"] == str(served.second.registered_version)
     assert body["predictions"] == offline.predict(served.first.raw_test).tolist()
+
+
+def test_entity_ids_alone_are_looked_up_in_the_online_store(served: Served, tmp_path: Path) -> None:
+    """A model of categorical columns and entity ids, on a second application beside the first:
+    a request of ids alone gets each entity's features from the online store; with features, the
+    category strings are encoded as in training."""
+    from ray import serve
+
+    from raylens.cluster.serving import ModelTarget, start_endpoint
+    from raylens.features.online import SqliteOnlineStore, materialize
+
+    rng = np.random.default_rng(2)
+    rows = 300
+    plan = rng.choice(["basic", "plus", "pro"], rows)
+    spend = rng.normal(100, 30, rows)
+    frame = pd.DataFrame(
+        {
+            "customer": [f"c{i % 40}" for i in range(rows)],
+            "plan": plan,
+            "spend": spend,
+            "churned": ((plan == "basic") & (spend < 110)).astype(int),
+        }
+    )
+    frame.to_parquet(tmp_path / "c.parquet")
+    import_path = list(sys.path)
+    fs = build_feature_set(
+        "customers",
+        DataConfig(source="c.parquet", target="churned", entity="customer"),
+        FeaturesConfig.model_validate({"transforms": [{"one_hot": ["plan"]}, {"standardize": "*"}]}),
+        tmp_path / "store",
+        tmp_path,
+    )
+    logged = train_and_log(fs, tmp_path, epochs=40, register_as="customers")
+    sys.path[:] = import_path
+    store = SqliteOnlineStore(tmp_path / "online.db")
+    materialize(fs, store)
+    store.close()
+    endpoint = start_endpoint(
+        ModelTarget("customers", version="1"),
+        logged.tracking_uri,
+        ServeConfig(port=0),
+        app="customers",
+        route_prefix="/customers",
+        online_store=str(tmp_path / "online.db"),
+    )
+    try:
+        latest = frame.groupby("customer").tail(1).set_index("customer")
+        ids = ["c7", "c3", "c21"]
+        by_features = post(
+            f"{endpoint.url}/predict", {"dataframe_records": records(latest.loc[ids, ["plan", "spend"]])}
+        )
+        by_ids = post(f"{endpoint.url}/predict", {"dataframe_records": [{"customer": i} for i in ids]})
+        assert by_features[0] == 200 and by_ids[0] == 200, (by_features[1], by_ids[1])
+        assert by_ids[1]["predictions"] == by_features[1]["predictions"]
+        unknown = post(f"{endpoint.url}/predict", {"dataframe_records": [{"customer": "nobody"}]})
+        assert unknown[0] == 400 and "'nobody'" in unknown[1]["error"]
+        wrong = post(f"{endpoint.url}/predict", {"dataframe_records": [{"plan": 3, "spend": 1.0}]})
+        assert wrong[0] == 400 and "field 'plan'" in wrong[1]["error"]
+    finally:
+        serve.delete("customers")
+        sys.path[:] = import_path
+
+
+def test_autoscaling_and_batching_come_from_the_settings() -> None:
+    from raylens.cluster.serving import deployment_of
+
+    fixed = deployment_of(ServeConfig(replicas=2, max_batch_size=16))
+    assert fixed.num_replicas == 2 and fixed.max_ongoing_requests == 32
+    scaled = deployment_of(ServeConfig(replicas=1, max_replicas=3, target_ongoing_requests=4))
+    autoscaling = scaled._deployment_config.autoscaling_config
+    assert (autoscaling.min_replicas, autoscaling.max_replicas, autoscaling.target_ongoing_requests) == (
+        1,
+        3,
+        4,
+    )
+    with pytest.raises(ValueError, match="max_replicas \\(1\\) is below replicas \\(2\\)"):
+        ServeConfig(replicas=2, max_replicas=1)

@@ -1,5 +1,6 @@
-"""``raylens serve`` as a user runs it: it prints where it serves (127.0.0.1), answers HTTP, and
-stops on Ctrl-C; an unknown alias is refused before Ray starts."""
+"""The delivery commands as a user runs them: ``raylens serve`` prints where it serves
+(127.0.0.1), answers HTTP and stops on Ctrl-C, an unknown alias is refused before Ray starts;
+``raylens pipeline`` interrupted resumes from its step."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from raylens.cluster.release import move_alias
+from raylens.cluster.release import current_version, move_alias
 from raylens.features import DataConfig, FeaturesConfig, build_feature_set
 from tests.cli import Invocation, raylens
+from tests.cluster.test_pipeline import MODEL, write_rows, write_spec
 from tests.cluster.test_serving import post, records
 from tests.trainer.test_artifacts import Logged, train_and_log
 
@@ -64,3 +66,31 @@ def test_an_unknown_alias_is_refused_with_exit_2(registered: Logged, tmp_path: P
     assert done.returncode == 2, done.stdout + done.stderr
     assert "has no alias 'staging'" in done.stderr and "production → version 1" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_an_interrupted_pipeline_resumes_from_its_step(tmp_path: Path) -> None:
+    """Ctrl-C during the smoke test: the pipeline run is marked, nothing is released; --resume
+    continues the same run from the smoke test (the model is not trained again)."""
+    write_rows(tmp_path / "rows.csv")
+    write_spec(tmp_path)
+    pipeline = Invocation(tmp_path, "pipeline", "spec.yaml")
+    pipeline.wait_for_line("pipeline: smoke", timeout=300)
+    pipeline.process.send_signal(signal.SIGINT)
+    assert pipeline.finish(timeout=120) == 130, pipeline.output
+    assert "raylens pipeline spec.yaml --resume" in pipeline.output
+    assert "Traceback" not in pipeline.output
+    uri = f"sqlite:///{tmp_path / 'raylens-runs' / 'mlflow.db'}"
+    client = registry = mlflow.MlflowClient(uri, registry_uri=uri)
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("churn").experiment_id], "tags.`raylens.role` = 'pipeline'"
+    )
+    assert run.info.status == "KILLED" and run.data.tags["raylens.pipeline.state"] == "interrupted"
+    assert run.data.tags["raylens.pipeline.step.smoke"] == "interrupted"
+    assert current_version(registry, MODEL, "production") is None
+
+    resumed = raylens(tmp_path, "pipeline", "spec.yaml", "--resume")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"resuming pipeline run {run.info.run_id}" in resumed.stdout
+    assert "pipeline: train" not in resumed.stdout  # the step that finished is not run again
+    assert current_version(registry, MODEL, "production") == "1"
+    assert client.get_run(run.info.run_id).data.tags["raylens.pipeline.state"] == "released"
