@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 import signal
-import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -15,27 +14,17 @@ import mlflow
 import pytest
 
 from raylens.cluster.release import current_version, move_alias
-from raylens.features import DataConfig, FeaturesConfig, build_feature_set
 from tests.cli import Invocation, raylens
 from tests.cluster.test_pipeline import MODEL, write_rows, write_spec
 from tests.cluster.test_serving import post, records
-from tests.trainer.test_artifacts import Logged, train_and_log
+from tests.trainer.test_artifacts import Logged, cancer_models
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory: pytest.TempPathFactory) -> Logged:
-    folder = tmp_path_factory.mktemp("serve-cli")
-    import_path = list(sys.path)
-    fs = build_feature_set(
-        "cancer",
-        DataConfig(source="sklearn:breast_cancer", target="target"),
-        FeaturesConfig(transforms=[{"standardize": "*"}]),
-        folder / "store",
-    )
-    logged = train_and_log(fs, folder, epochs=2, register_as="cancer")
-    sys.path[:] = import_path
+    (logged,) = cancer_models(tmp_path_factory.mktemp("serve-cli"), "cancer", epochs=(2,))
     client = mlflow.MlflowClient(logged.tracking_uri, registry_uri=logged.tracking_uri)
     move_alias(client, "cancer", "production", str(logged.registered_version), "first")
     return logged

@@ -3,7 +3,6 @@ file with labels and class probabilities; bad input refused with nothing written
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,24 +13,13 @@ from typer.testing import CliRunner
 
 from raylens.cluster.cli import app
 from raylens.cluster.predict import predict_files
-from raylens.features import DataConfig, FeaturesConfig, build_feature_set
-from tests.trainer.test_artifacts import Logged, train_and_log
+from tests.trainer.test_artifacts import Logged, cancer_models
 
 
 @pytest.fixture(scope="module")
 def cancer(tmp_path_factory: pytest.TempPathFactory) -> Logged:
     """A binary classifier (scikit-learn's breast cancer data) registered as models:/cancer/1."""
-    folder = tmp_path_factory.mktemp("cancer")
-    import_path = list(sys.path)
-    fs = build_feature_set(
-        "cancer",
-        DataConfig(source="sklearn:breast_cancer", target="target"),
-        FeaturesConfig(transforms=[{"standardize": "*"}]),
-        folder / "store",
-    )
-    logged = train_and_log(fs, folder, epochs=3, register_as="cancer")
-    sys.path[:] = import_path
-    return logged
+    return cancer_models(tmp_path_factory.mktemp("cancer"), "cancer", epochs=(3,))[0]
 
 
 def predict(*args: str) -> tuple[int, str]:

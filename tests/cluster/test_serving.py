@@ -25,7 +25,7 @@ from raylens.cluster.release import move_alias
 from raylens.cluster.release_config import ServeConfig
 from raylens.errors import UserError
 from raylens.features import DataConfig, FeaturesConfig, build_feature_set
-from tests.trainer.test_artifacts import Logged, train_and_log
+from tests.trainer.test_artifacts import Logged, cancer_models, customer_rows, train_and_log
 
 NAME = "cancer-served"
 
@@ -68,17 +68,8 @@ def served(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
     from raylens.cluster.serving import ModelTarget, start_endpoint
 
-    folder = tmp_path_factory.mktemp("served")
     import_path = list(sys.path)
-    fs = build_feature_set(
-        "cancer",
-        DataConfig(source="sklearn:breast_cancer", target="target"),
-        FeaturesConfig(transforms=[{"standardize": "*"}]),
-        folder / "store",
-    )
-    first = train_and_log(fs, folder, epochs=3, register_as=NAME)
-    second = train_and_log(fs, folder, epochs=1, register_as=NAME)
-    sys.path[:] = import_path
+    first, second = cancer_models(tmp_path_factory.mktemp("served"), NAME, epochs=(3, 1))
     client = mlflow.MlflowClient(first.tracking_uri, registry_uri=first.tracking_uri)
     move_alias(client, NAME, "production", str(first.registered_version), "first release")
     endpoint = start_endpoint(
@@ -230,18 +221,7 @@ def test_entity_ids_alone_are_looked_up_in_the_online_store(served: Served, tmp_
     from raylens.cluster.serving import ModelTarget, start_endpoint
     from raylens.features.online import SqliteOnlineStore, materialize
 
-    rng = np.random.default_rng(2)
-    rows = 300
-    plan = rng.choice(["basic", "plus", "pro"], rows)
-    spend = rng.normal(100, 30, rows)
-    frame = pd.DataFrame(
-        {
-            "customer": [f"c{i % 40}" for i in range(rows)],
-            "plan": plan,
-            "spend": spend,
-            "churned": ((plan == "basic") & (spend < 110)).astype(int),
-        }
-    )
+    frame = customer_rows()
     frame.to_parquet(tmp_path / "c.parquet")
     import_path = list(sys.path)
     fs = build_feature_set(

@@ -17,6 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,36 @@ def train_and_log(
         model,
         job,
         scores,
+    )
+
+
+def cancer_models(folder: Path, register_as: str, epochs: Sequence[int]) -> list[Logged]:
+    """Binary classifiers of scikit-learn's breast cancer data, one per entry of ``epochs``,
+    registered as versions 1, 2, ... of ``register_as``; this process's import path kept."""
+    import_path = list(sys.path)
+    fs = build_feature_set(
+        "cancer",
+        DataConfig(source="sklearn:breast_cancer", target="target"),
+        FeaturesConfig(transforms=[{"standardize": "*"}]),
+        folder / "store",
+    )
+    logged = [train_and_log(fs, folder, epochs=n, register_as=register_as) for n in epochs]
+    sys.path[:] = import_path
+    return logged
+
+
+def customer_rows(rows: int = 300, seed: int = 2) -> pd.DataFrame:
+    """Customers (40 ids, several rows each) on plans, with a spend, churning on basic and low spend."""
+    rng = np.random.default_rng(seed)
+    plan = rng.choice(["basic", "plus", "pro"], rows)
+    spend = rng.normal(100, 30, rows)
+    return pd.DataFrame(
+        {
+            "customer": [f"c{i % 40}" for i in range(rows)],
+            "plan": plan,
+            "spend": spend,
+            "churned": ((plan == "basic") & (spend < 110)).astype(int),
+        }
     )
 
 
@@ -368,18 +399,7 @@ def test_string_and_bucketized_columns_are_encoded_by_the_model_as_in_training(
 def test_given_entity_ids_alone_the_model_looks_their_features_up_in_the_online_store(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loader: None
 ) -> None:
-    rng = np.random.default_rng(2)
-    rows = 300
-    plan = rng.choice(["basic", "plus", "pro"], rows)
-    spend = rng.normal(100, 30, rows)
-    frame = pd.DataFrame(
-        {
-            "customer": [f"c{i % 40}" for i in range(rows)],
-            "plan": plan,
-            "spend": spend,
-            "churned": ((plan == "basic") & (spend < 110)).astype(int),
-        }
-    )
+    frame = customer_rows()
     frame.to_parquet(tmp_path / "c.parquet")
     data = DataConfig(source="c.parquet", target="churned", entity="customer")
     features = FeaturesConfig.model_validate({"transforms": [{"one_hot": ["plan"]}, {"standardize": "*"}]})
