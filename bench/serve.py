@@ -126,10 +126,9 @@ def _wait_for(url: str, server: subprocess.Popen[bytes] | None = None, timeout: 
     while time.monotonic() < deadline:
         if server is not None and server.poll() is not None:
             raise RuntimeError(f"the server exited with {server.returncode} before {url} answered")
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as response:
+            if response.status == 200:
+                return
         time.sleep(0.5)
     raise RuntimeError(f"{url} never answered")
 

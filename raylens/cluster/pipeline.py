@@ -227,6 +227,8 @@ class Pipeline:
         return summary.final.registered_version
 
     def _gate(self, version: str, production: str | None) -> Verdict:
+        from mlflow.exceptions import MlflowException
+
         from raylens.cluster.predict import load_model, load_model_sized
 
         feature_set = self._feature_set(version)
@@ -236,7 +238,14 @@ class Pipeline:
         production_outputs = None
         if production is not None:
             incumbent = load_model(f"models:/{self.name}/{production}", self.tracker.tracking_uri)
-            production_outputs = model_outputs(incumbent, rows, feature_set.classes)
+            try:
+                production_outputs = model_outputs(incumbent, rows, feature_set.classes)
+            except MlflowException as error:
+                raise UserError(
+                    f"the gate cannot score production version {production} on the new version's test "
+                    f"rows ({error.message.splitlines()[0]}): the data's columns changed. Review version "
+                    f"{version} and release it with `raylens promote {self.name} {version} --reason TEXT`"
+                ) from None
         verdict = judge(
             release,
             feature_set.task,

@@ -34,6 +34,7 @@ RECORD_KEYS = ("dataframe_records", "dataframe_split", "instances")
 VERSION_HEADER = "X-Model-Version"
 MAX_BODY_BYTES = 32 << 20
 """A body larger than this is refused (HTTP 413) before it is parsed."""
+REQUEST_PARAMS = ("output",)
 NUMBER_TYPES = {"double", "float"}
 WHOLE_TYPES = {"long", "integer"}
 
@@ -146,6 +147,10 @@ def parse_request(body: bytes, fields: Sequence[Field], max_rows: int) -> tuple[
     params = payload.get("params") or {}
     if not isinstance(params, dict):
         raise RequestError(400, 'params: send an object, e.g. {"output": "probabilities"}')
+    for key in params:
+        if key not in REQUEST_PARAMS:
+            # The online store is a file of the server's: named by whoever runs it, not by a request.
+            raise RequestError(400, f"params.{key}: a request may set only {', '.join(REQUEST_PARAMS)}")
     records = _records(given[0], payload[given[0]])
     if not records:
         raise RequestError(400, f"{given[0]}: no rows to predict")

@@ -97,15 +97,26 @@ def test_a_release_then_a_worse_model_stopped_by_the_gate_then_retraining_on_dri
     assert any("'f0' drifted" in reason for reason in drifted.reasons), drifted.reasons
     assert not any("'f1' drifted" in reason for reason in drifted.reasons)
 
+    # A column gone: production cannot be scored on the new rows; said, and nothing released.
+    pd.read_csv(tmp_path / "rows.csv").drop(columns=["f4"]).to_csv(tmp_path / "rows.csv", index=False)
+    with pytest.raises(UserError, match=r"the gate cannot score production version 1 .* columns changed"):
+        Pipeline(Experiment.from_yaml(spec, runs)).run()
+    assert current_version(client, MODEL, "production") == "1"
+
 
 def test_manual_approval_stops_at_staging_until_approved(ray_cluster: None, tmp_path: Path) -> None:
-    write_rows(tmp_path / "rows.csv")
-    spec = write_spec(tmp_path, approval="manual")
-    experiment = Experiment.from_yaml(spec, tmp_path / "runs")
+    """The whole pipeline on scikit-learn's bundled breast cancer data."""
+    raw = yaml.safe_load(write_spec(tmp_path, approval="manual").read_text())
+    raw["data"] = {
+        "source": "sklearn:breast_cancer",
+        "target": "target",
+        "split": {"valid": 0.2, "test": 0.3},
+    }
+    experiment = Experiment.from_dict(raw, base_dir=tmp_path, runs_dir=tmp_path / "runs")
     client = client_of(experiment)
 
     staged = Pipeline(experiment).run()
-    assert (staged.state, staged.production) == (STAGED, None)
+    assert (staged.state, staged.production, staged.smoke_rows) == (STAGED, None, 171)
     assert current_version(client, MODEL, "staging") == "1"
     approved = Pipeline(experiment, approve=True).run(resume=True)
     assert approved.run_id == staged.run_id  # the same pipeline run, continued at its last step

@@ -140,6 +140,10 @@ def test_bad_requests_get_4xx_never_500(served: Served) -> None:
     assert post(f"{served.url}/predict", {"rows": rows})[0] == 400
     assert post(f"{served.url}/predict", {"dataframe_records": rows * 1001})[0] == 413
     assert post(f"{served.url}/predict", {"dataframe_records": rows, "params": {"output": "votes"}})[0] == 400
+    status, body, _ = post(
+        f"{served.url}/predict", {"dataframe_records": rows, "params": {"online_store": "/x.db"}}
+    )
+    assert status == 400 and "may set only output" in body["error"]  # the server's file, not a request's
     assert post(f"{served.url}/nowhere", {"dataframe_records": rows})[0] == 404
     assert get(f"{served.url}/predict")[0] == 405
 
