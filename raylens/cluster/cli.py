@@ -63,7 +63,8 @@ def _options(
         ),
     ] = False,
 ) -> None:
-    """Train, tune and register PyTorch models on Ray from one experiment spec, tracked in MLflow."""
+    """Train, tune, register, release and serve PyTorch and scikit-learn models on Ray from one
+    experiment spec, tracked in MLflow."""
 
 
 console = Console()

@@ -17,6 +17,7 @@ loaded beside the old, which answers until the swap, so no request fails across 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import socket
 import threading
@@ -28,6 +29,8 @@ from ray import serve
 
 from raylens.cluster.release_config import ServeConfig
 from raylens.errors import UserError, did_you_mean
+
+logger = logging.getLogger(__name__)
 
 PREDICT_PATHS = ("/predict", "/invocations")
 RECORD_KEYS = ("dataframe_records", "dataframe_split", "instances")
@@ -306,12 +309,13 @@ class ModelEndpoint:
             try:
                 version = resolve_version(self.client, self.target)
                 if version != self.served.version:
-                    self.served = load_served(
+                    loaded = load_served(
                         self.client, ModelTarget(self.target.name, version=version), self.tracking_uri
                     )
-                    self.served.info["alias"] = self.target.alias
-            except Exception:
-                continue
+                    loaded.info["alias"] = self.target.alias
+                    self.served = loaded  # one assignment: a request sees the old or the new
+            except Exception as error:  # the registry or the new version unreadable: keep serving
+                logger.warning("%s: still serving version %s: %s", self.target, self.served.version, error)
 
     def __del__(self) -> None:
         self.stopped.set()

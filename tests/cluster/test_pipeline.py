@@ -88,20 +88,33 @@ def test_a_release_then_a_worse_model_stopped_by_the_gate_then_retraining_on_dri
     assert client.get_model_version(MODEL, "2").tags["raylens.gate"] == "failed"
     assert [m.version for m in alias_history(client, MODEL, "production")] == ["1"]
 
-    # Unchanged data: nothing to do. Drifted data: retrain, naming the column.
+    # Unchanged data: nothing to do. Drifted data: retrain, naming the column, and `ct check`
+    # runs the pipeline on it.
     unchanged = check_retraining(experiment)
     assert not unchanged.retrain and "unchanged" in unchanged.reasons[0]
+    quiet = runner.invoke(app, ["ct", "check", str(spec), "--runs-dir", str(runs)], env={"COLUMNS": "200"})
+    assert quiet.exit_code == 0 and "no retraining needed" in quiet.output, quiet.output
+    assert len(client.search_model_versions(f"name = '{MODEL}'")) == 2  # nothing trained
     write_rows(tmp_path / "rows.csv", shift=3.0)
     drifted = check_retraining(Experiment.from_yaml(spec, runs))
     assert drifted.retrain and drifted.trained_on != drifted.newest
     assert any("'f0' drifted" in reason for reason in drifted.reasons), drifted.reasons
     assert not any("'f1' drifted" in reason for reason in drifted.reasons)
+    retrained = runner.invoke(
+        app, ["ct", "check", str(spec), "--runs-dir", str(runs)], env={"COLUMNS": "200"}
+    )
+    assert "retrain" in retrained.output and "'f0' drifted" in retrained.output, retrained.output
+    assert len(client.search_model_versions(f"name = '{MODEL}'")) == 3  # the pipeline trained on it
+    released = current_version(client, MODEL, "production")
+    assert (retrained.exit_code, released) in ((0, "3"), (1, "1")), retrained.output  # released or gated
 
     # A column gone: production cannot be scored on the new rows; said, and nothing released.
     pd.read_csv(tmp_path / "rows.csv").drop(columns=["f4"]).to_csv(tmp_path / "rows.csv", index=False)
-    with pytest.raises(UserError, match=r"the gate cannot score production version 1 .* columns changed"):
+    with pytest.raises(
+        UserError, match=rf"the gate cannot score production version {released} .* columns changed"
+    ):
         Pipeline(Experiment.from_yaml(spec, runs)).run()
-    assert current_version(client, MODEL, "production") == "1"
+    assert current_version(client, MODEL, "production") == released
 
 
 def test_manual_approval_stops_at_staging_until_approved(ray_cluster: None, tmp_path: Path) -> None:
