@@ -9,7 +9,7 @@ checks): running the stages, which needs Ray and MLflow, is ``raylens.cluster.in
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -175,11 +175,12 @@ class Experiment:
         verbose: bool = False,
         address: str | None = None,
         progress: Progress | None = None,
-        parent_run_id: str | None = None,
+        parent_run_id: str | Callable[[], str] | None = None,
     ) -> RunSummary:
         """The whole phase. ``tune=False`` trains the spec as written; ``train=False`` stops after
         the sweep. ``resume`` continues the latest run of this spec where it stopped.
-        ``parent_run_id``: an MLflow run (of the same experiment) to nest the run under.
+        ``parent_run_id``: an MLflow run (of the same experiment) to nest the run under, or what
+        starts one, called once every check has passed (so bad input writes nothing).
 
         Raises ``UserError`` (nothing written) for a mistake in the input, and ``Interrupted`` /
         ``KeyboardInterrupt`` after marking the run's MLflow runs KILLED when stopped."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
@@ -181,7 +181,7 @@ class Invocation:
         command: str,
         resume: bool,
         progress: Progress,
-        parent_run_id: str | None = None,
+        parent_run_id: str | Callable[[], str] | None = None,
     ) -> None:
         self.experiment = experiment
         self.parent_run_id = parent_run_id
@@ -432,9 +432,10 @@ class Stages:
     def run(self) -> RunSummary:
         spec, record = self.spec, self.record
         if record.root_run_id is None:
+            parent = self.invocation.parent_run_id
             root = self.tracker.start_run(
                 record.run_name,
-                parent_run_id=self.invocation.parent_run_id,
+                parent_run_id=parent() if callable(parent) else parent,
                 tags={**self.tags, "raylens.role": "experiment"},
             )
             self.save(root_run_id=root)

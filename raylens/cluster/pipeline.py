@@ -76,8 +76,6 @@ class Pipeline:
         address: str | None = None,
         progress: Progress | None = None,
     ) -> None:
-        from raylens.cluster.invocation import open_tracker
-
         name = experiment.spec.tracking.register_as
         if name is None:
             raise UserError(
@@ -87,38 +85,59 @@ class Pipeline:
         self.experiment, self.name = experiment, name
         self.approve, self.verbose, self.address = approve, verbose, address
         self.progress = progress or NullProgress()
-        self.tracker = open_tracker(experiment)
-        self.client = self.tracker.client
+        self._tracker: Any = None
         self.run_id = ""
         self.tags: dict[str, str] = {}
+
+    @property
+    def tracker(self) -> Any:
+        """The experiment's MLflow tracker, opened (a default store created) on first use."""
+        if self._tracker is None:
+            from raylens.cluster.invocation import open_tracker
+
+            self._tracker = open_tracker(self.experiment)
+        return self._tracker
+
+    @property
+    def client(self) -> Any:
+        return self.tracker.client
 
     # ----- the run and its steps ---------------------------------------------------------------
 
     def run(self, *, resume: bool = False) -> PipelineResult:
+        """Run the steps left. A fresh pipeline's MLflow run starts when the training has passed
+        its checks: a mistake in the spec or data writes nothing."""
         if resume:
             self.run_id, self.tags = self._resumable()
             self.tracker.reopen_run(self.run_id)
             self.progress.notice(f"resuming pipeline run {self.run_id}")
-        else:
-            started = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-            self.run_id = self.tracker.start_run(
-                f"pipeline-{started}", tags={"raylens.role": ROLE, SPEC_TAG: self.experiment.spec.name}
-            )
-            self.tracker.log_dict(self.run_id, self.experiment.raw, "spec.yaml")
-        self._tag(STATE_TAG, "running")
+            self._tag(STATE_TAG, "running")
         try:
             result = self._steps(resume)
         except KeyboardInterrupt:
-            self._tag(STATE_TAG, "interrupted")
-            self.tracker.end_run(self.run_id, "KILLED")
+            self._ended("interrupted", "KILLED")
             raise
         except BaseException:
-            self._tag(STATE_TAG, "failed")
-            self.tracker.end_run(self.run_id, "FAILED")
+            self._ended("failed", "FAILED")
             raise
-        self._tag(STATE_TAG, result.state)
-        self.tracker.end_run(self.run_id)
+        self._ended(result.state, "FINISHED")
         return result
+
+    def _start(self) -> str:
+        """Start the pipeline's MLflow run (the training's parent)."""
+        started = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+        self.run_id = self.tracker.start_run(
+            f"pipeline-{started}", tags={"raylens.role": ROLE, SPEC_TAG: self.experiment.spec.name}
+        )
+        self.tracker.log_dict(self.run_id, self.experiment.raw, "spec.yaml")
+        self._tag(STATE_TAG, "running")
+        self._tag(STEP_TAG.format(step="train"), "running")
+        return self.run_id
+
+    def _ended(self, state: str, status: str) -> None:
+        if self.run_id:  # else nothing was written: the training's checks refused the input
+            self._tag(STATE_TAG, state)
+            self.tracker.end_run(self.run_id, status)
 
     def _steps(self, resume: bool) -> PipelineResult:
         version = self.tags.get(VERSION_TAG)
@@ -174,11 +193,13 @@ class Pipeline:
     def _step(self, step: str) -> Iterator[None]:
         self.progress.stage(f"pipeline: {step}")
         try:
-            self._tag(STEP_TAG.format(step=step), "running")
+            if self.run_id:  # (a fresh pipeline's run starts inside its train step)
+                self._tag(STEP_TAG.format(step=step), "running")
             yield
         except BaseException as error:
-            state = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
-            self._tag(STEP_TAG.format(step=step), state)
+            if self.run_id:
+                state = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+                self._tag(STEP_TAG.format(step=step), state)
             raise
         self._tag(STEP_TAG.format(step=step), "done")
 
@@ -194,6 +215,13 @@ class Pipeline:
 
     def _resumable(self) -> tuple[str, dict[str, str]]:
         """The latest pipeline run of this spec that has steps left."""
+        workspace = self.experiment.workspace
+        store = workspace.root / "mlflow.db"
+        if self.experiment.tracking_uri == workspace.default_tracking_uri and not store.exists():
+            raise UserError(
+                f"--resume: no pipeline of '{self.experiment.spec.name}' to resume: {workspace.root} "
+                "holds no runs; run `raylens pipeline SPEC` without --resume (with the same --runs-dir)"
+            )
         runs = self.client.search_runs(
             [self.tracker.experiment_id],
             filter_string=(
@@ -220,7 +248,7 @@ class Pipeline:
             verbose=self.verbose,
             address=self.address,
             progress=self.progress,
-            parent_run_id=self.run_id,
+            parent_run_id=self.run_id or self._start,
         )
         assert summary.final is not None and summary.final.registered_version is not None
         self.tracker.set_tags(self.run_id, {"raylens.pipeline.train_run": summary.final.run_id})

@@ -159,6 +159,19 @@ def test_a_pipeline_needs_a_registered_model_name(tmp_path: Path) -> None:
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
+def test_a_mistake_in_the_data_writes_nothing(tmp_path: Path) -> None:
+    write_rows(tmp_path / "rows.csv")
+    spec = write_spec(tmp_path)
+    runner = CliRunner()
+    runs = tmp_path / "runs"
+    done = runner.invoke(app, ["pipeline", str(spec), "--runs-dir", str(runs), "--set", "data.target=labl"])
+    assert done.exit_code == 2 and "labl" in done.output, done.output
+    assert not runs.exists()  # no tracking store, no pipeline run, no feature set
+    again = runner.invoke(app, ["pipeline", str(spec), "--runs-dir", str(runs), "--resume"])
+    assert again.exit_code == 2 and "no pipeline of 'churn' to resume" in again.output, again.output
+    assert not runs.exists()
+
+
 def test_promote_and_rollback_on_the_command_line(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = mlflow.MlflowClient(uri, registry_uri=uri)
