@@ -16,6 +16,7 @@ loaded beside the old, which answers until the swap, so no request fails across 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -35,6 +36,8 @@ logger = logging.getLogger(__name__)
 PREDICT_PATHS = ("/predict", "/invocations")
 RECORD_KEYS = ("dataframe_records", "dataframe_split", "instances")
 VERSION_HEADER = "X-Model-Version"
+LARGE_BODY_BYTES = 1 << 16
+"""A body this large is parsed on a thread, not on the replica's event loop."""
 MAX_BODY_BYTES = 32 << 20
 """A body larger than this is refused (HTTP 413) before it is parsed."""
 REQUEST_PARAMS = ("output",)
@@ -128,6 +131,13 @@ def signature_fields(model: Any) -> list[Field]:
 def parse_request(body: bytes, fields: Sequence[Field], max_rows: int) -> tuple[Any, dict[str, Any]]:
     """A request body as the model's input frame and params; ``RequestError`` (4xx) naming the
     record and field that is wrong."""
+    try:
+        return _parse(body, fields, max_rows)
+    except (OverflowError, TypeError, ValueError) as error:  # e.g. a whole number past int64
+        raise RequestError(400, f"the body's values cannot be read as the model's fields ({error})") from None
+
+
+def _parse(body: bytes, fields: Sequence[Field], max_rows: int) -> tuple[Any, dict[str, Any]]:
     import pandas as pd
 
     if len(body) > MAX_BODY_BYTES:
@@ -180,6 +190,8 @@ def parse_request(body: bytes, fields: Sequence[Field], max_rows: int) -> tuple[
         for values in columns.values():  # a field an earlier record had and this one lacks
             if len(values) == i:
                 values.append(None)
+    if not columns:
+        raise RequestError(400, f"record 0: no field the model takes; it takes: {', '.join(by_name)}")
     frame = pd.DataFrame({name: _column(values, by_name[name]) for name, values in columns.items()})
     return frame, params
 
@@ -192,6 +204,8 @@ def _records(key: str, value: Any) -> list[Any]:
     if not isinstance(value, dict) or not isinstance(value.get("columns"), list):
         raise RequestError(400, 'dataframe_split: send {"columns": [...], "data": [[...], ...]}')
     columns, rows = value["columns"], value.get("data")
+    if not all(isinstance(column, str) for column in columns):
+        raise RequestError(400, "dataframe_split.columns: send the field names, as strings")
     if not isinstance(rows, list):
         raise RequestError(400, "dataframe_split.data: send a list of rows")
     records = []
@@ -344,7 +358,12 @@ class ModelEndpoint:
                 {"error": f"{path} takes POST with a JSON body"}, status_code=405, headers=headers
             )
         try:
-            frame, params = parse_request(await request.body(), served.fields, self.config.max_request_rows)
+            body = await request.body()
+            limit = self.config.max_request_rows
+            if len(body) > LARGE_BODY_BYTES:  # parsed beside the event loop, which goes on batching
+                frame, params = await asyncio.to_thread(parse_request, body, served.fields, limit)
+            else:
+                frame, params = parse_request(body, served.fields, limit)
             output = await self.predict_batch((served, frame, {**self.defaults, **params}))
             if isinstance(output, RequestError):
                 raise output
@@ -354,26 +373,31 @@ class ModelEndpoint:
 
     @serve.batch
     async def predict_batch(self, requests: list[tuple[Served, Any, dict[str, Any]]]) -> list[Any]:
-        """Requests asking the same version for the same output are predicted in one call; a
+        """Requests asking the same version for the same output with the same fields are predicted
+        in one call, beside the event loop (which goes on taking requests for the next batch); a
         request the model refuses is answered alone (400), the others still predicted."""
         import pandas as pd
         from mlflow.exceptions import MlflowException
 
         results: list[Any] = [None] * len(requests)
-        groups: dict[tuple[int, str], list[int]] = {}
-        for i, (served, _, params) in enumerate(requests):
-            groups.setdefault((id(served), json.dumps(params, sort_keys=True, default=str)), []).append(i)
+        groups: dict[tuple[int, str, tuple[str, ...]], list[int]] = {}
+        for i, (served, frame, params) in enumerate(requests):
+            # Fields differ where all are optional (ids alone, or the features): never concatenated.
+            key = (id(served), json.dumps(params, sort_keys=True, default=str), tuple(frame.columns))
+            groups.setdefault(key, []).append(i)
         for members in groups.values():
             served, _, params = requests[members[0]]
             frames = [requests[i][1] for i in members]
             try:
-                output = served.predict(
-                    pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0], params
+                output = await asyncio.to_thread(
+                    served.predict,
+                    pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0],
+                    params,
                 )
             except MlflowException:
                 for i in members:  # find which request it was: each alone
                     try:
-                        results[i] = served.predict(requests[i][1], params)
+                        results[i] = await asyncio.to_thread(served.predict, requests[i][1], params)
                     except MlflowException as error:
                         results[i] = RequestError(400, error.message)
                 continue

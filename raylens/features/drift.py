@@ -125,6 +125,7 @@ def raw_rows(feature_set: FeatureSet, split: str) -> tuple[pd.DataFrame, np.ndar
     import pyarrow as pa
 
     from raylens.errors import UserError
+    from raylens.features.encoders import encoders_from_dicts
     from raylens.features.store import RAW_PREFIX
 
     manifest = feature_set.manifest
@@ -135,19 +136,29 @@ def raw_rows(feature_set: FeatureSet, split: str) -> tuple[pd.DataFrame, np.ndar
     values: dict[str, np.ndarray] = {}
     for i, column in enumerate(columns):
         values[column] = np.round(inverted[:, i]) if column in whole else inverted[:, i]
+    encoded: dict[str, set[str]] = {}
+    for encoder in encoders_from_dicts(manifest.encoders or []):
+        encoded.setdefault(encoder.column, set()).add(encoder.kind)
+    kept = feature_set.read_keys(split) if manifest.entity is not None else None
+    keys = {c: kept.column(c).to_numpy(zero_copy_only=False) for c in kept.column_names} if kept else {}
     frame = {}
     for column in manifest.model_inputs:
-        if column in values:
-            kind = pa.type_for_alias(manifest.raw_schema[column]).to_pandas_dtype()
-            frame[column] = values[column].astype(kind)
-        elif arrays.keys is not None and RAW_PREFIX + column in arrays.keys:
-            frame[column] = arrays.keys[RAW_PREFIX + column]
-        else:
+        kinds = encoded.get(column, set())
+        if RAW_PREFIX + column in keys:  # the source's own values, kept beside the features
+            frame[column] = keys[RAW_PREFIX + column]
+        elif kinds - {"indicator"}:
             raise UserError(
                 f"feature set '{feature_set.name}' ({feature_set.version}) encodes column '{column}' and "
                 "keeps its own values only for a spec with data.entity; name the entity column to compare "
                 "models on its rows"
             )
+        else:
+            kind = pa.type_for_alias(manifest.raw_schema[column]).to_pandas_dtype()
+            raw = values[column]
+            if "indicator" in kinds:  # the imputed value goes back to missing where it was
+                raw = np.where(values[f"{column}:missing"] > 0.5, np.nan, raw)
+                kind = np.float64
+            frame[column] = raw.astype(kind)
     return pd.DataFrame(frame), arrays.y
 
 

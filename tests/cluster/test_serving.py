@@ -144,6 +144,10 @@ def test_bad_requests_get_4xx_never_500(served: Served) -> None:
         f"{served.url}/predict", {"dataframe_records": rows, "params": {"online_store": "/x.db"}}
     )
     assert status == 400 and "may set only output" in body["error"]  # the server's file, not a request's
+    split = {"dataframe_split": {"columns": [["mean radius"]], "data": [[1.0]]}}
+    assert post(f"{served.url}/predict", split)[0] == 400
+    huge = [{**rows[0], "mean radius": 10**400}]  # past a float: a 400, not a crash
+    assert post(f"{served.url}/predict", {"dataframe_records": huge})[0] == 400
     assert post(f"{served.url}/nowhere", {"dataframe_records": rows})[0] == 404
     assert get(f"{served.url}/predict")[0] == 405
 
@@ -257,6 +261,29 @@ def test_entity_ids_alone_are_looked_up_in_the_online_store(served: Served, tmp_
         by_ids = post(f"{endpoint.url}/predict", {"dataframe_records": [{"customer": i} for i in ids]})
         assert by_features[0] == 200 and by_ids[0] == 200, (by_features[1], by_ids[1])
         assert by_ids[1]["predictions"] == by_features[1]["predictions"]
+        # Both kinds at once land in one batch: each is predicted with its own fields.
+        answers: dict[str, Any] = {}
+        bodies = {
+            "ids": {"dataframe_records": [{"customer": i} for i in ids]},
+            "features": {"dataframe_records": records(latest.loc[ids, ["plan", "spend"]])},
+        }
+        threads = [
+            threading.Thread(
+                target=lambda k=k: answers.__setitem__(k, post(f"{endpoint.url}/predict", bodies[k]))
+            )
+            for k in [*bodies] * 4
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert (
+            answers["ids"][1]["predictions"]
+            == answers["features"][1]["predictions"]
+            == by_ids[1]["predictions"]
+        )
+        empty = post(f"{endpoint.url}/predict", {"dataframe_records": [{}]})
+        assert empty[0] == 400 and "no field the model takes" in empty[1]["error"]
         unknown = post(f"{endpoint.url}/predict", {"dataframe_records": [{"customer": "nobody"}]})
         assert unknown[0] == 400 and "'nobody'" in unknown[1]["error"]
         wrong = post(f"{endpoint.url}/predict", {"dataframe_records": [{"plan": 3, "spend": 1.0}]})

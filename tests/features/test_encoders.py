@@ -168,3 +168,40 @@ def test_the_online_store_keeps_the_source_values_of_encoded_columns(tmp_path: P
     assert latest["plan"].to_dict() == expected["plan"].to_dict()  # None included
     assert latest["region"].to_dict() == expected["region"].to_dict()
     assert latest["income"].to_numpy() == pytest.approx(expected.loc[latest.index, "income"].to_numpy())
+
+
+def test_a_splits_rows_are_given_back_as_the_source_had_them(tmp_path: Path) -> None:
+    """What the quality gate scores models on: the test rows' own values, encoded columns
+    included (kept beside the features where the spec names an entity), a missing value imputed
+    with an indicator missing again; an encoding that cannot be undone is refused."""
+    from raylens.features.drift import raw_rows
+
+    frame = _customers()
+    frame.to_parquet(tmp_path / "c.parquet")
+    with_entity = DataConfig(source="c.parquet", target="churned", entity="customer", split={"seed": 3})
+    fs = build_feature_set("customers", with_entity, ENCODED, tmp_path / "store", tmp_path)
+    rows, y = raw_rows(fs, "test")
+    source = frame.iloc[fs.read_keys("test").column("__row__").to_numpy()].reset_index(drop=True)
+    assert list(rows.columns) == ["plan", "region", "income", "age"]
+    assert (
+        rows["plan"].tolist() == source["plan"].tolist()
+        and rows["region"].tolist() == source["region"].tolist()
+    )
+    np.testing.assert_allclose(rows["income"], source["income"])  # its own values, not its bucket
+    assert rows["age"].isna().tolist() == source["age"].isna().tolist()
+    np.testing.assert_allclose(rows["age"].dropna(), source["age"].dropna(), rtol=1e-5)
+    assert y.tolist() == source["churned"].tolist()
+
+    imputed_only = _steps({"impute": {"columns": ["age"], "strategy": "median", "indicator": True}})
+    numbers = DataConfig(source="c.parquet", target="churned", drop=["customer", "plan", "region"])
+    rows, _ = raw_rows(
+        build_feature_set("numbers", numbers, imputed_only, tmp_path / "store", tmp_path), "test"
+    )
+    assert rows["age"].isna().any() and not rows["income"].isna().any()
+
+    no_entity = DataConfig(source="c.parquet", target="churned", drop=["customer"])
+    encoded = build_feature_set("anonymous", no_entity, ENCODED, tmp_path / "store", tmp_path)
+    with pytest.raises(
+        UserError, match=r"encodes column 'plan' and keeps its own values only for .*data.entity"
+    ):
+        raw_rows(encoded, "test")
