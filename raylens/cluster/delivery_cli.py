@@ -61,10 +61,22 @@ Reason = Annotated[
 Alias = Annotated[str, typer.Option("--alias", help="The alias to move.")]
 
 
-def _tracking(runs_dir: str | None, tracking_uri: str | None) -> str:
+def _tracking(runs_dir: str | None, tracking_uri: str | None, configured: str = "default") -> str:
+    """The registry to read: --tracking-uri, else the spec's or the run folder's store, which
+    must exist (opening a SQLite file creates it: a mistyped --runs-dir would leave one)."""
     from raylens.cluster.workspace import Workspace
+    from raylens.errors import UserError
 
-    return tracking_uri or Workspace.at(runs_dir).tracking_uri("default")
+    if tracking_uri:
+        return tracking_uri
+    workspace = Workspace.at(runs_dir)
+    uri = workspace.tracking_uri(configured)
+    if uri == workspace.default_tracking_uri and not (workspace.root / "mlflow.db").exists():
+        raise UserError(
+            f"no runs in {workspace.root}: no registered model to read there; pass the --runs-dir "
+            "(or --tracking-uri) its models were registered in"
+        )
+    return uri
 
 
 def _client(uri: str) -> Any:
@@ -222,7 +234,8 @@ def serve(
     from raylens.errors import UserError
 
     target = ModelTarget.parse(model)
-    base = load_spec(spec).serve if spec is not None else ServeConfig()
+    loaded = load_spec(spec) if spec is not None else None
+    base = loaded.serve if loaded is not None else ServeConfig()
     flags = {
         "host": host,
         "port": port,
@@ -242,7 +255,7 @@ def serve(
         raise UserError(
             f"--online-store: {online_store} does not exist; write it with `raylens features materialize`"
         )
-    uri = _tracking(runs_dir, tracking_uri)
+    uri = _tracking(runs_dir, tracking_uri, loaded.tracking.uri if loaded is not None else "default")
     with stop_on_signals():
         _serve_until_stopped(target, uri, config, online_store, address, verbose)
 
@@ -292,6 +305,9 @@ def promote(
     from raylens.cluster.release import move_alias
 
     move = move_alias(_client(_tracking(runs_dir, tracking_uri)), model, alias, version, reason)
+    if move.previous == move.version:
+        console.print(f"{escape(model)}@{alias} is version {move.version} already: nothing moved")
+        return
     before = f" (was version {move.previous})" if move.previous else ""
     console.print(f"{escape(model)}@{alias} → version {move.version}{before}: {escape(move.reason)}")
 

@@ -41,6 +41,7 @@ STEP_TAG = "raylens.pipeline.step.{step}"
 STATE_TAG = "raylens.pipeline.state"
 VERSION_TAG = "raylens.pipeline.version"
 SPEC_TAG = "raylens.pipeline.spec"
+GATED_AGAINST_TAG = "raylens.pipeline.gated_against"
 RESUMABLE = ("failed", "interrupted", "running", "awaiting_approval")
 
 RELEASED, STAGED, REJECTED, UNCHANGED = "released", "awaiting_approval", "rejected", "unchanged"
@@ -143,7 +144,7 @@ class Pipeline:
         version = self.tags.get(VERSION_TAG)
         if not self._done("train"):
             with self._step("train"):
-                version = self._train(resume=resume and self._state("train") != "")
+                version = self._train(resume=resume and self._own_training_started())
                 self._tag(VERSION_TAG, version)
         assert version is not None
         verdict = None
@@ -157,6 +158,7 @@ class Pipeline:
                     self._tag(STEP_TAG.format(step="gate"), "done")
                     return PipelineResult(self.run_id, UNCHANGED, self.name, version, production)
                 verdict = self._gate(version, production)
+                self._tag(GATED_AGAINST_TAG, production or "")
             if not verdict.passed:
                 self.progress.notice(verdict.summary())
                 return PipelineResult(self.run_id, REJECTED, self.name, version, production, verdict)
@@ -183,6 +185,14 @@ class Pipeline:
             production = current_version(self.client, self.name, "production")
             return PipelineResult(self.run_id, STAGED, self.name, version, production, verdict, smoke_rows)
         with self._step("production"):
+            gated_against = self.tags.get(GATED_AGAINST_TAG, "") or None
+            now = current_version(self.client, self.name, "production")
+            if now != gated_against:
+                raise UserError(
+                    f"production moved since the gate judged version {version} (against "
+                    f"{gated_against or 'no production'}; now version {now}): run the pipeline again "
+                    "so the gate compares with what is in production"
+                )
             how = "approved" if manual else "automatic"
             move_alias(
                 self.client, self.name, "production", version, f"pipeline run {self.run_id} ({how} release)"
@@ -240,6 +250,30 @@ class Pipeline:
         return runs[0].info.run_id, dict(runs[0].data.tags)
 
     # ----- what each step does -----------------------------------------------------------------
+
+    def _own_training_started(self) -> bool:
+        """Whether this pipeline's training run exists and is the spec's latest (what
+        ``Experiment.run(resume=True)`` continues); ``UserError`` when another run of the spec came
+        since. False: the training never started its run, so it starts afresh."""
+        from raylens.cluster.runs import LATEST
+
+        runs = self.client.search_runs(
+            [self.tracker.experiment_id],
+            filter_string=(
+                f"tags.`mlflow.parentRunId` = '{self.run_id}' and tags.`raylens.role` = 'experiment'"
+            ),
+        )
+        if not runs:
+            return False
+        marker = self.experiment.workspace.ray_storage / self.experiment.spec.name / LATEST
+        latest = marker.read_text().strip() if marker.exists() else ""
+        if latest != runs[0].data.tags.get("raylens.run"):
+            raise UserError(
+                f"--resume: the spec's latest run ({latest}) is not this pipeline's training "
+                f"({runs[0].data.tags.get('raylens.run')}): another run of '{self.experiment.spec.name}' "
+                "came since. Start a new pipeline: `raylens pipeline SPEC` without --resume"
+            )
+        return True
 
     def _train(self, *, resume: bool) -> str:
         summary = self.experiment.run(
@@ -339,7 +373,7 @@ class Pipeline:
                 serve.delete("raylens-staging")
         finally:
             stop_ray(runtime)  # an embedded cluster goes with Serve; on a cluster, Serve stays
-        differ = [i for i, (a, b) in enumerate(zip(served, expected, strict=True)) if a != b]
+        differ = _differing_rows(served, expected)
         self.tracker.log_metrics(self.run_id, {"smoke_rows": len(rows), "smoke_mismatches": len(differ)})
         if differ:
             raise ReleaseStopped(
@@ -371,11 +405,27 @@ def _test_rows(feature_set: Any) -> tuple[Any, np.ndarray]:
 
 
 def records_of(frame: Any) -> list[dict[str, Any]]:
-    """A frame's rows as JSON records, every float exact (pandas' own JSON rounds to 10 digits)."""
-    return [
-        {k: v.item() if isinstance(v, np.generic) else v for k, v in row.items()}
-        for row in frame.to_dict("records")
-    ]
+    """A frame's rows as JSON records, every float exact (pandas' own JSON rounds to 10 digits),
+    a missing value null."""
+    return [{k: _json_value(v) for k, v in row.items()} for row in frame.to_dict("records")]
+
+
+def _json_value(value: Any) -> Any:
+    value = value.item() if isinstance(value, np.generic) else value
+    return None if isinstance(value, float) and not np.isfinite(value) else value
+
+
+def _differing_rows(served: list[Any], expected: list[Any]) -> list[int]:
+    """Rows whose answers differ: labels exactly; values (a regression's) beyond float32 rounding,
+    as the same rows scored in batches of another size may differ in their last bits."""
+    differ = []
+    for i, (got, want) in enumerate(zip(served, expected, strict=True)):
+        if isinstance(got, float) and isinstance(want, float):
+            if not np.isclose(got, want, rtol=1e-5, atol=1e-6):
+                differ.append(i)
+        elif got != want:
+            differ.append(i)
+    return differ
 
 
 def _predict_over_http(url: str, rows: Any, chunk: int) -> list[Any]:

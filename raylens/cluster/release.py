@@ -145,8 +145,9 @@ def paired_bootstrap(
     sign = 1.0 if mode == "max" else -1.0
     rng = np.random.default_rng(seed)
     improvements = np.empty(resamples)
-    for start in range(0, resamples, 256):  # in blocks: at most 256 resamples of the rows at a time
-        count = min(256, resamples - start)
+    block = max(1, min(256, (1 << 22) // max(rows, 1)))  # resamples at a time: ~4M drawn rows at most
+    for start in range(0, resamples, block):
+        count = min(block, resamples - start)
         index = rng.integers(0, rows, size=(count, rows))
         difference = aggregate(metric, candidate[index], axis=1) - aggregate(
             metric, production[index], axis=1
@@ -293,8 +294,7 @@ class AliasMove:
 def alias_history(client: Any, name: str, alias: str) -> list[AliasMove]:
     """Every recorded move of ``alias`` on registered model ``name``, oldest first."""
     tags = _registered_model(client, name).tags
-    prefix = f"raylens.alias.{alias}."
-    moves = [json.loads(value) for key, value in sorted(tags.items()) if key.startswith(prefix)]
+    moves = [json.loads(value) for key, value in sorted(tags.items()) if _is_move(key, alias)]
     return [AliasMove(**move) for move in moves]
 
 
@@ -325,22 +325,33 @@ def move_alias(
             f"VERSION: registered model '{name}' has no version {version}; it has: "
             f"{', '.join(map(str, versions)) or 'none'}"
         ) from None
-    history = alias_history(client, name, alias)
+    previous = current_version(client, name, alias)
     move = AliasMove(
         alias,
         str(version),
-        current_version(client, name, alias),
+        previous,
         reason.strip(),
         kind,
         datetime.now(UTC).isoformat(timespec="seconds"),
         _user(),
     )
-    client.set_registered_model_tag(
-        name, HISTORY_TAG.format(alias=alias, number=len(history) + 1), json.dumps(asdict(move))
-    )
+    if previous == str(version):  # already there (a resumed step, a repeated promote): no move
+        return move
+    numbers = [
+        int(key.rsplit(".", 1)[1]) for key in _registered_model(client, name).tags if _is_move(key, alias)
+    ]
+    # The alias first: a move whose record failed is still the alias's state, never the reverse.
     client.set_registered_model_alias(name, alias, str(version))
+    client.set_registered_model_tag(
+        name, HISTORY_TAG.format(alias=alias, number=max(numbers, default=0) + 1), json.dumps(asdict(move))
+    )
     client.set_model_version_tag(name, str(version), f"raylens.{alias}.reason", move.reason)
     return move
+
+
+def _is_move(key: str, alias: str) -> bool:
+    prefix = f"raylens.alias.{alias}."
+    return key.startswith(prefix) and key[len(prefix) :].isdigit()
 
 
 def rollback(client: Any, name: str, alias: str, reason: str) -> AliasMove:

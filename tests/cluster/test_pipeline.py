@@ -18,7 +18,7 @@ from raylens.cluster.cli import app
 from raylens.cluster.ct import check_retraining
 from raylens.cluster.experiment import Experiment
 from raylens.cluster.pipeline import REJECTED, RELEASED, STAGED, Pipeline
-from raylens.cluster.release import alias_history, current_version
+from raylens.cluster.release import alias_history, current_version, move_alias
 from raylens.errors import UserError
 
 MODEL = "churn-clf"
@@ -131,10 +131,17 @@ def test_manual_approval_stops_at_staging_until_approved(ray_cluster: None, tmp_
     staged = Pipeline(experiment).run()
     assert (staged.state, staged.production, staged.smoke_rows) == (STAGED, None, 171)
     assert current_version(client, MODEL, "staging") == "1"
+    # Production moved after the gate judged the staged version: approving it is refused.
+    client.create_model_version(MODEL, source=str(tmp_path))
+    move_alias(client, MODEL, "production", "2", "released by hand meanwhile")
+    with pytest.raises(UserError, match="production moved since the gate judged version 1"):
+        Pipeline(experiment, approve=True).run(resume=True)
+    assert current_version(client, MODEL, "production") == "2"
+    client.delete_registered_model_alias(MODEL, "production")  # back to what the gate judged against
     approved = Pipeline(experiment, approve=True).run(resume=True)
     assert approved.run_id == staged.run_id  # the same pipeline run, continued at its last step
     assert (approved.state, approved.production) == (RELEASED, "1")
-    assert "approved release" in alias_history(client, MODEL, "production")[0].reason
+    assert "approved release" in alias_history(client, MODEL, "production")[-1].reason
     with pytest.raises(
         UserError, match="no pipeline of 'churn' to resume \\(the latest one ended released\\)"
     ):
@@ -192,3 +199,34 @@ def test_promote_and_rollback_on_the_command_line(tmp_path: Path) -> None:
     assert no_reason.exit_code == 2 and "--reason" in no_reason.output
     assert current_version(client, MODEL, "production") == "1"
     assert np.array_equal([m.version for m in alias_history(client, MODEL, "production")], ["1", "2", "1"])
+    (tmp_path / "elsewhere").mkdir()
+    wrong = runner.invoke(
+        app, ["rollback", MODEL, "--reason", "x", "--runs-dir", str(tmp_path / "elsewhere")]
+    )
+    assert wrong.exit_code == 2 and "no runs in" in wrong.output
+    assert not any((tmp_path / "elsewhere").iterdir())  # no store created where there was none
+
+
+def test_a_resume_never_continues_another_runs_training(ray_cluster: None, tmp_path: Path) -> None:
+    """A pipeline whose training failed (a debugger rule with action fail) resumes its own
+    training run only: when another run of the spec came since, the resume is refused."""
+    write_rows(tmp_path / "rows.csv")
+    rows = pd.read_csv(tmp_path / "rows.csv")
+    rows.loc[rows.index % 5 != 0, "label"] = 0  # about 1 row in 10 of the second class
+    rows.to_csv(tmp_path / "rows.csv", index=False)
+    raw = yaml.safe_load(write_spec(tmp_path).read_text())
+    raw["model"] = {"family": "torch", "name": "mlp", "params": {"hidden": [8]}}
+    rule = {"class_imbalance": {"ratio": 0.5, "action": "fail"}}
+    raw["train"] = {"epochs": 2, "batch_size": 32, "debug": {"rules": rule}}
+    failing = Experiment.from_dict(raw, base_dir=tmp_path, runs_dir=tmp_path / "runs")
+    with pytest.raises(Exception, match="class_imbalance"):
+        Pipeline(failing).run()
+    client = client_of(failing)
+    (failed,) = client.search_runs(
+        [client.get_experiment_by_name("churn").experiment_id], "tags.`raylens.role` = 'pipeline'"
+    )
+    assert failed.data.tags["raylens.pipeline.step.train"] == "failed"
+    del raw["train"]["debug"]
+    Experiment.from_dict(raw, base_dir=tmp_path, runs_dir=tmp_path / "runs").run(tune=False)
+    with pytest.raises(UserError, match="is not this pipeline's training"):
+        Pipeline(failing).run(resume=True)

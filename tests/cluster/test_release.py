@@ -145,6 +145,8 @@ def test_promotions_and_rollbacks_are_a_history_that_only_grows(registry: mlflow
     for version in ("1", "2", "3"):
         move_alias(registry, "churn", "production", version, f"release {version}")
     assert current_version(registry, "churn", "production") == "3"
+    again = move_alias(registry, "churn", "production", "3", "a resumed step promotes again")
+    assert again.previous == "3" and len(alias_history(registry, "churn", "production")) == 3  # no move
     back = rollback(registry, "churn", "production", "v3 misbehaves")
     assert (back.version, back.previous, back.kind) == ("2", "3", "rollback")
     assert rollback(registry, "churn", "production", "v2 too").version == "1"  # a second goes further
