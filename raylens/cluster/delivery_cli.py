@@ -155,6 +155,8 @@ def _print_pipeline(result: Any) -> None:
     if result.verdict is not None:
         for check in result.verdict.checks:
             table.add_row(f"gate: {check.name}", ("passed: " if check.passed else "FAILED: ") + check.detail)
+        for note in result.verdict.notes:
+            table.add_row("gate: note", note)
     if result.smoke_rows:
         table.add_row("smoke test", f"{result.smoke_rows} test rows over HTTP equal the offline predictions")
     console.print(table)

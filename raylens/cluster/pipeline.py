@@ -18,7 +18,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -318,6 +318,18 @@ class Pipeline:
             size_mb=size / 2**20,
             failed_rules=self._failed_rules(version),
         )
+        if production is not None:
+            trained_on = self.client.get_model_version(self.name, production).tags.get(
+                "raylens.feature_set_version"
+            )
+            if trained_on != feature_set.version:
+                verdict = replace(
+                    verdict,
+                    notes=(
+                        f"production was trained on data version {trained_on}, the candidate on "
+                        f"{feature_set.version}: some of these test rows may be rows production trained on",
+                    ),
+                )
         self.tracker.log_dict(self.run_id, verdict.to_dict(), "gate.json")
         metrics = {"gate_candidate": verdict.candidate_value}
         if verdict.comparison is not None:

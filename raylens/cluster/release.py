@@ -73,6 +73,8 @@ class Verdict:
     candidate_value: float
     first_release: bool
     measured: Mapping[str, float] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+    """What the evidence cannot show, said beside it (e.g. models of different data versions)."""
 
     @property
     def passed(self) -> bool:
@@ -84,7 +86,7 @@ class Verdict:
 
     def summary(self) -> str:
         head = "passed" if self.passed else "failed"
-        return f"gate {head}: " + "; ".join(check.detail for check in self.checks)
+        return f"gate {head}: " + "; ".join([check.detail for check in self.checks] + list(self.notes))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -95,6 +97,7 @@ class Verdict:
             "comparison": asdict(self.comparison) if self.comparison else None,
             "checks": [asdict(check) for check in self.checks],
             "measured": dict(self.measured),
+            "notes": list(self.notes),
         }
 
 

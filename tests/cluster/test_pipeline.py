@@ -106,6 +106,8 @@ def test_a_release_then_a_worse_model_stopped_by_the_gate_then_retraining_on_dri
     assert "retrain" in retrained.output and "'f0' drifted" in retrained.output, retrained.output
     assert len(client.search_model_versions(f"name = '{MODEL}'")) == 3  # the pipeline trained on it
     released = current_version(client, MODEL, "production")
+    summary = client.get_model_version(MODEL, "3").tags["raylens.gate.summary"]
+    assert "production was trained on data version" in summary  # said beside the evidence
     assert (retrained.exit_code, released) in ((0, "3"), (1, "1")), retrained.output  # released or gated
 
     # A column gone: production cannot be scored on the new rows; said, and nothing released.
