@@ -267,10 +267,15 @@ def _serve_until_stopped(
 ) -> None:
     from ray import serve as ray_serve
 
+    from raylens.cluster.release_config import check_embedded_capacity
     from raylens.cluster.runtime import RuntimeSettings, start_ray, stop_ray
     from raylens.cluster.serving import resolve_version, start_endpoint
 
     resolve_version(_client(uri), target)  # an unknown model or alias: said before Ray starts
+    if address is None:
+        check_embedded_capacity(config)
+        if config.port:
+            _check_port_free(config.host, config.port)
     runtime = start_ray(RuntimeSettings.build(address=address, verbose=verbose))
     try:
         with console.status(f"deploying {target} on Ray Serve"):
@@ -290,6 +295,23 @@ def _serve_until_stopped(
             ray_serve.delete(endpoint.app)
     finally:
         stop_ray(runtime)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """An embedded Serve's proxy binds ``host:port``: taken, it would fail inside Ray with a
+    traceback; said here, before Ray starts."""
+    import socket
+
+    from raylens.errors import UserError
+
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise UserError(
+                f"--port: {host}:{port} cannot be listened on ({error.strerror}); choose another port "
+                "with --port (0: a free one), or stop what holds it"
+            ) from None
 
 
 @app.command(short_help="Point an alias (production) at a version, with a reason")

@@ -33,6 +33,7 @@ from raylens.cluster.release import (
     model_outputs,
     move_alias,
 )
+from raylens.cluster.release_config import check_embedded_capacity
 from raylens.errors import UserError
 
 STEPS = ("train", "gate", "staging", "smoke", "production")
@@ -108,6 +109,8 @@ class Pipeline:
     def run(self, *, resume: bool = False) -> PipelineResult:
         """Run the steps left. A fresh pipeline's MLflow run starts when the training has passed
         its checks: a mistake in the spec or data writes nothing."""
+        if self.address is None:  # said before anything runs, not at the smoke test
+            check_embedded_capacity(self.experiment.spec.serve)
         if resume:
             self.run_id, self.tags = self._resumable()
             self.tracker.reopen_run(self.run_id)

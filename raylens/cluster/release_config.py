@@ -91,3 +91,18 @@ class ContinuousTrainingConfig(BaseModel):
     """Retrain when the data has grown by this fraction of the rows production was trained on."""
     schema_change: bool = True
     """Retrain when the source's columns or their types changed."""
+
+
+def check_embedded_capacity(config: ServeConfig) -> None:
+    """Replicas an embedded Ray (this machine alone) can never hold would leave the deployment
+    waiting forever: refused before Ray starts. (A cluster given by address may autoscale.)"""
+    from raylens.cluster.runtime import embedded_cpus
+    from raylens.errors import UserError
+
+    need, have = config.replicas * config.cpus_per_replica, embedded_cpus()
+    if need > have:
+        raise UserError(
+            f"serve: {config.replicas} replicas x {config.cpus_per_replica:g} CPU need {need:g} CPUs, and "
+            f"Ray on this machine has {have}: lower the replicas or cpus_per_replica, or pass --address "
+            "of a cluster that has them"
+        )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import signal
+import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -48,6 +49,22 @@ def test_serve_answers_on_loopback_and_stops_on_ctrl_c(registered: Logged, tmp_p
     assert "Traceback" not in serving.output
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(f"{url}/health", timeout=5)
+
+
+def test_a_port_in_use_or_too_many_replicas_are_refused_before_ray_starts(
+    registered: Logged, tmp_path: Path
+) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        done = raylens(tmp_path, "serve", "cancer@production", "--tracking-uri", registered.tracking_uri,
+                       "--port", str(port))  # fmt: skip
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"127.0.0.1:{port} cannot be listened on" in done.stderr and "Traceback" not in done.stderr
+    too_many = raylens(tmp_path, "serve", "cancer@production", "--tracking-uri", registered.tracking_uri,
+                       "--replicas", "64")  # fmt: skip
+    assert too_many.returncode == 2 and "64 replicas x 1 CPU need 64 CPUs" in too_many.stderr, too_many.stderr
 
 
 def test_an_unknown_alias_is_refused_with_exit_2(registered: Logged, tmp_path: Path) -> None:

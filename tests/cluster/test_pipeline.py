@@ -176,6 +176,11 @@ def test_a_mistake_in_the_data_writes_nothing(tmp_path: Path) -> None:
     done = runner.invoke(app, ["pipeline", str(spec), "--runs-dir", str(runs), "--set", "data.target=labl"])
     assert done.exit_code == 2 and "labl" in done.output, done.output
     assert not runs.exists()  # no tracking store, no pipeline run, no feature set
+    crowded = runner.invoke(
+        app, ["pipeline", str(spec), "--runs-dir", str(runs), "--set", "serve.replicas=64"]
+    )
+    assert crowded.exit_code == 2 and "64 replicas x 1 CPU need 64 CPUs" in crowded.output, crowded.output
+    assert not runs.exists()  # refused before the training, not at the smoke test
     again = runner.invoke(app, ["pipeline", str(spec), "--runs-dir", str(runs), "--resume"])
     assert again.exit_code == 2 and "no pipeline of 'churn' to resume" in again.output, again.output
     assert not runs.exists()
