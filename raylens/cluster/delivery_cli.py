@@ -19,6 +19,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from raylens.cluster.cli import (
     Address,
@@ -95,6 +96,14 @@ def pipeline(
     verbose: Verbose = False,
     address: Address = None,
     overrides: Overrides = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Check the spec, data, model and release settings, print what would run and what "
+            "the gate would compare with; nothing is started or written.",
+        ),
+    ] = False,
 ) -> None:
     """Train the spec and release the model: register a new version, judge it against the
     production version on the same test rows (paired bootstrap, release section), alias it
@@ -115,6 +124,9 @@ def pipeline(
         tune = experiment.spec.tune
         progress = RichProgress(console, tune.metric, tune.mode) if tune else RichProgress(console)
         runner = Pipeline(experiment, approve=approve, verbose=verbose, address=address, progress=progress)
+        if dry_run:
+            _pipeline_dry_run(runner)
+            return
         try:
             result = runner.run(resume=resume)
         except ReleaseStopped as stopped:
@@ -135,6 +147,58 @@ def pipeline(
     _print_pipeline(result)
     if result.state == REJECTED:
         raise typer.Exit(1)
+
+
+def _pipeline_dry_run(runner: Any) -> None:
+    """What ``raylens pipeline`` would do: the run's checks and plan, then the release's."""
+    from raylens.cluster.console import dry_run_table
+    from raylens.cluster.release_config import check_embedded_capacity
+
+    experiment = runner.experiment
+    spec = experiment.spec
+    if runner.address is None:
+        check_embedded_capacity(spec.serve)
+    with console.status("checking the spec, data and model"):
+        report = experiment.validate(tune=spec.tune is not None, address=runner.address)
+    report.raise_problems()
+    table = dry_run_table(experiment, report, "pipeline")
+    release = spec.release
+    gate = (
+        f"{release.metric or 'accuracy / rmse'} must beat production by more than {release.margin:g} "
+        f"({release.confidence:.0%} paired bootstrap, {release.resamples} resamples)"
+    )
+    bounds = [
+        f"{name} {value:g}"
+        for name, value in (
+            ("threshold", release.threshold),
+            ("max latency ms", release.max_latency_ms),
+            ("max size MB", release.max_size_mb),
+        )
+        if value is not None
+    ]
+    table.add_row("gate", Text(gate + (f"; {', '.join(bounds)}" if bounds else "")))
+    table.add_row("production now", Text(_production_now(experiment, runner.name)))
+    table.add_row("release", Text("automatic" if release.approval == "auto" else "manual: waits at staging"))
+    console.print(table)
+
+
+def _production_now(experiment: Any, name: str) -> str:
+    """The version at production, read without creating a store where there is none."""
+    from mlflow.exceptions import MlflowException
+
+    from raylens.cluster.release import current_version
+
+    workspace = experiment.workspace
+    uri = experiment.tracking_uri
+    if uri == workspace.default_tracking_uri and not (workspace.root / "mlflow.db").exists():
+        return "none: no runs yet (a first release is judged on the thresholds alone)"
+    client = _client(uri)
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        return f"none: '{name}' is not registered yet (a first release is judged on the thresholds alone)"
+    version = current_version(client, name, "production")
+    return f"version {version}" if version else "none (a first release is judged on the thresholds alone)"
 
 
 def _again(spec: Path, runs_dir: str | None, overrides: list[str] | None) -> str:

@@ -76,6 +76,12 @@ def test_a_release_then_a_worse_model_stopped_by_the_gate_then_retraining_on_dri
 
     # A deliberately worse model: registered, refused by the gate; production stays at 1.
     runner = CliRunner()
+    dry = runner.invoke(
+        app, ["pipeline", str(spec), "--runs-dir", str(runs), "--dry-run"], env={"COLUMNS": "200"}
+    )
+    assert dry.exit_code == 0 and "version 1" in dry.output.split("production now")[1].splitlines()[0], (
+        dry.output
+    )
     worse = runner.invoke(
         app,
         ["pipeline", str(spec), "--runs-dir", str(runs), "--set", "model.params.C=0.0002"],
@@ -176,6 +182,13 @@ def test_a_mistake_in_the_data_writes_nothing(tmp_path: Path) -> None:
     done = runner.invoke(app, ["pipeline", str(spec), "--runs-dir", str(runs), "--set", "data.target=labl"])
     assert done.exit_code == 2 and "labl" in done.output, done.output
     assert not runs.exists()  # no tracking store, no pipeline run, no feature set
+    planned = runner.invoke(
+        app, ["pipeline", str(spec), "--runs-dir", str(runs), "--dry-run"], env={"COLUMNS": "200"}
+    )
+    assert planned.exit_code == 0, planned.output
+    assert "raylens pipeline: checked, nothing started or written" in planned.output
+    assert "production now" in planned.output and "no runs yet" in planned.output
+    assert not runs.exists()
     crowded = runner.invoke(
         app, ["pipeline", str(spec), "--runs-dir", str(runs), "--set", "serve.replicas=64"]
     )
