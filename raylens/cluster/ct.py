@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from raylens.cluster.experiment import Experiment
-from raylens.cluster.release import current_version
+from raylens.cluster.release import production_version
 from raylens.errors import UserError
 
 
@@ -44,7 +44,7 @@ def check_retraining(experiment: Experiment) -> RetrainDecision:
     newest = experiment.build_features()
     uri = experiment.tracking_uri
     client = mlflow.MlflowClient(uri, registry_uri=uri)
-    production = _production(client, name)
+    production = production_version(client, name)
     if production is None:
         return RetrainDecision(True, [f"'{name}' has no production version yet"], newest.version)
     tags = client.get_model_version(name, production).tags
@@ -93,13 +93,3 @@ def check_retraining(experiment: Experiment) -> RetrainDecision:
             + (f" (largest drift: '{most.column}', PSI {most.psi:.3f}, KS {most.ks:.3f})" if most else "")
         )
     return RetrainDecision(retrain, reasons, newest.version, production, trained_on, diff)
-
-
-def _production(client: Any, name: str) -> str | None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        return None
-    return current_version(client, name, "production")

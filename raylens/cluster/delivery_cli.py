@@ -72,7 +72,7 @@ def _tracking(runs_dir: str | None, tracking_uri: str | None, configured: str = 
         return tracking_uri
     workspace = Workspace.at(runs_dir)
     uri = workspace.tracking_uri(configured)
-    if uri == workspace.default_tracking_uri and not (workspace.root / "mlflow.db").exists():
+    if workspace.holds_no_store(uri):
         raise UserError(
             f"no runs in {workspace.root}: no registered model to read there; pass the --runs-dir "
             "(or --tracking-uri) its models were registered in"
@@ -184,20 +184,10 @@ def _pipeline_dry_run(runner: Any) -> None:
 
 def _production_now(experiment: Any, name: str) -> str:
     """The version at production, read without creating a store where there is none."""
-    from mlflow.exceptions import MlflowException
+    from raylens.cluster.release import production_version
 
-    from raylens.cluster.release import current_version
-
-    workspace = experiment.workspace
     uri = experiment.tracking_uri
-    if uri == workspace.default_tracking_uri and not (workspace.root / "mlflow.db").exists():
-        return "none: no runs yet (a first release is judged on the thresholds alone)"
-    client = _client(uri)
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        return f"none: '{name}' is not registered yet (a first release is judged on the thresholds alone)"
-    version = current_version(client, name, "production")
+    version = None if experiment.workspace.holds_no_store(uri) else production_version(_client(uri), name)
     return f"version {version}" if version else "none (a first release is judged on the thresholds alone)"
 
 

@@ -201,8 +201,7 @@ class Invocation:
         if tune is None or tune.warm_start is None:
             return None
         uri = self.experiment.tracking_uri
-        default = self.workspace.default_tracking_uri
-        if uri == default and not (self.workspace.root / "mlflow.db").exists():  # opening would create it
+        if self.workspace.holds_no_store(uri):
             raise UserError(
                 f"tune.warm_start: no MLflow run '{tune.warm_start}': {self.workspace.root} holds no "
                 "tracking store yet; give the sweep run id of an earlier sweep, with the same --runs-dir"

@@ -13,6 +13,7 @@ refuses the version ends the pipeline with production where it was.
 
 from __future__ import annotations
 
+import functools
 import json
 import urllib.error
 import urllib.request
@@ -229,8 +230,7 @@ class Pipeline:
     def _resumable(self) -> tuple[str, dict[str, str]]:
         """The latest pipeline run of this spec that has steps left."""
         workspace = self.experiment.workspace
-        store = workspace.root / "mlflow.db"
-        if self.experiment.tracking_uri == workspace.default_tracking_uri and not store.exists():
+        if workspace.holds_no_store(self.experiment.tracking_uri):
             raise UserError(
                 f"--resume: no pipeline of '{self.experiment.spec.name}' to resume: {workspace.root} "
                 "holds no runs; run `raylens pipeline SPEC` without --resume (with the same --runs-dir)"
@@ -294,11 +294,10 @@ class Pipeline:
     def _gate(self, version: str, production: str | None) -> Verdict:
         from mlflow.exceptions import MlflowException
 
-        from raylens.cluster.predict import load_model, load_model_sized
+        from raylens.cluster.predict import load_model
 
-        feature_set = self._feature_set(version)
-        rows, y = _test_rows(feature_set)
-        candidate, size = load_model_sized(f"models:/{self.name}/{version}", self.tracker.tracking_uri)
+        feature_set, rows, y = self._test_rows(version)
+        candidate, size = self._candidate(version)
         release = self.experiment.spec.release
         production_outputs = None
         if production is not None:
@@ -364,13 +363,11 @@ class Pipeline:
         are the offline model's, row for row."""
         from ray import serve
 
-        from raylens.cluster.predict import load_model
         from raylens.cluster.runtime import RuntimeSettings, start_ray, stop_ray
         from raylens.cluster.serving import ModelTarget, start_endpoint
 
-        feature_set = self._feature_set(version)
-        rows, _ = _test_rows(feature_set)
-        offline = load_model(f"models:/{self.name}/{version}", self.tracker.tracking_uri)
+        _, rows, _ = self._test_rows(version)
+        offline, _ = self._candidate(version)
         expected = np.asarray(offline.predict(rows)).tolist()
         config = self.experiment.spec.serve.model_copy(update={"port": 0, "max_replicas": None})
         runtime = start_ray(RuntimeSettings.build(address=self.address, verbose=self.verbose))
@@ -398,6 +395,25 @@ class Pipeline:
         self.progress.notice(f"smoke test: {len(rows)} test rows over HTTP equal the offline predictions")
         return len(rows)
 
+    @functools.cache  # noqa: B019 - one pipeline, a few versions: the gate and smoke test share them
+    def _test_rows(self, version: str) -> tuple[Any, Any, np.ndarray]:
+        """The feature set ``version`` was trained on, its test rows as the source had them, and
+        their targets: read once for the gate and the smoke test."""
+        from raylens.features.drift import raw_rows
+
+        feature_set = self._feature_set(version)
+        rows, y = raw_rows(feature_set, "test")
+        if not len(rows):
+            raise UserError("data.split.test: the test split has no rows; the gate and smoke test need some")
+        return feature_set, rows, y
+
+    @functools.cache  # noqa: B019
+    def _candidate(self, version: str) -> tuple[Any, int]:
+        """The registered pyfunc model of ``version`` and its size in bytes, loaded once."""
+        from raylens.cluster.predict import load_model_sized
+
+        return load_model_sized(f"models:/{self.name}/{version}", self.tracker.tracking_uri)
+
     def _feature_set(self, version: str) -> Any:
         """The feature-set version ``version`` of the model was trained on (its lineage tags)."""
         from raylens.features import open_feature_set
@@ -408,15 +424,6 @@ class Pipeline:
             tags.get("raylens.feature_set", self.experiment.spec.name),
             tags["raylens.feature_set_version"],
         )
-
-
-def _test_rows(feature_set: Any) -> tuple[Any, np.ndarray]:
-    from raylens.features.drift import raw_rows
-
-    rows, y = raw_rows(feature_set, "test")
-    if not len(rows):
-        raise UserError("data.split.test: the test split has no rows; the gate and smoke test need some")
-    return rows, y
 
 
 def records_of(frame: Any) -> list[dict[str, Any]]:

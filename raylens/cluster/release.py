@@ -296,7 +296,7 @@ class AliasMove:
 
 def alias_history(client: Any, name: str, alias: str) -> list[AliasMove]:
     """Every recorded move of ``alias`` on registered model ``name``, oldest first."""
-    tags = _registered_model(client, name).tags
+    tags = registered_model(client, name).tags
     moves = [json.loads(value) for key, value in sorted(tags.items()) if _is_move(key, alias)]
     return [AliasMove(**move) for move in moves]
 
@@ -319,7 +319,7 @@ def move_alias(
 
     if not reason.strip():
         raise UserError("--reason: say why the alias moves; it is kept in the model's history")
-    _registered_model(client, name)
+    registered_model(client, name)
     try:
         client.get_model_version(name, version)
     except MlflowException:
@@ -341,7 +341,7 @@ def move_alias(
     if previous == str(version):  # already there (a resumed step, a repeated promote): no move
         return move
     numbers = [
-        int(key.rsplit(".", 1)[1]) for key in _registered_model(client, name).tags if _is_move(key, alias)
+        int(key.rsplit(".", 1)[1]) for key in registered_model(client, name).tags if _is_move(key, alias)
     ]
     # The alias first: a move whose record failed is still the alias's state, never the reverse.
     client.set_registered_model_alias(name, alias, str(version))
@@ -377,7 +377,18 @@ def promoted_stack(history: list[AliasMove]) -> list[str]:
     return stack
 
 
-def _registered_model(client: Any, name: str) -> Any:
+def production_version(client: Any, name: str) -> str | None:
+    """The version at ``name``'s production alias; None when there is none, or no such model."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        return None
+    return current_version(client, name, "production")
+
+
+def registered_model(client: Any, name: str) -> Any:
     from mlflow.exceptions import MlflowException
 
     try:

@@ -92,9 +92,9 @@ def resolve_version(client: Any, target: ModelTarget) -> str:
     """The version ``target`` names now; ``UserError`` for an unknown model, alias or version."""
     from mlflow.exceptions import MlflowException
 
-    from raylens.cluster.release import _registered_model
+    from raylens.cluster.release import registered_model
 
-    model = _registered_model(client, target.name)
+    model = registered_model(client, target.name)
     if target.version is not None:
         try:
             client.get_model_version(target.name, target.version)

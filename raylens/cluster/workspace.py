@@ -64,6 +64,11 @@ class Workspace:
         # Absolute: Ray workers run in other folders, and a relative URI would give each its own db.
         return f"sqlite:///{self.root.local_path / 'mlflow.db'}"
 
+    def holds_no_store(self, tracking_uri: str) -> bool:
+        """Whether ``tracking_uri`` is this run folder's SQLite store and it does not exist yet
+        (opening it would create it: a read must not)."""
+        return tracking_uri == self.default_tracking_uri and not (self.root / "mlflow.db").exists()
+
     def tracking_uri(self, configured: str, environ: Mapping[str, str] | None = None) -> str:
         """The spec's tracking URI; for "default", MLflow's own ``MLFLOW_TRACKING_URI`` when set
         (how a submitted job gets its server's address without the address, which may carry

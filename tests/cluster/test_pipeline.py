@@ -187,7 +187,7 @@ def test_a_mistake_in_the_data_writes_nothing(tmp_path: Path) -> None:
     )
     assert planned.exit_code == 0, planned.output
     assert "raylens pipeline: checked, nothing started or written" in planned.output
-    assert "production now" in planned.output and "no runs yet" in planned.output
+    assert "production now" in planned.output and "none (a first release" in planned.output
     assert not runs.exists()
     crowded = runner.invoke(
         app, ["pipeline", str(spec), "--runs-dir", str(runs), "--set", "serve.replicas=64"]
