@@ -10,15 +10,17 @@ from typing import Any
 
 import ray
 from ray.train.v2._internal.execution.callback import ControllerCallback
+from ray.train.v2.api.callback import UserCallback
 from ray.util.queue import Queue
 
-EPOCH, CONTROLLER, NOTICE, FAILED, STALLED, STOPPED = (
+EPOCH, CONTROLLER, NOTICE, FAILED, STALLED, STOPPED, CHECKPOINT = (
     "epoch",
     "controller",
     "notice",
     "failed",
     "stalled",
     "stopped",
+    "checkpoint",
 )
 """Kinds of message on the queue from the run to the driver."""
 
@@ -34,3 +36,16 @@ class ControllerHandle(ControllerCallback):
     def after_controller_start(self, train_run_context: Any) -> None:
         # Not ``queue.put``: a blocking get inside the controller's event loop would stall it.
         self.queue.actor.put_nowait.remote((CONTROLLER, ray.get_runtime_context().current_actor))  # type: ignore[attr-defined]
+
+
+class CheckpointRelay(UserCallback):
+    """Runs in the Train controller and hands the driver each checkpoint once Ray has persisted
+    it (every worker reported, the upload ended), with rank 0's metrics: for a driver that
+    passes checkpoints on (a Tune trial under PBT, whose scheduler clones them across trials)."""
+
+    def __init__(self, queue: Queue) -> None:
+        self.queue = queue
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        if checkpoint is not None:
+            self.queue.actor.put_nowait.remote((CHECKPOINT, (metrics[0], checkpoint)))  # type: ignore[attr-defined]

@@ -70,12 +70,14 @@ from raylens.trainer.parallel import (
 )
 from raylens.trainer.parallel.checkpoint import write_attachments
 from raylens.trainer.ray_controller import (
+    CHECKPOINT,
     CONTROLLER,
     EPOCH,
     FAILED,
     NOTICE,
     STALLED,
     STOPPED,
+    CheckpointRelay,
     ControllerHandle,
 )
 from raylens.trainer.watchdog import Stall, StallWatch, report_grace
@@ -248,7 +250,8 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(worker_threads(job))
     feature_set = FeatureSet(Location.of(config["feature_set_path"]), config["manifest"])
     resume_from = None
-    checkpoint = ray.train.get_checkpoint()
+    # The run's own latest checkpoint (a restart, a resume) before the one it was started from.
+    checkpoint = ray.train.get_checkpoint() or config.get("start_from")
     if checkpoint is not None:
         resume_from, notice = restore_point(checkpoint)
         if notice and rank == 0 and queue is not None:
@@ -341,9 +344,13 @@ def train_distributed(
     on_epoch: Callable[[dict[str, float]], None] = lambda metrics: None,
     on_notice: Callable[[str], None] = logger.warning,
     embedded: bool = False,
+    on_checkpoint: Callable[[dict[str, float], ray.train.Checkpoint], None] | None = None,
+    start_from: ray.train.Checkpoint | None = None,
 ) -> TrainOutcome:
     """Train with ``job.train.scaling.workers`` Ray Train workers; resume if ``run_name`` has a
-    checkpoint under ``storage_path`` already. ``on_epoch`` hears each epoch once, in order.
+    checkpoint under ``storage_path`` already, else start from ``start_from`` when given (a
+    checkpoint of another run). ``on_epoch`` hears each epoch once, in order; ``on_checkpoint``
+    each epoch's checkpoint once persisted, with that epoch's metrics, once, in order.
 
     ``embedded``: the Ray cluster is this machine alone, started by this process; then a
     1-worker CPU job trains in this process instead (``trains_in_driver``), when the storage is
@@ -361,6 +368,7 @@ def train_distributed(
             "feature_set_path": feature_set.path.uri,
             "manifest": feature_set.manifest,
             "queue": queue,
+            "start_from": start_from,
         },
         scaling_config=scaling_config(job),
         **_streamed(job, feature_set),
@@ -369,7 +377,10 @@ def train_distributed(
             **ray_storage(storage_path),
             checkpoint_config=_checkpoint_config(job),
             failure_config=ray.train.FailureConfig(max_failures=job.train.max_failures),
-            callbacks=[ControllerHandle(queue)],  # type: ignore[list-item]  # Ray accepts controller callbacks
+            callbacks=[  # type: ignore[list-item]  # Ray accepts controller callbacks
+                ControllerHandle(queue),
+                *([CheckpointRelay(queue)] if on_checkpoint is not None else []),
+            ],
         ),
     )
     outcome: dict[str, Any] = {}
@@ -388,6 +399,12 @@ def train_distributed(
     failed: list[str] = []
     stopped: list[str] = []
     stalls = _StallReports(on_notice)
+    relayed: set[float] = set()
+
+    def relay(metrics: dict[str, float], checkpoint: ray.train.Checkpoint) -> None:
+        if on_checkpoint is not None and metrics["epoch"] not in relayed:  # a replay: heard already
+            relayed.add(metrics["epoch"])
+            on_checkpoint(metrics, checkpoint)
 
     def drain(block: bool) -> None:
         while True:
@@ -405,6 +422,8 @@ def train_distributed(
                 stopped.append(payload)
             elif kind == STALLED:
                 stalls.add(payload)
+            elif kind == CHECKPOINT:
+                relay(*payload)
             elif payload["epoch"] not in history:  # a replay after a restart: heard already
                 history[payload["epoch"]] = payload
                 on_epoch(payload)
@@ -432,6 +451,9 @@ def train_distributed(
     result = outcome["result"]
     if result.checkpoint is None:
         raise RuntimeError(f"training run '{run_name}' finished without a checkpoint")
+    # The controller's last message can still be on its way when ``fit`` returns: the result
+    # holds the same checkpoint and metrics.
+    relay(dict(result.metrics), result.checkpoint)
     best = _best(job, [(c, dict(m)) for c, m in (result.best_checkpoints or [])])
     return TrainOutcome(
         _local(result.checkpoint),

@@ -84,16 +84,11 @@ def candidate_named(config: dict[str, Any], candidates: list[Candidate]) -> Cand
 
 def _check_pbt(config: TuneConfig, candidates: list[Candidate]) -> None:
     """PBT goes on from another trial's checkpoint with values perturbed: values a checkpoint can
-    take (the train. paths), of torch models, whose trials report checkpoints."""
+    take (the train. paths), of torch models."""
     if len(candidates) > 1 or candidates[0].model.family != "torch":
         raise UserError(
             "tune.scheduler: pbt perturbs a torch model's training values between epochs; a scikit-learn "
             "estimator or a choice among candidates has none to perturb: use asha, hyperband or median"
-        )
-    if config.workers_per_trial > 1:
-        raise UserError(
-            "tune.scheduler: pbt needs every trial's checkpoints, and trials of several workers keep "
-            "theirs in their own Ray Train run; set tune.workers_per_trial to 1, or use asha"
         )
     for path in candidates[0].space:
         if not path.startswith("train."):

@@ -70,8 +70,8 @@ class TuneConfig(BaseModel):
     brackets; median: stop a trial whose best result trails the median of the others at the same
     epoch (Ray Tune's median stopping rule); pbt: population based training (Ray Tune's): every
     grace_period epochs the trailing quarter of the trials go on from a leading trial's
-    checkpoint with its train. values perturbed (torch models, one worker per trial); fifo: run
-    every trial to the end."""
+    checkpoint with its train. values perturbed (torch models; a trial of several workers starts
+    a Ray Train run from the checkpoint); fifo: run every trial to the end."""
     metric: str = "valid_loss"
     """Metric the sweep optimizes, as reported each epoch (valid_loss, valid_accuracy, ...)."""
     mode: Literal["min", "max"] = "min"

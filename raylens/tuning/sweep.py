@@ -8,6 +8,7 @@ launches a Ray Train run of that size, through the same bridge the final trainin
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import resource
@@ -177,15 +178,31 @@ def _distributed_trial(
     candidates: list[Candidate],
     feature_set: FeatureSet,
     storage: str,
+    checkpoints_to_tune: bool,
 ) -> None:
+    """A trial of several workers: it drives a Ray Train run of its own, which keeps its
+    checkpoints; a retried or resumed trial goes on in that run. ``checkpoints_to_tune``
+    (PBT, which clones a trial's checkpoint into another): each epoch is reported with its
+    checkpoint, and a trial Tune hands a checkpoint starts a new run from it."""
     trial_job = _trial_job(job, config, candidates)
     context = tune.get_context()
+    run_name = f"{context.get_experiment_name()}-{context.get_trial_id()}"
+    start_from = tune.get_checkpoint() if checkpoints_to_tune else None
+    if start_from is not None:
+        # The trial's own run may be ahead of (or behind) the checkpoint it goes on from.
+        run_name += "-" + hashlib.sha256(start_from.path.encode()).hexdigest()[:8]
     train_distributed(
         trial_job,
         feature_set,
-        run_name=f"{context.get_experiment_name()}-{context.get_trial_id()}",
+        run_name=run_name,
         storage_path=Location.of(storage),
-        on_epoch=lambda metrics: tune.report(metrics),
+        on_epoch=lambda metrics: None if checkpoints_to_tune else tune.report(metrics),
+        on_checkpoint=(
+            (lambda metrics, checkpoint: tune.report(metrics, checkpoint=checkpoint))
+            if checkpoints_to_tune
+            else None
+        ),
+        start_from=start_from,
     )
 
 
@@ -228,6 +245,14 @@ def run_sweep(
         cpus_per_worker=config.cpus_per_trial if workers == 1 else train.scaling.cpus_per_worker,
         workers_per_trial=workers,
     )
+    if config.scheduler == "pbt" and plan.concurrency < config.trials:
+        # PBT pauses each trial at every perturbation until the whole population got there: one
+        # waiting for a trial that cannot start would wait forever.
+        raise UserError(
+            f"tune.scheduler: pbt trains its whole population (tune.trials: {config.trials}) at once, "
+            f"but {plan.concurrency} run at a time (tune.concurrency {config.concurrency}: {plan.reason}): "
+            f"lower tune.trials to {plan.concurrency}, or give the sweep more CPUs"
+        )
     epochs = config.epochs or train.epochs
     trial_train = train.model_copy(
         update={"epochs": epochs, "scaling": train.scaling.model_copy(update={"workers": workers})}
@@ -255,6 +280,7 @@ def run_sweep(
                 candidates=candidates,
                 feature_set=feature_set,
                 storage=(storage_path / "trials").uri,
+                checkpoints_to_tune=config.scheduler == "pbt",
             ),
             {"cpu": 0.01},
         )
@@ -286,6 +312,8 @@ def run_sweep(
         # PBT clones another trial from the checkpoint it reported, which must then outlive that
         # trial's next one: a sweep under PBT keeps every checkpoint.
         checkpoint_config=tune.CheckpointConfig(num_to_keep=None if config.scheduler == "pbt" else 1),
+        # A trial's last epoch ends it before PBT would pause it to perturb: nothing left to train.
+        stop={"training_iteration": epochs} if config.scheduler == "pbt" else None,
         failure_config=tune.FailureConfig(max_failures=config.trial_retries),
     )
     try:
@@ -305,11 +333,13 @@ def run_sweep(
                     num_samples=1 if config.search == "grid" else config.trials,
                     max_concurrent_trials=plan.concurrency,
                     scheduler=scheduler(config, rule, epochs, candidates),
-                    search_alg=searcher(config, candidates, warm_start, on_notice),
+                    search_alg=searcher(config, candidates, warm_start, on_notice, plan.concurrency),
                     time_budget_s=config.time_budget_s,
                     # A trial's process is kept for the next one with the same resources: no
-                    # second or more of start-up (imports of torch, scikit-learn) per trial.
-                    reuse_actors=True,
+                    # second or more of start-up (imports of torch, scikit-learn) per trial. Not
+                    # where PBT pauses a trial of several workers: ending its Ray Train run takes
+                    # longer than Tune waits to reuse the process.
+                    reuse_actors=not (config.scheduler == "pbt" and workers > 1),
                 ),
                 run_config=run_config,
             )
@@ -571,13 +601,16 @@ def searcher(
     candidates: list[Candidate],
     earlier: list[EarlierTrial] | None = None,
     on_notice: Callable[[str], None] = lambda text: None,
+    max_concurrent: int = 0,
 ) -> Any:
     """The sweep's seeded search: the same seed draws the same configurations, in order (TPE: in
     the order results arrive). Random search of one model is Tune's own; TPE, and random search
     across candidates, are Optuna's samplers through Ray Tune's OptunaSearch; ``earlier``
-    trials (a warm start) are finished trials of its study before the first is drawn."""
+    trials (a warm start) are finished trials of its study before the first is drawn.
+    ``max_concurrent`` trials at most run at once (0: no limit)."""
     if not _optuna_searches(config, candidates):
-        return BasicVariantGenerator(random_state=config.seed)
+        # Tune ignores TuneConfig.max_concurrent_trials for a generator passed in: it holds its own.
+        return BasicVariantGenerator(random_state=config.seed, max_concurrent=max_concurrent)
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 

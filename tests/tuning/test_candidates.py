@@ -72,14 +72,6 @@ def test_a_trial_of_a_candidate_becomes_that_candidates_model_and_values() -> No
         (
             {
                 "scheduler": "pbt",
-                "workers_per_trial": 2,
-                "space": {"train.optimizer.lr": "uniform(0.01, 0.1)"},
-            },
-            r"pbt needs every trial's checkpoints, and trials of several workers keep theirs",
-        ),
-        (
-            {
-                "scheduler": "pbt",
                 "candidates": [{"model": FOREST, "space": {"model.params.max_depth": "randint(2, 5)"}}],
             },
             r"pbt perturbs a torch model's training values between epochs; a scikit-learn estimator",

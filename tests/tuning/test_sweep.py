@@ -9,7 +9,15 @@ from ray.tune.experiment import Experiment
 
 from raylens.errors import UserError
 from raylens.features import FeatureSet
-from raylens.trainer import Batches, TorchModelConfig, TrainConfig, TrainJob, build_model, evaluate
+from raylens.trainer import (
+    Batches,
+    ScalingConfig,
+    TorchModelConfig,
+    TrainConfig,
+    TrainJob,
+    build_model,
+    evaluate,
+)
 from raylens.trainer.parallel import load_checkpoint
 from raylens.trainer.tracking import MlflowTracker
 from raylens.tuning import TuneConfig, candidates_of
@@ -119,39 +127,64 @@ def test_another_seed_samples_other_configurations() -> None:
     assert planned(1) != planned(176) and planned(2) != planned(176)
 
 
-def test_a_trial_with_several_workers_is_a_ray_train_run_of_its_own(iris: FeatureSet, tmp_path: Path) -> None:
-    """The Ray Train bridge (the final training uses the same): 2 DDP workers over gloo report
-    every epoch once, keep the latest ``checkpoints_to_keep`` checkpoints of the full unwrapped
-    model, and report the validation metrics of the whole split (scored in shards, all-reduced)."""
+def test_pbt_clones_a_checkpoint_of_a_trial_of_several_workers_into_a_new_ray_train_run(
+    iris: FeatureSet, tmp_path: Path
+) -> None:
+    """A trial of several workers is a Ray Train run of its own (the final training uses the same
+    bridge): 2 DDP workers over gloo report every epoch once, keep the latest
+    ``checkpoints_to_keep`` checkpoints of the full unwrapped model, and report the validation
+    metrics of the whole split (scored in shards, all-reduced). Under PBT each epoch goes to Tune
+    with the checkpoint Ray Train persisted; the trailing trial goes on from the leader's epoch-1
+    checkpoint, its learning rate perturbed, in a Ray Train run of its own starting at epoch 2."""
     tune = TuneConfig(
-        trials=1,
-        concurrency=1,
+        trials=2,
+        concurrency=2,
         workers_per_trial=2,
-        scheduler="fifo",
-        space={"train.optimizer.lr": "choice([0.02])"},
+        scheduler="pbt",
+        grace_period=1,
+        seed=3,
+        space={"train.optimizer.lr": "loguniform(1e-4, 1e-1)"},
     )
-    train = TrainConfig(epochs=3, batch_size=8, checkpoints_to_keep=2)
-    result, events, *_ = sweep(iris, tmp_path, tune, train, TorchModelConfig(params={"hidden": [16]}))
-    (trial,) = result.trials
-    assert trial.status == "completed"
-    reported = [e.metrics for e in events if e.kind == "result"]
-    assert [m["epoch"] for m in reported] == [1.0, 2.0, 3.0]
-    assert reported[-1]["valid_loss"] < reported[0]["valid_loss"]
+    # Half a CPU a worker: the population (2 trials of 2 workers) and a CPU of headroom fit in 4.
+    train = TrainConfig(
+        epochs=2, batch_size=8, checkpoints_to_keep=2, scaling=ScalingConfig(cpus_per_worker=0.5)
+    )
+    model = TorchModelConfig(params={"hidden": [16]})
+    result, events, *_ = sweep(iris, tmp_path, tune, train, model)
+    first = {e.trial_id: e.config["train.optimizer.lr"] for e in reversed(events) if e.kind == "started"}
+    assert len(first) == 2 and all(t.status == "completed" for t in result.trials)
+    (exploited,) = [t for t in result.trials if t.config["train.optimizer.lr"] != first[t.trial_id]]
+    (leader,) = [t for t in result.trials if t is not exploited]
+    assert exploited.config["train.optimizer.lr"] not in first.values()  # perturbed, not copied
+    for trial in result.trials:  # each epoch once, the exploited trial's going on from epoch 1
+        reported = [e.metrics for e in events if e.kind == "result" and e.trial_id == trial.trial_id]
+        assert [m["epoch"] for m in reported] == [1.0, 2.0]
 
-    (run,) = (tmp_path / "ray" / "trials").glob(f"*{trial.trial_id}")
-    assert (run / "checkpoint_manager_snapshot.json").is_file()  # Ray Train's own record of the run
-    kept = sorted(p for p in run.glob("checkpoint_*") if p.is_dir())
-    assert len(kept) == 2
-    state = load_checkpoint(kept[-1])
-    assert state["epoch"] == 3 and state["model"]["net.0.weight"].shape == torch.Size([16, 4])
+    def kept(run: Path) -> list[Path]:
+        return sorted(p for p in run.glob("checkpoint_*") if p.is_dir())
+
+    trials = tmp_path / "ray" / "trials"
+    (cloned,) = [p for p in trials.glob(f"*{exploited.trial_id}-*")]
+    assert [load_checkpoint(c)["epoch"] for c in kept(cloned)] == [2]
+    # Tune holds a copy of the checkpoint reported with the last epoch.
+    (trial_folder,) = (tmp_path / "ray" / "sweep").glob(f"_distributed_trial_{exploited.trial_id}_*")
+    assert max(load_checkpoint(c)["epoch"] for c in trial_folder.glob("checkpoint_*")) == 2
+
+    first_run = trials / f"sweep-{leader.trial_id}"
+    assert (first_run / "checkpoint_manager_snapshot.json").is_file()  # Ray Train's own record of the run
+    assert len(kept(first_run)) == 2
+    # The leader's last checkpoint (of a second run where PBT paused the leader at epoch 1).
+    runs = trials.glob(f"sweep-{leader.trial_id}*")
+    state = load_checkpoint(max((c for run in runs for c in kept(run)), key=lambda c: c.name))
+    assert state["epoch"] == 2 and state["model"]["net.0.weight"].shape == torch.Size([16, 4])
     assert not any(key.startswith("module.") for key in state["model"])
-    job = TrainJob.for_feature_set(TorchModelConfig(params={"hidden": [16]}), train, iris)
-    model = build_model(job.model, job.in_features, job.task.out_features)
-    model.load_state_dict(state["model"])
+    job = TrainJob.for_feature_set(model, train, iris)
+    net = build_model(job.model, job.in_features, job.task.out_features)
+    net.load_state_dict(state["model"])
     valid = iris.read("valid")
-    whole = evaluate(model, Batches.from_numpy(valid.x, valid.y), job.task)
-    assert reported[-1]["valid_loss"] == pytest.approx(whole["loss"], rel=1e-5)
-    assert reported[-1]["valid_accuracy"] == pytest.approx(whole["accuracy"])
+    whole = evaluate(net, Batches.from_numpy(valid.x, valid.y), job.task)
+    assert leader.metrics["valid_loss"] == pytest.approx(whole["loss"], rel=1e-5)
+    assert leader.metrics["valid_accuracy"] == pytest.approx(whole["accuracy"])
 
 
 def test_a_failing_trial_is_a_failed_run_with_its_error(iris: FeatureSet, tmp_path: Path) -> None:
@@ -182,3 +215,15 @@ def test_a_failing_trial_is_a_failed_run_with_its_error(iris: FeatureSet, tmp_pa
         'slow_models.py", line' in traceback and "ValueError: sleep length must be non-negative" in traceback
     )
     assert "\x1b[" not in traceback  # no terminal colour codes in a file
+
+
+def test_pbt_refuses_a_population_that_cannot_run_at_once(iris: FeatureSet, tmp_path: Path) -> None:
+    """PBT waits at each perturbation for the whole population: trials that cannot start would
+    leave it waiting forever. Refused before any trial starts, nothing written."""
+    tune = TuneConfig(
+        trials=4, concurrency=4, scheduler="pbt", space={"train.optimizer.lr": "loguniform(1e-4, 1e-1)"}
+    )
+    refused = r"pbt trains its whole population \(tune\.trials: 4\) at once, but 3 run at a time"
+    with pytest.raises(UserError, match=refused):
+        sweep(iris, tmp_path, tune, TrainConfig(epochs=2))
+    assert not (tmp_path / "ray").exists()
