@@ -361,6 +361,10 @@ def train_distributed(
     if trains_in_driver(job, embedded=embedded) and storage_path.local:
         return _train_in_driver(job, feature_set, storage_path.local_path / run_name, on_epoch, on_notice)
     queue = Queue(actor_options=beside_the_driver())
+    # Ray Train takes controller callbacks beside its own kinds (its type hints name these only).
+    callbacks: list[Any] = [ControllerHandle(queue)]
+    if on_checkpoint is not None:
+        callbacks.append(CheckpointRelay(queue))
     trainer = ray.train.torch.TorchTrainer(
         _train_loop_per_worker,
         train_loop_config={
@@ -377,10 +381,7 @@ def train_distributed(
             **ray_storage(storage_path),
             checkpoint_config=_checkpoint_config(job),
             failure_config=ray.train.FailureConfig(max_failures=job.train.max_failures),
-            callbacks=[  # type: ignore[list-item]  # Ray accepts controller callbacks
-                ControllerHandle(queue),
-                *([CheckpointRelay(queue)] if on_checkpoint is not None else []),
-            ],
+            callbacks=callbacks,
         ),
     )
     outcome: dict[str, Any] = {}
