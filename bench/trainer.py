@@ -29,8 +29,8 @@ from bench.data import synthetic_feature_set
 from raylens.cluster.runtime import RuntimeSettings, start_ray, stop_ray
 from raylens.features import FeatureSet
 from raylens.trainer import TaskSpec, TorchModelConfig, TrainConfig, TrainJob, build_model
+from raylens.trainer.outputs import loss_fn
 from raylens.trainer.ray_train import train_distributed
-from raylens.trainer.task import loss_fn
 from raylens.trainer.torch_family import node_layout
 
 HIDDEN = [256, 256]

@@ -64,7 +64,7 @@ TUNE_CONTROLLER_LOGGER = "ray.tune.execution.tune_controller"
 
 class NotAStoppedTrial(logging.Filter):
     """Drops Ray Tune's "Trial task failed" error, traceback included, for a trial a debugger
-    rule stopped (``raylens.trainer.job.StoppedByRule``, named here as text: importing it would
+    rule stopped (``raylens.trainer.family.StoppedByRule``, named here as text: importing it would
     import torch into every command): raylens records the trial as stopped, and says why."""
 
     def filter(self, record: logging.LogRecord) -> bool:

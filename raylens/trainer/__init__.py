@@ -20,7 +20,8 @@ if TYPE_CHECKING:
         TrainConfig,
         parse_model_config,
     )
-    from raylens.trainer.job import TrainJob, run_worker, shard_rows
+    from raylens.trainer.family import TrainJob
+    from raylens.trainer.job import run_worker, shard_rows
     from raylens.trainer.loop import Batches, Reporter, TrainState, evaluate, fit, predict
     from raylens.trainer.models import build_model, check_model_runs, check_params, importable_from
     from raylens.trainer.task import TaskSpec, task_spec
@@ -38,7 +39,8 @@ __getattr__, __all__ = lazy_exports(
             "TrainConfig",
             "parse_model_config",
         ],
-        "raylens.trainer.job": ["TrainJob", "run_worker", "shard_rows"],
+        "raylens.trainer.family": ["TrainJob"],
+        "raylens.trainer.job": ["run_worker", "shard_rows"],
         "raylens.trainer.loop": [
             "Batches",
             "Reporter",

@@ -21,13 +21,46 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from raylens.errors import UserError
-from raylens.trainer.config import FAMILIES, AnyModelConfig
+from raylens.trainer.config import FAMILIES, AnyModelConfig, TrainConfig
+from raylens.trainer.task import TaskSpec, task_spec
 
 if TYPE_CHECKING:
     from raylens.features import FeatureSet, SplitArrays
     from raylens.storage import Location
-    from raylens.trainer.job import TrainJob
-    from raylens.trainer.task import TaskSpec
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """What every worker of one run trains, whatever the family: model, hyperparameters, task."""
+
+    model: AnyModelConfig
+    train: TrainConfig
+    task: TaskSpec
+    in_features: int
+
+    @classmethod
+    def for_feature_set(cls, model: AnyModelConfig, train: TrainConfig, feature_set: FeatureSet) -> TrainJob:
+        task = task_spec(feature_set, train.class_weights)
+        return cls(model, train, task, len(feature_set.feature_columns))
+
+
+class TrainingFailed(UserError):
+    """A run a monitor failed (a diverged loss): the message says why and what to try."""
+
+
+class StoppedByRule(Exception):
+    """A debugger rule with action ``stop`` ended a sweep's trial: the sweep counts it stopped,
+    not failed, and goes on."""
+
+
+def stopped_by_rule(error: str) -> str | None:
+    """The finding that stopped a trial, from the text of its error (a ``StoppedByRule`` Tune
+    kept), or None when the error is another."""
+    marker = StoppedByRule.__name__ + ": "
+    for line in reversed(error.splitlines()):
+        if marker in line:
+            return line.split(marker, 1)[1].strip()
+    return None
 
 
 class Predictor(Protocol):

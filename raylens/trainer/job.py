@@ -17,10 +17,11 @@ import torch
 import torch.distributed as dist
 
 from raylens.errors import UserError
-from raylens.features import FeatureSet, SplitArrays
-from raylens.trainer.config import AnyModelConfig, TorchModelConfig, TrainConfig
+from raylens.features import SplitArrays
+from raylens.trainer.config import TorchModelConfig, TrainConfig
 from raylens.trainer.debug.debugger import Debugger
 from raylens.trainer.debug.rules import Finding
+from raylens.trainer.family import TrainingFailed, TrainJob
 from raylens.trainer.loop import (
     Action,
     Batches,
@@ -45,20 +46,6 @@ from raylens.trainer.parallel.checkpoint import ATTACHMENTS
 from raylens.trainer.parallel.collectives import collective_device
 from raylens.trainer.parallel.plan import worker_memory
 from raylens.trainer.schedules import learning_rate
-from raylens.trainer.task import TaskSpec, task_spec
-
-
-@dataclass(frozen=True)
-class TrainJob:
-    model: AnyModelConfig
-    train: TrainConfig
-    task: TaskSpec
-    in_features: int
-
-    @classmethod
-    def for_feature_set(cls, model: AnyModelConfig, train: TrainConfig, feature_set: FeatureSet) -> TrainJob:
-        task = task_spec(feature_set, train.class_weights)
-        return cls(model, train, task, len(feature_set.feature_columns))
 
 
 def shard_rows(num_rows: int, rank: int, world_size: int, seed: int, epoch: int = 0) -> np.ndarray:
@@ -97,25 +84,6 @@ class _WorkerReporter:
 
     def report(self, metrics: dict[str, float], state: TrainState) -> None:
         self.reporter.report(metrics, replace(state, sharded=self.sharded, attachments=self.attachments()))
-
-
-class TrainingFailed(UserError):
-    """A run a monitor failed (a diverged loss): the message says why and what to try."""
-
-
-class StoppedByRule(Exception):
-    """A debugger rule with action ``stop`` ended a sweep's trial: the sweep counts it stopped,
-    not failed, and goes on."""
-
-
-def stopped_by_rule(error: str) -> str | None:
-    """The finding that stopped a trial, from the text of its error (a ``StoppedByRule`` Tune
-    kept), or None when the error is another."""
-    marker = StoppedByRule.__name__ + ": "
-    for line in reversed(error.splitlines()):
-        if marker in line:
-            return line.split(marker, 1)[1].strip()
-    return None
 
 
 def raise_if_failed(result: FitResult) -> FitResult:

@@ -12,7 +12,6 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Protocol
 
 import numpy as np
@@ -20,9 +19,11 @@ import torch
 from torch import nn
 
 from raylens.trainer.config import OptimizerConfig
+from raylens.trainer.decisions import Action, Decision
 from raylens.trainer.metrics import metrics_from_summary, summarize
+from raylens.trainer.outputs import decode, loss_fn, loss_weight, probabilities
 from raylens.trainer.schedules import Rate
-from raylens.trainer.task import TaskSpec, decode, loss_fn, loss_weight, probabilities
+from raylens.trainer.task import TaskSpec
 
 
 @dataclass(frozen=True)
@@ -119,27 +120,6 @@ Combine = Callable[[np.ndarray], np.ndarray]
 
 def local(values: np.ndarray) -> np.ndarray:
     return values
-
-
-class Action(StrEnum):
-    CONTINUE = "continue"
-    STOP = "stop"
-    """End the run as finished (early stopping)."""
-    FAIL = "fail"
-    """End the run as failed, the reason its error (a diverged loss)."""
-
-
-@dataclass(frozen=True)
-class Decision:
-    """What a monitor decided, and why (said to the user when it stops a run)."""
-
-    action: Action = Action.CONTINUE
-    reason: str = ""
-    rule: str | None = None
-    """The debugger's rule that decided (``raylens.trainer.debug``), if one did."""
-
-
-GO_ON = Decision()
 
 
 @dataclass(frozen=True)

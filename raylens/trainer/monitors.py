@@ -4,9 +4,13 @@ the run (``loop.Monitor``). Each is a small object over what it has seen, decidi
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 from raylens.trainer.config import EarlyStoppingConfig
-from raylens.trainer.loop import GO_ON, Action, Decision, StepView
+from raylens.trainer.decisions import GO_ON, Action, Decision
+
+if TYPE_CHECKING:
+    from raylens.trainer.loop import StepView
 
 
 class EarlyStopping:

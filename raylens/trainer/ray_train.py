@@ -57,8 +57,10 @@ from raylens.features.store import TARGET, WRITE_ROWS
 from raylens.interrupts import deferred_interrupts
 from raylens.storage import Location, ray_storage
 from raylens.trainer.config import BestCheckpointConfig
-from raylens.trainer.job import StreamedSplit, TrainingFailed, TrainJob, raise_if_failed, run_worker
-from raylens.trainer.loop import Action, TrainState
+from raylens.trainer.decisions import Action
+from raylens.trainer.family import TrainingFailed, TrainJob
+from raylens.trainer.job import StreamedSplit, raise_if_failed, run_worker
+from raylens.trainer.loop import TrainState
 from raylens.trainer.parallel import (
     CorruptCheckpoint,
     gather_checkpoint,

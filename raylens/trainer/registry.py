@@ -40,7 +40,7 @@ from raylens.trainer.artifacts import (
 from raylens.trainer.family import Trained
 
 if TYPE_CHECKING:
-    from raylens.trainer.job import TrainJob
+    from raylens.trainer.family import TrainJob
     from raylens.trainer.tracking import MlflowTracker
 
 

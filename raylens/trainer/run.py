@@ -16,8 +16,7 @@ from typing import Any
 from raylens.features import FeatureSet
 from raylens.storage import Location
 from raylens.trainer.debug.report import read_debug, record_debug
-from raylens.trainer.family import family_of
-from raylens.trainer.job import TrainJob
+from raylens.trainer.family import TrainJob, family_of
 from raylens.trainer.metrics import score_test_split
 from raylens.trainer.plots import confusion_matrix_figure, learning_curves_figure
 from raylens.trainer.tracking import Tracker, ended_status

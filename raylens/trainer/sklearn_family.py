@@ -39,7 +39,7 @@ from raylens.trainer.task import TaskSpec
 if TYPE_CHECKING:
     from raylens.features import FeatureSet, SplitArrays
     from raylens.storage import Location
-    from raylens.trainer.job import TrainJob
+    from raylens.trainer.family import TrainJob
 
 ESTIMATOR = "estimator"
 STATE_FILE = "estimator.pkl"
@@ -233,8 +233,8 @@ def fit_in_stages(
     as the torch loop's: epoch, train_loss, train_samples_per_s, valid_...) with the estimator;
     a monitor's verdict (early stopping, a loss that is not finite) acts as in the loop.
     ``stages``: those of the estimator as built (a resumed one holds its size so far)."""
-    from raylens.trainer.job import TrainingFailed
-    from raylens.trainer.loop import Action
+    from raylens.trainer.decisions import Action
+    from raylens.trainer.family import TrainingFailed
     from raylens.trainer.monitors import EarlyStopping
 
     task = job.task

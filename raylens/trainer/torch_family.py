@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from raylens.trainer.config import AnyModelConfig, TorchModelConfig
-from raylens.trainer.family import ModelFiles, Trained, TrialReport, user_code
+from raylens.trainer.family import ModelFiles, StoppedByRule, Trained, TrialReport, user_code
 from raylens.trainer.loop import TrainState, predict, predict_proba
 from raylens.trainer.models import build_model, check_model_runs, check_params
 from raylens.trainer.task import TaskSpec
@@ -24,7 +24,7 @@ from raylens.trainer.task import TaskSpec
 if TYPE_CHECKING:
     from raylens.features import FeatureSet, SplitArrays
     from raylens.storage import Location
-    from raylens.trainer.job import TrainJob
+    from raylens.trainer.family import TrainJob
     from raylens.trainer.parallel import ParallelPlan
 
 WEIGHTS = "weights"
@@ -166,9 +166,11 @@ class TorchFamily:
         report: TrialReport,
         resume_from: Path | None,
     ) -> None:
-        from raylens.trainer.job import StoppedByRule, raise_if_failed, run_worker
+        from raylens.trainer.job import raise_if_failed, run_worker
         from raylens.trainer.parallel import load_checkpoint
 
+        # The trial's process trains with the CPUs Tune reserved for it (tune.cpus_per_trial).
+        torch.set_num_threads(max(1, round(job.train.scaling.cpus_per_worker)))
         state = load_checkpoint(resume_from) if resume_from is not None else None
         ended = raise_if_failed(run_worker(job, train, valid, _FolderReporter(report), resume_from=state))
         if ended.stopped is not None and ended.stopped.rule is not None:

@@ -25,8 +25,7 @@ from raylens.interrupts import pending as interrupt_pending
 
 if TYPE_CHECKING:
     from raylens.features import FeatureSet
-    from raylens.trainer.family import Trained
-    from raylens.trainer.job import TrainJob
+    from raylens.trainer.family import Trained, TrainJob
     from raylens.trainer.registry import LoggedModel
 
 MAX_PARAM_LENGTH = 6000

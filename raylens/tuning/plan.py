@@ -21,13 +21,16 @@ def plan_concurrency(
     cluster_cpus: float,
     cpus_per_worker: float,
     workers_per_trial: int,
-    reserved_cpus: float = 1.0,
+    reserved_cpus: float | None = None,
 ) -> ConcurrencyPlan:
     """Cap concurrency so every running trial's workers fit beside ``reserved_cpus`` of headroom.
 
-    The headroom keeps Ray Data and the drivers of multi-worker trials schedulable: a sweep whose
-    trials take every CPU can hang with the machine idle.
+    Trials of several workers keep a CPU free by default: the headroom keeps Ray Data and the
+    drivers of their Ray Train runs schedulable, where trials that take every CPU can hang with
+    the machine idle. A trial of one worker trains in its own process: it may take every CPU.
     """
+    if reserved_cpus is None:
+        reserved_cpus = 1.0 if workers_per_trial > 1 else 0.0
     per_trial = cpus_per_worker * workers_per_trial
     usable = max(cluster_cpus - reserved_cpus, 0.0)
     fits = math.floor(usable / per_trial + 1e-9)

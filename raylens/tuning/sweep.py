@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import resource
 import signal
 import threading
 import time
@@ -22,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import ray
-import torch
 from ray import tune
 from ray.tune.logger import JsonLoggerCallback
 from ray.tune.schedulers import (
@@ -35,12 +33,11 @@ from ray.tune.search import BasicVariantGenerator
 from ray.util.queue import Empty, Queue
 
 from raylens.errors import UserError
-from raylens.features import FeatureSet, SplitArrays
+from raylens.features import FeatureSet
 from raylens.interrupts import Interrupted
 from raylens.storage import Location, ray_storage
 from raylens.trainer import AnyModelConfig, TrainConfig, TrainJob
-from raylens.trainer.family import family_of
-from raylens.trainer.job import StoppedByRule, stopped_by_rule
+from raylens.trainer.family import family_of, stopped_by_rule
 from raylens.trainer.plots import (
     importance_figure,
     parallel_coordinates_figure,
@@ -86,7 +83,6 @@ from raylens.tuning.leaderboard import (
     ranked,
 )
 from raylens.tuning.plan import ConcurrencyPlan, plan_concurrency
-from raylens.tuning.space import with_overrides
 from raylens.tuning.tracking import (
     SweepTracking,
     TrialEvent,
@@ -96,6 +92,7 @@ from raylens.tuning.tracking import (
     release,
     trial_metrics,
 )
+from raylens.tuning.trial import job_of_trial, run_trial
 
 
 @dataclass(frozen=True)
@@ -120,57 +117,6 @@ class SweepResult:
     leaderboard: Leaderboard | None = None
 
 
-def report_to_tune(metrics: dict[str, float], folder: Path | None) -> None:
-    """A trial's epoch to Tune, with the state the family saved in ``folder`` as its checkpoint,
-    so a resumed sweep continues trials (and the leaderboard measures the model), and the trial
-    process's resident memory (``train_rss_mb``, a cost the leaderboard shows as its largest)."""
-    tune.report(
-        {**metrics, "train_rss_mb": resident_mb()},
-        checkpoint=tune.Checkpoint.from_directory(folder) if folder is not None else None,
-    )
-
-
-def _trial_job(job: TrainJob, config: dict[str, Any], candidates: list[Candidate]) -> TrainJob:
-    """The job with a trial's candidate and sampled values; validated after epochs only, as the
-    halving rule counts its rungs in reports."""
-    model, train_config = with_overrides(job.model, job.train, spec_values(config, candidates))
-    return replace(job, model=model, train=train_config.model_copy(update={"eval_every_steps": None}))
-
-
-def _trial(
-    config: dict[str, Any],
-    *,
-    job: TrainJob,
-    candidates: list[Candidate],
-    train: SplitArrays,
-    valid: SplitArrays,
-    threads: int,
-) -> None:
-    torch.set_num_threads(threads)
-    trial_job = _trial_job(job, config, candidates)
-    family = family_of(trial_job.model)
-    # Tune retries an errored trial (tune.trial_retries); one a debugger rule stopped is not to
-    # train again: its retry ends at once, stopped for the same reason.
-    stopped = Path(tune.get_context().get_trial_dir()) / STOPPED_BY_RULE
-    if stopped.is_file():
-        raise StoppedByRule(stopped.read_text())
-    checkpoint = tune.get_checkpoint()
-    try:
-        # A diverged trial fails with its reason (the trial's error); the sweep goes on.
-        if checkpoint is None:
-            family.run_trial(trial_job, train, valid, report_to_tune, None)
-            return
-        with checkpoint.as_directory() as folder:
-            family.run_trial(trial_job, train, valid, report_to_tune, Path(folder))
-    except StoppedByRule as exc:
-        stopped.write_text(str(exc))
-        raise
-
-
-STOPPED_BY_RULE = "stopped_by_rule.txt"
-"""In a trial's folder: why a debugger rule stopped it (read by the trial's retry)."""
-
-
 def _distributed_trial(
     config: dict[str, Any],
     *,
@@ -184,7 +130,7 @@ def _distributed_trial(
     checkpoints; a retried or resumed trial goes on in that run. ``checkpoints_to_tune``
     (PBT, which clones a trial's checkpoint into another): each epoch is reported with its
     checkpoint, and a trial Tune hands a checkpoint starts a new run from it."""
-    trial_job = _trial_job(job, config, candidates)
+    trial_job = job_of_trial(job, config, candidates)
     context = tune.get_context()
     run_name = f"{context.get_experiment_name()}-{context.get_trial_id()}"
     start_from = tune.get_checkpoint() if checkpoints_to_tune else None
@@ -254,20 +200,21 @@ def run_sweep(
             f"lower tune.trials to {plan.concurrency}, or give the sweep more CPUs"
         )
     epochs = config.epochs or train.epochs
+    # A trial of one worker trains with the CPUs Tune reserves for it (tune.cpus_per_trial).
+    cpus = {"cpus_per_worker": config.cpus_per_trial} if workers == 1 else {}
     trial_train = train.model_copy(
-        update={"epochs": epochs, "scaling": train.scaling.model_copy(update={"workers": workers})}
+        update={"epochs": epochs, "scaling": train.scaling.model_copy(update={"workers": workers, **cpus})}
     )
     trial_job = TrainJob.for_feature_set(model, trial_train, feature_set)
     trainable: Any
     if workers == 1:
         trainable = tune.with_resources(
             tune.with_parameters(
-                _trial,
+                run_trial,
                 job=trial_job,
                 candidates=candidates,
                 train=feature_set.read("train"),
                 valid=feature_set.read("valid"),
-                threads=max(1, round(config.cpus_per_trial)),
             ),
             {"cpu": config.cpus_per_trial},
         )
@@ -331,7 +278,8 @@ def run_sweep(
                     metric=config.metric,
                     mode=config.mode,
                     num_samples=1 if config.search == "grid" else config.trials,
-                    max_concurrent_trials=plan.concurrency,
+                    # A generator (random search) holds the limit itself; Tune would ignore it here.
+                    max_concurrent_trials=plan.concurrency if _optuna_searches(config, candidates) else None,
                     scheduler=scheduler(config, rule, epochs, candidates),
                     search_alg=searcher(config, candidates, warm_start, on_notice, plan.concurrency),
                     time_budget_s=config.time_budget_s,
@@ -401,7 +349,7 @@ def leaderboard_of(
     best_of: dict[str, tuple[Row, Any, TrainJob]] = {}
     for trial in sorted(finished, key=lambda t: t.order):
         result = by_id[trial.trial_id]
-        trial_job = _trial_job(job, trial.config, candidates)
+        trial_job = job_of_trial(job, trial.config, candidates)
         family = family_of(trial_job.model)
         costs = Costs(
             train_seconds=float((result.metrics or {}).get("time_total_s", math.nan)),
@@ -568,16 +516,6 @@ def _record_leaderboard(
     winner = board.winner
     if winner is not None and winner.trial_id in known_runs:
         tracker.set_tags(known_runs[winner.trial_id], {"raylens.best_trial": "true"})
-
-
-def resident_mb() -> float:
-    """This process's resident memory now, in MB: what a reused trial actor holds for its trial
-    (its lifetime peak would carry earlier trials' peaks)."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE") / 1e6
-    except (OSError, ValueError, IndexError):  # not Linux: the lifetime peak
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _optuna_searches(config: TuneConfig, candidates: list[Candidate]) -> bool:

@@ -13,7 +13,7 @@ from typing import Any
 from ray.tune import Callback
 
 from raylens.trainer.debug.report import read_debug, record_debug
-from raylens.trainer.job import stopped_by_rule
+from raylens.trainer.family import stopped_by_rule
 from raylens.trainer.tracking import Tracker
 
 METRIC_PREFIXES = ("train_", "valid_")

@@ -59,7 +59,7 @@ def test_the_default_run_folder_is_known_as_the_default() -> None:
 
 
 def test_the_cli_keeps_tune_quiet_about_a_trial_a_debugger_rule_stopped() -> None:
-    from raylens.trainer.job import StoppedByRule
+    from raylens.trainer.family import StoppedByRule
 
     def record(error: BaseException) -> logging.LogRecord:
         return logging.LogRecord(

@@ -49,8 +49,10 @@ from raylens.trainer.debug.settings import (
     LowGpuUtilization,
     PoorWeightInitialization,
 )
-from raylens.trainer.job import TrainingFailed, run_worker
-from raylens.trainer.loop import Action, Batches, FitResult, TrainState, evaluate, fit
+from raylens.trainer.decisions import Action
+from raylens.trainer.family import TrainingFailed
+from raylens.trainer.job import run_worker
+from raylens.trainer.loop import Batches, FitResult, TrainState, evaluate, fit
 from raylens.trainer.parallel.checkpoint import load_checkpoint, read_attachments, write_checkpoint
 from raylens.trainer.run import train_and_record
 from raylens.trainer.task import TaskSpec

@@ -17,8 +17,9 @@ import torch.distributed as dist
 from raylens.features import FeatureSet, SplitArrays
 from raylens.trainer import TorchModelConfig, TrainConfig, TrainJob, run_worker
 from raylens.trainer.debug.debugger import STEPS_FILE, rows_of
+from raylens.trainer.decisions import GO_ON, Action, Decision
 from raylens.trainer.job import shard_rows
-from raylens.trainer.loop import GO_ON, Action, Decision, StepView
+from raylens.trainer.loop import StepView
 from raylens.trainer.parallel.checkpoint import ATTACHMENTS
 from tests.conftest import iris_feature_set
 from tests.trainer.gloo import Collect, Ranks, run_ranks

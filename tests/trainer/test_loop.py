@@ -6,7 +6,8 @@ import torch
 
 from raylens.features import FeatureSet
 from raylens.trainer import TorchModelConfig, TrainConfig, TrainJob, TrainState, run_worker
-from raylens.trainer.loop import GO_ON, Action, Decision, StepView
+from raylens.trainer.decisions import GO_ON, Action, Decision
+from raylens.trainer.loop import StepView
 from raylens.trainer.parallel import gather_checkpoint
 
 

@@ -116,7 +116,8 @@ def test_the_weighted_loss_is_torchs_weighted_cross_entropy_also_summed_over_sha
     import torch.nn.functional as F
 
     from raylens.trainer.loop import Batches, evaluate
-    from raylens.trainer.task import TaskSpec, loss_fn
+    from raylens.trainer.outputs import loss_fn
+    from raylens.trainer.task import TaskSpec
 
     rng = np.random.default_rng(1)
     x, y = rng.normal(size=(90, 4)).astype(np.float32), rng.integers(0, 3, 90)

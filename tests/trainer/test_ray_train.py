@@ -20,7 +20,7 @@ from torch import nn
 from raylens.features import FeatureSet
 from raylens.trainer import TorchModelConfig, TrainConfig, TrainJob
 from raylens.trainer.config import ScalingConfig
-from raylens.trainer.job import TrainingFailed
+from raylens.trainer.family import TrainingFailed
 from raylens.trainer.loop import Batches, evaluate
 from raylens.trainer.metrics import predicted_metrics
 from raylens.trainer.models import MLP, build_model

@@ -3,6 +3,8 @@ registered model on raw columns, and mistakes refused before anything is fitted.
 
 from __future__ import annotations
 
+import pickle
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,8 +20,7 @@ from raylens.features import FeatureSet, invert_all, transforms_from_dicts
 from raylens.storage import Location
 from raylens.trainer import SklearnModelConfig, TrainConfig, TrainJob, parse_model_config
 from raylens.trainer.config import BUILTIN_ESTIMATORS
-from raylens.trainer.family import family_of
-from raylens.trainer.job import TrainingFailed
+from raylens.trainer.family import TrainingFailed, family_of
 from raylens.trainer.metrics import reported_metrics
 from raylens.trainer.run import train_and_record
 from raylens.trainer.sklearn_family import BUILTIN, SklearnPredictor, build_estimator, fit_in_stages
@@ -144,6 +145,23 @@ def test_a_trial_resumed_from_its_checkpoint_ends_where_an_uninterrupted_one_doe
     SKLEARN.run_trial(job, train, valid, lambda m, folder: resumed.append(m), kept)
     assert [r["epoch"] for r in resumed] == [3, 4]
     assert resumed[-1]["valid_loss"] == whole[-1]["valid_loss"]
+
+
+def test_a_trial_imports_neither_torch_nor_the_sweep(cancer: FeatureSet, tmp_path: Path) -> None:
+    """A sweep's trial process unpickles its job and arrays, imports the trial's module and its
+    family, and fits: torch's second or more of start-up per process (bench sweep) is not paid
+    by a scikit-learn trial."""
+    job = job_of(cancer, "random_forest", epochs=2, n_estimators=4)
+    (tmp_path / "trial.pkl").write_bytes(pickle.dumps((job, cancer.read("train"), cancer.read("valid"))))
+    code = (
+        "import pickle, sys; import raylens.tuning.trial; from raylens.trainer.family import family_of; "
+        f"job, train, valid = pickle.loads(open({str(tmp_path / 'trial.pkl')!r}, 'rb').read()); "
+        "reports = []; "
+        "family_of(job.model).run_trial(job, train, valid, lambda m, f: reports.append(m), None); "
+        "assert [r['epoch'] for r in reports] == [1, 2], reports; "
+        "assert 'torch' not in sys.modules and 'raylens.tuning.sweep' not in sys.modules, 'imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_a_registered_estimator_predicts_from_raw_columns(

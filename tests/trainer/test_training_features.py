@@ -177,7 +177,8 @@ def test_settings_that_cannot_work_are_refused(train: dict, message: str) -> Non
 
 
 def test_a_diverged_loss_fails_the_run_with_the_step_and_what_to_try(iris: FeatureSet) -> None:
-    from raylens.trainer.job import TrainingFailed, raise_if_failed
+    from raylens.trainer.family import TrainingFailed
+    from raylens.trainer.job import raise_if_failed
 
     reporter = Collect()
     exploding = job(iris, epochs=50, optimizer={"name": "sgd", "lr": 1e6, "momentum": 0.9})

@@ -23,8 +23,9 @@ from raylens.trainer.tracking import MlflowTracker
 from raylens.tuning import TuneConfig
 from raylens.tuning.candidates import EarlierTrial
 from raylens.tuning.leaderboard import LEADERBOARD, Leaderboard
-from raylens.tuning.sweep import STOPPED_BY_RULE, SweepResult, nothing_finished, run_sweep
+from raylens.tuning.sweep import SweepResult, nothing_finished, run_sweep
 from raylens.tuning.tracking import TrialEvent
+from raylens.tuning.trial import STOPPED_BY_RULE
 from tests.cli import RAYLENS
 from tests.trainer.test_classification import bundled
 

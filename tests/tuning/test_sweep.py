@@ -221,9 +221,9 @@ def test_pbt_refuses_a_population_that_cannot_run_at_once(iris: FeatureSet, tmp_
     """PBT waits at each perturbation for the whole population: trials that cannot start would
     leave it waiting forever. Refused before any trial starts, nothing written."""
     tune = TuneConfig(
-        trials=4, concurrency=4, scheduler="pbt", space={"train.optimizer.lr": "loguniform(1e-4, 1e-1)"}
+        trials=5, concurrency=5, scheduler="pbt", space={"train.optimizer.lr": "loguniform(1e-4, 1e-1)"}
     )
-    refused = r"pbt trains its whole population \(tune\.trials: 4\) at once, but 3 run at a time"
+    refused = r"pbt trains its whole population \(tune\.trials: 5\) at once, but 4 run at a time"
     with pytest.raises(UserError, match=refused):
         sweep(iris, tmp_path, tune, TrainConfig(epochs=2))
     assert not (tmp_path / "ray").exists()

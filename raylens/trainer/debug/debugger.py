@@ -42,7 +42,8 @@ from raylens.trainer.debug.rules import (
     poor_weight_initialization,
 )
 from raylens.trainer.debug.settings import DebugConfig
-from raylens.trainer.loop import GO_ON, Action, Decision, StepView
+from raylens.trainer.decisions import GO_ON, Action, Decision
+from raylens.trainer.loop import StepView
 
 logger = logging.getLogger("raylens.debug")
 

@@ -22,8 +22,9 @@ import torch.distributed as dist
 from torch import nn
 
 from raylens.trainer.config import PipelineConfig
+from raylens.trainer.outputs import loss_fn
 from raylens.trainer.parallel.plan import Parallelized
-from raylens.trainer.task import TaskSpec, loss_fn
+from raylens.trainer.task import TaskSpec
 
 
 class PipelineError(ValueError):
