@@ -9,9 +9,7 @@ from __future__ import annotations
 
 from raylens.trainer import TrainConfig
 from raylens.tuning import TuneConfig
-
-TRIAL_HEADROOM_CPUS = 1.0
-"""CPUs a sweep keeps free beside its trials (``raylens.tuning.plan``)."""
+from raylens.tuning.plan import headroom_cpus, plan_concurrency, population_refusal
 
 
 def resource_shortfall(
@@ -36,12 +34,24 @@ def resource_shortfall(
             )
     if tune is not None:
         workers = tune.workers_per_trial
-        per_trial = workers * (tune.cpus_per_trial if workers == 1 else scaling.cpus_per_worker)
-        if per_trial > cpus - TRIAL_HEADROOM_CPUS + 1e-9:
+        per_worker = tune.cpus_per_trial if workers == 1 else scaling.cpus_per_worker
+        per_trial, headroom = workers * per_worker, headroom_cpus(workers)
+        if per_trial > cpus - headroom + 1e-9:
+            kept = f", {headroom:g} of them kept free beside the trials" if headroom else ""
             problems.append(
-                f"one trial of the sweep asks for {per_trial:g} CPUs and the cluster has {cpus:g}, "
-                f"{TRIAL_HEADROOM_CPUS:g} of them kept free beside the trials"
+                f"one trial of the sweep asks for {per_trial:g} CPUs and the cluster has {cpus:g}{kept}"
             )
+        else:
+            plan = plan_concurrency(
+                tune.concurrency,
+                tune.trials,
+                cluster_cpus=cpus,
+                cpus_per_worker=per_worker,
+                workers_per_trial=workers,
+            )
+            refused = population_refusal(tune.scheduler, tune.trials, plan, tune.concurrency)
+            if refused is not None:
+                problems.append(refused)
     return "; ".join(problems) if problems else None
 
 

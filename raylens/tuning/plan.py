@@ -30,7 +30,7 @@ def plan_concurrency(
     the machine idle. A trial of one worker trains in its own process: it may take every CPU.
     """
     if reserved_cpus is None:
-        reserved_cpus = 1.0 if workers_per_trial > 1 else 0.0
+        reserved_cpus = headroom_cpus(workers_per_trial)
     per_trial = cpus_per_worker * workers_per_trial
     usable = max(cluster_cpus - reserved_cpus, 0.0)
     fits = math.floor(usable / per_trial + 1e-9)
@@ -48,3 +48,21 @@ def plan_concurrency(
     else:
         reason = "as requested"
     return ConcurrencyPlan(concurrency, per_trial, reason)
+
+
+def headroom_cpus(workers_per_trial: int) -> float:
+    """CPUs a sweep keeps free beside its trials: one where trials are Ray Train runs of several
+    workers (their drivers and Ray Data must stay schedulable), none for one-worker trials."""
+    return 1.0 if workers_per_trial > 1 else 0.0
+
+
+def population_refusal(scheduler: str, trials: int, plan: ConcurrencyPlan, requested: int) -> str | None:
+    """Why PBT cannot run this sweep, or None: it pauses each trial at every perturbation until the
+    whole population got there, so a trial that cannot start would leave it waiting forever."""
+    if scheduler != "pbt" or plan.concurrency >= trials:
+        return None
+    return (
+        f"tune.scheduler: pbt trains its whole population (tune.trials: {trials}) at once, but "
+        f"{plan.concurrency} run at a time (tune.concurrency {requested}: {plan.reason}): lower "
+        f"tune.trials to {plan.concurrency}, or give the sweep more CPUs"
+    )

@@ -82,7 +82,7 @@ from raylens.tuning.leaderboard import (
     raise_without_winner,
     ranked,
 )
-from raylens.tuning.plan import ConcurrencyPlan, plan_concurrency
+from raylens.tuning.plan import ConcurrencyPlan, plan_concurrency, population_refusal
 from raylens.tuning.tracking import (
     SweepTracking,
     TrialEvent,
@@ -191,14 +191,9 @@ def run_sweep(
         cpus_per_worker=config.cpus_per_trial if workers == 1 else train.scaling.cpus_per_worker,
         workers_per_trial=workers,
     )
-    if config.scheduler == "pbt" and plan.concurrency < config.trials:
-        # PBT pauses each trial at every perturbation until the whole population got there: one
-        # waiting for a trial that cannot start would wait forever.
-        raise UserError(
-            f"tune.scheduler: pbt trains its whole population (tune.trials: {config.trials}) at once, "
-            f"but {plan.concurrency} run at a time (tune.concurrency {config.concurrency}: {plan.reason}): "
-            f"lower tune.trials to {plan.concurrency}, or give the sweep more CPUs"
-        )
+    refused = population_refusal(config.scheduler, config.trials, plan, config.concurrency)
+    if refused is not None:
+        raise UserError(refused)
     epochs = config.epochs or train.epochs
     # A trial of one worker trains with the CPUs Tune reserves for it (tune.cpus_per_trial).
     cpus = {"cpus_per_worker": config.cpus_per_trial} if workers == 1 else {}

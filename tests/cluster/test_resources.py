@@ -24,6 +24,19 @@ def test_the_final_training_and_a_trial_are_measured_against_the_cluster() -> No
     wide_trials = TuneConfig(space=SPACE, workers_per_trial=4)
     message = resource_shortfall(TrainConfig(), wide_trials, cpus=4, gpus=0, trains=True)
     assert message is not None and "one trial of the sweep asks for 4 CPUs and the cluster has 4" in message
+    # A one-worker trial may take every CPU; a population PBT cannot run at once is refused.
+    assert (
+        resource_shortfall(
+            TrainConfig(), TuneConfig(space=SPACE, cpus_per_trial=4), cpus=4, gpus=0, trains=False
+        )
+        is None
+    )
+    pbt = TuneConfig(space=SPACE, scheduler="pbt", trials=6, concurrency=6)
+    message = resource_shortfall(TrainConfig(), pbt, cpus=4, gpus=0, trains=False)
+    assert (
+        message is not None
+        and "pbt trains its whole population (tune.trials: 6) at once, but 4 run" in message
+    )
 
 
 def test_an_elastic_run_needs_room_for_its_minimum() -> None:
