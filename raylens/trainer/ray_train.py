@@ -405,8 +405,9 @@ def train_distributed(
     relayed: set[float] = set()
 
     def relay(metrics: dict[str, float], checkpoint: ray.train.Checkpoint) -> None:
-        if on_checkpoint is not None and metrics["epoch"] not in relayed:  # a replay: heard already
-            relayed.add(metrics["epoch"])
+        epoch = metrics.get("epoch")
+        if on_checkpoint is not None and epoch is not None and epoch not in relayed:  # else a replay
+            relayed.add(epoch)
             on_checkpoint(metrics, checkpoint)
 
     def drain(block: bool) -> None:
