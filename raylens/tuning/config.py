@@ -85,7 +85,8 @@ class TuneConfig(BaseModel):
     seed: int = 0
     """Seed of the search: the same seed samples the same configurations."""
     cpus_per_trial: float = Field(1.0, gt=0)
-    """Logical CPUs reserved per trial (also its PyTorch thread count)."""
+    """Logical CPUs reserved per trial of one worker (also its threads: PyTorch's, or a
+    scikit-learn estimator's n_jobs). A trial of several workers takes train.scaling's."""
     workers_per_trial: int = Field(1, ge=1)
     """1: a trial trains in its own process; more: each trial launches a Ray Train run of that size."""
     space: dict[str, str] = Field(default_factory=dict)
