@@ -34,7 +34,7 @@ def resource_shortfall(
             )
     if tune is not None:
         workers = tune.workers_per_trial
-        per_worker = tune.cpus_per_trial if workers == 1 else scaling.cpus_per_worker
+        per_worker = tune.cpus_per_worker(train)
         per_trial, headroom = workers * per_worker, headroom_cpus(workers)
         if per_trial > cpus - headroom + 1e-9:
             kept = f", {headroom:g} of them kept free beside the trials" if headroom else ""

@@ -32,14 +32,23 @@ import numpy as np
 
 from raylens.errors import UserError, did_you_mean
 from raylens.trainer.config import AnyModelConfig, SklearnModelConfig
-from raylens.trainer.family import ModelFiles, Trained, TrialReport, import_named, user_code
+from raylens.trainer.decisions import Action
+from raylens.trainer.family import (
+    ModelFiles,
+    Trained,
+    TrainingFailed,
+    TrainJob,
+    TrialReport,
+    import_named,
+    user_code,
+)
 from raylens.trainer.metrics import predicted_metrics
+from raylens.trainer.monitors import EarlyStopping
 from raylens.trainer.task import TaskSpec
 
 if TYPE_CHECKING:
     from raylens.features import FeatureSet, SplitArrays
     from raylens.storage import Location
-    from raylens.trainer.family import TrainJob
 
 ESTIMATOR = "estimator"
 STATE_FILE = "estimator.pkl"
@@ -233,10 +242,6 @@ def fit_in_stages(
     as the torch loop's: epoch, train_loss, train_samples_per_s, valid_...) with the estimator;
     a monitor's verdict (early stopping, a loss that is not finite) acts as in the loop.
     ``stages``: those of the estimator as built (a resumed one holds its size so far)."""
-    from raylens.trainer.decisions import Action
-    from raylens.trainer.family import TrainingFailed
-    from raylens.trainer.monitors import EarlyStopping
-
     task = job.task
     stages = stages or stages_of(estimator, job.train.epochs)
     weights = np.asarray(task.class_weights)[train.y] if task.class_weights else None

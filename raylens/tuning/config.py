@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from raylens.trainer.config import ModelConfig
+
+if TYPE_CHECKING:
+    from raylens.trainer.config import TrainConfig
 
 
 class CandidateConfig(BaseModel):
@@ -112,6 +115,11 @@ class TuneConfig(BaseModel):
     leaderboard shows; the winner is the front's best on tune.metric."""
     time_budget_s: float | None = Field(None, gt=0)
     """Stop starting trials after this many seconds (running ones stop too); the best so far wins."""
+
+    def cpus_per_worker(self, train: TrainConfig) -> float:
+        """Logical CPUs of each of a trial's workers: tune.cpus_per_trial for a trial of one
+        worker (its own process), train.scaling's for the workers of a trial's Ray Train run."""
+        return self.cpus_per_trial if self.workers_per_trial == 1 else train.scaling.cpus_per_worker
 
     @model_validator(mode="after")
     def _distinct_objectives(self) -> TuneConfig:

@@ -21,23 +21,18 @@ def plan_concurrency(
     cluster_cpus: float,
     cpus_per_worker: float,
     workers_per_trial: int,
-    reserved_cpus: float | None = None,
 ) -> ConcurrencyPlan:
-    """Cap concurrency so every running trial's workers fit beside ``reserved_cpus`` of headroom.
-
-    Trials of several workers keep a CPU free by default: the headroom keeps Ray Data and the
-    drivers of their Ray Train runs schedulable, where trials that take every CPU can hang with
-    the machine idle. A trial of one worker trains in its own process: it may take every CPU.
-    """
-    if reserved_cpus is None:
-        reserved_cpus = headroom_cpus(workers_per_trial)
+    """Cap concurrency so every running trial's workers fit beside the sweep's headroom
+    (``headroom_cpus``)."""
+    reserved_cpus = headroom_cpus(workers_per_trial)
     per_trial = cpus_per_worker * workers_per_trial
     usable = max(cluster_cpus - reserved_cpus, 0.0)
     fits = math.floor(usable / per_trial + 1e-9)
     if fits < 1:
+        kept = f" with {reserved_cpus:g} kept free" if reserved_cpus else ""
         raise UserError(
             f"tune: one trial needs {per_trial:g} CPUs ({workers_per_trial} workers x {cpus_per_worker:g}), "
-            f"but the cluster has {cluster_cpus:g} with {reserved_cpus:g} kept free; "
+            f"but the cluster has {cluster_cpus:g}{kept}; "
             "lower tune.workers_per_trial or tune.cpus_per_trial, or add nodes"
         )
     concurrency = min(requested, trials, fits)

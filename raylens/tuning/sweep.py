@@ -188,17 +188,17 @@ def run_sweep(
         config.concurrency,
         config.trials,
         cluster_cpus=float(ray.cluster_resources().get("CPU", 0)),
-        cpus_per_worker=config.cpus_per_trial if workers == 1 else train.scaling.cpus_per_worker,
+        cpus_per_worker=config.cpus_per_worker(train),
         workers_per_trial=workers,
     )
     refused = population_refusal(config.scheduler, config.trials, plan, config.concurrency)
     if refused is not None:
         raise UserError(refused)
     epochs = config.epochs or train.epochs
-    # A trial of one worker trains with the CPUs Tune reserves for it (tune.cpus_per_trial).
-    cpus = {"cpus_per_worker": config.cpus_per_trial} if workers == 1 else {}
+    # Each worker trains with the CPUs Tune reserves for it (its threads).
+    scaling = {"workers": workers, "cpus_per_worker": config.cpus_per_worker(train)}
     trial_train = train.model_copy(
-        update={"epochs": epochs, "scaling": train.scaling.model_copy(update={"workers": workers, **cpus})}
+        update={"epochs": epochs, "scaling": train.scaling.model_copy(update=scaling)}
     )
     trial_job = TrainJob.for_feature_set(model, trial_train, feature_set)
     trainable: Any
