@@ -31,7 +31,7 @@ from raylens.cluster.runs import (
     spec_changes,
     spec_fingerprint,
 )
-from raylens.cluster.runtime import RayRuntime, RuntimeSettings, start_ray, stop_ray
+from raylens.cluster.runtime import RayRuntime, RuntimeSettings, needs_ray, start_ray, stop_ray
 from raylens.cluster.spec import best_spec
 from raylens.errors import UserError
 from raylens.features import FeatureSet, PlannedFeatureSet, publish_feature_set
@@ -239,20 +239,19 @@ class Invocation:
             # `train` of one CPU worker, embedded, trains in this process: no Ray to start (seconds).
             scaling = self.spec.train.scaling
             one_worker = scaling.max_workers == 1 or (address is None and self._auto_trains_in_one(planned))
-            # On object storage, checkpoints are written by Ray Train's workers, not by this process.
-            needs_ray = (
-                self.command != "train"
-                or address is not None
-                or not one_worker
-                or scaling.use_gpu
-                or not self.workspace.root.local
+            with_ray = needs_ray(
+                self.command,
+                self.spec.train,
+                address=address,
+                one_worker=one_worker,
+                local_storage=self.workspace.root.local,
             )
-            if needs_ray:
+            if with_ray:
                 self.progress.stage("Starting Ray")
             # Opening (on first use, creating) the tracking store takes seconds; so does starting Ray.
             with ThreadPoolExecutor(max_workers=1) as pool:
                 opening = pool.submit(self._open_tracker)
-                runtime = start_ray(settings) if needs_ray else NO_RAY
+                runtime = start_ray(settings) if with_ray else NO_RAY
             try:
                 self._check_resources(runtime)
                 tracker = opening.result()

@@ -26,10 +26,13 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from raylens.errors import UserError
+
+if TYPE_CHECKING:
+    from raylens.trainer import TrainConfig
 
 MIN_EMBEDDED_CPUS = 4
 SUBMITTED_JOB_VARIABLE = "RAY_JOB_CONFIG_JSON_ENV_VAR"
@@ -42,6 +45,9 @@ QUIET_LOGGERS = (
     "ray.train",
     "ray.tune",
     "ray.data",
+    # Ray Data sets "ray.data" to DEBUG when it is first imported (after this): its modules'
+    # INFO lines (a Parquet read's estimates) stay quiet by a level of their own.
+    "ray.data._internal",
     "ray.serve",
     "mlflow",
     "alembic",
@@ -321,6 +327,24 @@ class JobsEndpoint:
     @property
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+
+def needs_ray(
+    command: str, train: TrainConfig, *, address: str | None, one_worker: bool, local_storage: bool
+) -> bool:
+    """Whether a run starts (or joins) Ray. Only ``train`` of one CPU worker on embedded Ray goes
+    without (it trains in this process, ``raylens.trainer.ray_train.trains_in_driver``: seconds
+    saved), and only when its checkpoints are local (on object storage Ray Train's workers write
+    them) and its split is read in memory (a streamed one is dealt by Ray Train to its workers:
+    without Ray started here, Ray Data would start one of its own, sized to the cores alone)."""
+    return (
+        command != "train"
+        or address is not None
+        or not one_worker
+        or train.scaling.use_gpu
+        or train.data != "memory"
+        or not local_storage
+    )
 
 
 def start_ray(settings: RuntimeSettings) -> RayRuntime:

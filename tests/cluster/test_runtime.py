@@ -15,6 +15,7 @@ from raylens.cluster.runtime import (
     RuntimeSettings,
     check_remote_settings,
     embedded_cpus,
+    needs_ray,
     remote_host,
 )
 from raylens.cluster.workspace import Workspace
@@ -98,3 +99,25 @@ def test_only_the_race_on_rays_half_written_state_file_is_kept_from_the_cli_outp
     assert not quiet.filter(record(race))
     assert quiet.filter(record(FileNotFoundError(2, "No such file: 'experiment_state.json'")))
     assert quiet.filter(record(PermissionError(13, "Permission denied: '/runs'")))
+
+
+def test_only_a_one_worker_train_in_memory_on_local_storage_goes_without_ray() -> None:
+    """A run that goes without Ray trains in this process; a streamed split needs Ray Train's
+    workers (without an embedded cluster started for it, Ray Data started one of its own, of the
+    cores alone, where the one worker's CPUs left Ray Data none: the run hung)."""
+    from raylens.trainer import TrainConfig
+
+    def needs(
+        command: str = "train", address: str | None = None, local: bool = True, **train: object
+    ) -> bool:
+        return needs_ray(
+            command, TrainConfig.model_validate(train), address=address, one_worker=True, local_storage=local
+        )
+
+    assert not needs()
+    assert needs(data="ray_data")
+    assert needs("run") and needs("tune")
+    assert needs(address="ray://head:10001")
+    assert needs(local=False)
+    assert needs(scaling={"use_gpu": True})
+    assert needs_ray("train", TrainConfig(), address=None, one_worker=False, local_storage=True)
