@@ -229,6 +229,7 @@ def _score_on_ray(
     import ray.data
 
     from raylens.cluster.runtime import RuntimeSettings, start_ray, stop_ray
+    from raylens.ray_data_reads import first_read_path
     from raylens.trainer.artifacts import ONLINE_STORE_VARIABLE
 
     runtime = start_ray(RuntimeSettings.build(address=address))
@@ -237,13 +238,14 @@ def _score_on_ray(
     try:
         context.execution_options.preserve_order = True  # rows out in the order they came in
         paths = [str(p) for p in files.paths]
-        dataset = (
-            ray.data.read_parquet(paths)
-            if files.format == "parquet"
-            else ray.data.read_csv(
-                paths, convert_options=pacsv.ConvertOptions(column_types=column_types or {})
+        with first_read_path():
+            dataset = (
+                ray.data.read_parquet(paths)
+                if files.format == "parquet"
+                else ray.data.read_csv(
+                    paths, convert_options=pacsv.ConvertOptions(column_types=column_types or {})
+                )
             )
-        )
         # The online store a model of entity ids looks features up in, named for the actors too.
         store = os.environ.get(ONLINE_STORE_VARIABLE)
         scored = dataset.map_batches(

@@ -55,6 +55,7 @@ from ray.util.queue import Empty, Queue
 from raylens.features import FeatureSet
 from raylens.features.store import TARGET, WRITE_ROWS
 from raylens.interrupts import deferred_interrupts
+from raylens.ray_data_reads import first_read_path
 from raylens.storage import Location, ray_storage
 from raylens.trainer.config import BestCheckpointConfig
 from raylens.trainer.decisions import Action
@@ -176,20 +177,12 @@ def streamed_dataset(feature_set: FeatureSet, split: str = "train") -> ray.data.
     file = feature_set.path / f"{split}.parquet"
     columns = feature_set.feature_columns
     blocks = max(2, feature_set.manifest.rows[split] // WRITE_ROWS)
-    # Ray 2.60's second read path lists the file again in a task of its own each epoch, which
-    # costs ~2 s before the first batch whatever the split's size (0.07 s with the first path):
-    # the first is chosen for this read only, the process's DataContext left as it was. Ray
-    # Data's progress bars (the first path's sampling at the read, then each epoch's from the
-    # stream's coordinator) are off: the run shows its own progress.
-    context = ray.data.DataContext.get_current()
-    chosen = context.use_datasource_v2, context.enable_progress_bars
-    context.use_datasource_v2 = context.enable_progress_bars = False
-    try:
+    # Ray Data's progress bars (the read's sampling, then each epoch's from the stream's
+    # coordinator) are off: the run shows its own progress.
+    with first_read_path(progress_bars=False):
         dataset = ray.data.read_parquet(
             file.path, filesystem=file.filesystem, columns=[*columns, TARGET], override_num_blocks=blocks
         )
-    finally:
-        context.use_datasource_v2, context.enable_progress_bars = chosen
     packed = dataset.map_batches(partial(_packed, columns=columns), batch_format="pyarrow")
     packed.context.enable_progress_bars = False  # this dataset's own copy of the context
     return packed
