@@ -280,7 +280,7 @@ def test_a_time_budget_ends_the_sweep(cancer: FeatureSet, tmp_path: Path) -> Non
         trials=500,
         concurrency=1,
         scheduler="fifo",
-        time_budget_s=20,  # the first trial's process starts in time on a slow machine
+        time_budget_s=10,  # the first trial's process starts in time on a slow machine
         space={"train.optimizer.lr": "loguniform(1e-3, 1e-1)"},
     )
     began = time.monotonic()
