@@ -100,8 +100,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         ray.shutdown()
     for seed, (random_search, asha, _) in enumerate(sweeps):
-        # What ``compared`` counts on: a sweep that is not so cannot be compared seed by seed.
-        if not curves_are_prefixes(asha, random_search):
+        if not curves_are_prefixes(asha, random_search):  # what ``compared`` counts on
             raise RuntimeError(f"seed {seed}: a trial under ASHA reported values random search did not")
     by_target = {str(target): compared(sweeps, target, trials) for target in TARGETS}
     headline = by_target[str(TARGET)]
@@ -153,10 +152,12 @@ def curves_are_prefixes(asha: list[tuple[str, float]], random_search: list[tuple
     """Whether each trial's reports under ASHA begin its reports under random search (trials
     matched by their number: the two sweeps' ids differ in their prefix alone)."""
 
-    def curves(reports: list[tuple[str, float]]) -> dict[str, list[float]]:
-        by_trial: dict[str, list[float]] = {}
+    from raylens.tuning.halving import trial_number
+
+    def curves(reports: list[tuple[str, float]]) -> dict[int, list[float]]:
+        by_trial: dict[int, list[float]] = {}
         for trial, accuracy in reports:
-            by_trial.setdefault(trial.rpartition("_")[2], []).append(accuracy)
+            by_trial.setdefault(trial_number(trial), []).append(accuracy)
         return by_trial
 
     full = curves(random_search)

@@ -17,8 +17,10 @@ from contextlib import contextmanager
 
 @contextmanager
 def first_read_path(*, progress_bars: bool = True) -> Iterator[None]:
-    """Reads made in this block take Ray Data's first read path; with ``progress_bars=False``
-    the read's own bar (the first path samples the files there) is off too."""
+    """Datasets read in this block take Ray Data's first read path; with ``progress_bars=False``
+    they show no progress bars either. A dataset keeps the settings it was made with (Ray Data
+    copies the context into it, and the datasets made from it share that copy), so the block
+    needs to hold the read alone, not the dataset's executions."""
     import ray.data
 
     context = ray.data.DataContext.get_current()

@@ -177,15 +177,13 @@ def streamed_dataset(feature_set: FeatureSet, split: str = "train") -> ray.data.
     file = feature_set.path / f"{split}.parquet"
     columns = feature_set.feature_columns
     blocks = max(2, feature_set.manifest.rows[split] // WRITE_ROWS)
-    # Ray Data's progress bars (the read's sampling, then each epoch's from the stream's
-    # coordinator) are off: the run shows its own progress.
+    # No Ray Data progress bars (the read's sampling, then each epoch's from the stream's
+    # coordinator): the run shows its own progress.
     with first_read_path(progress_bars=False):
         dataset = ray.data.read_parquet(
             file.path, filesystem=file.filesystem, columns=[*columns, TARGET], override_num_blocks=blocks
         )
-    packed = dataset.map_batches(partial(_packed, columns=columns), batch_format="pyarrow")
-    packed.context.enable_progress_bars = False  # this dataset's own copy of the context
-    return packed
+    return dataset.map_batches(partial(_packed, columns=columns), batch_format="pyarrow")
 
 
 def _packed(batch: pa.Table, columns: list[str]) -> pa.Table:
