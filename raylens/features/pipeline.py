@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import tempfile
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,10 +21,17 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from raylens.errors import UserError, did_you_mean
-from raylens.features.config import DataConfig, FeaturesConfig, encoded_columns
-from raylens.features.encoders import FittedEncoder, check_encodings, fit_encoders
+from raylens.features.config import DataConfig, FeaturesConfig, ImputeStep, encoded_columns
+from raylens.features.encoders import (
+    FittedEncoder,
+    check_encodings,
+    encode_table,
+    encoded_feature_columns,
+    fit_encoders,
+)
 from raylens.features.manifest import (
     SAMPLE_ROWS,
     ColumnStatistics,
@@ -34,12 +42,21 @@ from raylens.features.manifest import (
 )
 from raylens.features.prepare import (
     candidate_features,
+    check_feature_counts,
     check_feature_values,
     checked_feature_columns,
-    prepare,
+    feature_block,
+    missing_and_infinite,
     prepare_target,
 )
-from raylens.features.sources import load_source
+from raylens.features.sources import (
+    READ_BATCH_ROWS,
+    SourceStream,
+    WiderTypes,
+    load_source,
+    open_source,
+    table_stream,
+)
 from raylens.features.splits import split_column, split_rows
 from raylens.features.store import (
     ENTITY,
@@ -53,7 +70,7 @@ from raylens.features.store import (
     write_feature_set,
 )
 from raylens.features.transforms import apply_all, fit_all
-from raylens.features.validation import validate
+from raylens.features.validation import RowChecks, Verdict
 from raylens.features.views import join_views, views_fingerprint
 from raylens.storage import Location
 
@@ -121,10 +138,18 @@ def plan_feature_set(
     features: FeaturesConfig,
     base_dir: Path | None = None,
     store_root: Path | str | Location | None = None,
+    *,
+    batch_rows: int = READ_BATCH_ROWS,
 ) -> PlannedFeatureSet:
-    """Run the data prepare and feature pipelines in memory; every check, no writes. With
-    ``store_root``, a version built there from the same source bytes and sections is taken as
-    the plan without reading the rows again."""
+    """Run the data prepare and feature pipelines; every check, no writes. With ``store_root``,
+    a version built there from the same source bytes and sections is taken as the plan without
+    reading the rows again.
+
+    The source is read in two passes of ``batch_rows`` rows at a time (the batch size changes
+    nothing in the result): the first checks every row and keeps the few columns the splits and
+    encodings are fitted on; the second encodes each batch into its split's float matrix, held in
+    a temporary file once it is larger than ``SPILL_BYTES``. The source's rows are never in memory
+    together."""
     if not _NAME.match(name):
         raise UserError(
             f"name: '{name}' cannot name a feature set; use letters, digits, '_', '.' and '-', "
@@ -140,48 +165,68 @@ def plan_feature_set(
         for stored in reversed(stored_versions):
             if stored.manifest.build_key == key:
                 return _stored_plan(stored)
-    raw = join_views(load_source(data.source, base_dir), data, base_dir)
-    allowed = features.missing_allowed(candidate_features(raw.table.column_names, data))
-    validated = validate(raw.table, data, allow_missing=allowed)
-    table = validated.table
-    input_columns = checked_feature_columns(table, data)
-    check_encodings(features, table.schema, input_columns)
+    source = _open_source(data, base_dir)
+    try:
+        return _plan(name, key, fingerprint, source, data, features, batch_rows)
+    except WiderTypes:  # a CSV file's later rows: the first block's types fit no longer
+        return _plan(name, key, fingerprint, source.widened(), data, features, batch_rows)
+
+
+def _plan(
+    name: str,
+    key: str,
+    fingerprint: str | None,
+    source: SourceStream,
+    data: DataConfig,
+    features: FeaturesConfig,
+    batch_rows: int,
+) -> PlannedFeatureSet:
+    schema = source.schema
+    allowed = features.missing_allowed(candidate_features(schema.names, data))
+    # The checks of the validation rules' and the spec's columns, before a row is read; the rest
+    # after the first pass, in the order of a build in memory (an empty source says so first).
+    checks = RowChecks(schema, data, allow_missing=allowed)
+    input_columns = checked_feature_columns(schema.names, None, data)
     # Every column but the categories is checked before the split (bucketize's too: numbers).
-    check_feature_values(table, [c for c in input_columns if c not in features.categorical], allowed)
-    target = prepare_target(table, data)
-    by = split_column(table, data.split)
+    numeric = [c for c in input_columns if c not in features.categorical]
+    scan = _scan(source, data, features, checks, input_columns, numeric, allowed, batch_rows)
+    verdict, kept = scan.verdict, scan.kept
+    checked_feature_columns(schema.names, verdict.kept, data)
+    check_encodings(features, schema, input_columns)
+    check_feature_values(schema.empty_table(), numeric, allowed)
+    for column in numeric:
+        check_feature_counts(column, scan.kept_count(column, "missing"), scan.kept_count(column, "infinite"))
+    target = prepare_target(kept, data)
+    by = split_column(kept, data.split)
     stratify = target.task == "classification" and by is None
     split = split_rows(target.y, data.split, stratify=stratify, labels=target.classes, by=by)
-    encoders = fit_encoders(features, _training_rows(table, features, split.train), input_columns)
-    prepared = prepare(table, data, allow_missing=allowed, encoders=encoders)
-    keys = _entity_keys(table, data, input_columns, by, encoders)
-    sample = _raw_sample(table, input_columns, split.train[:SAMPLE_ROWS])
-    source = SourceRecord(uri=raw.uri, fingerprint=raw.fingerprint)
-    raw_schema = {field.name: str(field.type) for field in raw.table.schema}
-    quarantined, quarantine_counts = validated.quarantined, validated.counts
-    # From here on only the float matrix is needed: the source's rows go (a large source's
-    # table weighs as much as the matrix and its splits together).
-    del raw, validated, table
+    encoders = fit_encoders(features, _training_rows(kept, features, split.train), input_columns)
+    feature_columns = encoded_feature_columns(encoders, input_columns) if encoders else input_columns
+    keys = _entity_keys(kept, data, input_columns, by, encoders)
+    del kept, scan
 
-    x_train = prepared.x[split.train]  # a copy: fitting transforms it in place, into the split
-    statistics = _column_statistics(x_train, prepared.feature_columns)
+    written = _write_splits(source, verdict, encoders, input_columns, feature_columns, split, batch_rows)
+    x_train = written.x["train"]
+    statistics = _column_statistics(x_train, feature_columns)
     encoded = {c for e in encoders for c in e.outputs()}
-    fitted = fit_all(features.transforms, x_train, prepared.feature_columns, encoded, in_place=True)
+    fitted = fit_all(features.transforms, x_train, feature_columns, encoded, in_place=True)
+    for held_out in ("valid", "test"):
+        apply_all(fitted, written.x[held_out], feature_columns, in_place=True)
+    indices = {"train": split.train, "valid": split.valid, "test": split.test}
 
-    def arrays(index: np.ndarray, x: np.ndarray | None = None) -> SplitArrays:
-        if x is None:
-            x = apply_all(fitted, prepared.x[index], prepared.feature_columns, in_place=True)
-        y = prepared.y[index]
+    def arrays(split_name: str) -> SplitArrays:
+        index = indices[split_name]
+        x, y = written.x[split_name], target.y[index]
         x.flags.writeable = False
         y.flags.writeable = False
-        return SplitArrays(x, y, {name: values[index] for name, values in keys.items()} if keys else None)
+        return SplitArrays(x, y, {key: values[index] for key, values in keys.items()} if keys else None)
 
-    splits = MappingProxyType(
-        {"train": arrays(split.train, x_train), "valid": arrays(split.valid), "test": arrays(split.test)}
-    )
+    splits = MappingProxyType({each: arrays(each) for each in ("train", "valid", "test")})
+    record = SourceRecord(uri=source.uri, fingerprint=source.fingerprint)
+    raw_schema = {field.name: str(field.type) for field in schema}
     target_statistics = None
-    if prepared.task == "regression":
-        y_train = prepared.y[split.train].astype(np.float64)
+    if target.task == "regression":
+        y_train = target.y[split.train].astype(np.float64)
         target_statistics = TargetStatistics(mean=float(y_train.mean()), std=float(y_train.std() or 1.0))
     manifest = Manifest(
         name=name,
@@ -189,25 +234,25 @@ def plan_feature_set(
         created_at=datetime.now(UTC).isoformat(
             timespec="microseconds"
         ),  # orders versions built in one second
-        source=source,
+        source=record,
         raw_schema=raw_schema,
         target=data.target,
         entity=data.entity,
-        task=prepared.task,
-        task_decision=prepared.task_decision,
-        classes=prepared.classes,
-        feature_columns=prepared.feature_columns,
+        task=target.task,
+        task_decision=target.task_decision,
+        classes=target.classes,
+        feature_columns=feature_columns,
         split=SplitRecord(**data.split.model_dump(), stratified=stratify),
         statistics=statistics,
         transforms=[t.to_dict() for t in fitted],
         encoders=[e.to_dict() for e in encoders] or None,
-        input_columns=prepared.input_columns,
+        input_columns=input_columns if encoders else None,
         target_statistics=target_statistics,
-        sample=sample,
-        quarantined=quarantine_counts,
+        sample=written.sample,
+        quarantined=verdict.counts,
         build_key=key if source.fingerprint == fingerprint else "",
     )
-    return PlannedFeatureSet(versioned_manifest(manifest, splits), splits, quarantined)
+    return PlannedFeatureSet(versioned_manifest(manifest, splits), splits, written.quarantined)
 
 
 def publish_feature_set(planned: PlannedFeatureSet, store_root: Path | str | Location) -> FeatureSet:
@@ -322,6 +367,150 @@ def _entity_keys(
     return keys
 
 
-def _raw_sample(table: pa.Table, columns: list[str], rows: np.ndarray) -> list[dict[str, Any]]:
-    """The source's own values of ``columns`` at ``rows`` (source row numbers)."""
-    return table.select(columns).take(pa.array(rows, type=pa.int64())).to_pylist()
+def _open_source(data: DataConfig, base_dir: Path | None) -> SourceStream:
+    """The rows to build from: the source, or (with feature views) its rows joined to the views."""
+    if not data.views:
+        return open_source(data.source, base_dir)
+    joined = join_views(load_source(data.source, base_dir), data, base_dir)
+    return table_stream(joined.table, joined.uri, joined.fingerprint)
+
+
+@dataclass(frozen=True)
+class _Scan:
+    """What the first pass keeps: the verdict on every row, the kept rows of the columns the
+    target, split, entity and encodings need, and where numeric features are missing or infinite."""
+
+    verdict: Verdict
+    kept: pa.Table
+    bad_rows: Mapping[tuple[str, str], np.ndarray]
+    """(column, "missing" or "infinite"): the source rows that are."""
+
+    def kept_count(self, column: str, kind: str) -> int:
+        rows = self.bad_rows.get((column, kind))
+        if rows is None or not len(rows):
+            return 0
+        if self.verdict.reasons is None:
+            return len(rows)
+        return int((self.verdict.reasons[rows] < 0).sum())
+
+
+def _scan(
+    source: SourceStream,
+    data: DataConfig,
+    features: FeaturesConfig,
+    checks: RowChecks,
+    input_columns: list[str],
+    numeric: list[str],
+    allowed: set[str],
+    batch_rows: int,
+) -> _Scan:
+    names = source.schema.names
+    needed = [data.target, data.split.time or data.split.group, data.entity]
+    needed += [c for step in features.encodings for c in encoded_columns(step)]
+    for step in features.transforms:  # an impute indicator keeps its column's source values too
+        if isinstance(step, ImputeStep) and step.impute.indicator:
+            needed += input_columns if step.impute.columns == "*" else step.impute.columns
+    columns = [c for c in dict.fromkeys(needed) if c is not None and c in names]
+    # A column of another type is refused after this pass, by its type.
+    numbers = [c for c in numeric if _is_number(source.schema.field(c).type)]
+    parts: list[pa.RecordBatch] = []
+    bad: dict[tuple[str, str], list[np.ndarray]] = {}
+    offset = 0
+    for batch in source.batches(batch_rows):
+        checks.add(batch)
+        parts.append(batch.select(columns))
+        for name in numbers:
+            column = batch.column(name)
+            missing, infinite = missing_and_infinite(column)
+            if missing and name not in allowed:
+                rows = np.flatnonzero(_numpy_bool(pc.is_null(column, nan_is_null=True)))
+                bad.setdefault((name, "missing"), []).append(rows + offset)
+            if infinite:
+                rows = np.flatnonzero(_numpy_bool(pc.is_inf(column)))
+                bad.setdefault((name, "infinite"), []).append(rows + offset)
+        offset += batch.num_rows
+    verdict = checks.verdict()
+    pa.default_memory_pool().release_unused()  # the pass's decoding buffers, kept by the allocator
+    schema = pa.schema([source.schema.field(c) for c in columns])
+    table = pa.Table.from_batches(parts, schema=schema if not parts else None)
+    del parts
+    keep = verdict.keep(0, verdict.rows)
+    kept = table.filter(pa.array(keep)) if keep is not None else table
+    return _Scan(verdict, kept, {k: np.concatenate(v) for k, v in bad.items()})
+
+
+def _is_number(type_: pa.DataType) -> bool:
+    return pa.types.is_integer(type_) or pa.types.is_floating(type_) or pa.types.is_boolean(type_)
+
+
+def _numpy_bool(mask: pa.Array) -> np.ndarray:
+    return np.asarray(pc.fill_null(mask, False).to_numpy(zero_copy_only=False), dtype=bool)
+
+
+SPILL_BYTES = 64 << 20
+"""A split's feature matrix larger than this is held in a temporary file (memory-mapped, deleted
+as soon as it is made), so a build never needs its splits in memory."""
+
+
+def _matrix(rows: int, columns: int) -> np.ndarray:
+    if rows * columns * 4 <= SPILL_BYTES:
+        return np.empty((rows, columns), dtype=np.float32)
+    # Unlinked at once: the mapping is the file's only reference, and it goes with the array.
+    with tempfile.TemporaryFile(prefix="raylens-split-") as file:
+        return np.memmap(file, dtype=np.float32, mode="w+", shape=(rows, columns))
+
+
+@dataclass(frozen=True)
+class _Written:
+    x: Mapping[str, np.ndarray]
+    """Each split's feature matrix (before the numeric transforms)."""
+    sample: list[dict[str, Any]]
+    quarantined: pa.Table | None
+
+
+def _write_splits(
+    source: SourceStream,
+    verdict: Verdict,
+    encoders: list[FittedEncoder],
+    input_columns: list[str],
+    feature_columns: list[str],
+    split: Any,
+    batch_rows: int,
+) -> _Written:
+    """The second pass: each batch's kept rows encoded into the matrices of their splits (each
+    split's rows stay in source order), the raw sample and the rows set aside collected."""
+    names = ("train", "valid", "test")
+    which = np.empty(verdict.kept, dtype=np.int8)
+    position = np.empty(verdict.kept, dtype=np.int64)
+    for code, name in enumerate(names):
+        index = getattr(split, name)
+        which[index] = code
+        position[index] = np.arange(len(index))
+    x = {name: _matrix(len(getattr(split, name)), len(feature_columns)) for name in names}
+    sample_rows = split.train[:SAMPLE_ROWS]
+    sample: list[dict[str, Any]] = []
+    aside: list[pa.RecordBatch] = []
+    offset = kept_before = 0
+    for batch in source.batches(batch_rows):
+        set_aside = verdict.set_aside(batch, offset)
+        if set_aside is not None:
+            aside.append(set_aside)
+        keep = verdict.keep(offset, batch.num_rows)
+        offset += batch.num_rows
+        table = pa.Table.from_batches([batch if keep is None else batch.filter(pa.array(keep))])
+        rows = slice(kept_before, kept_before + table.num_rows)
+        kept_before += table.num_rows
+        local = sample_rows[(sample_rows >= rows.start) & (sample_rows < rows.stop)] - rows.start
+        if len(local):
+            sample += table.select(input_columns).take(pa.array(local, type=pa.int64())).to_pylist()
+        encoded = encode_table(encoders, table, input_columns) if encoders else table
+        block = feature_block(encoded, feature_columns)
+        for code, name in enumerate(names):
+            chosen = which[rows] == code
+            if chosen.any():
+                at = position[rows][chosen]
+                # A split's rows are in source order: a batch's fill one run of its matrix.
+                x[name][at[0] : at[-1] + 1] = block[chosen]
+    quarantined = pa.Table.from_batches(aside) if aside else None
+    pa.default_memory_pool().release_unused()
+    return _Written(x, sample, quarantined)

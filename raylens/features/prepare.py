@@ -73,18 +73,13 @@ def prepare(
     """Validate ``table`` against the data config and return arrays ready to split. Missing values
     in ``allow_missing`` (columns an impute transform fills) become NaN instead of an error;
     ``encoders`` turn their source columns into numeric features first."""
-    input_columns = checked_feature_columns(table, data)
+    input_columns = checked_feature_columns(table.column_names, table.num_rows, data)
     feature_columns = input_columns
     if encoders:
         feature_columns = encoded_feature_columns(encoders, input_columns)
         table = encode_table(encoders, table, input_columns)
-    x = np.empty((table.num_rows, len(feature_columns)), dtype=np.float32)
     check_feature_values(table, feature_columns, allow_missing)
-    for i, name in enumerate(feature_columns):
-        column = table.column(name)
-        missing, _ = _missing_and_infinite(column)
-        # A missing value (allowed: an impute transform fills it) as NaN, whatever the type.
-        x[:, i] = (column if not missing else pc.cast(column, pa.float64())).to_numpy(zero_copy_only=False)
+    x = feature_block(table, feature_columns)
     target = prepare_target(table, data)
     return PreparedData(
         x,
@@ -97,6 +92,17 @@ def prepare(
     )
 
 
+def feature_block(table: pa.Table, feature_columns: list[str]) -> np.ndarray:
+    """The float32 matrix of ``table``'s (checked, numeric) feature columns, one row per row."""
+    x = np.empty((table.num_rows, len(feature_columns)), dtype=np.float32)
+    for i, name in enumerate(feature_columns):
+        column = table.column(name)
+        missing, _ = missing_and_infinite(column)
+        # A missing value (allowed: an impute transform fills it) as NaN, whatever the type.
+        x[:, i] = (column if not missing else pc.cast(column, pa.float64())).to_numpy(zero_copy_only=False)
+    return x
+
+
 def check_feature_values(
     table: pa.Table, columns: list[str], allow_missing: set[str] | frozenset[str] = frozenset()
 ) -> None:
@@ -104,39 +110,45 @@ def check_feature_values(
     missing value (outside ``allow_missing``) or an infinite one."""
     for name in columns:
         column = table.column(name)
-        if not (
-            pa.types.is_integer(column.type)
-            or pa.types.is_floating(column.type)
-            or pa.types.is_boolean(column.type)
-        ):
-            raise UserError(
-                f"data: feature column '{name}' has type {column.type}, and features must be numeric; "
-                f"encode it (features.transforms: one_hot, ordinal or hashing of [{name}]) "
-                f"or leave it out with data.drop: [{name}]"
-            )
-        missing, infinite = _missing_and_infinite(column)
-        if missing and name not in allow_missing:
-            raise UserError(
-                f"data: feature column '{name}' has {missing} missing values; "
-                f"fill them before training or leave the column out with data.drop: [{name}]"
-            )
-        if infinite:
-            raise UserError(
-                f"data: feature column '{name}' has {infinite} rows that are infinite (inf or -inf); "
-                f"replace them with finite numbers or leave the column out with data.drop: [{name}]"
-            )
+        check_feature_type(name, column.type)
+        missing, infinite = missing_and_infinite(column)
+        check_feature_counts(name, missing if name not in allow_missing else 0, infinite)
 
 
-def checked_feature_columns(table: pa.Table, data: DataConfig) -> list[str]:
-    """The source's feature columns, after every check of the columns the spec names."""
-    columns = table.column_names
+def check_feature_type(name: str, type_: pa.DataType) -> None:
+    """Refuse a feature column that is not numbers (no encoding makes it numbers)."""
+    if not (pa.types.is_integer(type_) or pa.types.is_floating(type_) or pa.types.is_boolean(type_)):
+        raise UserError(
+            f"data: feature column '{name}' has type {type_}, and features must be numeric; "
+            f"encode it (features.transforms: one_hot, ordinal or hashing of [{name}]) "
+            f"or leave it out with data.drop: [{name}]"
+        )
+
+
+def check_feature_counts(name: str, missing: int, infinite: int) -> None:
+    """Refuse a feature column with missing values (that no transform fills) or infinite ones."""
+    if missing:
+        raise UserError(
+            f"data: feature column '{name}' has {missing} missing values; "
+            f"fill them before training or leave the column out with data.drop: [{name}]"
+        )
+    if infinite:
+        raise UserError(
+            f"data: feature column '{name}' has {infinite} rows that are infinite (inf or -inf); "
+            f"replace them with finite numbers or leave the column out with data.drop: [{name}]"
+        )
+
+
+def checked_feature_columns(columns: list[str], rows: int | None, data: DataConfig) -> list[str]:
+    """The source's feature columns (of ``columns``, over ``rows`` rows; None: not counted yet),
+    after every check of the columns the spec names."""
     duplicated = sorted(name for name, count in Counter(columns).items() if count > 1)
     if duplicated:
         raise UserError(
             f"data.source: '{data.source}' has more than one column named "
             f"{', '.join(repr(name) for name in duplicated)}; rename the columns so each name is unique"
         )
-    if table.num_rows == 0:
+    if rows == 0:
         raise UserError(f"data.source: '{data.source}' has no rows; point it at a non-empty data set")
     if data.target not in columns:
         raise UserError(
@@ -171,7 +183,7 @@ def checked_feature_columns(table: pa.Table, data: DataConfig) -> list[str]:
 def prepare_target(table: pa.Table, data: DataConfig) -> PreparedTarget:
     """The target of ``table``, checked and encoded (class indices, or the values to regress)."""
     target = table.column(data.target)
-    missing, infinite = _missing_and_infinite(target)
+    missing, infinite = missing_and_infinite(target)
     if missing:
         raise UserError(
             f"data.target: column '{data.target}' has {missing} missing values (null or NaN); drop those rows"
@@ -198,7 +210,7 @@ def prepare_target(table: pa.Table, data: DataConfig) -> PreparedTarget:
     return PreparedTarget(target.to_numpy(zero_copy_only=False).astype(np.float32), task, None, decision)
 
 
-def _missing_and_infinite(column: pa.ChunkedArray) -> tuple[int, int]:
+def missing_and_infinite(column: pa.Array | pa.ChunkedArray) -> tuple[int, int]:
     """Rows that are null or NaN, and rows that are +inf or -inf (NaN and inf exist in floats only)."""
     if not pa.types.is_floating(column.type):
         return column.null_count, 0

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
@@ -40,19 +40,63 @@ class RawData:
     fingerprint: str
 
 
+@dataclass(frozen=True)
+class SourceStream:
+    """A source read batch by batch, as many times as asked: every pass gives the same rows in the
+    same order, each batch in ``schema`` (the files' types unified as one table of them would
+    hold them), so a build can pass over a source larger than memory."""
+
+    uri: str
+    fingerprint: str
+    schema: pa.Schema
+    _read: Callable[[int], Iterator[pa.RecordBatch]]
+    _widened: Callable[[], SourceStream] | None = None
+
+    def batches(self, rows: int) -> Iterator[pa.RecordBatch]:
+        """One pass over the rows, in batches of at most ``rows``. Raises ``WiderTypes`` where a
+        CSV file's later rows need wider types than its first block showed: read ``widened()``."""
+        return self._read(rows)
+
+    def widened(self) -> SourceStream:
+        """The same source with each CSV file's types taken from the whole file (read whole once)."""
+        if self._widened is None:
+            raise RuntimeError(f"{self.uri}: only a CSV source's types widen")
+        return self._widened()
+
+
+def table_stream(table: pa.Table, uri: str, fingerprint: str) -> SourceStream:
+    """A table already in memory, as a stream."""
+    return SourceStream(
+        uri, fingerprint, table.schema, lambda rows: iter(table.to_batches(max_chunksize=rows))
+    )
+
+
 def load_source(uri: str, base_dir: Path | None = None) -> RawData:
     """Load ``uri`` into an Arrow table; raise ``UserError`` naming the fix when it can't."""
+    stream = open_source(uri, base_dir)
+    try:
+        batches = list(stream.batches(READ_BATCH_ROWS))
+    except WiderTypes:
+        stream = stream.widened()
+        batches = list(stream.batches(READ_BATCH_ROWS))
+    return RawData(pa.Table.from_batches(batches, schema=stream.schema), stream.uri, stream.fingerprint)
+
+
+def open_source(uri: str, base_dir: Path | None = None) -> SourceStream:
+    """``uri`` as a stream of batches; its schema is known and checked before the first row is
+    read (a CSV file's from its first block). ``UserError`` naming the fix when it can't."""
     scheme, _, rest = uri.partition(":")
     if scheme == "sklearn":
-        return _load_bundled(rest, uri)
+        raw = _load_bundled(rest, uri)
+        return table_stream(raw.table, uri, raw.fingerprint)
     if scheme == "synthetic":
-        return _load_synthetic(rest, uri)
+        return _synthetic_stream(rest, uri)
     path = Path(uri).expanduser()
     if not path.is_absolute() and base_dir is not None:
         path = base_dir / path
     # The manifest records the uri, and the version hashes the manifest: './d.csv', 'd.csv' and
     # 'a/../d.csv' name the same data, so they must give the same version.
-    return _load_files(path, os.path.normpath(uri))
+    return _open_files(path, os.path.normpath(uri))
 
 
 def source_fingerprint(uri: str, base_dir: Path | None = None) -> str | None:
@@ -90,7 +134,20 @@ def _load_bundled(name: str, uri: str) -> RawData:
     return RawData(table, uri, f"{uri}@scikit-learn-{sklearn.__version__}")
 
 
-def _load_synthetic(spec: str, uri: str) -> RawData:
+def _synthetic_stream(spec: str, uri: str) -> SourceStream:
+    generate, rows = _synthetic(spec, uri)
+
+    def read(batch_rows: int) -> Iterator[pa.RecordBatch]:
+        for i, start in enumerate(range(0, rows, SYNTHETIC_CHUNK_ROWS)):
+            chunk = generate.chunk(i, min(SYNTHETIC_CHUNK_ROWS, rows - start))
+            for offset in range(0, chunk.num_rows, batch_rows):
+                yield chunk.slice(offset, batch_rows)
+
+    return SourceStream(uri, uri, generate.chunk(0, 1).schema, read)
+
+
+def _synthetic(spec: str, uri: str) -> tuple[_Generator, int]:
+    """The generator and row count ``synthetic:<spec>`` asks for, checked."""
     parts = urlsplit(spec)
     kind = parts.path
     if kind not in SYNTHETIC:
@@ -122,12 +179,7 @@ def _load_synthetic(spec: str, uri: str) -> RawData:
             f"data.source: '{uri}' cannot be generated: {classes} classes need classes >= 2 and "
             f"2**informative >= classes (informative={informative})"
         )
-    generate = _Generator(kind, n_features, informative, classes, params.get("noise", 0.1), seed)
-    batches = [
-        generate.chunk(i, min(SYNTHETIC_CHUNK_ROWS, rows - start))
-        for i, start in enumerate(range(0, rows, SYNTHETIC_CHUNK_ROWS))
-    ]
-    return RawData(pa.Table.from_batches(batches), uri, uri)
+    return _Generator(kind, n_features, informative, classes, params.get("noise", 0.1), seed), rows
 
 
 SYNTHETIC_CHUNK_ROWS = 65_536
@@ -182,13 +234,36 @@ class _Generator:
         return pa.RecordBatch.from_arrays(columns, names=[*(f"x{i}" for i in range(self.features)), "target"])
 
 
-def _load_files(path: Path, uri: str) -> RawData:
+def _open_files(path: Path, uri: str, whole_file_types: bool = False) -> SourceStream:
     files = data_files(path, uri)
-    read = _read_parquet if files.format == "parquet" else _read_csv
+    named = files.named()
+    csv = files.format == "csv"
     # One file at a time, so an error names the file (Arrow's own messages often don't). In a
     # folder, a file is named relative to it: the messages name the folder too.
-    tables = [(shown, read(file, shown)) for file, shown in files.named()]
-    return RawData(_combine(tables, uri), uri, _fingerprint_files(files.paths))
+    schemas = [
+        (shown, _csv_schema(file, shown, whole_file_types) if csv else _parquet_schema(file, shown))
+        for file, shown in named
+    ]
+    schema = _unified(schemas, uri)
+
+    def read(rows: int) -> Iterator[pa.RecordBatch]:
+        for (file, shown), (_, own) in zip(named, schemas, strict=True):
+            # A CSV file is read with the types found before the pass, so every pass and every
+            # block agree (Arrow's streaming reader would infer them from the first block alone).
+            types = dict(zip(own.names, own.types, strict=True)) if csv else None
+            batches = stream_batches(
+                file,
+                shown,
+                files.format,
+                rows,
+                column_types=types,
+                first_block_types=csv and not whole_file_types,
+            )
+            for batch in batches:
+                yield _conform(batch, schema)
+
+    widened = None if not csv or whole_file_types else (lambda: _open_files(path, uri, whole_file_types=True))
+    return SourceStream(uri, _fingerprint_files(files.paths), schema, read, widened)
 
 
 @dataclass(frozen=True)
@@ -231,13 +306,18 @@ def stream_batches(
     *,
     column_types: dict[str, pa.DataType] | None = None,
     where: str = "data.source",
+    first_block_types: bool = False,
 ) -> Iterator[pa.RecordBatch]:
     """The rows of one file in batches of at most ``batch_rows``, never the whole file in memory,
     with the checks of a whole-file read (a CSV's delimiter and encoding, a truncated Parquet
-    file); ``column_types`` fixes the types of CSV columns instead of inferring them per block."""
+    file); ``column_types`` fixes the types of CSV columns instead of inferring them per block.
+    ``first_block_types``: they are what the first block showed, and a later value they cannot
+    hold raises ``WiderTypes`` (not an error of the file)."""
     if format == "parquet":
         try:
-            yield from pq.ParquetFile(file).iter_batches(batch_size=batch_rows)
+            # Without pre-buffering: pyarrow's default reads ahead the column chunks of every row
+            # group the iteration will visit (800 MB held for a 500 MB file, measured).
+            yield from pq.ParquetFile(file, pre_buffer=False).iter_batches(batch_size=batch_rows)
         except (pa.ArrowException, OSError) as exc:
             raise UserError(
                 f"{where}: cannot read Parquet file '{shown}' ({exc}); "
@@ -253,27 +333,45 @@ def stream_batches(
             for start in range(0, batch.num_rows, batch_rows):
                 yield batch.slice(start, batch_rows)
     except (pa.ArrowException, OSError) as exc:
+        if first_block_types and "conversion error" in str(exc):
+            raise WiderTypes(shown) from None
         if "utf8" in str(exc).lower():
             raise _not_utf8(shown, "some text", where) from None
         raise UserError(f"{where}: cannot read CSV file '{shown}' ({exc}); fix the file") from None
 
 
+class WiderTypes(Exception):
+    """A CSV file holds, past its first block, a value the first block's types cannot hold: the
+    pass is to be read again with the types of the whole file (``SourceStream.widened``)."""
+
+
 READ_BATCH_ROWS = 65_536
-"""Rows decoded at once: a Parquet file is read batch by batch into its table, so reading holds
-the table and one batch, not a second whole copy in pyarrow's decoding buffers."""
+"""Rows decoded at once: reading holds one batch, not a second whole copy of a file in pyarrow's
+decoding buffers."""
 
 
-def _read_parquet(path: Path, shown: str) -> pa.Table:
+def _parquet_schema(path: Path, shown: str) -> pa.Schema:
     try:
-        file = pq.ParquetFile(path)
-        return pa.Table.from_batches(
-            list(file.iter_batches(batch_size=READ_BATCH_ROWS)), schema=file.schema_arrow
-        )
+        return pq.read_schema(path)
     except (pa.ArrowException, OSError) as exc:
         raise UserError(
             f"data.source: cannot read Parquet file '{shown}' ({exc}); "
             "if it is truncated or corrupt, write it again from its source"
         ) from None
+
+
+def _csv_schema(path: Path, shown: str, whole_file: bool) -> pa.Schema:
+    """The types of a CSV file's columns: those its first block shows (read alone), or with
+    ``whole_file`` those a read of the whole file gives (a column of whole numbers with a decimal
+    far down becomes decimals). A bad file is read whole, to name what is wrong."""
+    if not whole_file:
+        try:
+            schema = pacsv.open_csv(path).schema
+            _check_csv_columns(path, shown, schema)
+            return schema
+        except (pa.ArrowException, OSError, UnicodeDecodeError):
+            pass
+    return _read_csv(path, shown).schema
 
 
 def _read_csv(path: Path, shown: str) -> pa.Table:
@@ -286,24 +384,30 @@ def _read_csv(path: Path, shown: str) -> pa.Table:
         if "utf8" in str(exc).lower():
             raise _not_utf8(shown, "some text") from None
         raise UserError(f"data.source: cannot read CSV file '{shown}' ({exc}); fix the file") from None
+    _check_csv_columns(path, shown, table.schema)
+    return table
+
+
+def _check_csv_columns(path: Path, shown: str, schema: pa.Schema) -> None:
+    """What a CSV file's parse accepts and raylens does not: a header or a column that is not
+    UTF-8, a file of one column whose header holds another delimiter."""
     try:
-        names = table.column_names
+        names = schema.names
     except UnicodeDecodeError:
         # Arrow keeps the header's bytes as they are; turning them into names is what fails.
         raise _not_utf8(shown, "its header row") from None
     # Arrow reads a column whose text is not valid UTF-8 as raw bytes instead of failing.
     binary = [
         name
-        for name, field in zip(names, table.schema, strict=True)
+        for name, field in zip(names, schema, strict=True)
         if pa.types.is_binary(field.type) or pa.types.is_large_binary(field.type)
     ]
     if binary:
         raise _not_utf8(shown, f"column '{binary[0]}'")
-    if table.num_columns == 1:
+    if len(names) == 1:
         delimiter = _foreign_delimiter(path)
         if delimiter:
             raise _wrong_delimiter(shown, delimiter)
-    return table
 
 
 def _foreign_delimiter(path: Path) -> str | None:
@@ -333,21 +437,22 @@ def _not_utf8(shown: str, part: str, where: str = "data.source") -> UserError:
     )
 
 
-def _combine(tables: list[tuple[str, pa.Table]], uri: str) -> pa.Table:
-    """One table from the files' tables; a column's type may widen (int64 and double give double)."""
-    if len(tables) == 1:
-        return tables[0][1]
+def _unified(schemas: list[tuple[str, pa.Schema]], uri: str) -> pa.Schema:
+    """The schema of one table of the files' rows; a column's type may widen (int64 and double
+    give double), a column some files lack is null there."""
+    if len(schemas) == 1:
+        return schemas[0][1]
+    for shown, schema in schemas:
+        duplicated = sorted({c for c in schema.names if schema.names.count(c) > 1})
+        if duplicated:
+            raise UserError(
+                f"data.source: file '{shown}' in '{uri}' has more than one column named "
+                f"{', '.join(repr(c) for c in duplicated)}; rename the columns so each name is unique"
+            )
     try:
-        return pa.concat_tables([table for _, table in tables], promote_options="permissive")
+        return pa.unify_schemas([schema for _, schema in schemas], promote_options="permissive")
     except pa.ArrowException as exc:
-        for shown, table in tables:
-            duplicated = sorted({c for c in table.column_names if table.column_names.count(c) > 1})
-            if duplicated:
-                raise UserError(
-                    f"data.source: file '{shown}' in '{uri}' has more than one column named "
-                    f"{', '.join(repr(c) for c in duplicated)}; rename the columns so each name is unique"
-                ) from None
-        conflict = _type_conflict(tables)
+        conflict = _type_conflict(schemas)
         if conflict is None:
             raise UserError(
                 f"data.source: cannot combine the files in '{uri}' ({exc}); make their columns agree"
@@ -361,13 +466,28 @@ def _combine(tables: list[tuple[str, pa.Table]], uri: str) -> pa.Table:
         ) from None
 
 
+def _conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
+    """``batch`` in the unified ``schema``: its columns cast to the widened types, in order, a
+    column its file lacks all null."""
+    if batch.schema.equals(schema):
+        return batch
+    names = batch.schema.names
+    columns = [
+        batch.column(field.name).cast(field.type)
+        if field.name in names
+        else pa.nulls(batch.num_rows, field.type)
+        for field in schema
+    ]
+    return pa.RecordBatch.from_arrays(columns, schema=schema)
+
+
 def _type_conflict(
-    tables: list[tuple[str, pa.Table]],
+    schemas: list[tuple[str, pa.Schema]],
 ) -> tuple[str, tuple[str, pa.DataType], tuple[str, pa.DataType]] | None:
     """The first column whose type in some file cannot be combined with its type in an earlier one."""
     seen: dict[str, tuple[str, pa.DataType]] = {}
-    for shown, table in tables:
-        for field in table.schema:
+    for shown, schema in schemas:
+        for field in schema:
             if pa.types.is_null(field.type):
                 continue  # an all-empty column takes any other file's type
             if field.name not in seen:
