@@ -20,7 +20,7 @@ from raylens.storage import Location, check_reachable
 from raylens.trainer import TorchModelConfig
 
 if TYPE_CHECKING:
-    from raylens.features import PlannedFeatureSet
+    from raylens.features import PlannedFeatureSet, RowsDone
 
 
 @dataclass(frozen=True)
@@ -68,11 +68,13 @@ def check_experiment(
     runs_dir_given: bool = True,
     storage: Location | None = None,
     feature_store: Location | None = None,
+    rows_done: RowsDone | None = None,
 ) -> CheckReport:
     """Check ``spec`` (model parameters, every configuration its sweep may sample), its data (read
     and prepared in memory, nothing written), the model on a real batch, the sweep's metric, and
     ``address`` and ``tracking_uri`` when given. ``tune=False`` leaves the sweep out. A user's
-    model factory is imported from ``code_dirs`` (the spec's folder, the working one)."""
+    model factory is imported from ``code_dirs`` (the spec's folder, the working one).
+    ``rows_done`` hears of the data's progress (``plan_feature_set``)."""
     from raylens.cluster.runtime import check_address, check_remote_settings
     from raylens.features import plan_feature_set
     from raylens.trainer import importable_from
@@ -82,7 +84,9 @@ def check_experiment(
         problems.check(lambda: check_model_params(spec))
         params_ok = not problems.found
         planned: PlannedFeatureSet | None = problems.check(
-            lambda: plan_feature_set(spec.name, spec.data, spec.features, base_dir, feature_store)
+            lambda: plan_feature_set(
+                spec.name, spec.data, spec.features, base_dir, feature_store, rows_done=rows_done
+            )
         )
         if planned is not None and params_ok:
             problems.check(lambda: _check_model_on_data(spec, planned, tune=tune))

@@ -201,10 +201,14 @@ def _run(
 
 def _check(experiment: Any, command: str, address: str | None) -> None:
     """Every check ``command`` would make before starting, all problems at once; then what it would do."""
-    from raylens.cluster.console import dry_run_table
+    from raylens.cluster.console import dry_run_table, rows_on
 
-    with console.status("checking the spec, data and model"):
-        report = experiment.validate(tune=command != "train", address=address)
+    with console.status("checking the spec, data and model") as status:
+        report = experiment.validate(
+            tune=command != "train",
+            address=address,
+            rows_done=rows_on(status, "checking the spec, data and model"),
+        )
     report.raise_problems()
     console.print(dry_run_table(experiment, report, command))
 
@@ -682,8 +686,12 @@ def features_build(spec: SpecArg, runs_dir: RunsDir = None, overrides: Overrides
     from raylens.cluster.console import RichProgress
     from raylens.cluster.experiment import Experiment
 
-    feature_set = Experiment.from_yaml(spec, runs_dir, overrides or ()).build_features()
-    RichProgress(console).feature_set(feature_set)
+    progress = RichProgress(console)
+    try:
+        feature_set = Experiment.from_yaml(spec, runs_dir, overrides or ()).build_features(progress.data_rows)
+    finally:
+        progress.data_finished()
+    progress.feature_set(feature_set)
     console.print(f"  stored at {escape(str(feature_set.path))}", highlight=False)
 
 

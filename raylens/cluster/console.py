@@ -8,12 +8,13 @@ from typing import Any
 from rich.console import Console, Group
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.status import Status
 from rich.table import Table
 from rich.text import Text
 
 from raylens.cluster.checks import CheckReport
 from raylens.cluster.experiment import Experiment, RunSummary
-from raylens.features import FeatureSet, PlannedFeatureSet
+from raylens.features import FeatureSet, PlannedFeatureSet, RowsDone
 from raylens.features.drift import FeatureSetDiff
 from raylens.trainer.debug.report import RunDebug, TrialDebug
 from raylens.tuning.leaderboard import Leaderboard
@@ -28,6 +29,15 @@ def _bar(console: Console) -> Progress:
         TextColumn("{task.fields[status]}"),
         console=console,
     )
+
+
+def rows_on(status: Status, text: str) -> RowsDone:
+    """A feature build's progress told on a spinner's line, after its ``text``."""
+
+    def told(what: str, done: int, total: int | None) -> None:
+        status.update(f"{text}: {what}, {done:,}" + (f" of {total:,} rows" if total is not None else " rows"))
+
+    return told
 
 
 def _format(value: Any) -> str:
@@ -48,9 +58,24 @@ class RichProgress:
         self.done = 0
         self.best: float | None = None
         """The sweep's best value of ``metric`` so far among trials that ran to the end."""
+        self.data_pass: str | None = None
+        """The feature build's pass the bar shows, while one does."""
 
     def stage(self, title: str) -> None:
         self.console.print(f"[bold]▸ {title}[/]")
+
+    def data_rows(self, what: str, done: int, total: int | None) -> None:
+        """A bar per pass of the feature build over the source (rows, of how many if known)."""
+        if self.bar is None or self.data_pass != what:
+            self._stop()
+            self.data_pass = what
+            self._start(f"  {what}", total)
+        self._advance("rows", completed=done)
+
+    def data_finished(self) -> None:
+        if self.data_pass is not None:
+            self.data_pass = None
+            self._stop()
 
     def notice(self, text: str) -> None:
         self.console.print(f"  [yellow]note:[/] {escape(text)}", highlight=False)
@@ -111,7 +136,7 @@ class RichProgress:
     def training_finished(self) -> None:
         self._stop()
 
-    def _start(self, description: str, total: int) -> None:
+    def _start(self, description: str, total: int | None) -> None:
         self.done = 0
         self.bar = _bar(self.console)
         self.bar.start()

@@ -151,15 +151,19 @@ def pipeline(
 
 def _pipeline_dry_run(runner: Any) -> None:
     """What ``raylens pipeline`` would do: the run's checks and plan, then the release's."""
-    from raylens.cluster.console import dry_run_table
+    from raylens.cluster.console import dry_run_table, rows_on
     from raylens.cluster.release_config import check_embedded_capacity
 
     experiment = runner.experiment
     spec = experiment.spec
     if runner.address is None:
         check_embedded_capacity(spec.serve)
-    with console.status("checking the spec, data and model"):
-        report = experiment.validate(tune=spec.tune is not None, address=runner.address)
+    with console.status("checking the spec, data and model") as status:
+        report = experiment.validate(
+            tune=spec.tune is not None,
+            address=runner.address,
+            rows_done=rows_on(status, "checking the spec, data and model"),
+        )
     report.raise_problems()
     table = dry_run_table(experiment, report, "pipeline")
     release = spec.release

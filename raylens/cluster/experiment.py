@@ -26,7 +26,7 @@ from raylens.cluster.spec import (
 from raylens.cluster.workspace import Workspace
 
 if TYPE_CHECKING:
-    from raylens.features import FeatureSet, PlannedFeatureSet
+    from raylens.features import FeatureSet, PlannedFeatureSet, RowsDone
     from raylens.trainer.run import TrainRunResult
     from raylens.tuning import ConcurrencyPlan
     from raylens.tuning.leaderboard import Leaderboard
@@ -37,6 +37,8 @@ class Progress(Protocol):
 
     def stage(self, title: str) -> None: ...
     def notice(self, text: str) -> None: ...
+    def data_rows(self, what: str, done: int, total: int | None) -> None: ...
+    def data_finished(self) -> None: ...
     def feature_set(self, feature_set: FeatureSet) -> None: ...
     def sweep_started(self, trials: int) -> None: ...
     def trial(self, event: Any) -> None: ...
@@ -49,6 +51,8 @@ class Progress(Protocol):
 class NullProgress:
     def stage(self, title: str) -> None: ...
     def notice(self, text: str) -> None: ...
+    def data_rows(self, what: str, done: int, total: int | None) -> None: ...
+    def data_finished(self) -> None: ...
     def feature_set(self, feature_set: FeatureSet) -> None: ...
     def sweep_started(self, trials: int) -> None: ...
     def trial(self, event: Any) -> None: ...
@@ -137,21 +141,28 @@ class Experiment:
     def tracking_uri(self) -> str:
         return self.workspace.tracking_uri(self.spec.tracking.uri)
 
-    def plan_features(self) -> PlannedFeatureSet:
+    def plan_features(self, rows_done: RowsDone | None = None) -> PlannedFeatureSet:
         """The data prepare and feature pipelines, checked and computed, nothing written."""
         from raylens.features import plan_feature_set
 
         return plan_feature_set(
-            self.spec.name, self.spec.data, self.spec.features, self.base_dir, self.workspace.feature_store
+            self.spec.name,
+            self.spec.data,
+            self.spec.features,
+            self.base_dir,
+            self.workspace.feature_store,
+            rows_done=rows_done,
         )
 
-    def build_features(self) -> FeatureSet:
+    def build_features(self, rows_done: RowsDone | None = None) -> FeatureSet:
         """Run the data prepare and feature pipelines; the version is reused when unchanged."""
         from raylens.features import publish_feature_set
 
-        return publish_feature_set(self.plan_features(), self.workspace.feature_store)
+        return publish_feature_set(self.plan_features(rows_done), self.workspace.feature_store)
 
-    def validate(self, *, tune: bool = True, address: str | None = None) -> CheckReport:
+    def validate(
+        self, *, tune: bool = True, address: str | None = None, rows_done: RowsDone | None = None
+    ) -> CheckReport:
         """Every check of ``run`` that needs no Ray, all problems at once; nothing is written."""
         uri = self.tracking_uri
         return check_experiment(
@@ -164,6 +175,7 @@ class Experiment:
             runs_dir_given=self.workspace.given,
             storage=self.workspace.root,
             feature_store=self.workspace.feature_store,
+            rows_done=rows_done,
         )
 
     def run(

@@ -225,7 +225,12 @@ class Invocation:
         if self.command == "tune" and spec.tune is None:
             raise UserError("this spec has no tune section to run; add one (see examples/digits.yaml)")
         self.progress.stage("Checking the spec and data")
-        report = self.experiment.validate(tune=self.command != "train", address=address)
+        try:
+            report = self.experiment.validate(
+                tune=self.command != "train", address=address, rows_done=self.progress.data_rows
+            )
+        finally:
+            self.progress.data_finished()
         report.raise_problems()
         planned = report.planned
         assert planned is not None

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from raylens.features.config import DataConfig, FeaturesConfig, SplitConfig, StandardizeStep
     from raylens.features.pipeline import (
         PlannedFeatureSet,
+        RowsDone,
         build_feature_set,
         plan_feature_set,
         publish_feature_set,
@@ -26,6 +27,7 @@ __getattr__, __all__ = lazy_exports(
         "raylens.features.config": ["DataConfig", "FeaturesConfig", "SplitConfig", "StandardizeStep"],
         "raylens.features.pipeline": [
             "PlannedFeatureSet",
+            "RowsDone",
             "build_feature_set",
             "plan_feature_set",
             "publish_feature_set",

@@ -12,7 +12,7 @@ import json
 import re
 import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -140,6 +140,7 @@ def plan_feature_set(
     store_root: Path | str | Location | None = None,
     *,
     batch_rows: int = READ_BATCH_ROWS,
+    rows_done: RowsDone | None = None,
 ) -> PlannedFeatureSet:
     """Run the data prepare and feature pipelines; every check, no writes. With ``store_root``,
     a version built there from the same source bytes and sections is taken as the plan without
@@ -149,7 +150,7 @@ def plan_feature_set(
     nothing in the result): the first checks every row and keeps the few columns the splits and
     encodings are fitted on; the second encodes each batch into its split's float matrix, held in
     a temporary file once it is larger than ``SPILL_BYTES``. The source's rows are never in memory
-    together."""
+    together. ``rows_done`` hears of each batch of each pass (for a progress bar)."""
     if not _NAME.match(name):
         raise UserError(
             f"name: '{name}' cannot name a feature set; use letters, digits, '_', '.' and '-', "
@@ -166,10 +167,11 @@ def plan_feature_set(
             if stored.manifest.build_key == key:
                 return _stored_plan(stored)
     source = _open_source(data, base_dir)
+    told = rows_done or _no_progress
     try:
-        return _plan(name, key, fingerprint, source, data, features, batch_rows)
+        return _plan(name, key, fingerprint, source, data, features, batch_rows, told)
     except WiderTypes:  # a CSV file's later rows: the first block's types fit no longer
-        return _plan(name, key, fingerprint, source.widened(), data, features, batch_rows)
+        return _plan(name, key, fingerprint, source.widened(), data, features, batch_rows, told)
 
 
 def _plan(
@@ -180,6 +182,7 @@ def _plan(
     data: DataConfig,
     features: FeaturesConfig,
     batch_rows: int,
+    rows_done: RowsDone,
 ) -> PlannedFeatureSet:
     schema = source.schema
     allowed = features.missing_allowed(candidate_features(schema.names, data))
@@ -189,7 +192,7 @@ def _plan(
     input_columns = checked_feature_columns(schema.names, None, data)
     # Every column but the categories is checked before the split (bucketize's too: numbers).
     numeric = [c for c in input_columns if c not in features.categorical]
-    scan = _scan(source, data, features, checks, input_columns, numeric, allowed, batch_rows)
+    scan = _scan(source, data, features, checks, input_columns, numeric, allowed, batch_rows, rows_done)
     verdict, kept = scan.verdict, scan.kept
     checked_feature_columns(schema.names, verdict.kept, data)
     check_encodings(features, schema, input_columns)
@@ -205,7 +208,9 @@ def _plan(
     keys = _entity_keys(kept, data, input_columns, by, encoders)
     del kept, scan
 
-    written = _write_splits(source, verdict, encoders, input_columns, feature_columns, split, batch_rows)
+    written = _write_splits(
+        source, verdict, encoders, input_columns, feature_columns, split, batch_rows, rows_done
+    )
     x_train = written.x["train"]
     statistics = _column_statistics(x_train, feature_columns)
     encoded = {c for e in encoders for c in e.outputs()}
@@ -367,6 +372,16 @@ def _entity_keys(
     return keys
 
 
+RowsDone = Callable[[str, int, int | None], None]
+"""Told after each batch of a pass over the source: what the pass does, the source rows it has
+read, and of how many (None: unknown until the pass ends, as for a CSV file)."""
+CHECKING, ENCODING = "checking the rows", "encoding the splits"
+
+
+def _no_progress(what: str, done: int, total: int | None) -> None:
+    pass
+
+
 def _open_source(data: DataConfig, base_dir: Path | None) -> SourceStream:
     """The rows to build from: the source, or (with feature views) its rows joined to the views."""
     if not data.views:
@@ -403,6 +418,7 @@ def _scan(
     numeric: list[str],
     allowed: set[str],
     batch_rows: int,
+    rows_done: RowsDone,
 ) -> _Scan:
     names = source.schema.names
     needed = [data.target, data.split.time or data.split.group, data.entity]
@@ -429,6 +445,7 @@ def _scan(
                 rows = np.flatnonzero(_numpy_bool(pc.is_inf(column)))
                 bad.setdefault((name, "infinite"), []).append(rows + offset)
         offset += batch.num_rows
+        rows_done(CHECKING, offset, source.rows)
     verdict = checks.verdict()
     pa.default_memory_pool().release_unused()  # the pass's decoding buffers, kept by the allocator
     schema = pa.schema([source.schema.field(c) for c in columns])
@@ -476,6 +493,7 @@ def _write_splits(
     feature_columns: list[str],
     split: Any,
     batch_rows: int,
+    rows_done: RowsDone,
 ) -> _Written:
     """The second pass: each batch's kept rows encoded into the matrices of their splits (each
     split's rows stay in source order), the raw sample and the rows set aside collected."""
@@ -511,6 +529,7 @@ def _write_splits(
                 at = position[rows][chosen]
                 # A split's rows are in source order: a batch's fill one run of its matrix.
                 x[name][at[0] : at[-1] + 1] = block[chosen]
+        rows_done(ENCODING, offset, verdict.rows)
     quarantined = pa.Table.from_batches(aside) if aside else None
     pa.default_memory_pool().release_unused()
     return _Written(x, sample, quarantined)

@@ -51,6 +51,8 @@ class SourceStream:
     schema: pa.Schema
     _read: Callable[[int], Iterator[pa.RecordBatch]]
     _widened: Callable[[], SourceStream] | None = None
+    rows: int | None = None
+    """How many rows a pass gives, where that is known before reading them (not for CSV)."""
 
     def batches(self, rows: int) -> Iterator[pa.RecordBatch]:
         """One pass over the rows, in batches of at most ``rows``. Raises ``WiderTypes`` where a
@@ -67,7 +69,11 @@ class SourceStream:
 def table_stream(table: pa.Table, uri: str, fingerprint: str) -> SourceStream:
     """A table already in memory, as a stream."""
     return SourceStream(
-        uri, fingerprint, table.schema, lambda rows: iter(table.to_batches(max_chunksize=rows))
+        uri,
+        fingerprint,
+        table.schema,
+        lambda rows: iter(table.to_batches(max_chunksize=rows)),
+        rows=table.num_rows,
     )
 
 
@@ -143,7 +149,7 @@ def _synthetic_stream(spec: str, uri: str) -> SourceStream:
             for offset in range(0, chunk.num_rows, batch_rows):
                 yield chunk.slice(offset, batch_rows)
 
-    return SourceStream(uri, uri, generate.chunk(0, 1).schema, read)
+    return SourceStream(uri, uri, generate.chunk(0, 1).schema, read, rows=rows)
 
 
 def _synthetic(spec: str, uri: str) -> tuple[_Generator, int]:
@@ -245,6 +251,7 @@ def _open_files(path: Path, uri: str, whole_file_types: bool = False) -> SourceS
         for file, shown in named
     ]
     schema = _unified(schemas, uri)
+    rows = None if csv else sum(_parquet_rows(file) for file in files.paths)
 
     def read(rows: int) -> Iterator[pa.RecordBatch]:
         for (file, shown), (_, own) in zip(named, schemas, strict=True):
@@ -263,7 +270,7 @@ def _open_files(path: Path, uri: str, whole_file_types: bool = False) -> SourceS
                 yield _conform(batch, schema)
 
     widened = None if not csv or whole_file_types else (lambda: _open_files(path, uri, whole_file_types=True))
-    return SourceStream(uri, _fingerprint_files(files.paths), schema, read, widened)
+    return SourceStream(uri, _fingerprint_files(files.paths), schema, read, widened, rows)
 
 
 @dataclass(frozen=True)
@@ -358,6 +365,11 @@ def _parquet_schema(path: Path, shown: str) -> pa.Schema:
             f"data.source: cannot read Parquet file '{shown}' ({exc}); "
             "if it is truncated or corrupt, write it again from its source"
         ) from None
+
+
+def _parquet_rows(path: Path) -> int:
+    """The rows a Parquet file's footer counts (its schema was read: the footer is sound)."""
+    return int(pq.read_metadata(path).num_rows)
 
 
 def _csv_schema(path: Path, shown: str, whole_file: bool) -> pa.Schema:

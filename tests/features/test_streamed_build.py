@@ -202,3 +202,32 @@ def test_the_build_holds_a_batch_of_the_source_never_its_rows(
     assert max(first) - first[0] <= rows * 8 + 2 * batch_bytes, first
     assert max(second) - second[0] <= 2 * batch_bytes, second
     assert max(held) < source_bytes / 2, (max(held), source_bytes)
+
+
+def test_a_build_tells_each_pass_its_rows_and_of_how_many(data_dir: Path) -> None:
+    told: list[tuple[str, int, int | None]] = []
+    planned = plan_feature_set(
+        "t",
+        DataConfig(**SPECS["quarantine, entity, one-hot, imputed with indicator"][0]),
+        FeaturesConfig(**SPECS["quarantine, entity, one-hot, imputed with indicator"][1]),
+        data_dir,
+        batch_rows=1000,
+        rows_done=lambda what, done, total: told.append((what, done, total)),
+    )
+    # The second pass reads the source again, quarantined rows and all: its rows are the source's.
+    assert told == [
+        *((pipeline.CHECKING, done, ROWS) for done in (1000, 2000, 3000)),
+        *((pipeline.ENCODING, done, ROWS) for done in (1000, 2000, 3000)),
+    ]
+    assert sum(planned.manifest.rows.values()) < ROWS  # some were set aside
+    told.clear()
+    plan_feature_set(
+        "late",
+        DataConfig(source="late.csv", target="target"),
+        FeaturesConfig(),
+        data_dir,
+        rows_done=lambda *a: told.append(a),
+    )
+    # A CSV file's rows are known once read: the first pass says how many it has read, of no total.
+    assert {total for what, _, total in told if what == pipeline.CHECKING} == {None}
+    assert told[-1] == (pipeline.ENCODING, 160_000, 160_000)
