@@ -7,8 +7,10 @@ offline store. ``build_feature_set`` is both in one call.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import re
 import tempfile
 import warnings
@@ -470,11 +472,28 @@ as soon as it is made), so a build never needs its splits in memory."""
 
 
 def _matrix(rows: int, columns: int) -> np.ndarray:
-    if rows * columns * 4 <= SPILL_BYTES:
+    size = rows * columns * 4
+    if size <= SPILL_BYTES:
         return np.empty((rows, columns), dtype=np.float32)
     # Unlinked at once: the mapping is the file's only reference, and it goes with the array.
     with tempfile.TemporaryFile(prefix="raylens-split-") as file:
-        return np.memmap(file, dtype=np.float32, mode="w+", shape=(rows, columns))
+        try:
+            # The blocks reserved now: a disk that fills while the matrix is written into a sparse
+            # file kills the process (SIGBUS) instead of raising.
+            os.posix_fallocate(file.fileno(), 0, size)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without it
+                raise UserError(
+                    f"features: no room for a split's {size / 2**20:,.0f} MiB of features in "
+                    f"{tempfile.gettempdir()} ({exc.strerror}); free space there, or set TMPDIR to "
+                    "a folder on a larger disk"
+                ) from None
+        return np.memmap(
+            file,
+            dtype=np.float32,
+            mode="r+" if os.fstat(file.fileno()).st_size else "w+",
+            shape=(rows, columns),
+        )
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 in memory or in temporary files, it gives the same version; and it never holds the source's rows
 together."""
 
+import errno
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raylens.features import DataConfig, FeaturesConfig, pipeline, plan_feature_set, sources
+from raylens.errors import UserError
+from raylens.features import (
+    DataConfig,
+    FeaturesConfig,
+    build_feature_set,
+    pipeline,
+    plan_feature_set,
+    sources,
+)
 from raylens.features.pipeline import PlannedFeatureSet
 
 ROWS = 3000
@@ -231,3 +240,19 @@ def test_a_build_tells_each_pass_its_rows_and_of_how_many(data_dir: Path) -> Non
     # A CSV file's rows are known once read: the first pass says how many it has read, of no total.
     assert {total for what, _, total in told if what == pipeline.CHECKING} == {None}
     assert told[-1] == (pipeline.ENCODING, 160_000, 160_000)
+
+
+def test_no_room_for_a_split_on_disk_is_said_and_the_store_left_as_it_was(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pipeline.os, "posix_fallocate", full)
+    monkeypatch.setattr(pipeline, "SPILL_BYTES", 0)
+    store = tmp_path / "store"
+    with pytest.raises(UserError, match=r"no room for a split's .* MiB of features .*No space left.*TMPDIR"):
+        build_feature_set(
+            "t", DataConfig(source="late.csv", target="target"), FeaturesConfig(), store, data_dir
+        )
+    assert not store.exists()
