@@ -59,7 +59,7 @@ from raylens.features.sources import (
     open_source,
     table_stream,
 )
-from raylens.features.splits import split_column, split_rows
+from raylens.features.splits import SplitIndices, split_column, split_rows
 from raylens.features.store import (
     ENTITY,
     RAW_PREFIX,
@@ -82,7 +82,8 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 @dataclass(frozen=True, eq=False)
 class PlannedFeatureSet:
-    """A feature set computed in memory and checked, not yet written.
+    """A feature set computed and checked, not yet written (a large split's matrix lives in a
+    temporary file, memory-mapped, until the plan is let go).
 
     ``version`` and ``manifest`` are what ``publish_feature_set`` stores (the manifest's
     ``created_at`` is the planning time). The arrays are read-only and the manifest frozen, so what
@@ -210,20 +211,20 @@ def _plan(
     keys = _entity_keys(kept, data, input_columns, by, encoders)
     del kept, scan
 
-    written = _write_splits(
+    encoded_splits = _encode_splits(
         source, verdict, encoders, input_columns, feature_columns, split, batch_rows, rows_done
     )
-    x_train = written.x["train"]
+    x_train = encoded_splits.x["train"]
     statistics = _column_statistics(x_train, feature_columns)
     encoded = {c for e in encoders for c in e.outputs()}
     fitted = fit_all(features.transforms, x_train, feature_columns, encoded, in_place=True)
     for held_out in ("valid", "test"):
-        apply_all(fitted, written.x[held_out], feature_columns, in_place=True)
+        apply_all(fitted, encoded_splits.x[held_out], feature_columns, in_place=True)
     indices = {"train": split.train, "valid": split.valid, "test": split.test}
 
     def arrays(split_name: str) -> SplitArrays:
         index = indices[split_name]
-        x, y = written.x[split_name], target.y[index]
+        x, y = encoded_splits.x[split_name], target.y[index]
         x.flags.writeable = False
         y.flags.writeable = False
         return SplitArrays(x, y, {key: values[index] for key, values in keys.items()} if keys else None)
@@ -255,11 +256,11 @@ def _plan(
         encoders=[e.to_dict() for e in encoders] or None,
         input_columns=input_columns if encoders else None,
         target_statistics=target_statistics,
-        sample=written.sample,
+        sample=encoded_splits.sample,
         quarantined=verdict.counts,
         build_key=key if source.fingerprint == fingerprint else "",
     )
-    return PlannedFeatureSet(versioned_manifest(manifest, splits), splits, written.quarantined)
+    return PlannedFeatureSet(versioned_manifest(manifest, splits), splits, encoded_splits.quarantined)
 
 
 def publish_feature_set(planned: PlannedFeatureSet, store_root: Path | str | Location) -> FeatureSet:
@@ -497,23 +498,23 @@ def _matrix(rows: int, columns: int) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class _Written:
+class _Encoded:
     x: Mapping[str, np.ndarray]
     """Each split's feature matrix (before the numeric transforms)."""
     sample: list[dict[str, Any]]
     quarantined: pa.Table | None
 
 
-def _write_splits(
+def _encode_splits(
     source: SourceStream,
     verdict: Verdict,
     encoders: list[FittedEncoder],
     input_columns: list[str],
     feature_columns: list[str],
-    split: Any,
+    split: SplitIndices,
     batch_rows: int,
     rows_done: RowsDone,
-) -> _Written:
+) -> _Encoded:
     """The second pass: each batch's kept rows encoded into the matrices of their splits (each
     split's rows stay in source order), the raw sample and the rows set aside collected."""
     names = ("train", "valid", "test")
@@ -551,4 +552,4 @@ def _write_splits(
         rows_done(ENCODING, offset, verdict.rows)
     quarantined = pa.Table.from_batches(aside) if aside else None
     pa.default_memory_pool().release_unused()
-    return _Written(x, sample, quarantined)
+    return _Encoded(x, sample, quarantined)
