@@ -71,7 +71,7 @@ def check_experiment(
     rows_done: RowsDone | None = None,
 ) -> CheckReport:
     """Check ``spec`` (model parameters, every configuration its sweep may sample), its data (read
-    and prepared in memory, nothing written), the model on a real batch, the sweep's metric, and
+    and prepared as a build does, nothing written), the model on a real batch, the sweep's metric, and
     ``address`` and ``tracking_uri`` when given. ``tune=False`` leaves the sweep out. A user's
     model factory is imported from ``code_dirs`` (the spec's folder, the working one).
     ``rows_done`` hears of the data's progress (``plan_feature_set``)."""

@@ -190,7 +190,7 @@ def _plan(
     schema = source.schema
     allowed = features.missing_allowed(candidate_features(schema.names, data))
     # The checks of the validation rules' and the spec's columns, before a row is read; the rest
-    # after the first pass, in the order of a build in memory (an empty source says so first).
+    # after the first pass, in the order they always had (an empty source says so first).
     checks = RowChecks(schema, data, allow_missing=allowed)
     input_columns = checked_feature_columns(schema.names, None, data)
     # Every column but the categories is checked before the split (bucketize's too: numbers).
