@@ -45,7 +45,7 @@ from raylens.features.manifest import (
 from raylens.features.prepare import (
     candidate_features,
     check_feature_counts,
-    check_feature_values,
+    check_feature_type,
     checked_feature_columns,
     feature_block,
     missing_and_infinite,
@@ -199,8 +199,8 @@ def _plan(
     verdict, kept = scan.verdict, scan.kept
     checked_feature_columns(schema.names, verdict.kept, data)
     check_encodings(features, schema, input_columns)
-    check_feature_values(schema.empty_table(), numeric, allowed)
-    for column in numeric:
+    for column in numeric:  # each column's type, then its values, as a build in memory checks them
+        check_feature_type(column, schema.field(column).type)
         check_feature_counts(column, scan.kept_count(column, "missing"), scan.kept_count(column, "infinite"))
     target = prepare_target(kept, data)
     by = split_column(kept, data.split)

@@ -246,12 +246,14 @@ def _open_files(path: Path, uri: str, whole_file_types: bool = False) -> SourceS
     csv = files.format == "csv"
     # One file at a time, so an error names the file (Arrow's own messages often don't). In a
     # folder, a file is named relative to it: the messages name the folder too.
-    schemas = [
-        (shown, _csv_schema(file, shown, whole_file_types) if csv else _parquet_schema(file, shown))
-        for file, shown in named
-    ]
+    if csv:
+        schemas = [(shown, _csv_schema(file, shown, whole_file_types)) for file, shown in named]
+        rows = None
+    else:
+        footers = [(shown, _parquet_footer(file, shown)) for file, shown in named]
+        schemas = [(shown, schema) for shown, (schema, _) in footers]
+        rows = sum(count for _, (_, count) in footers)
     schema = _unified(schemas, uri)
-    rows = None if csv else sum(_parquet_rows(file) for file in files.paths)
 
     def read(rows: int) -> Iterator[pa.RecordBatch]:
         for (file, shown), (_, own) in zip(named, schemas, strict=True):
@@ -357,19 +359,16 @@ READ_BATCH_ROWS = 65_536
 decoding buffers."""
 
 
-def _parquet_schema(path: Path, shown: str) -> pa.Schema:
+def _parquet_footer(path: Path, shown: str) -> tuple[pa.Schema, int]:
+    """A Parquet file's schema and row count, from its footer alone."""
     try:
-        return pq.read_schema(path)
+        metadata = pq.read_metadata(path)
+        return metadata.schema.to_arrow_schema(), metadata.num_rows
     except (pa.ArrowException, OSError) as exc:
         raise UserError(
             f"data.source: cannot read Parquet file '{shown}' ({exc}); "
             "if it is truncated or corrupt, write it again from its source"
         ) from None
-
-
-def _parquet_rows(path: Path) -> int:
-    """The rows a Parquet file's footer counts (its schema was read: the footer is sound)."""
-    return int(pq.read_metadata(path).num_rows)
 
 
 def _csv_schema(path: Path, shown: str, whole_file: bool) -> pa.Schema:
