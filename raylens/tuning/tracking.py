@@ -227,6 +227,7 @@ class SweepTracking(Callback):
     def __init__(self, sweep_path: str, recorder: TrialRecorder) -> None:
         self.sweep_path = sweep_path
         self._relay: Any = None
+        self._running: set[str] = set()
         _RECORDERS[sweep_path] = recorder
 
     def __getstate__(self) -> dict[str, Any]:
@@ -235,6 +236,7 @@ class SweepTracking(Callback):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.sweep_path = state["sweep_path"]
         self._relay = None
+        self._running = set()
 
     def _send(self, kind: str, trial: Any, result: dict[str, Any] | None = None) -> None:
         recorder = _RECORDERS.get(self.sweep_path)
@@ -253,6 +255,7 @@ class SweepTracking(Callback):
             self._relay.put.remote(TrialNote.of(kind, trial, result))
 
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._running.add(trial.trial_id)
         self._send("started", trial)
 
     def on_trial_result(
@@ -261,10 +264,20 @@ class SweepTracking(Callback):
         self._send("result", trial, result)
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._running.discard(trial.trial_id)
         self._send("completed", trial)
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._running.discard(trial.trial_id)
         self._send("failed", trial)
+
+    def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
+        # Tune ends a sweep whose time budget ran out by marking its running trials terminated,
+        # with no on_trial_complete: each ended at its last result. (An interrupted sweep leaves
+        # them running, to resume: their runs are closed KILLED.)
+        for trial in trials:
+            if trial.trial_id in self._running and trial.status == "TERMINATED":
+                self.on_trial_complete(0, trials, trial)
 
 
 def release(sweep_path: str) -> None:

@@ -284,8 +284,11 @@ def test_a_time_budget_ends_the_sweep(cancer: FeatureSet, tmp_path: Path) -> Non
         space={"train.optimizer.lr": "loguniform(1e-3, 1e-1)"},
     )
     began = time.monotonic()
-    result, *_ = sweep(cancer, tmp_path, budget, epochs=3)
+    result, tracker, parent = sweep(cancer, tmp_path, budget, epochs=3)
     assert 0 < len(result.trials) < 500 and time.monotonic() - began < 60
+    # The trial the budget cut short is closed finished, like the rest, not left killed.
+    runs = tracker.client.search_runs([tracker.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
+    assert runs and all(run.info.status == "FINISHED" for run in runs)
     # A budget spent before any trial finished says so.
     said = nothing_finished(budget.model_copy(update={"time_budget_s": 0.5}), [], [], took=3.0)
     assert "time budget of 0.5 s ran out before a trial finished: raise tune.time_budget_s" in said
