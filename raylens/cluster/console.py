@@ -105,7 +105,9 @@ class RichProgress:
             "[red]failed[/]"
             if event.kind == "failed"
             else escape(
-                f"{self.metric} {_format(score)}" + (" (stopped early)" if event.stopped_early else "")
+                f"{self.metric} {_format(score)}"
+                + (" (stopped early)" if event.stopped_early else "")
+                + (" (goal reached: the sweep ends)" if event.reached_goal else "")
             )
         )
         self.console.print(f"  trial {escape(event.trial_id)}: {escape(config)} → {outcome}", highlight=False)
@@ -335,7 +337,12 @@ def dry_run_table(experiment: Experiment, report: CheckReport, command: str) -> 
         row(
             "sweep",
             f"{tune.trials} trials, {tune.scheduler}, {tune.mode} {tune.metric}, "
-            f"{tune.epochs or spec.train.epochs} epochs each, up to {tune.concurrency} at a time",
+            f"{tune.epochs or spec.train.epochs} epochs each, up to {tune.concurrency} at a time"
+            + (
+                f", ends at {tune.metric} {'≥' if tune.mode == 'max' else '≤'} {tune.goal:g}"
+                if tune.goal is not None
+                else ""
+            ),
         )
         row("space", ", ".join(f"{k}: {v}" for k, v in tune.space.items()))
     if command != "tune":

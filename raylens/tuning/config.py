@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -115,11 +117,22 @@ class TuneConfig(BaseModel):
     leaderboard shows; the winner is the front's best on tune.metric."""
     time_budget_s: float | None = Field(None, gt=0)
     """Stop starting trials after this many seconds (running ones stop too); the best so far wins."""
+    goal: float | None = Field(None, allow_inf_nan=False)
+    """End the sweep at the first result whose tune.metric is this good (at least the goal for
+    mode max, at most for min; Katib's objective.goal, SageMaker's TargetObjectiveMetricValue):
+    that trial ends there, running trials stop, no more start; the best so far wins."""
 
     def cpus_per_worker(self, train: TrainConfig) -> float:
         """Logical CPUs of each of a trial's workers: tune.cpus_per_trial for a trial of one
         worker (its own process), train.scaling's for the workers of a trial's Ray Train run."""
         return self.cpus_per_trial if self.workers_per_trial == 1 else train.scaling.cpus_per_worker
+
+    def reaches_goal(self, metrics: Mapping[str, Any]) -> bool:
+        """Whether a result's tune.metric meets tune.goal (never, without a goal)."""
+        value = metrics.get(self.metric)
+        if self.goal is None or not isinstance(value, int | float) or not math.isfinite(value):
+            return False
+        return value >= self.goal if self.mode == "max" else value <= self.goal
 
     @model_validator(mode="after")
     def _distinct_objectives(self) -> TuneConfig:

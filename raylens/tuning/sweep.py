@@ -30,6 +30,7 @@ from ray.tune.schedulers import (
     PopulationBasedTraining,
 )
 from ray.tune.search import BasicVariantGenerator
+from ray.tune.stopper import CombinedStopper, MaximumIterationStopper
 from ray.util.queue import Empty, Queue
 
 from raylens.errors import UserError
@@ -240,6 +241,7 @@ def run_sweep(
         known_runs,
         on_run_created,
         describe=lambda trial_config: _described(candidate_named(trial_config, candidates)),
+        reaches_goal=config.reaches_goal,
     )
     # Through Ray Client, Tune's loop (and so its callbacks) runs on the cluster: trial events come
     # back over a queue to the recorder here, the one writer to MLflow.
@@ -254,8 +256,7 @@ def run_sweep(
         # PBT clones another trial from the checkpoint it reported, which must then outlive that
         # trial's next one: a sweep under PBT keeps every checkpoint.
         checkpoint_config=tune.CheckpointConfig(num_to_keep=None if config.scheduler == "pbt" else 1),
-        # A trial's last epoch ends it before PBT would pause it to perturb: nothing left to train.
-        stop={"training_iteration": epochs} if config.scheduler == "pbt" else None,
+        stop=_stopper(config, epochs),
         failure_config=tune.FailureConfig(max_failures=config.trial_retries),
     )
     try:
@@ -296,7 +297,7 @@ def run_sweep(
         release(str(experiment_path))
     results = [grid[i] for i in range(len(grid))]
     ends_early = config.scheduler not in ("asha", "fifo") and train.early_stopping is None
-    trials = _summaries(results, rule, config.metric, config.mode, epochs if ends_early else None)
+    trials = _summaries(results, rule, config, epochs, ends_early)
     for trial in trials:  # the rule's verdict, which a live view may have seen late
         run_id = recorder.known_runs.get(trial.trial_id)
         if run_id and trial.status != "failed":
@@ -313,6 +314,33 @@ def run_sweep(
     assert winner is not None
     best = next(t for t in finished if t.trial_id == winner.trial_id)
     return SweepResult(winner.config, best.metrics, trials, plan, board)
+
+
+class GoalReached(tune.Stopper):
+    """Ends a sweep at the first result that meets tune.goal: that trial stops there, and so
+    does every other (Tune stops the running ones and starts no more)."""
+
+    def __init__(self, config: TuneConfig) -> None:
+        self.config = config
+        self.reached = False
+
+    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+        met = self.config.reaches_goal(result)
+        self.reached = self.reached or met
+        return met
+
+    def stop_all(self) -> bool:
+        return self.reached
+
+
+def _stopper(config: TuneConfig, epochs: int) -> tune.Stopper | None:
+    stoppers: list[tune.Stopper] = []
+    if config.scheduler == "pbt":
+        # A trial's last epoch ends it before PBT would pause it to perturb: nothing left to train.
+        stoppers.append(MaximumIterationStopper(epochs))
+    if config.goal is not None:
+        stoppers.append(GoalReached(config))
+    return CombinedStopper(*stoppers) if len(stoppers) > 1 else stoppers[0] if stoppers else None
 
 
 def nothing_finished(config: TuneConfig, trials: list[TrialSummary], errors: list[str], took: float) -> str:
@@ -597,13 +625,16 @@ def scheduler(config: TuneConfig, rule: HalvingRule, epochs: int, candidates: li
 
 
 def _summaries(
-    results: list[Any], rule: HalvingRule, metric: str, mode: str, epochs: int | None = None
+    results: list[Any], rule: HalvingRule, config: TuneConfig, epochs: int, ends_early: bool
 ) -> list[TrialSummary]:
     """Each trial's outcome, judged again by ``rule`` over its whole history once every trial
     has ended: a trial the rule stops is ``stopped`` even if its stop arrived after its last
-    epoch, so the outcome never depends on the order results arrived. With ``epochs`` (a
-    scheduler of Ray Tune's, no early stopping of its own) a trial that ended sooner was
-    stopped by the scheduler."""
+    epoch, so the outcome never depends on the order results arrived. Where the scheduler
+    ``ends_early`` (one of Ray Tune's, no early stopping of its own), a trial that ended before
+    ``epochs`` was stopped by the scheduler. Once a trial met tune.goal, that trial is
+    ``completed`` where it ended, and others that ended sooner than ``epochs`` were stopped."""
+    metric, mode = config.metric, config.mode
+    goal_met = any(config.reaches_goal(r.metrics or {}) for r in results)
     ids = [str((r.metrics or {}).get("trial_id", "")) for r in results]
     numbers = {  # the grid lists trials in the order they were created: the fallback
         trial_id: trial_number(trial_id, str((result.metrics or {}).get("experiment_tag", "")), index + 1)
@@ -624,8 +655,10 @@ def _summaries(
         decision = decisions.get(numbers[trial_id]) if trial_id else None
         stopped_at = decision.stopped_at if decision else None
         last = int((result.metrics or {}).get("training_iteration", 0))
-        if epochs is not None and not result.error and 0 < last < epochs:
+        if not result.error and ((0 < last < epochs and ends_early) or (last < epochs and goal_met)):
             stopped_at = last
+        if config.reaches_goal(result.metrics or {}):
+            stopped_at = None
         by_rule = bool(result.error) and stopped_by_rule(str(result.error)) is not None
         if by_rule:
             stopped_at = last  # a debugger rule stopped it: the sweep goes on without it

@@ -28,6 +28,8 @@ class TrialEvent:
     config: dict[str, Any]
     metrics: dict[str, float] = field(default_factory=dict)
     stopped_early: bool = False
+    reached_goal: bool = False
+    """For ``completed``: its last result met tune.goal, which ended the sweep there."""
 
 
 def trial_metrics(result: dict[str, Any]) -> dict[str, float]:
@@ -84,8 +86,10 @@ class TrialRecorder:
         known_runs: Mapping[str, str] | None = None,
         on_run_created: Callable[[str, str], None] = lambda trial_id, run_id: None,
         describe: Callable[[dict[str, Any]], dict[str, str]] = lambda config: {},
+        reaches_goal: Callable[[Mapping[str, Any]], bool] = lambda result: False,
     ) -> None:
         self.tracker = tracker
+        self.reaches_goal = reaches_goal
         self.describe = describe
         """Tags of a trial's run from its configuration (its candidate, family and model)."""
         self.parent_run_id = parent_run_id
@@ -139,11 +143,17 @@ class TrialRecorder:
         self.on_event(TrialEvent("result", note.trial_id, note.config, metrics))
 
     def _completed(self, note: TrialNote) -> None:
-        stopped_early = self.last_epoch.get(note.trial_id, 0) < self.max_epochs
+        reached_goal = self.reaches_goal(note.result)  # it ends there, and is not stopped early
+        stopped_early = self.last_epoch.get(note.trial_id, 0) < self.max_epochs and not reached_goal
         self._record_debug(note)
-        self._close(note.trial_id, "FINISHED", {"raylens.stopped_early": str(stopped_early).lower()})
+        tags = {"raylens.stopped_early": str(stopped_early).lower()}
+        if reached_goal:
+            tags["raylens.reached_goal"] = "true"
+        self._close(note.trial_id, "FINISHED", tags)
         metrics = trial_metrics(note.result)
-        self.on_event(TrialEvent("completed", note.trial_id, note.config, metrics, stopped_early))
+        self.on_event(
+            TrialEvent("completed", note.trial_id, note.config, metrics, stopped_early, reached_goal)
+        )
 
     def _record_debug(self, note: TrialNote, stopped_by: str | None = None) -> None:
         run_id = self.run_ids.get(note.trial_id)
@@ -272,9 +282,9 @@ class SweepTracking(Callback):
         self._send("failed", trial)
 
     def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
-        # Tune ends a sweep whose time budget ran out by marking its running trials terminated,
-        # with no on_trial_complete: each ended at its last result. (An interrupted sweep leaves
-        # them running, to resume: their runs are closed KILLED.)
+        # Tune ends a sweep whose goal was met, or whose time budget ran out, by marking its
+        # running trials terminated, with no on_trial_complete: each ended at its last result.
+        # (An interrupted sweep leaves them running, to resume: their runs are closed KILLED.)
         for trial in trials:
             if trial.trial_id in self._running and trial.status == "TERMINATED":
                 self.on_trial_complete(0, trials, trial)

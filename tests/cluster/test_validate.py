@@ -68,10 +68,18 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path: Path, monkeypatch:
     spec = project(tmp_path)
     monkeypatch.chdir(tmp_path)
     before = sorted(p.name for p in tmp_path.iterdir())
-    result = CliRunner().invoke(app, ["run", str(spec), "--dry-run", "--set", "train.epochs=7"])
+    result = CliRunner().invoke(
+        app,
+        ["run", str(spec), "--dry-run", "--set", "train.epochs=7", "--set", "tune.goal=0.9"],
+        env={"COLUMNS": "200"},
+    )
     assert result.exit_code == 0, result.output
     assert "checked, nothing started or written" in result.output
-    assert "7 epochs" in result.output and "2 trials" in result.output
+    assert (
+        "7 epochs" in result.output
+        and "2 trials" in result.output
+        and "ends at valid_accuracy ≥ 0.9" in result.output
+    )
     assert "task" in result.output and "classification: 'churned' holds 2 distinct" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no raylens-runs, no feature set
 

@@ -76,11 +76,25 @@ def test_a_trial_of_a_candidate_becomes_that_candidates_model_and_values() -> No
             },
             r"pbt perturbs a torch model's training values between epochs; a scikit-learn estimator",
         ),
+        ({"goal": float("nan")}, r"tune\.goal: .*finite number"),
     ],
 )
 def test_a_space_that_does_not_fit_is_refused_naming_the_path(tune: dict, message: str) -> None:
     with pytest.raises(UserError, match=message):
         parse_spec(tuned(**tune))
+
+
+def test_a_goal_is_met_by_a_metric_at_least_as_good() -> None:
+    accuracy = TuneConfig(metric="valid_accuracy", mode="max", goal=0.9)
+    loss = TuneConfig(metric="valid_loss", mode="min", goal=0.1)
+    assert accuracy.reaches_goal({"valid_accuracy": 0.9}) and not accuracy.reaches_goal(
+        {"valid_accuracy": 0.89}
+    )
+    assert loss.reaches_goal({"valid_loss": 0.05}) and not loss.reaches_goal({"valid_loss": 0.2})
+    assert not loss.reaches_goal({"valid_loss": float("nan")}) and not loss.reaches_goal(
+        {"valid_accuracy": 0}
+    )
+    assert not TuneConfig(metric="valid_loss").reaches_goal({"valid_loss": -1e9})  # no goal: never
 
 
 def test_candidates_of_fixed_models_need_no_space() -> None:

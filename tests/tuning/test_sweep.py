@@ -229,3 +229,41 @@ def test_pbt_refuses_a_population_that_cannot_run_at_once(iris: FeatureSet, tmp_
     with pytest.raises(UserError, match=refused):
         sweep(iris, tmp_path, tune, TrainConfig(epochs=2))
     assert not (tmp_path / "ray").exists()
+
+
+def test_a_goal_ends_the_sweep_at_the_first_result_that_meets_it(iris: FeatureSet, tmp_path: Path) -> None:
+    """tune.goal: the trial that meets it ends at that epoch and wins; the trial running beside
+    it is stopped; none starts after it. Both trials' runs are finished, not left killed (Tune
+    ends them without its trial-complete callback)."""
+    tune = TuneConfig(
+        trials=4,
+        concurrency=2,
+        search="grid",
+        scheduler="fifo",
+        metric="valid_accuracy",
+        mode="max",
+        goal=0.9,
+        space={"train.optimizer.lr": "choice([0.0001, 0.05, 0.0002, 0.0003])"},
+    )
+    train = TrainConfig(epochs=30, batch_size=16)
+    model = SLOW_MLP.model_copy(update={"params": {"hidden": [8], "step_seconds": 0.02}})
+    result, events, tracker, parent = sweep(iris, tmp_path, tune, train, model)
+
+    slow, fast = result.trials
+    assert [t.config["train.optimizer.lr"] for t in result.trials] == [0.0001, 0.05]
+    assert fast.status == "completed" and fast.metrics["valid_accuracy"] >= 0.9
+    assert result.best_config == {"train.optimizer.lr": 0.05} and result.best_metrics == fast.metrics
+    # (On a busy machine the slow trial may not have reported an epoch yet: stopped at 0.)
+    assert slow.status == "stopped" and slow.stopped_at == slow.metrics.get("epoch", 0) < 30
+    ended = {e.trial_id: e for e in events if e.kind == "completed"}
+    assert (ended[fast.trial_id].reached_goal, ended[fast.trial_id].stopped_early) == (True, False)
+    assert slow.trial_id not in ended or not ended[slow.trial_id].reached_goal
+
+    runs = tracker.client.search_runs([tracker.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
+    by_trial = {run.data.tags["raylens.trial_id"]: run for run in runs}
+    assert fast.trial_id in by_trial and set(by_trial) <= {slow.trial_id, fast.trial_id}
+    assert all(run.info.status == "FINISHED" for run in runs)
+    assert by_trial[fast.trial_id].data.tags["raylens.reached_goal"] == "true"
+    accuracy = tracker.client.get_metric_history(by_trial[fast.trial_id].info.run_id, "valid_accuracy")
+    assert [m.value >= 0.9 for m in accuracy] == [False] * (len(accuracy) - 1) + [True]
+    assert len(accuracy) == fast.metrics["epoch"] < 30
