@@ -3,6 +3,7 @@ closing summary table."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from rich.console import Console, Group
@@ -38,6 +39,11 @@ def rows_on(status: Status, text: str) -> RowsDone:
         status.update(f"{text}: {what}, {done:,}" + (f" of {total:,} rows" if total is not None else " rows"))
 
     return told
+
+
+def _unqualified(error: str) -> str:
+    """An exception's last line without its module path: ``TrainingFailed: the training loss…``."""
+    return re.sub(r"^(?:[A-Za-z_]\w*\.)+(?=\w+: )", "", error)
 
 
 def _format(value: Any) -> str:
@@ -102,7 +108,7 @@ class RichProgress:
         score = event.metrics.get(self.metric)
         config = ", ".join(f"{k.rsplit('.', 1)[-1]}={_format(v)}" for k, v in event.config.items())
         outcome = (
-            "[red]failed[/]"
+            "[red]failed[/]" + (escape(f": {_unqualified(event.error)}") if event.error else "")
             if event.kind == "failed"
             else escape(
                 f"{self.metric} {_format(score)}"

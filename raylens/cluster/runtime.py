@@ -20,7 +20,6 @@ import signal
 import socket
 import threading
 import time
-import traceback
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -68,16 +67,18 @@ class WarningsAndAbove(logging.Filter):
 TUNE_CONTROLLER_LOGGER = "ray.tune.execution.tune_controller"
 
 
-class NotAStoppedTrial(logging.Filter):
-    """Drops Ray Tune's "Trial task failed" error, traceback included, for a trial a debugger
-    rule stopped (``raylens.trainer.family.StoppedByRule``, named here as text: importing it would
-    import torch into every command): raylens records the trial as stopped, and says why."""
+TUNE_LOGGER = "ray.tune.tune"
+
+
+class NoTrialTraceback(logging.Filter):
+    """Drops Ray Tune's "Trial task failed" error, traceback included, and its closing "Trials
+    did not complete" list: the CLI's live view says which trial failed and why (the error's last
+    line), a trial a debugger rule stopped is no failure, and the whole traceback is in the
+    trial's MLflow run (error.txt) and, with --verbose, in the terminal."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
-        if record.exc_info and record.exc_info[1] is not None:
-            text += "".join(traceback.format_exception(record.exc_info[1]))
-        return "StoppedByRule" not in text
+        message = record.getMessage()
+        return not message.startswith(("Trial task failed for trial", "Trials did not complete"))
 
 
 @dataclass(frozen=True)
@@ -158,9 +159,9 @@ def quiet_cli_process(verbose: bool) -> None:
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(level)
     if not verbose:
-        tune_controller = logging.getLogger(TUNE_CONTROLLER_LOGGER)
-        if not any(isinstance(f, NotAStoppedTrial) for f in tune_controller.filters):
-            tune_controller.addFilter(NotAStoppedTrial())
+        for tune_logger in (logging.getLogger(TUNE_CONTROLLER_LOGGER), logging.getLogger(TUNE_LOGGER)):
+            if not any(isinstance(f, NoTrialTraceback) for f in tune_logger.filters):
+                tune_logger.addFilter(NoTrialTraceback())
         serve_logger = logging.getLogger(SERVE_LOGGER)
         if not any(isinstance(f, WarningsAndAbove) for f in serve_logger.filters):
             serve_logger.addFilter(WarningsAndAbove())

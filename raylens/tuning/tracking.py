@@ -30,6 +30,8 @@ class TrialEvent:
     stopped_early: bool = False
     reached_goal: bool = False
     """For ``completed``: its last result met tune.goal, which ended the sweep there."""
+    error: str = ""
+    """For ``failed``: what went wrong, in one line (the whole traceback is in its run)."""
 
 
 def trial_metrics(result: dict[str, Any]) -> dict[str, float]:
@@ -179,7 +181,7 @@ class TrialRecorder:
         if run_id and note.error:
             self.tracker.log_text(run_id, note.error, "error.txt")
         self._close(note.trial_id, "FAILED", {"raylens.error": error_line(note.error)[:4000]})
-        self.on_event(TrialEvent("failed", note.trial_id, note.config))
+        self.on_event(TrialEvent("failed", note.trial_id, note.config, error=error_line(note.error)))
 
     def _close(self, trial_id: str, status: str, tags: dict[str, str]) -> None:
         run_id = self.run_ids.pop(trial_id, None)

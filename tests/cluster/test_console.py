@@ -43,6 +43,18 @@ def test_the_trials_bar_shows_the_best_value_so_far_among_trials_that_ran_to_the
     assert accuracy.best == 0.9
 
 
+def test_a_trial_line_says_why_it_failed_or_that_it_ended_the_sweep() -> None:
+    out = StringIO()
+    progress = RichProgress(Console(file=out, width=200), "valid_accuracy", "max")
+    diverged = "raylens.trainer.family.TrainingFailed: the training loss became nan in epoch 1: [lower lr]"
+    progress.trial(TrialEvent("failed", "t_00000", {"train.optimizer.lr": 1e6}, error=diverged))
+    progress.trial(TrialEvent("completed", "t_00001", {}, {"valid_accuracy": 0.91}, reached_goal=True))
+    shown = out.getvalue()
+    why = "TrainingFailed: the training loss became nan in epoch 1: [lower lr]"  # no module path
+    assert f"t_00000: lr=1e+06 → failed: {why}" in shown
+    assert "t_00001:  → valid_accuracy 0.91 (goal reached: the sweep ends)" in shown
+
+
 def test_notices_print_verbatim() -> None:
     out = StringIO()
     RichProgress(Console(file=out, width=200)).notice("resuming from [bold]run[/] with data.drop: [plan]")

@@ -10,8 +10,9 @@ from raylens.cluster.runtime import (
     EXPERIMENT_STATE_LOGGER,
     SUBMITTED_JOB_VARIABLE,
     TUNE_CONTROLLER_LOGGER,
+    TUNE_LOGGER,
     NotAStagingRace,
-    NotAStoppedTrial,
+    NoTrialTraceback,
     RuntimeSettings,
     check_remote_settings,
     embedded_cpus,
@@ -59,23 +60,20 @@ def test_the_default_run_folder_is_known_as_the_default() -> None:
     assert not Workspace.at(None).given and Workspace.at(Path("runs")).given
 
 
-def test_the_cli_keeps_tune_quiet_about_a_trial_a_debugger_rule_stopped() -> None:
+def test_the_cli_keeps_tunes_trial_tracebacks_for_verbose() -> None:
+    """A failed trial's line in the live view says why; Tune's traceback is for --verbose (and
+    the trial's MLflow run), a stopped trial's traceback too: it is no failure."""
     from raylens.trainer.family import StoppedByRule
 
-    def record(error: BaseException) -> logging.LogRecord:
-        return logging.LogRecord(
-            TUNE_CONTROLLER_LOGGER,
-            logging.ERROR,
-            __file__,
-            1,
-            "Trial task failed for trial t",
-            (),
-            (type(error), error, None),
-        )
+    def record(logger: str, message: str, error: BaseException | None = None) -> logging.LogRecord:
+        exc_info = (type(error), error, None) if error else None
+        return logging.LogRecord(logger, logging.ERROR, __file__, 1, message, (), exc_info)
 
-    quiet = NotAStoppedTrial()
-    assert not quiet.filter(record(StoppedByRule("debug rule overfit at step 3 (epoch 1): …")))
-    assert quiet.filter(record(ValueError("a real failure")))
+    quiet = NoTrialTraceback()
+    for error in (StoppedByRule("debug rule overfit at step 3 (epoch 1): …"), ValueError("a real failure")):
+        assert not quiet.filter(record(TUNE_CONTROLLER_LOGGER, "Trial task failed for trial t", error))
+    assert not quiet.filter(record(TUNE_LOGGER, "Trials did not complete: [run_trial_1]"))
+    assert quiet.filter(record(TUNE_CONTROLLER_LOGGER, "Trial t: something else went wrong"))
 
 
 def test_only_the_race_on_rays_half_written_state_file_is_kept_from_the_cli_output() -> None:

@@ -197,6 +197,7 @@ def test_a_failing_trial_is_a_failed_run_with_its_error(iris: FeatureSet, tmp_pa
     )
     tracker = MlflowTracker(f"sqlite:///{tmp_path}/mlflow.db", "sweep-test", tmp_path / "artifacts")
     parent = tracker.start_run("sweep")
+    events: list[TrialEvent] = []
     with pytest.raises(UserError, match=r"no trial reported 'valid_loss'.*sleep length must be non-negative"):
         run_sweep(
             tune,
@@ -207,7 +208,10 @@ def test_a_failing_trial_is_a_failed_run_with_its_error(iris: FeatureSet, tmp_pa
             parent_run_id=parent,
             storage_path=tmp_path / "ray",
             run_name="sweep",
+            on_event=events.append,
         )
+    (failed,) = [event for event in events if event.kind == "failed"]
+    assert failed.error == "ValueError: sleep length must be non-negative"  # the live view's line
     (run,) = tracker.client.search_runs([tracker.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
     assert run.info.status == "FAILED"
     assert "sleep length must be non-negative" in run.data.tags["raylens.error"]
