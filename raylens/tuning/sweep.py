@@ -14,7 +14,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -297,7 +297,7 @@ def run_sweep(
         release(str(experiment_path))
     results = [grid[i] for i in range(len(grid))]
     ends_early = config.scheduler not in ("asha", "fifo") and train.early_stopping is None
-    trials = _summaries(results, rule, config, epochs, ends_early)
+    trials = _summaries(results, rule, config, epochs, ends_early, recorder.ended_by_sweep)
     for trial in trials:  # the rule's verdict, which a live view may have seen late
         run_id = recorder.known_runs.get(trial.trial_id)
         if run_id and trial.status != "failed":
@@ -625,14 +625,20 @@ def scheduler(config: TuneConfig, rule: HalvingRule, epochs: int, candidates: li
 
 
 def _summaries(
-    results: list[Any], rule: HalvingRule, config: TuneConfig, epochs: int, ends_early: bool
+    results: list[Any],
+    rule: HalvingRule,
+    config: TuneConfig,
+    epochs: int,
+    ends_early: bool,
+    ended_by_sweep: Collection[str] = (),
 ) -> list[TrialSummary]:
     """Each trial's outcome, judged again by ``rule`` over its whole history once every trial
     has ended: a trial the rule stops is ``stopped`` even if its stop arrived after its last
     epoch, so the outcome never depends on the order results arrived. Where the scheduler
     ``ends_early`` (one of Ray Tune's, no early stopping of its own), a trial that ended before
     ``epochs`` was stopped by the scheduler. Once a trial met tune.goal, that trial is
-    ``completed`` where it ended, and others that ended sooner than ``epochs`` were stopped."""
+    ``completed`` where it ended, and others that ended sooner than ``epochs`` were stopped; so
+    were those the sweep's end stopped (``ended_by_sweep``: a goal met, a time budget spent)."""
     metric, mode = config.metric, config.mode
     goal_met = any(config.reaches_goal(r.metrics or {}) for r in results)
     ids = [str((r.metrics or {}).get("trial_id", "")) for r in results]
@@ -655,7 +661,8 @@ def _summaries(
         decision = decisions.get(numbers[trial_id]) if trial_id else None
         stopped_at = decision.stopped_at if decision else None
         last = int((result.metrics or {}).get("training_iteration", 0))
-        if not result.error and ((0 < last < epochs and ends_early) or (last < epochs and goal_met)):
+        cut = goal_met or trial_id in ended_by_sweep
+        if not result.error and ((0 < last < epochs and ends_early) or (last < epochs and cut)):
             stopped_at = last
         if config.reaches_goal(result.metrics or {}):
             stopped_at = None

@@ -49,7 +49,8 @@ class TrialNote:
     same process, or (through Ray Client, where Tune's loop runs on the cluster) over a queue."""
 
     kind: str
-    """started, result, completed or failed"""
+    """started, result, completed, failed, or ended (Tune ended it with the sweep, at a goal or a
+    spent time budget: completed where it stood)"""
     trial_id: str
     config: dict[str, Any]
     result: dict[str, Any] = field(default_factory=dict)
@@ -60,10 +61,10 @@ class TrialNote:
 
     @classmethod
     def of(cls, kind: str, trial: Any, result: dict[str, Any] | None = None) -> TrialNote:
-        if kind == "completed":
+        if kind in ("completed", "ended"):
             result = trial.last_result
         debug = {}
-        checkpoint = getattr(trial, "checkpoint", None) if kind in ("completed", "failed") else None
+        checkpoint = getattr(trial, "checkpoint", None) if kind in ("completed", "ended", "failed") else None
         if checkpoint is not None:
             debug = read_debug(checkpoint.path, checkpoint.filesystem)
         return cls(
@@ -102,12 +103,15 @@ class TrialRecorder:
         self.on_run_created = on_run_created
         self.run_ids: dict[str, str] = {}
         self.last_epoch: dict[str, int] = {}
+        self.ended_by_sweep: set[str] = set()
+        """Trials the sweep's end stopped where they stood (a goal met, a time budget spent)."""
 
     def record(self, note: TrialNote) -> None:
         handlers = {
             "started": self._started,
             "result": self._result,
             "completed": self._completed,
+            "ended": self._ended,
             "failed": self._failed,
         }
         handlers[note.kind](note)
@@ -156,6 +160,10 @@ class TrialRecorder:
         self.on_event(
             TrialEvent("completed", note.trial_id, note.config, metrics, stopped_early, reached_goal)
         )
+
+    def _ended(self, note: TrialNote) -> None:
+        self.ended_by_sweep.add(note.trial_id)
+        self._completed(note)
 
     def _record_debug(self, note: TrialNote, stopped_by: str | None = None) -> None:
         run_id = self.run_ids.get(note.trial_id)
@@ -289,7 +297,8 @@ class SweepTracking(Callback):
         # (An interrupted sweep leaves them running, to resume: their runs are closed KILLED.)
         for trial in trials:
             if trial.trial_id in self._running and trial.status == "TERMINATED":
-                self.on_trial_complete(0, trials, trial)
+                self._running.discard(trial.trial_id)
+                self._send("ended", trial)
 
 
 def release(sweep_path: str) -> None:

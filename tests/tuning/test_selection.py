@@ -278,17 +278,27 @@ def test_pbt_goes_on_from_a_leading_trials_checkpoint_with_perturbed_values(
 def test_a_time_budget_ends_the_sweep(cancer: FeatureSet, tmp_path: Path) -> None:
     budget = TuneConfig(
         trials=500,
-        concurrency=1,
+        concurrency=2,  # two trials always running: the budget runs out in the middle of one
         scheduler="fifo",
-        time_budget_s=10,  # the first trial's process starts in time on a slow machine
+        time_budget_s=10,  # the first trials' processes start in time on a slow machine
         space={"train.optimizer.lr": "loguniform(1e-3, 1e-1)"},
     )
+    slow = TorchModelConfig(
+        name="tests.faults.slow_models:build", params={"hidden": [8], "step_seconds": 0.03}
+    )
     began = time.monotonic()
-    result, tracker, parent = sweep(cancer, tmp_path, budget, epochs=3)
+    result, tracker, parent = sweep(cancer, tmp_path, budget, slow, epochs=3)
     assert 0 < len(result.trials) < 500 and time.monotonic() - began < 60
-    # The trial the budget cut short is closed finished, like the rest, not left killed.
+    assert any(trial.status == "stopped" for trial in result.trials)
+    # A trial the budget cut short is stopped where it stood (no winner on fewer epochs), its run
+    # closed finished, like the rest, not left killed.
+    for trial in result.trials:
+        assert trial.status == ("completed" if trial.metrics.get("epoch") == 3 else "stopped"), trial
     runs = tracker.client.search_runs([tracker.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
     assert runs and all(run.info.status == "FINISHED" for run in runs)
+    tags = [run.data.tags for run in runs]
+    stopped = {tag["raylens.trial_id"] for tag in tags if tag["raylens.stopped_early"] == "true"}
+    assert stopped == {t.trial_id for t in result.trials if t.status == "stopped"}
     # A budget spent before any trial finished says so.
     said = nothing_finished(budget.model_copy(update={"time_budget_s": 0.5}), [], [], took=3.0)
     assert "time budget of 0.5 s ran out before a trial finished: raise tune.time_budget_s" in said
