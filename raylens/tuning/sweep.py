@@ -636,11 +636,11 @@ def _summaries(
     has ended: a trial the rule stops is ``stopped`` even if its stop arrived after its last
     epoch, so the outcome never depends on the order results arrived. Where the scheduler
     ``ends_early`` (one of Ray Tune's, no early stopping of its own), a trial that ended before
-    ``epochs`` was stopped by the scheduler. Once a trial met tune.goal, that trial is
-    ``completed`` where it ended, and others that ended sooner than ``epochs`` were stopped; so
-    were those the sweep's end stopped (``ended_by_sweep``: a goal met, a time budget spent)."""
+    ``epochs`` was stopped by the scheduler. Trials the sweep's end stopped (``ended_by_sweep``:
+    a goal met, a time budget spent) are stopped where they stood, and so is one without an error
+    that never reported (ended before its first epoch); a trial that met tune.goal is
+    ``completed`` where it ended."""
     metric, mode = config.metric, config.mode
-    goal_met = any(config.reaches_goal(r.metrics or {}) for r in results)
     ids = [str((r.metrics or {}).get("trial_id", "")) for r in results]
     numbers = {  # the grid lists trials in the order they were created: the fallback
         trial_id: trial_number(trial_id, str((result.metrics or {}).get("experiment_tag", "")), index + 1)
@@ -661,8 +661,8 @@ def _summaries(
         decision = decisions.get(numbers[trial_id]) if trial_id else None
         stopped_at = decision.stopped_at if decision else None
         last = int((result.metrics or {}).get("training_iteration", 0))
-        cut = goal_met or trial_id in ended_by_sweep
-        if not result.error and ((0 < last < epochs and ends_early) or (last < epochs and cut)):
+        cut = last == 0 or trial_id in ended_by_sweep
+        if not result.error and last < epochs and (cut or ends_early):
             stopped_at = last
         if config.reaches_goal(result.metrics or {}):
             stopped_at = None
